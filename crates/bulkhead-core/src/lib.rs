@@ -1,0 +1,21 @@
+//! Bulkhead's pure core: money, handles, scopes, durations, keys, rate limiting and the spend
+//! decision.
+//!
+//! Architecture invariant: nothing in this crate does I/O, reads the clock or draws randomness on
+//! its own. Time arrives as an argument (`now_ms`, Unix milliseconds) and randomness as an
+//! `&mut impl Rng`, so every decision can be replayed exactly in tests.
+
+pub mod decision;
+pub mod duration;
+pub mod handle;
+pub mod key;
+pub mod money;
+pub mod ratelimit;
+pub mod scope;
+
+pub use decision::{AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide, precheck};
+pub use duration::Span;
+pub use handle::Handle;
+pub use key::{ApiKey, KeyHash};
+pub use money::Micros;
+pub use scope::{Scope, ScopePattern, ScopeSet};
