@@ -82,7 +82,9 @@ impl DenyReason {
 
     pub fn status(self) -> u16 {
         match self {
-            DenyReason::InvalidCredentials | DenyReason::CredentialRevoked | DenyReason::CredentialExpired => 401,
+            DenyReason::InvalidCredentials
+            | DenyReason::CredentialRevoked
+            | DenyReason::CredentialExpired => 401,
             DenyReason::AgentSuspended | DenyReason::ScopeNotGranted => 403,
             DenyReason::RateLimited { .. } => 429,
             _ => 402,
@@ -96,11 +98,21 @@ impl DenyReason {
             DenyReason::CredentialExpired => "This agent's credential has expired.",
             DenyReason::AgentSuspended => "This agent is suspended until an operator resumes it.",
             DenyReason::ScopeNotGranted => "The key does not hold the requested scope.",
-            DenyReason::RateLimited { .. } => "The agent's request rate limit was reached; retry later.",
-            DenyReason::PerTxLimit => "The amount is above the agent's per-transaction limit; nothing was charged.",
-            DenyReason::SpendingCap => "The amount would exceed the agent's spending cap for this window; nothing was charged.",
-            DenyReason::LifetimeCap => "The amount would exceed the agent's lifetime cap; nothing was charged.",
-            DenyReason::AncestorCap => "The amount would exceed a limit of one of the agent's ancestors; nothing was charged.",
+            DenyReason::RateLimited { .. } => {
+                "The agent's request rate limit was reached; retry later."
+            }
+            DenyReason::PerTxLimit => {
+                "The amount is above the agent's per-transaction limit; nothing was charged."
+            }
+            DenyReason::SpendingCap => {
+                "The amount would exceed the agent's spending cap for this window; nothing was charged."
+            }
+            DenyReason::LifetimeCap => {
+                "The amount would exceed the agent's lifetime cap; nothing was charged."
+            }
+            DenyReason::AncestorCap => {
+                "The amount would exceed a limit of one of the agent's ancestors; nothing was charged."
+            }
         }
     }
 
@@ -112,7 +124,9 @@ impl DenyReason {
             "credential_expired" => DenyReason::CredentialExpired,
             "agent_suspended" => DenyReason::AgentSuspended,
             "scope_not_granted" => DenyReason::ScopeNotGranted,
-            "rate_limited" => DenyReason::RateLimited { retry_after_ms: 1000 },
+            "rate_limited" => DenyReason::RateLimited {
+                retry_after_ms: 1000,
+            },
             "per_tx_limit_exceeded" => DenyReason::PerTxLimit,
             "spending_cap_exceeded" => DenyReason::SpendingCap,
             "lifetime_cap_exceeded" => DenyReason::LifetimeCap,
@@ -127,7 +141,11 @@ impl Counters {
     pub fn at(self, limits: &AgentLimits, now_ms: i64) -> Counters {
         let (k, _, _) = window_at(limits.created_ms, limits.window_ms, now_ms);
         if k != self.window_index {
-            Counters { window_index: k, window_spent: Micros::ZERO, ..self }
+            Counters {
+                window_index: k,
+                window_spent: Micros::ZERO,
+                ..self
+            }
         } else {
             self
         }
@@ -203,7 +221,9 @@ fn fits(m: &ChainMember, amount: Micros) -> Result<(), DenyReason> {
 ///
 /// The counters must already be brought to `now` with [`Counters::at`].
 pub fn authorize(chain: &[ChainMember], amount: Micros) -> Result<(), DenyReason> {
-    let (agent, ancestors) = chain.split_first().expect("a chain holds at least the agent");
+    let (agent, ancestors) = chain
+        .split_first()
+        .expect("a chain holds at least the agent");
     fits(agent, amount)?;
     for a in ancestors {
         fits(a, amount).map_err(|_| DenyReason::AncestorCap)?;
@@ -212,7 +232,12 @@ pub fn authorize(chain: &[ChainMember], amount: Micros) -> Result<(), DenyReason
 }
 
 /// Full decision: prechecks, then limits. Returns the new rate-limiter state on `Allow`.
-pub fn decide(c: &SpendCheck<'_>, chain: &[ChainMember], amount: Micros, now_ms: i64) -> Result<Option<i64>, DenyReason> {
+pub fn decide(
+    c: &SpendCheck<'_>,
+    chain: &[ChainMember],
+    amount: Micros,
+    now_ms: i64,
+) -> Result<Option<i64>, DenyReason> {
     let tat = precheck(c, now_ms)?;
     authorize(chain, amount)?;
     Ok(tat)
@@ -277,20 +302,32 @@ mod tests {
     #[test]
     fn limits_in_order() {
         let mut a = member("10", "5", Some("12"));
-        assert_eq!(authorize(&[a.clone()], m("5.000001")), Err(DenyReason::PerTxLimit));
+        assert_eq!(
+            authorize(&[a.clone()], m("5.000001")),
+            Err(DenyReason::PerTxLimit)
+        );
         a.counters.window_spent = m("6");
         a.counters.lifetime_spent = m("6");
         assert_eq!(authorize(&[a.clone()], m("4")), Ok(()));
-        assert_eq!(authorize(&[a.clone()], m("4.000001")), Err(DenyReason::SpendingCap));
+        assert_eq!(
+            authorize(&[a.clone()], m("4.000001")),
+            Err(DenyReason::SpendingCap)
+        );
         a.counters.held = m("1");
-        assert_eq!(authorize(&[a.clone()], m("3.000001")), Err(DenyReason::SpendingCap));
+        assert_eq!(
+            authorize(&[a.clone()], m("3.000001")),
+            Err(DenyReason::SpendingCap)
+        );
         // A new window forgets window spend but not lifetime spend or holds.
         let next = Counters { ..a.counters }.at(&a.limits, 1_000);
         assert_eq!(next.window_spent, Micros::ZERO);
         a.counters = next;
         assert_eq!(authorize(&[a.clone()], m("5")), Ok(()));
         a.counters.lifetime_spent = m("7");
-        assert_eq!(authorize(&[a.clone()], m("4.5")), Err(DenyReason::LifetimeCap));
+        assert_eq!(
+            authorize(&[a.clone()], m("4.5")),
+            Err(DenyReason::LifetimeCap)
+        );
     }
 
     #[test]
@@ -298,7 +335,10 @@ mod tests {
         let child = member("10", "10", None);
         let mut parent = member("10", "10", None);
         parent.counters.window_spent = m("9");
-        assert_eq!(authorize(&[child.clone(), parent.clone()], m("2")), Err(DenyReason::AncestorCap));
+        assert_eq!(
+            authorize(&[child.clone(), parent.clone()], m("2")),
+            Err(DenyReason::AncestorCap)
+        );
         assert_eq!(authorize(&[child, parent], m("1")), Ok(()));
     }
 
@@ -306,7 +346,10 @@ mod tests {
     fn prechecks_in_contract_order() {
         let scopes = ScopeSet::parse(&["a:b"]).unwrap();
         let want = Scope::parse("a:c").unwrap();
-        let rl = RateLimit { requests: 1, per_ms: 1_000 };
+        let rl = RateLimit {
+            requests: 1,
+            per_ms: 1_000,
+        };
         let mut c = SpendCheck {
             revoked: true,
             key_expires_ms: Some(0),
@@ -323,17 +366,43 @@ mod tests {
         c.suspended = false;
         assert_eq!(precheck(&c, 5), Err(DenyReason::ScopeNotGranted));
         c.scope = None;
-        assert!(matches!(precheck(&c, 5), Err(DenyReason::RateLimited { .. })));
+        assert!(matches!(
+            precheck(&c, 5),
+            Err(DenyReason::RateLimited { .. })
+        ));
         c.rate = Some((rl, 0));
         assert_eq!(precheck(&c, 5), Ok(Some(1_005)));
     }
 
     #[test]
     fn settle_moves_held_to_spent() {
-        let c = Counters { held: m("1"), ..Default::default() };
-        let s = c.apply(Movement::Settle { held: m("1"), captured: m("0.4") }).unwrap();
-        assert_eq!((s.held, s.window_spent, s.lifetime_spent), (Micros::ZERO, m("0.4"), m("0.4")));
-        assert_eq!(c.apply(Movement::Settle { held: m("1"), captured: m("2") }), None);
-        assert_eq!(Counters::default().apply(Movement::Settle { held: m("1"), captured: m("0") }), None);
+        let c = Counters {
+            held: m("1"),
+            ..Default::default()
+        };
+        let s = c
+            .apply(Movement::Settle {
+                held: m("1"),
+                captured: m("0.4"),
+            })
+            .unwrap();
+        assert_eq!(
+            (s.held, s.window_spent, s.lifetime_spent),
+            (Micros::ZERO, m("0.4"), m("0.4"))
+        );
+        assert_eq!(
+            c.apply(Movement::Settle {
+                held: m("1"),
+                captured: m("2")
+            }),
+            None
+        );
+        assert_eq!(
+            Counters::default().apply(Movement::Settle {
+                held: m("1"),
+                captured: m("0")
+            }),
+            None
+        );
     }
 }

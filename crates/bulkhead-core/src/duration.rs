@@ -34,17 +34,33 @@ impl Span {
         Ok(span)
     }
 
-    /// Builds the shortest written form of a number of seconds (`86400` → `1d`).
+    /// Builds the written form of a number of seconds: the largest unit that divides it, except
+    /// that a count of one is written in the next smaller unit (`86400` → `24h`, `60` → `60s`,
+    /// `172800` → `2d`).
     pub fn from_secs(secs: i64) -> Option<Span> {
         if secs <= 0 || secs > SPAN_SECS_MAX {
             return None;
         }
         for (unit, mul) in [('d', 86_400), ('h', 3_600), ('m', 60)] {
-            if secs % mul == 0 {
-                return Some(Span { count: secs / mul, unit });
+            if secs % mul == 0 && secs / mul > 1 {
+                return Some(Span {
+                    count: secs / mul,
+                    unit,
+                });
             }
         }
-        Some(Span { count: secs, unit: 's' })
+        for (unit, mul) in [('h', 3_600), ('m', 60)] {
+            if secs % mul == 0 {
+                return Some(Span {
+                    count: secs / mul,
+                    unit,
+                });
+            }
+        }
+        Some(Span {
+            count: secs,
+            unit: 's',
+        })
     }
 
     pub fn secs(self) -> i64 {
@@ -86,10 +102,25 @@ mod tests {
         assert_eq!(Span::parse("24h").unwrap().secs(), 86_400);
         assert_eq!(Span::parse("60s").unwrap().to_string(), "60s");
         assert_eq!(Span::parse("30d").unwrap().secs(), 30 * 86_400);
-        for bad in ["", "h", "0s", "-1h", "1.5h", "1w", "24", " 1h", "1H", "99999999999999d"] {
+        for bad in [
+            "",
+            "h",
+            "0s",
+            "-1h",
+            "1.5h",
+            "1w",
+            "24",
+            " 1h",
+            "1H",
+            "99999999999999d",
+        ] {
             assert!(Span::parse(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(Span::from_secs(86_400).unwrap().to_string(), "1d");
+        assert_eq!(Span::from_secs(86_400).unwrap().to_string(), "24h");
+        assert_eq!(Span::from_secs(172_800).unwrap().to_string(), "2d");
+        assert_eq!(Span::from_secs(60).unwrap().to_string(), "60s");
+        assert_eq!(Span::from_secs(3_600).unwrap().to_string(), "60m");
+        assert_eq!(Span::from_secs(300).unwrap().to_string(), "5m");
         assert_eq!(Span::from_secs(90).unwrap().to_string(), "90s");
     }
 

@@ -5,6 +5,7 @@
 //! its own. Time arrives as an argument (`now_ms`, Unix milliseconds) and randomness as an
 //! `&mut impl Rng`, so every decision can be replayed exactly in tests.
 
+pub mod clock;
 pub mod decision;
 pub mod duration;
 pub mod handle;
@@ -13,7 +14,11 @@ pub mod money;
 pub mod ratelimit;
 pub mod scope;
 
-pub use decision::{AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide, precheck};
+pub use clock::{Clock, ManualClock};
+pub use decision::{
+    AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide,
+    precheck,
+};
 pub use duration::Span;
 pub use handle::Handle;
 pub use key::{ApiKey, KeyHash};

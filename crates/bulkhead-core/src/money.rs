@@ -218,7 +218,10 @@ mod tests {
         // 1 token at $2.50 per million = 2.5 micros -> 3 micros.
         assert_eq!(Micros::per_million_ceil(1, price), Some(Micros(3)));
         assert_eq!(Micros::per_million_ceil(0, price), Some(Micros(0)));
-        assert_eq!(Micros::per_million_ceil(1_000_000, price), Some(Micros(2_500_000)));
+        assert_eq!(
+            Micros::per_million_ceil(1_000_000, price),
+            Some(Micros(2_500_000))
+        );
     }
 
     proptest::proptest! {

@@ -1,1 +1,14 @@
-//! stub
+//! Bulkhead's HTTP server: the admin API, the agent API, health and metrics.
+//!
+//! This crate turns HTTP into checked commands (parse, don't validate) and committed replies
+//! back into HTTP. It never decides a spend and never writes a balance: the core decides and the
+//! store's ledger commits.
+
+mod api;
+mod error;
+mod input;
+mod metrics;
+
+pub use api::{AppState, app};
+pub use error::ApiError;
+pub use metrics::install_metrics;

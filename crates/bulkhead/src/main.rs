@@ -1,1 +1,140 @@
-fn main() {}
+//! The `bulkhead` binary: a thin CLI over the library crates.
+//!
+//! Flags are parsed in two stages: clap reads raw flags (with environment fallbacks, flags
+//! winning), then each command turns them into checked settings before doing anything.
+
+mod client;
+mod config;
+mod demo;
+mod offline;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "A bulkhead around every AI agent: its own key, hard spending caps, scopes, revocation and audit."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (embedded SQLite store by default, PostgreSQL with --database-url).
+    Serve(ServeArgs),
+    /// Apply store migrations and exit.
+    Migrate(StoreArgs),
+    /// Manage agents on a running server.
+    #[command(subcommand)]
+    Agent(client::AgentCmd),
+    /// Read or check the audit trail straight from the store.
+    #[command(subcommand)]
+    Audit(offline::AuditCmd),
+    /// Tell the product's story in under a minute on a throwaway data dir.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "BULKHEAD_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Data directory (SQLite store, generated admin token).
+    #[arg(long, env = "BULKHEAD_DATA", default_value = "./bulkhead-data")]
+    data: PathBuf,
+    /// TOML config file ([breaker], [alerts], [[upstream]]).
+    #[arg(long, env = "BULKHEAD_CONFIG")]
+    config: Option<PathBuf>,
+    /// PostgreSQL URL for the shared store (several replicas may use one database).
+    #[arg(long, env = "BULKHEAD_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+/// Where an offline command finds the store: `--data DIR` or `--database-url URL`.
+#[derive(Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// Data directory of an embedded store.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// PostgreSQL URL of a shared store.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+impl StoreArgs {
+    /// Flags win over the environment; both flags at once is an error.
+    pub async fn open(&self, migrate: bool) -> anyhow::Result<bulkhead_store::Store> {
+        if self.data.is_some() && self.database_url.is_some() {
+            anyhow::bail!("give either --data or --database-url, not both");
+        }
+        let url = self.database_url.clone().or_else(|| {
+            if self.data.is_some() {
+                None
+            } else {
+                std::env::var("BULKHEAD_DATABASE_URL")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            }
+        });
+        let store = match url {
+            Some(url) => bulkhead_store::Store::connect(&url).await?,
+            None => {
+                let dir = self
+                    .data
+                    .clone()
+                    .or_else(|| std::env::var_os("BULKHEAD_DATA").map(PathBuf::from))
+                    .unwrap_or_else(|| PathBuf::from("./bulkhead-data"));
+                if migrate {
+                    return Ok(bulkhead_store::Store::open_dir(&dir).await?);
+                }
+                bulkhead_store::Store::open_existing_dir(&dir).await?
+            }
+        };
+        if migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Cmd::Serve(args) => serve::run(args).await,
+            Cmd::Migrate(args) => {
+                args.open(true).await?;
+                println!("migrations applied");
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::Agent(cmd) => client::run(cmd).await,
+            Cmd::Audit(cmd) => offline::run(cmd).await,
+            Cmd::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

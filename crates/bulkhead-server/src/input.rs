@@ -1,0 +1,414 @@
+//! Request bodies and their parsing into checked values.
+//!
+//! Bodies are read as bytes (1 MiB at most), then parsed with unknown and duplicate fields
+//! refused. Amounts are taken from their raw JSON text, so `"5.00"` and `5.00` are read exactly
+//! and never pass through a float.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use bulkhead_core::money::AmountError;
+use bulkhead_core::ratelimit::RateLimit;
+use bulkhead_core::{Handle, Micros, Scope, ScopeSet, Span};
+use bulkhead_store::{AgentSpec, Breaker, Patch};
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+
+/// The largest API body accepted.
+pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+/// The longest memo or revocation reason.
+pub const NOTE_LEN_MAX: usize = 1000;
+/// The most labels on one agent, and the longest label key or value.
+pub const LABELS_MAX: usize = 64;
+pub const LABEL_LEN_MAX: usize = 256;
+/// The longest hold expiry.
+pub const HOLD_EXPIRY_SECS_MAX: i64 = 24 * 3600;
+/// The default hold expiry.
+pub const HOLD_EXPIRY_SECS_DEFAULT: i64 = 300;
+
+/// The raw bytes of a body within the size limit.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(Body(b)),
+            Err(r) if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    413,
+                    "body_too_large",
+                    format!("The request body is larger than {BODY_BYTES_MAX} bytes."),
+                ))
+            }
+            Err(r) => Err(ApiError::invalid(format!(
+                "The request body could not be read: {r}"
+            ))),
+        }
+    }
+}
+
+impl Body {
+    /// Parses JSON; an empty body parses as `{}`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let bytes: &[u8] = if self.0.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &self.0
+        };
+        serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::invalid(format!("The body is not valid JSON for this call: {e}"))
+        })
+    }
+}
+
+/// An amount as written in the request: a JSON string or number, kept as raw text.
+pub struct RawAmount(Box<RawValue>);
+
+impl<'de> Deserialize<'de> for RawAmount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(d).map(RawAmount)
+    }
+}
+
+impl RawAmount {
+    fn text(&self) -> Result<String, AmountError> {
+        let raw = self.0.get();
+        if raw.starts_with('"') {
+            serde_json::from_str::<String>(raw).map_err(|_| AmountError::NotDecimal)
+        } else if raw.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+            Ok(raw.to_owned())
+        } else {
+            Err(AmountError::NotDecimal)
+        }
+    }
+
+    /// Any amount from 0 up (caps, captures).
+    pub fn parse(&self, field: &str) -> Result<Micros, ApiError> {
+        self.text()
+            .and_then(|t| Micros::parse(&t))
+            .map_err(|e| ApiError::bad("invalid_amount", format!("{field}: {e}.")))
+    }
+
+    /// A spend or hold amount: above zero.
+    pub fn parse_positive(&self, field: &str) -> Result<Micros, ApiError> {
+        self.text()
+            .and_then(|t| Micros::parse_positive(&t))
+            .map_err(|e| ApiError::bad("invalid_amount", format!("{field}: {e}.")))
+    }
+}
+
+/// A JSON object of string labels, refusing duplicate keys.
+pub struct Labels(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Labels;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of string labels")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Labels, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    if out.insert(k.clone(), v).is_some() {
+                        return Err(serde::de::Error::custom(format!("duplicate label `{k}`")));
+                    }
+                }
+                Ok(Labels(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl Labels {
+    fn checked(self) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+        if self.0.len() > LABELS_MAX {
+            return Err(ApiError::invalid(format!(
+                "An agent has at most {LABELS_MAX} labels."
+            )));
+        }
+        let mut m = serde_json::Map::new();
+        for (k, v) in self.0 {
+            if k.is_empty() || k.len() > LABEL_LEN_MAX || v.len() > LABEL_LEN_MAX {
+                return Err(ApiError::invalid(format!(
+                    "Label keys are 1 to {LABEL_LEN_MAX} characters and values at most {LABEL_LEN_MAX}."
+                )));
+            }
+            m.insert(k, serde_json::Value::String(v));
+        }
+        Ok(m)
+    }
+}
+
+/// `Some(None)` for an explicit `null`, `None` when the field is absent.
+fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitReq {
+    requests: i64,
+    per: String,
+}
+
+impl RateLimitReq {
+    fn checked(self) -> Result<RateLimit, ApiError> {
+        if !(1..=1_000_000).contains(&self.requests) {
+            return Err(ApiError::invalid(
+                "rate_limit.requests must be between 1 and 1000000.",
+            ));
+        }
+        let per = span(&self.per, "rate_limit.per", "invalid_window")?;
+        Ok(RateLimit {
+            requests: self.requests,
+            per_ms: per.millis(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerReq {
+    denials: i64,
+    window: Option<String>,
+}
+
+impl BreakerReq {
+    fn checked(self) -> Result<Breaker, ApiError> {
+        if !(0..=1_000_000).contains(&self.denials) {
+            return Err(ApiError::invalid(
+                "breaker.denials must be between 0 (off) and 1000000.",
+            ));
+        }
+        let window = span(
+            self.window.as_deref().unwrap_or("60s"),
+            "breaker.window",
+            "invalid_window",
+        )?;
+        Ok(Breaker {
+            denials: self.denials,
+            window_ms: window.millis(),
+        })
+    }
+}
+
+pub fn span(s: &str, field: &str, code: &'static str) -> Result<Span, ApiError> {
+    Span::parse(s).map_err(|e| ApiError::bad(code, format!("{field}: {e}.")))
+}
+
+pub fn handle(s: &str) -> Result<Handle, ApiError> {
+    Handle::parse(s).map_err(|e| {
+        ApiError::bad(
+            "invalid_handle",
+            format!("{s:?} is not a valid handle: {e}."),
+        )
+    })
+}
+
+pub fn scopes(v: &[String]) -> Result<ScopeSet, ApiError> {
+    ScopeSet::parse(v).map_err(|e| ApiError::bad("invalid_scope", e))
+}
+
+pub fn scope(s: &str) -> Result<Scope, ApiError> {
+    Scope::parse(s).map_err(|e| ApiError::bad("invalid_scope", e))
+}
+
+pub fn note(s: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
+    match s {
+        Some(s) if s.chars().count() > NOTE_LEN_MAX => Err(ApiError::invalid(format!(
+            "{field} has at most {NOTE_LEN_MAX} characters."
+        ))),
+        other => Ok(other),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgentReq {
+    handle: String,
+    scopes: Vec<String>,
+    spending_cap: RawAmount,
+    window: Option<String>,
+    per_tx_limit: Option<RawAmount>,
+    lifetime_cap: Option<RawAmount>,
+    rate_limit: Option<RateLimitReq>,
+    expires_in: Option<String>,
+    labels: Option<Labels>,
+    breaker: Option<BreakerReq>,
+}
+
+impl CreateAgentReq {
+    pub fn checked(self) -> Result<AgentSpec, ApiError> {
+        Ok(AgentSpec {
+            handle: handle(&self.handle)?,
+            scopes: scopes(&self.scopes)?,
+            spending_cap: self.spending_cap.parse("spending_cap")?,
+            window: span(
+                self.window.as_deref().unwrap_or("24h"),
+                "window",
+                "invalid_window",
+            )?,
+            per_tx_limit: self
+                .per_tx_limit
+                .map(|a| a.parse("per_tx_limit"))
+                .transpose()?,
+            lifetime_cap: self
+                .lifetime_cap
+                .map(|a| a.parse("lifetime_cap"))
+                .transpose()?,
+            rate_limit: self.rate_limit.map(RateLimitReq::checked).transpose()?,
+            expires_in: self
+                .expires_in
+                .map(|s| span(&s, "expires_in", "invalid_request"))
+                .transpose()?,
+            labels: self
+                .labels
+                .map(Labels::checked)
+                .transpose()?
+                .unwrap_or_default(),
+            breaker: self.breaker.map(BreakerReq::checked).transpose()?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchReq {
+    spending_cap: Option<RawAmount>,
+    window: Option<String>,
+    per_tx_limit: Option<RawAmount>,
+    #[serde(default, deserialize_with = "double_option")]
+    lifetime_cap: Option<Option<RawAmount>>,
+    scopes: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    rate_limit: Option<Option<RateLimitReq>>,
+    labels: Option<Labels>,
+    #[serde(default, deserialize_with = "double_option")]
+    breaker: Option<Option<BreakerReq>>,
+}
+
+impl PatchReq {
+    pub fn checked(self) -> Result<Patch, ApiError> {
+        Ok(Patch {
+            spending_cap: self
+                .spending_cap
+                .map(|a| a.parse("spending_cap"))
+                .transpose()?,
+            window: self
+                .window
+                .map(|w| span(&w, "window", "invalid_window"))
+                .transpose()?,
+            per_tx_limit: self
+                .per_tx_limit
+                .map(|a| a.parse("per_tx_limit"))
+                .transpose()?,
+            lifetime_cap: self
+                .lifetime_cap
+                .map(|o| o.map(|a| a.parse("lifetime_cap")).transpose())
+                .transpose()?,
+            scopes: self.scopes.map(|s| scopes(&s)).transpose()?,
+            rate_limit: self
+                .rate_limit
+                .map(|o| o.map(RateLimitReq::checked).transpose())
+                .transpose()?,
+            labels: self.labels.map(Labels::checked).transpose()?,
+            breaker: self
+                .breaker
+                .map(|o| o.map(BreakerReq::checked).transpose())
+                .transpose()?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpendReq {
+    pub scope: String,
+    pub amount: RawAmount,
+    pub memo: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldReq {
+    pub scope: String,
+    pub amount: RawAmount,
+    pub expires_in: Option<String>,
+    pub memo: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureReq {
+    pub amount: RawAmount,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyReq {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeReq {
+    pub reason: Option<String>,
+}
+
+/// A query string parsed into `T`, with rejections in the contract's error shape.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Q<T>(pub T);
+
+/// A path parameter, with rejections in the contract's error shape.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct P<T>(pub T);
+
+/// `?limit=&after=` of every list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub limit: Option<String>,
+    pub after: Option<String>,
+}
+
+/// The largest page any list returns.
+pub const PAGE_LIMIT_MAX: i64 = 1000;
+
+impl PageQuery {
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match &self.limit {
+            None => Ok(100),
+            Some(s) => {
+                let digits = s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty();
+                if !digits {
+                    return Err(ApiError::invalid("limit must be a positive whole number."));
+                }
+                // Larger values are clamped, never rejected (contract §4).
+                Ok(s.parse::<i64>()
+                    .unwrap_or(PAGE_LIMIT_MAX)
+                    .clamp(1, PAGE_LIMIT_MAX))
+            }
+        }
+    }
+
+    pub fn after_seq(&self) -> Result<i64, ApiError> {
+        match &self.after {
+            None => Ok(0),
+            Some(s) => s
+                .parse::<i64>()
+                .map_err(|_| ApiError::invalid("after must be the seq of the last event seen.")),
+        }
+    }
+}

@@ -1,0 +1,1535 @@
+//! The ledger: every write, decided by the core and committed in groups.
+//!
+//! One writer task per process takes the commands waiting in its queue (up to `batch_max`),
+//! runs them one after another inside a single transaction and commits once. Each command's
+//! reply is sent only after that commit, so a 2xx always means "on disk". While one batch
+//! commits, the next one fills up: under load, the cost of an fsync is shared by many requests.
+//!
+//! Within a batch, agent rows are read once into a cache, changed in memory and written back
+//! once before the commit. That is safe because the batch holds the write lock for every row
+//! it touches: SQLite has one writer, and on PostgreSQL the batch locks each touched tree's root
+//! row (`FOR UPDATE`, in id order) before reading anything of that tree.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_core::decision::{Movement, SpendCheck, authorize, precheck};
+use bulkhead_core::key::random_base62;
+use bulkhead_core::ratelimit::RateLimit;
+use bulkhead_core::{Clock, DenyReason, Handle, KeyHash, Micros, Scope, ScopeSet, Span};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::any::AnyArguments;
+use sqlx::{Any, Arguments, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::{NewEvent, append_events};
+use crate::view::{AGENT_COLUMNS, AgentRow, fmt_time};
+use crate::{Backend, Store, StoreError};
+
+/// How long an idempotency record is replayed.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// The deepest tree of agents (a root is depth 0).
+pub const AGENT_DEPTH_MAX: i64 = 8;
+/// The most children one agent may spawn.
+pub const CHILDREN_PER_AGENT_MAX: i64 = 1000;
+/// The most holds one sweep expires.
+const SWEEP_HOLDS_MAX: i64 = 1000;
+
+/// The runaway-loop breaker: `denials` denials within `window_ms` suspend the agent
+/// (`denials = 0` turns it off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Breaker {
+    pub denials: i64,
+    pub window_ms: i64,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            denials: 50,
+            window_ms: 60_000,
+        }
+    }
+}
+
+/// Settings of the ledger.
+#[derive(Clone, Debug)]
+pub struct LedgerConfig {
+    pub breaker: Breaker,
+    /// The most commands in one transaction.
+    pub batch_max: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            breaker: Breaker::default(),
+            batch_max: 512,
+        }
+    }
+}
+
+/// Who is making an admin-style call.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    Admin,
+    Agent(KeyHash),
+}
+
+/// An `Idempotency-Key` and the hash of the request it came with.
+#[derive(Clone, Debug)]
+pub struct Idem {
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// A checked request to create an agent.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    pub handle: Handle,
+    pub scopes: ScopeSet,
+    pub spending_cap: Micros,
+    pub window: Span,
+    pub per_tx_limit: Option<Micros>,
+    pub lifetime_cap: Option<Micros>,
+    pub rate_limit: Option<RateLimit>,
+    pub expires_in: Option<Span>,
+    pub labels: serde_json::Map<String, serde_json::Value>,
+    pub breaker: Option<Breaker>,
+}
+
+/// A checked change to an agent. `None` leaves a field alone; `Some(None)` clears it.
+#[derive(Clone, Debug, Default)]
+pub struct Patch {
+    pub spending_cap: Option<Micros>,
+    pub window: Option<Span>,
+    pub per_tx_limit: Option<Micros>,
+    pub lifetime_cap: Option<Option<Micros>>,
+    pub scopes: Option<ScopeSet>,
+    pub rate_limit: Option<Option<RateLimit>>,
+    pub labels: Option<serde_json::Map<String, serde_json::Value>>,
+    pub breaker: Option<Option<Breaker>>,
+}
+
+/// One write for the ledger.
+#[derive(Clone, Debug)]
+pub enum Command {
+    CreateAgent {
+        caller: Caller,
+        spec: AgentSpec,
+        key_hash: KeyHash,
+    },
+    PatchAgent {
+        handle: String,
+        patch: Patch,
+    },
+    Revoke {
+        caller: Caller,
+        handle: String,
+        reason: Option<String>,
+    },
+    RotateKey {
+        handle: String,
+        key_hash: KeyHash,
+    },
+    Resume {
+        handle: String,
+    },
+    Spend {
+        key: KeyHash,
+        scope: Scope,
+        amount: Micros,
+        memo: Option<String>,
+        idem: Option<Idem>,
+    },
+    Hold {
+        key: KeyHash,
+        scope: Scope,
+        amount: Micros,
+        expires_ms: i64,
+        idem: Option<Idem>,
+    },
+    Capture {
+        key: KeyHash,
+        hold_id: String,
+        amount: Micros,
+        idem: Option<Idem>,
+    },
+    Release {
+        key: KeyHash,
+        hold_id: String,
+        idem: Option<Idem>,
+    },
+    /// Expires holds past their expiry (run periodically).
+    SweepExpired,
+}
+
+impl Command {
+    fn idem(&self) -> Option<&Idem> {
+        match self {
+            Command::Spend { idem, .. }
+            | Command::Hold { idem, .. }
+            | Command::Capture { idem, .. }
+            | Command::Release { idem, .. } => idem.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn key(&self) -> Option<&KeyHash> {
+        match self {
+            Command::Spend { key, .. }
+            | Command::Hold { key, .. }
+            | Command::Capture { key, .. }
+            | Command::Release { key, .. } => Some(key),
+            Command::CreateAgent {
+                caller: Caller::Agent(k),
+                ..
+            }
+            | Command::Revoke {
+                caller: Caller::Agent(k),
+                ..
+            } => Some(k),
+            _ => None,
+        }
+    }
+}
+
+/// A committed answer: HTTP status and JSON body, rendered inside the transaction so that an
+/// idempotent replay is byte-for-byte the first answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    /// This answer is a replay of an earlier one.
+    pub replayed: bool,
+    /// The decision this reply carries, when it was a spend-type decision (for metrics).
+    pub outcome: Option<Outcome>,
+}
+
+/// What a spend-type decision was, for metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub agent: String,
+    pub allowed: bool,
+    pub reason: &'static str,
+    pub spent: i64,
+}
+
+impl Reply {
+    pub fn ok(status: u16, body: &impl Serialize) -> Reply {
+        Reply {
+            status,
+            body: serde_json::to_string(body).unwrap_or_else(|_| "{}".into()),
+            replayed: false,
+            outcome: None,
+        }
+    }
+
+    pub fn error(status: u16, code: &str, message: &str) -> Reply {
+        Reply::ok(
+            status,
+            &json!({"error": {"code": code, "message": message}}),
+        )
+    }
+
+    pub fn deny(reason: DenyReason) -> Reply {
+        match reason {
+            DenyReason::RateLimited { retry_after_ms } => {
+                let secs = (retry_after_ms + 999) / 1000;
+                Reply::ok(
+                    429,
+                    &json!({"error": {"code": reason.code(), "message": reason.message(), "retry_after": secs.max(1)}}),
+                )
+            }
+            _ => Reply::error(reason.status(), reason.code(), reason.message()),
+        }
+    }
+
+    fn not_found(what: &str) -> Reply {
+        Reply::error(
+            404,
+            "not_found",
+            &format!("No {what} with that identifier exists."),
+        )
+    }
+
+    fn with_outcome(mut self, o: Outcome) -> Reply {
+        self.outcome = Some(o);
+        self
+    }
+
+    /// The `error.code` of an error reply.
+    pub fn code(&self) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.body).ok()?;
+        v.get("error")?.get("code")?.as_str().map(str::to_owned)
+    }
+}
+
+struct Job {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+/// The write side of the store. Cheap to clone; the writer stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Job>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+}
+
+impl Ledger {
+    /// Starts the writer task. `handle` lets the caller wait for it to drain at shutdown.
+    pub fn start(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        cfg: LedgerConfig,
+    ) -> (Ledger, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
+        let writer = Writer {
+            store: store.clone(),
+            clock: clock.clone(),
+            cfg,
+        };
+        let handle = tokio::spawn(writer.run(rx));
+        (Ledger { tx, store, clock }, handle)
+    }
+
+    /// Runs one command and waits until it is committed (or failed).
+    pub async fn submit(&self, cmd: Command) -> Result<Reply, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { cmd, reply })
+            .await
+            .map_err(|_| StoreError::ShutDown)?;
+        rx.await.map_err(|_| StoreError::ShutDown)?
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Starts the periodic sweep of expired holds and old idempotency records.
+    pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let ledger = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if ledger.tx.is_closed() {
+                    break;
+                }
+                if let Err(e) = ledger.submit(Command::SweepExpired).await {
+                    tracing::warn!(error = %e, "hold sweep failed");
+                }
+                let cutoff = ledger.now_ms() - IDEMPOTENCY_TTL_MS;
+                if let Err(e) = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
+                    .bind(cutoff)
+                    .execute(&ledger.store.pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "idempotency sweep failed");
+                }
+            }
+        })
+    }
+}
+
+struct Writer {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    cfg: LedgerConfig,
+}
+
+/// A batch failed either before COMMIT was sent (nothing happened; safe to retry each command
+/// alone) or at COMMIT (the outcome is unknown; nothing may be retried).
+enum BatchError {
+    Before(StoreError),
+    AtCommit(StoreError),
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        BatchError::Before(StoreError::Unavailable(e))
+    }
+}
+
+impl From<StoreError> for BatchError {
+    fn from(e: StoreError) -> Self {
+        BatchError::Before(e)
+    }
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let mut jobs = Vec::with_capacity(self.cfg.batch_max);
+        while rx.recv_many(&mut jobs, self.cfg.batch_max).await > 0 {
+            let batch: Vec<Job> = std::mem::take(&mut jobs);
+            let cmds: Vec<&Command> = batch.iter().map(|j| &j.cmd).collect();
+            match self.exec(&cmds).await {
+                Ok(replies) => {
+                    for (job, reply) in batch.into_iter().zip(replies) {
+                        let _ = job.reply.send(Ok(reply));
+                    }
+                }
+                Err(BatchError::Before(e)) if batch.len() > 1 => {
+                    tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its commands one by one");
+                    for job in batch {
+                        let r = match self.exec(&[&job.cmd]).await {
+                            Ok(mut v) => Ok(v.remove(0)),
+                            Err(BatchError::Before(e) | BatchError::AtCommit(e)) => Err(e),
+                        };
+                        let _ = job.reply.send(r);
+                    }
+                }
+                Err(BatchError::Before(e) | BatchError::AtCommit(e)) => {
+                    tracing::error!(error = %e, size = batch.len(), "batch failed");
+                    let msg = e.to_string();
+                    for job in batch {
+                        let _ = job.reply.send(Err(StoreError::Failed(msg.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn exec(&self, cmds: &[&Command]) -> Result<Vec<Reply>, BatchError> {
+        let now = self.clock.now_ms();
+        let tx = self.store.pool.begin().await?;
+        let mut b = Batch {
+            tx,
+            backend: self.store.backend,
+            now,
+            breaker: self.cfg.breaker,
+            agents: HashMap::new(),
+            by_key: HashMap::new(),
+            by_handle: HashMap::new(),
+            dirty: BTreeSet::new(),
+            events: Vec::new(),
+        };
+        let roots = b.resolve_roots(cmds).await?;
+        if b.backend == Backend::Postgres && !roots.is_empty() {
+            let (sql, args) = in_list(
+                "SELECT id FROM agents WHERE id IN ",
+                &roots,
+                " ORDER BY id FOR UPDATE",
+            )?;
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
+                .fetch_all(&mut *b.tx)
+                .await?;
+        }
+        let sweep_all = cmds.iter().any(|c| matches!(c, Command::SweepExpired));
+        b.expire_holds(if sweep_all { None } else { Some(&roots) })
+            .await?;
+        let mut replies = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            replies.push(b.apply(cmd).await?);
+        }
+        b.flush().await?;
+        let events = std::mem::take(&mut b.events);
+        append_events(&mut b.tx, b.backend, events).await?;
+        b.tx.commit()
+            .await
+            .map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
+        Ok(replies)
+    }
+}
+
+/// Builds `prefix ($1, $2, …) suffix` for a list of ids.
+fn in_list(prefix: &str, ids: &[i64], suffix: &str) -> Result<(String, AnyArguments), StoreError> {
+    let mut args = AnyArguments::default();
+    let mut sql = String::from(prefix);
+    sql.push('(');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("${}", i + 1));
+        args.add(*id)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    }
+    sql.push(')');
+    sql.push_str(suffix);
+    Ok((sql, args))
+}
+
+fn in_list_str(
+    prefix: &str,
+    items: &[&str],
+    suffix: &str,
+) -> Result<(String, AnyArguments), StoreError> {
+    let mut args = AnyArguments::default();
+    let mut sql = String::from(prefix);
+    sql.push('(');
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("${}", i + 1));
+        args.add(s.to_string())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    }
+    sql.push(')');
+    sql.push_str(suffix);
+    Ok((sql, args))
+}
+
+#[derive(sqlx::FromRow)]
+struct HoldRow {
+    id: String,
+    agent_id: i64,
+    path: String,
+    amount: i64,
+    status: String,
+    expires_at: i64,
+}
+
+fn path_ids(path: &str) -> Vec<i64> {
+    path.split(',').filter_map(|s| s.parse().ok()).collect()
+}
+
+struct Batch {
+    tx: Transaction<'static, Any>,
+    backend: Backend,
+    now: i64,
+    breaker: Breaker,
+    agents: HashMap<i64, AgentRow>,
+    by_key: HashMap<String, i64>,
+    by_handle: HashMap<String, i64>,
+    dirty: BTreeSet<i64>,
+    events: Vec<NewEvent>,
+}
+
+type R<T> = Result<T, BatchError>;
+
+fn corrupt(msg: &str) -> BatchError {
+    BatchError::Before(StoreError::Corrupt(msg.to_owned()))
+}
+
+impl Batch {
+    /// Finds the root of every tree the batch will touch. Roots never change, so this may read
+    /// before the locks are taken.
+    async fn resolve_roots(&mut self, cmds: &[&Command]) -> R<Vec<i64>> {
+        let mut keys: Vec<&str> = Vec::new();
+        let mut handles: Vec<&str> = Vec::new();
+        let mut holds: Vec<&str> = Vec::new();
+        for c in cmds {
+            if let Some(k) = c.key() {
+                keys.push(k.as_str());
+            }
+            match c {
+                Command::PatchAgent { handle, .. }
+                | Command::Revoke { handle, .. }
+                | Command::RotateKey { handle, .. }
+                | Command::Resume { handle } => handles.push(handle),
+                Command::Capture { hold_id, .. } | Command::Release { hold_id, .. } => {
+                    holds.push(hold_id)
+                }
+                _ => {}
+            }
+        }
+        let mut roots = BTreeSet::new();
+        for (prefix, items) in [
+            ("SELECT root_id FROM agents WHERE key_hash IN ", &keys),
+            ("SELECT root_id FROM agents WHERE handle IN ", &handles),
+            ("SELECT root_id FROM holds WHERE id IN ", &holds),
+        ] {
+            if items.is_empty() {
+                continue;
+            }
+            let mut uniq: Vec<&str> = items.clone();
+            uniq.sort_unstable();
+            uniq.dedup();
+            let (sql, args) = in_list_str(prefix, &uniq, "")?;
+            let rows: Vec<(i64,)> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
+                .fetch_all(&mut *self.tx)
+                .await?;
+            roots.extend(rows.into_iter().map(|r| r.0));
+        }
+        Ok(roots.into_iter().collect())
+    }
+
+    async fn load_ids(&mut self, ids: &[i64]) -> R<()> {
+        let missing: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.agents.contains_key(id))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let (sql, args) = in_list(
+            &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN "),
+            &missing,
+            "",
+        )?;
+        let rows: Vec<AgentRow> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        for r in rows {
+            self.cache(r);
+        }
+        Ok(())
+    }
+
+    fn cache(&mut self, r: AgentRow) {
+        self.by_key.insert(r.key_hash.clone(), r.id);
+        self.by_handle.insert(r.handle.clone(), r.id);
+        self.agents.entry(r.id).or_insert(r);
+    }
+
+    fn row(&self, id: i64) -> R<&AgentRow> {
+        self.agents
+            .get(&id)
+            .ok_or_else(|| corrupt("agent row missing from batch"))
+    }
+
+    fn row_mut(&mut self, id: i64) -> R<&mut AgentRow> {
+        self.dirty.insert(id);
+        self.agents
+            .get_mut(&id)
+            .ok_or_else(|| corrupt("agent row missing from batch"))
+    }
+
+    /// The agent holding this key, with its whole chain loaded. `None`: no such (current) key.
+    async fn agent_by_key(&mut self, key: &KeyHash) -> R<Option<i64>> {
+        let id = match self.by_key.get(key.as_str()) {
+            Some(id) => Some(*id),
+            None => {
+                let row: Option<AgentRow> = sqlx::query_as(dsql!(
+                    "SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash = $1"
+                ))
+                .bind(key.as_str())
+                .fetch_optional(&mut *self.tx)
+                .await?;
+                row.map(|r| {
+                    let id = r.id;
+                    self.cache(r);
+                    id
+                })
+            }
+        };
+        let Some(id) = id else { return Ok(None) };
+        // The cache may know this key from before a rotation in this same batch.
+        let row = self.row(id)?;
+        if !KeyHash::from_stored(row.key_hash.clone()).ct_eq(key) {
+            return Ok(None);
+        }
+        let ids = row.path_ids();
+        self.load_ids(&ids).await?;
+        Ok(Some(id))
+    }
+
+    async fn agent_by_handle(&mut self, handle: &str) -> R<Option<i64>> {
+        if let Some(id) = self.by_handle.get(handle) {
+            let id = *id;
+            let ids = self.row(id)?.path_ids();
+            self.load_ids(&ids).await?;
+            return Ok(Some(id));
+        }
+        let row: Option<AgentRow> = sqlx::query_as(dsql!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE handle = $1"
+        ))
+        .bind(handle)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let (id, ids) = (r.id, r.path_ids());
+                self.cache(r);
+                self.load_ids(&ids).await?;
+                Ok(Some(id))
+            }
+        }
+    }
+
+    /// The agent first, then each ancestor up to the root.
+    fn chain(&self, id: i64) -> R<Vec<i64>> {
+        let mut ids = self.row(id)?.path_ids();
+        ids.reverse();
+        Ok(ids)
+    }
+
+    fn chain_revoked(&self, id: i64) -> R<bool> {
+        for a in self.chain(id)? {
+            if self.row(a)?.status == "revoked" {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn event(&mut self, agent: &str, action: &str, outcome: &str) -> &mut NewEvent {
+        self.events.push(NewEvent {
+            at: self.now,
+            agent: agent.to_owned(),
+            action: action.to_owned(),
+            outcome: outcome.to_owned(),
+            reason: None,
+            scope: None,
+            amount: None,
+            reference: None,
+            detail: None,
+        });
+        self.events.last_mut().expect("just pushed")
+    }
+
+    /// Applies a movement to the counters of every agent of a chain (or hold path).
+    fn move_chain(&mut self, ids: &[i64], m: Movement) -> R<()> {
+        let now = self.now;
+        for id in ids {
+            let row = self.row_mut(*id)?;
+            let c = row.member(now).counters;
+            let next = c
+                .apply(m)
+                .ok_or_else(|| corrupt("counter arithmetic out of range"))?;
+            row.set_counters(next);
+        }
+        Ok(())
+    }
+
+    /// Expires open holds past their expiry, in the given trees (or everywhere).
+    async fn expire_holds(&mut self, roots: Option<&[i64]>) -> R<()> {
+        let rows: Vec<HoldRow> = match roots {
+            Some([]) => return Ok(()),
+            Some(roots) => {
+                let (sql, mut args) = in_list(
+                    "SELECT id, agent_id, path, amount, status, expires_at FROM holds WHERE status = 'open' AND root_id IN ",
+                    roots,
+                    "",
+                )?;
+                let sql = format!("{sql} AND expires_at <= ${}", roots.len() + 1);
+                args.add(self.now).map_err(|e| corrupt(&e.to_string()))?;
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
+                    .fetch_all(&mut *self.tx)
+                    .await?
+            }
+            None => {
+                sqlx::query_as(
+                    "SELECT id, agent_id, path, amount, status, expires_at FROM holds \
+                     WHERE status = 'open' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+                )
+                .bind(self.now)
+                .bind(SWEEP_HOLDS_MAX)
+                .fetch_all(&mut *self.tx)
+                .await?
+            }
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if roots.is_none() && self.backend == Backend::Postgres {
+            // A global sweep did not lock these trees up front: lock their roots now, in order.
+            let mut rs: Vec<i64> = rows
+                .iter()
+                .filter_map(|h| path_ids(&h.path).first().copied())
+                .collect();
+            rs.sort_unstable();
+            rs.dedup();
+            let (sql, args) = in_list(
+                "SELECT id FROM agents WHERE id IN ",
+                &rs,
+                " ORDER BY id FOR UPDATE",
+            )?;
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
+                .fetch_all(&mut *self.tx)
+                .await?;
+        }
+        for h in rows {
+            self.close_hold(&h, Micros::ZERO, "expired", h.expires_at)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes an open hold: `captured` of it is spent, the rest released.
+    async fn close_hold(&mut self, h: &HoldRow, captured: Micros, status: &str, at: i64) -> R<()> {
+        let ids = path_ids(&h.path);
+        self.load_ids(&ids).await?;
+        let held = Micros::from_micros(h.amount).ok_or_else(|| corrupt("negative hold"))?;
+        self.move_chain(&ids, Movement::Settle { held, captured })?;
+        let done = sqlx::query("UPDATE holds SET status = $1, captured = $2, closed_at = $3 WHERE id = $4 AND status = 'open'")
+            .bind(status)
+            .bind(captured.micros())
+            .bind(at)
+            .bind(&h.id)
+            .execute(&mut *self.tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(corrupt("hold closed twice"));
+        }
+        if status == "expired" {
+            let handle = self.row(h.agent_id)?.handle.clone();
+            let e = self.event(&handle, "hold.expire", "allowed");
+            e.amount = Some(h.amount);
+            e.reference = Some(h.id.clone());
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> R<()> {
+        let dirty: Vec<i64> = std::mem::take(&mut self.dirty).into_iter().collect();
+        for id in dirty {
+            let r = self.row(id)?.clone();
+            sqlx::query(
+                "UPDATE agents SET status = $1, key_hash = $2, key_expires_at = $3, scopes = $4, \
+                 spending_cap = $5, window_ms = $6, per_tx_limit = $7, lifetime_cap = $8, rate_requests = $9, \
+                 rate_per_ms = $10, rate_tat = $11, breaker_denials = $12, breaker_window_ms = $13, \
+                 breaker_started = $14, breaker_count = $15, labels = $16, revoked_at = $17, revoke_reason = $18, \
+                 suspended_at = $19, window_index = $20, window_spent = $21, held = $22, lifetime_spent = $23, \
+                 tx_count = $24, denied_count = $25, root_id = $26, path = $27 WHERE id = $28",
+            )
+            .bind(r.status)
+            .bind(r.key_hash)
+            .bind(r.key_expires_at)
+            .bind(r.scopes)
+            .bind(r.spending_cap)
+            .bind(r.window_ms)
+            .bind(r.per_tx_limit)
+            .bind(r.lifetime_cap)
+            .bind(r.rate_requests)
+            .bind(r.rate_per_ms)
+            .bind(r.rate_tat)
+            .bind(r.breaker_denials)
+            .bind(r.breaker_window_ms)
+            .bind(r.breaker_started)
+            .bind(r.breaker_count)
+            .bind(r.labels)
+            .bind(r.revoked_at)
+            .bind(r.revoke_reason)
+            .bind(r.suspended_at)
+            .bind(r.window_index)
+            .bind(r.window_spent)
+            .bind(r.held)
+            .bind(r.lifetime_spent)
+            .bind(r.tx_count)
+            .bind(r.denied_count)
+            .bind(r.root_id)
+            .bind(r.path)
+            .bind(r.id)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, cmd: &Command) -> R<Reply> {
+        match cmd {
+            Command::SweepExpired => Ok(Reply::ok(200, &json!({}))),
+            Command::CreateAgent {
+                caller,
+                spec,
+                key_hash,
+            } => self.create_agent(caller, spec, key_hash).await,
+            Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
+            Command::Revoke {
+                caller,
+                handle,
+                reason,
+            } => self.revoke(caller, handle, reason.as_deref()).await,
+            Command::RotateKey { handle, key_hash } => {
+                let Some(id) = self.agent_by_handle(handle).await? else {
+                    return Ok(Reply::not_found("agent"));
+                };
+                if self.row(id)?.status == "revoked" {
+                    return Ok(Reply::error(
+                        409,
+                        "agent_revoked",
+                        "A revoked agent cannot get a new key.",
+                    ));
+                }
+                let old = self.row(id)?.key_hash.clone();
+                self.by_key.remove(&old);
+                self.by_key.insert(key_hash.as_str().to_owned(), id);
+                self.row_mut(id)?.key_hash = key_hash.as_str().to_owned();
+                let h = self.row(id)?.handle.clone();
+                self.event(&h, "agent.rotate_key", "allowed");
+                Ok(Reply::ok(201, &json!({})))
+            }
+            Command::Resume { handle } => {
+                let Some(id) = self.agent_by_handle(handle).await? else {
+                    return Ok(Reply::not_found("agent"));
+                };
+                match self.row(id)?.status.as_str() {
+                    "revoked" => {
+                        return Ok(Reply::error(
+                            409,
+                            "agent_revoked",
+                            "A revoked agent cannot be resumed.",
+                        ));
+                    }
+                    "suspended" => {
+                        let r = self.row_mut(id)?;
+                        r.status = "active".into();
+                        r.suspended_at = None;
+                        r.breaker_count = 0;
+                        r.breaker_started = 0;
+                        let h = r.handle.clone();
+                        self.event(&h, "agent.resume", "allowed");
+                    }
+                    _ => {}
+                }
+                self.agent_reply(id, 200)
+            }
+            Command::Spend { .. }
+            | Command::Hold { .. }
+            | Command::Capture { .. }
+            | Command::Release { .. } => self.money(cmd).await,
+        }
+    }
+
+    /// The shared frame of every agent money call: credentials, then idempotency, then the call.
+    async fn money(&mut self, cmd: &Command) -> R<Reply> {
+        let (Some(key), idem) = (cmd.key(), cmd.idem()) else {
+            return Err(corrupt("money call without a key"));
+        };
+        let Some(id) = self.agent_by_key(key).await? else {
+            return Ok(Reply::deny(DenyReason::InvalidCredentials));
+        };
+        if let Some(idem) = idem {
+            let prior: Option<(String, i64, String, i64)> = sqlx::query_as(
+                "SELECT request_hash, status, body, created_at FROM idempotency WHERE agent_id = $1 AND key = $2",
+            )
+            .bind(id)
+            .bind(&idem.key)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+            if let Some((hash, status, body, created)) = prior {
+                if created > self.now - IDEMPOTENCY_TTL_MS {
+                    if hash != idem.request_hash {
+                        return Ok(Reply::error(
+                            422,
+                            "idempotency_key_reused",
+                            "This Idempotency-Key was used with a different request.",
+                        ));
+                    }
+                    return Ok(Reply {
+                        status: status as u16,
+                        body,
+                        replayed: true,
+                        outcome: None,
+                    });
+                }
+            }
+        }
+        let reply = match cmd {
+            Command::Spend {
+                scope,
+                amount,
+                memo,
+                ..
+            } => {
+                self.spend_or_hold(id, scope, *amount, None, memo.as_deref())
+                    .await?
+            }
+            Command::Hold {
+                scope,
+                amount,
+                expires_ms,
+                ..
+            } => {
+                let exp = self.now.saturating_add(*expires_ms);
+                self.spend_or_hold(id, scope, *amount, Some(exp), None)
+                    .await?
+            }
+            Command::Capture {
+                hold_id, amount, ..
+            } => self.settle(id, hold_id, Some(*amount)).await?,
+            Command::Release { hold_id, .. } => self.settle(id, hold_id, None).await?,
+            _ => return Err(corrupt("not a money call")),
+        };
+        if let Some(idem) = idem {
+            sqlx::query(
+                "INSERT INTO idempotency (agent_id, key, request_hash, status, body, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (agent_id, key) DO UPDATE SET \
+                 request_hash = excluded.request_hash, status = excluded.status, body = excluded.body, \
+                 created_at = excluded.created_at",
+            )
+            .bind(id)
+            .bind(&idem.key)
+            .bind(&idem.request_hash)
+            .bind(i64::from(reply.status))
+            .bind(&reply.body)
+            .bind(self.now)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(reply)
+    }
+
+    /// Records a denial: counts it, feeds the breaker, writes the audit event.
+    fn deny(
+        &mut self,
+        id: i64,
+        action: &str,
+        reason: DenyReason,
+        scope: Option<&Scope>,
+        amount: Option<Micros>,
+    ) -> R<Reply> {
+        let now = self.now;
+        let default_breaker = self.breaker;
+        let row = self.row_mut(id)?;
+        row.denied_count += 1;
+        let mut suspended = false;
+        let counts_for_breaker = !matches!(
+            reason,
+            DenyReason::InvalidCredentials
+                | DenyReason::CredentialRevoked
+                | DenyReason::CredentialExpired
+                | DenyReason::AgentSuspended
+        );
+        if counts_for_breaker && row.status == "active" {
+            let b = match (row.breaker_denials, row.breaker_window_ms) {
+                (Some(denials), Some(window_ms)) => Breaker { denials, window_ms },
+                _ => default_breaker,
+            };
+            if b.denials > 0 {
+                if row.breaker_count == 0 || now - row.breaker_started >= b.window_ms {
+                    row.breaker_started = now;
+                    row.breaker_count = 1;
+                } else {
+                    row.breaker_count += 1;
+                }
+                if row.breaker_count >= b.denials {
+                    row.status = "suspended".into();
+                    row.suspended_at = Some(now);
+                    suspended = true;
+                }
+            }
+        }
+        let handle = row.handle.clone();
+        let e = self.event(&handle, action, "denied");
+        e.reason = Some(reason.code().to_owned());
+        e.scope = scope.map(|s| s.as_str().to_owned());
+        e.amount = amount.map(Micros::micros);
+        if suspended {
+            let e = self.event(&handle, "agent.suspend", "allowed");
+            e.reason = Some("runaway_loop_breaker".into());
+        }
+        Ok(Reply::deny(reason).with_outcome(Outcome {
+            agent: handle,
+            allowed: false,
+            reason: reason.code(),
+            spent: 0,
+        }))
+    }
+
+    async fn spend_or_hold(
+        &mut self,
+        id: i64,
+        scope: &Scope,
+        amount: Micros,
+        hold_expires: Option<i64>,
+        memo: Option<&str>,
+    ) -> R<Reply> {
+        let now = self.now;
+        let action = if hold_expires.is_some() {
+            "hold"
+        } else {
+            "spend"
+        };
+        let chain = self.chain(id)?;
+        let revoked = self.chain_revoked(id)?;
+        let agent = self.row(id)?;
+        let scopes = agent.scope_set();
+        let check = SpendCheck {
+            revoked,
+            key_expires_ms: agent.key_expires_at,
+            suspended: agent.status == "suspended",
+            scopes: &scopes,
+            scope: Some(scope),
+            rate: agent.rate_limit().map(|r| (r, agent.rate_tat)),
+        };
+        let tat = match precheck(&check, now) {
+            Ok(t) => t,
+            Err(reason) => return self.deny(id, action, reason, Some(scope), Some(amount)),
+        };
+        if let Some(tat) = tat {
+            self.row_mut(id)?.rate_tat = tat;
+        }
+        let members = chain
+            .iter()
+            .map(|a| self.row(*a).map(|r| r.member(now)))
+            .collect::<R<Vec<_>>>()?;
+        if let Err(reason) = authorize(&members, amount) {
+            return self.deny(id, action, reason, Some(scope), Some(amount));
+        }
+        let movement = if hold_expires.is_some() {
+            Movement::Hold(amount)
+        } else {
+            Movement::Spend(amount)
+        };
+        self.move_chain(&chain, movement)?;
+        // TigerBeetle-style assertion: an allowed movement never leaves a cap broken.
+        for a in &chain {
+            let m = self.row(*a)?.member(now);
+            let used = m.counters.window_spent.checked_add(m.counters.held);
+            assert!(
+                used.is_some_and(|u| u <= m.limits.spending_cap),
+                "allowed movement broke a spending cap"
+            );
+        }
+        let row = self.row_mut(id)?;
+        row.tx_count += 1;
+        let handle = row.handle.clone();
+        let m = row.member(now);
+        let remaining_window = m
+            .limits
+            .spending_cap
+            .saturating_sub(m.counters.window_spent)
+            .saturating_sub(m.counters.held);
+        let remaining_lifetime = m.limits.lifetime_cap.map(|c| {
+            c.saturating_sub(m.counters.lifetime_spent)
+                .saturating_sub(m.counters.held)
+        });
+        let resets = m.limits.created_ms + (m.counters.window_index + 1) * m.limits.window_ms;
+        let (root_id, path) = (row.root_id, row.path.clone());
+        let reply = match hold_expires {
+            None => {
+                let sid = format!("sp_{}", random_base62(&mut rand::rng(), 22));
+                let e = self.event(&handle, "spend", "allowed");
+                e.scope = Some(scope.as_str().to_owned());
+                e.amount = Some(amount.micros());
+                e.reference = Some(sid.clone());
+                e.detail = memo.map(|m| json!({"memo": m}).to_string());
+                Reply::ok(
+                    200,
+                    &json!({"id": sid, "amount": amount, "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}, "window_resets_at": fmt_time(resets)}),
+                )
+            }
+            Some(expires_at) => {
+                let hid = format!("hold_{}", random_base62(&mut rand::rng(), 22));
+                sqlx::query(
+                    "INSERT INTO holds (id, agent_id, root_id, path, scope, amount, status, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8)",
+                )
+                .bind(&hid)
+                .bind(id)
+                .bind(root_id)
+                .bind(&path)
+                .bind(scope.as_str())
+                .bind(amount.micros())
+                .bind(now)
+                .bind(expires_at)
+                .execute(&mut *self.tx)
+                .await?;
+                let e = self.event(&handle, "hold", "allowed");
+                e.scope = Some(scope.as_str().to_owned());
+                e.amount = Some(amount.micros());
+                e.reference = Some(hid.clone());
+                Reply::ok(
+                    201,
+                    &json!({"id": hid, "amount": amount, "expires_at": fmt_time(expires_at), "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}}),
+                )
+            }
+        };
+        let spent = if hold_expires.is_some() {
+            0
+        } else {
+            amount.micros()
+        };
+        Ok(reply.with_outcome(Outcome {
+            agent: handle,
+            allowed: true,
+            reason: "",
+            spent,
+        }))
+    }
+
+    /// Captures `amount` of a hold (releasing the rest), or releases it whole when `None`.
+    async fn settle(&mut self, id: i64, hold_id: &str, amount: Option<Micros>) -> R<Reply> {
+        let action = if amount.is_some() {
+            "capture"
+        } else {
+            "release"
+        };
+        let revoked = self.chain_revoked(id)?;
+        let agent = self.row(id)?;
+        let scopes = agent.scope_set();
+        // Settling an existing hold is allowed while suspended and is not rate limited: refusing
+        // it would only keep money reserved longer.
+        let check = SpendCheck {
+            revoked,
+            key_expires_ms: agent.key_expires_at,
+            suspended: false,
+            scopes: &scopes,
+            scope: None,
+            rate: None,
+        };
+        if let Err(reason) = precheck(&check, self.now) {
+            return self.deny(id, action, reason, None, amount);
+        }
+        let hold: Option<HoldRow> = sqlx::query_as(
+            "SELECT id, agent_id, path, amount, status, expires_at FROM holds WHERE id = $1",
+        )
+        .bind(hold_id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        let Some(hold) = hold.filter(|h| h.agent_id == id) else {
+            return Ok(Reply::not_found("hold"));
+        };
+        let handle = self.row(id)?.handle.clone();
+        if hold.status != "open" || hold.expires_at <= self.now {
+            return Ok(Reply::error(
+                409,
+                "hold_closed",
+                &format!(
+                    "The hold was already {}.",
+                    if hold.status == "open" {
+                        "expired"
+                    } else {
+                        &hold.status
+                    }
+                ),
+            ));
+        }
+        let held = Micros::from_micros(hold.amount).ok_or_else(|| corrupt("negative hold"))?;
+        let captured = amount.unwrap_or(Micros::ZERO);
+        if captured > held {
+            return Ok(Reply::error(
+                400,
+                "invalid_amount",
+                &format!("The capture amount is more than the {held} held."),
+            ));
+        }
+        let released = held
+            .checked_sub(captured)
+            .ok_or_else(|| corrupt("capture above hold"))?;
+        self.close_hold(
+            &hold,
+            captured,
+            if amount.is_some() {
+                "captured"
+            } else {
+                "released"
+            },
+            self.now,
+        )
+        .await?;
+        let e = self.event(&handle, action, "allowed");
+        e.amount = Some(if amount.is_some() {
+            captured.micros()
+        } else {
+            released.micros()
+        });
+        e.reference = Some(hold.id.clone());
+        let reply = if amount.is_some() {
+            Reply::ok(
+                200,
+                &json!({"id": hold.id, "captured": captured, "released": released}),
+            )
+        } else {
+            Reply::ok(200, &json!({"id": hold.id, "released": released}))
+        };
+        Ok(reply.with_outcome(Outcome {
+            agent: handle,
+            allowed: true,
+            reason: "",
+            spent: captured.micros(),
+        }))
+    }
+
+    fn agent_reply(&self, id: i64, status: u16) -> R<Reply> {
+        let row = self.row(id)?;
+        let parent = match row.parent_id {
+            Some(p) => Some(self.row(p)?.handle.clone()),
+            None => None,
+        };
+        Ok(Reply::ok(status, &row.view(parent, 0, self.now)))
+    }
+
+    async fn create_agent(
+        &mut self,
+        caller: &Caller,
+        spec: &AgentSpec,
+        key_hash: &KeyHash,
+    ) -> R<Reply> {
+        let now = self.now;
+        let parent = match caller {
+            Caller::Admin => None,
+            Caller::Agent(key) => {
+                let Some(pid) = self.agent_by_key(key).await? else {
+                    return Ok(Reply::deny(DenyReason::InvalidCredentials));
+                };
+                let revoked = self.chain_revoked(pid)?;
+                let p = self.row(pid)?;
+                let scopes = p.scope_set();
+                let spawn = Scope::parse("spawn:agents").map_err(|e| corrupt(&e))?;
+                let check = SpendCheck {
+                    revoked,
+                    key_expires_ms: p.key_expires_at,
+                    suspended: p.status == "suspended",
+                    scopes: &scopes,
+                    scope: Some(&spawn),
+                    rate: None,
+                };
+                if let Err(reason) = precheck(&check, now) {
+                    return self.deny(pid, "agent.create", reason, Some(&spawn), None);
+                }
+                if !scopes.covers_all(&spec.scopes) {
+                    return Ok(Reply::error(
+                        403,
+                        "scope_escalation",
+                        "A child's scopes must be covered by its parent's scopes.",
+                    ));
+                }
+                let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
+                let pl = p.limits();
+                let lifetime_ok = match (pl.lifetime_cap, spec.lifetime_cap) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(p), Some(c)) => c <= p,
+                };
+                if spec.spending_cap > pl.spending_cap || per_tx > pl.per_tx_limit || !lifetime_ok {
+                    return Ok(Reply::error(
+                        403,
+                        "cap_escalation",
+                        "A child's caps and per-transaction limit may not exceed its parent's.",
+                    ));
+                }
+                if p.depth + 1 > AGENT_DEPTH_MAX {
+                    return Ok(Reply::error(
+                        400,
+                        "invalid_request",
+                        &format!("Agent trees are at most {AGENT_DEPTH_MAX} levels deep."),
+                    ));
+                }
+                let (n,): (i64,) =
+                    sqlx::query_as("SELECT COUNT(*) FROM agents WHERE parent_id = $1")
+                        .bind(pid)
+                        .fetch_one(&mut *self.tx)
+                        .await?;
+                if n >= CHILDREN_PER_AGENT_MAX {
+                    return Ok(Reply::error(
+                        400,
+                        "invalid_request",
+                        &format!("An agent may spawn at most {CHILDREN_PER_AGENT_MAX} children."),
+                    ));
+                }
+                Some(pid)
+            }
+        };
+        let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
+        let (rate_requests, rate_per_ms) = spec
+            .rate_limit
+            .map(|r| (Some(r.requests), Some(r.per_ms)))
+            .unwrap_or((None, None));
+        let scopes = spec.scopes.to_strings().join(" ");
+        let labels = serde_json::Value::Object(spec.labels.clone()).to_string();
+        let expires = spec.expires_in.map(|s| now.saturating_add(s.millis()));
+        let row: Option<(i64,)> = sqlx::query_as(
+            "INSERT INTO agents (handle, parent_id, root_id, path, depth, status, key_hash, key_expires_at, scopes, \
+             spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, rate_per_ms, breaker_denials, \
+             breaker_window_ms, labels, created_at) \
+             VALUES ($1, $2, 0, '', 0, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(spec.handle.as_str())
+        .bind(parent)
+        .bind(key_hash.as_str())
+        .bind(expires)
+        .bind(&scopes)
+        .bind(spec.spending_cap.micros())
+        .bind(spec.window.millis())
+        .bind(per_tx.micros())
+        .bind(spec.lifetime_cap.map(Micros::micros))
+        .bind(rate_requests)
+        .bind(rate_per_ms)
+        .bind(spec.breaker.map(|b| b.denials))
+        .bind(spec.breaker.map(|b| b.window_ms))
+        .bind(&labels)
+        .bind(now)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        let Some((id,)) = row else {
+            return Ok(Reply::error(
+                409,
+                "handle_taken",
+                "An agent with this handle already exists.",
+            ));
+        };
+        let (root_id, path, depth) = match parent {
+            None => (id, format!(",{id},"), 0),
+            Some(pid) => {
+                let p = self.row(pid)?;
+                (p.root_id, format!("{}{id},", p.path), p.depth + 1)
+            }
+        };
+        sqlx::query("UPDATE agents SET root_id = $1, path = $2, depth = $3 WHERE id = $4")
+            .bind(root_id)
+            .bind(&path)
+            .bind(depth)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        let row: AgentRow =
+            sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
+                .bind(id)
+                .fetch_one(&mut *self.tx)
+                .await?;
+        self.cache(row);
+        let by = match parent {
+            None => "admin".to_owned(),
+            Some(p) => self.row(p)?.handle.clone(),
+        };
+        let e = self.event(spec.handle.as_str(), "agent.create", "allowed");
+        e.detail = Some(json!({"by": by, "scopes": spec.scopes.to_strings(), "spending_cap": spec.spending_cap}).to_string());
+        self.agent_reply(id, 201)
+    }
+
+    async fn patch_agent(&mut self, handle: &str, p: &Patch) -> R<Reply> {
+        let Some(id) = self.agent_by_handle(handle).await? else {
+            return Ok(Reply::not_found("agent"));
+        };
+        let now = self.now;
+        let row = self.row_mut(id)?;
+        let mut changed = serde_json::Map::new();
+        if let Some(c) = p.spending_cap {
+            row.spending_cap = c.micros();
+            changed.insert("spending_cap".into(), json!(c));
+        }
+        if let Some(w) = p.window {
+            // Keep what was spent: re-anchor the counters to the window that contains `now`
+            // under the new length, so changing the window never forgives spend.
+            let c = row.member(now).counters;
+            row.window_ms = w.millis();
+            let (k, _, _) = bulkhead_core::duration::window_at(row.created_at, row.window_ms, now);
+            row.set_counters(bulkhead_core::Counters {
+                window_index: k,
+                ..c
+            });
+            changed.insert("window".into(), json!(w.to_string()));
+        }
+        if let Some(t) = p.per_tx_limit {
+            row.per_tx_limit = t.micros();
+            changed.insert("per_tx_limit".into(), json!(t));
+        }
+        if let Some(l) = p.lifetime_cap {
+            row.lifetime_cap = l.map(Micros::micros);
+            changed.insert("lifetime_cap".into(), json!(l));
+        }
+        if let Some(s) = &p.scopes {
+            row.scopes = s.to_strings().join(" ");
+            changed.insert("scopes".into(), json!(s.to_strings()));
+        }
+        if let Some(r) = p.rate_limit {
+            row.rate_requests = r.map(|r| r.requests);
+            row.rate_per_ms = r.map(|r| r.per_ms);
+            changed.insert(
+                "rate_limit".into(),
+                json!(r.map(|r| json!({"requests": r.requests, "per_ms": r.per_ms}))),
+            );
+        }
+        if let Some(l) = &p.labels {
+            row.labels = serde_json::Value::Object(l.clone()).to_string();
+            changed.insert("labels".into(), serde_json::Value::Object(l.clone()));
+        }
+        if let Some(b) = p.breaker {
+            row.breaker_denials = b.map(|b| b.denials);
+            row.breaker_window_ms = b.map(|b| b.window_ms);
+            changed.insert(
+                "breaker".into(),
+                json!(b.map(|b| json!({"denials": b.denials, "window_ms": b.window_ms}))),
+            );
+        }
+        let e = self.event(handle, "agent.update", "allowed");
+        e.detail = Some(serde_json::Value::Object(changed).to_string());
+        self.agent_reply(id, 200)
+    }
+
+    async fn revoke(&mut self, caller: &Caller, handle: &str, reason: Option<&str>) -> R<Reply> {
+        let now = self.now;
+        if let Caller::Agent(key) = caller {
+            let Some(cid) = self.agent_by_key(key).await? else {
+                return Ok(Reply::deny(DenyReason::InvalidCredentials));
+            };
+            let revoked = self.chain_revoked(cid)?;
+            let c = self.row(cid)?;
+            if revoked {
+                return Ok(Reply::deny(DenyReason::CredentialRevoked));
+            }
+            if c.key_expires_at.is_some_and(|t| now >= t) {
+                return Ok(Reply::deny(DenyReason::CredentialExpired));
+            }
+            let Some(tid) = self.agent_by_handle(handle).await? else {
+                return Ok(Reply::not_found("agent"));
+            };
+            let t = self.row(tid)?;
+            if tid == cid || !t.path_ids().contains(&cid) {
+                return Ok(Reply::not_found("agent among your descendants"));
+            }
+        }
+        let Some(tid) = self.agent_by_handle(handle).await? else {
+            return Ok(Reply::not_found("agent"));
+        };
+        let (root_id, like) = {
+            let t = self.row(tid)?;
+            (t.root_id, format!("%,{tid},%"))
+        };
+        let subtree: Vec<AgentRow> = sqlx::query_as(dsql!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE root_id = $1 AND path LIKE $2"
+        ))
+        .bind(root_id)
+        .bind(&like)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut ids: Vec<(i64, i64, String)> = Vec::new();
+        for r in subtree {
+            ids.push((r.depth, r.id, r.handle.clone()));
+            self.cache(r);
+        }
+        ids.sort();
+        let by = match caller {
+            Caller::Admin => "admin".to_owned(),
+            Caller::Agent(k) => self
+                .by_key
+                .get(k.as_str())
+                .and_then(|id| self.agents.get(id))
+                .map(|r| r.handle.clone())
+                .unwrap_or_default(),
+        };
+        for (_, id, h) in &ids {
+            let row = self.row(*id)?;
+            if row.status == "revoked" {
+                continue;
+            }
+            let r = self.row_mut(*id)?;
+            r.status = "revoked".into();
+            r.revoked_at = Some(now);
+            r.revoke_reason = reason.map(str::to_owned);
+            let e = self.event(h, "agent.revoke", "allowed");
+            e.reason = reason.map(str::to_owned);
+            e.detail = Some(json!({"by": by, "target": handle}).to_string());
+        }
+        let open: Vec<HoldRow> = sqlx::query_as(
+            "SELECT id, agent_id, path, amount, status, expires_at FROM holds \
+             WHERE root_id = $1 AND status = 'open' AND path LIKE $2",
+        )
+        .bind(root_id)
+        .bind(&like)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        for h in open {
+            self.close_hold(&h, Micros::ZERO, "released", now).await?;
+            let handle = self.row(h.agent_id)?.handle.clone();
+            let e = self.event(&handle, "release", "allowed");
+            e.amount = Some(h.amount);
+            e.reference = Some(h.id.clone());
+            e.reason = Some("agent_revoked".into());
+        }
+        let revoked_at = self.row(tid)?.revoked_at.unwrap_or(now);
+        let handles: Vec<String> = ids.into_iter().map(|(_, _, h)| h).collect();
+        Ok(Reply::ok(
+            200,
+            &json!({"revoked": handles, "revoked_at": fmt_time(revoked_at)}),
+        ))
+    }
+}

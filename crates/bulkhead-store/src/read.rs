@@ -1,0 +1,119 @@
+//! Reads: straight from the pool, never through the ledger. What they return is as of the last
+//! committed batch.
+
+use std::collections::HashMap;
+
+use bulkhead_core::{DenyReason, KeyHash};
+
+use crate::view::{AGENT_COLUMNS, AgentRow, AgentView};
+use crate::{Store, StoreError};
+
+impl Store {
+    /// Renders rows, subtracting holds past expiry that the sweeper has not closed yet.
+    async fn views(&self, rows: Vec<AgentRow>, now_ms: i64) -> Result<Vec<AgentView>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let due: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT path, amount FROM holds WHERE status = 'open' AND expires_at <= $1",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut parents: HashMap<i64, String> = HashMap::new();
+        for r in &rows {
+            parents.insert(r.id, r.handle.clone());
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let parent = match r.parent_id {
+                None => None,
+                Some(p) => match parents.get(&p) {
+                    Some(h) => Some(h.clone()),
+                    None => {
+                        let h: Option<(String,)> =
+                            sqlx::query_as("SELECT handle FROM agents WHERE id = $1")
+                                .bind(p)
+                                .fetch_optional(&self.pool)
+                                .await?;
+                        let h = h.map(|h| h.0);
+                        if let Some(h) = &h {
+                            parents.insert(p, h.clone());
+                        }
+                        h
+                    }
+                },
+            };
+            let needle = format!(",{},", r.id);
+            let expired: i64 = due
+                .iter()
+                .filter(|(path, _)| path.contains(&needle))
+                .map(|(_, a)| *a)
+                .sum();
+            out.push(r.view(parent, expired, now_ms));
+        }
+        Ok(out)
+    }
+
+    pub async fn get_agent(
+        &self,
+        handle: &str,
+        now_ms: i64,
+    ) -> Result<Option<AgentView>, StoreError> {
+        let row: Option<AgentRow> = sqlx::query_as(dsql!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE handle = $1"
+        ))
+        .bind(handle)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(self.views(row.into_iter().collect(), now_ms).await?.pop())
+    }
+
+    /// One page of agents in handle order, after `after`.
+    pub async fn list_agents(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        now_ms: i64,
+    ) -> Result<Vec<AgentView>, StoreError> {
+        let rows: Vec<AgentRow> = sqlx::query_as(dsql!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE handle > $1 ORDER BY handle LIMIT $2"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        self.views(rows, now_ms).await
+    }
+
+    /// The agent holding this key, if its credential is currently good.
+    pub async fn agent_for_key(
+        &self,
+        key: &KeyHash,
+        now_ms: i64,
+    ) -> Result<Result<AgentView, DenyReason>, StoreError> {
+        let row: Option<AgentRow> = sqlx::query_as(dsql!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash = $1"
+        ))
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row.filter(|r| KeyHash::from_stored(r.key_hash.clone()).ct_eq(key)) else {
+            return Ok(Err(DenyReason::InvalidCredentials));
+        };
+        let (revoked,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM agents WHERE root_id = $1 AND status = 'revoked' AND $2 LIKE '%,' || id || ',%'",
+        )
+        .bind(row.root_id)
+        .bind(&row.path)
+        .fetch_one(&self.pool)
+        .await?;
+        if revoked > 0 {
+            return Ok(Err(DenyReason::CredentialRevoked));
+        }
+        if row.key_expires_at.is_some_and(|t| now_ms >= t) {
+            return Ok(Err(DenyReason::CredentialExpired));
+        }
+        Ok(Ok(self.views(vec![row], now_ms).await?.remove(0)))
+    }
+}

@@ -1,0 +1,241 @@
+//! Stored rows and the public shapes they are rendered into.
+
+use bulkhead_core::decision::{AgentLimits, ChainMember, Counters};
+use bulkhead_core::duration::window_at;
+use bulkhead_core::ratelimit::RateLimit;
+use bulkhead_core::{Micros, ScopeSet, Span};
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Renders Unix milliseconds as RFC 3339 (UTC, millisecond precision).
+pub fn fmt_time(ms: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = t
+        .replace_nanosecond((ms.rem_euclid(1000) as u32) * 1_000_000)
+        .unwrap_or(t);
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+pub(crate) fn micros(v: i64) -> Micros {
+    // Stored amounts are written only from `Micros`; a negative one is a corrupt row, shown as 0
+    // here and refused by the ledger's arithmetic.
+    Micros::from_micros(v).unwrap_or(Micros::ZERO)
+}
+
+/// One row of `agents`, as stored.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub(crate) struct AgentRow {
+    pub id: i64,
+    pub handle: String,
+    pub parent_id: Option<i64>,
+    pub root_id: i64,
+    pub path: String,
+    pub depth: i64,
+    pub status: String,
+    pub key_hash: String,
+    pub key_expires_at: Option<i64>,
+    pub scopes: String,
+    pub spending_cap: i64,
+    pub window_ms: i64,
+    pub per_tx_limit: i64,
+    pub lifetime_cap: Option<i64>,
+    pub rate_requests: Option<i64>,
+    pub rate_per_ms: Option<i64>,
+    pub rate_tat: i64,
+    pub breaker_denials: Option<i64>,
+    pub breaker_window_ms: Option<i64>,
+    pub breaker_started: i64,
+    pub breaker_count: i64,
+    pub labels: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    pub revoke_reason: Option<String>,
+    pub suspended_at: Option<i64>,
+    pub window_index: i64,
+    pub window_spent: i64,
+    pub held: i64,
+    pub lifetime_spent: i64,
+    pub tx_count: i64,
+    pub denied_count: i64,
+}
+
+pub(crate) const AGENT_COLUMNS: &str = "id, handle, parent_id, root_id, path, depth, status, key_hash, \
+    key_expires_at, scopes, spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, \
+    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_started, breaker_count, labels, \
+    created_at, revoked_at, revoke_reason, suspended_at, window_index, window_spent, held, \
+    lifetime_spent, tx_count, denied_count";
+
+impl AgentRow {
+    pub fn limits(&self) -> AgentLimits {
+        AgentLimits {
+            spending_cap: micros(self.spending_cap),
+            window_ms: self.window_ms.max(1),
+            per_tx_limit: micros(self.per_tx_limit),
+            lifetime_cap: self.lifetime_cap.map(micros),
+            created_ms: self.created_at,
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            window_index: self.window_index,
+            window_spent: micros(self.window_spent),
+            held: micros(self.held),
+            lifetime_spent: micros(self.lifetime_spent),
+        }
+    }
+
+    pub fn set_counters(&mut self, c: Counters) {
+        self.window_index = c.window_index;
+        self.window_spent = c.window_spent.micros();
+        self.held = c.held.micros();
+        self.lifetime_spent = c.lifetime_spent.micros();
+    }
+
+    pub fn member(&self, now_ms: i64) -> ChainMember {
+        let limits = self.limits();
+        let counters = self.counters().at(&limits, now_ms);
+        ChainMember { limits, counters }
+    }
+
+    pub fn scope_set(&self) -> ScopeSet {
+        let v: Vec<&str> = self.scopes.split(' ').filter(|s| !s.is_empty()).collect();
+        ScopeSet::parse(&v).unwrap_or_default()
+    }
+
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        match (self.rate_requests, self.rate_per_ms) {
+            (Some(requests), Some(per_ms)) => Some(RateLimit { requests, per_ms }),
+            _ => None,
+        }
+    }
+
+    /// Ids from the root down to this agent, parsed from `path` (",1,5,9,").
+    pub fn path_ids(&self) -> Vec<i64> {
+        self.path
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+
+    /// Renders the public agent object. `expired_held` is the part of `held` that belongs to
+    /// holds past their expiry but not yet swept: it no longer counts.
+    pub fn view(&self, parent: Option<String>, expired_held: i64, now_ms: i64) -> AgentView {
+        let m = self.member(now_ms);
+        let held = micros(self.held - expired_held);
+        let (_, start, end) = window_at(self.created_at, self.window_ms.max(1), now_ms);
+        let cap = m.limits.spending_cap.micros();
+        let used = m
+            .counters
+            .window_spent
+            .micros()
+            .saturating_add(held.micros());
+        let utilization = if cap == 0 {
+            if used == 0 { 0.0 } else { 1.0 }
+        } else {
+            used as f64 / cap as f64
+        };
+        AgentView {
+            handle: self.handle.clone(),
+            parent,
+            status: self.status.clone(),
+            scopes: self.scope_set().to_strings(),
+            spending_cap: m.limits.spending_cap,
+            window: Span::from_secs(self.window_ms / 1000)
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            per_tx_limit: m.limits.per_tx_limit,
+            lifetime_cap: m.limits.lifetime_cap,
+            rate_limit: self.rate_limit().map(|r| RateLimitView {
+                requests: r.requests,
+                per: Span::from_secs(r.per_ms / 1000)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            }),
+            breaker: match (self.breaker_denials, self.breaker_window_ms) {
+                (Some(d), Some(w)) => Some(BreakerView {
+                    denials: d,
+                    window: Span::from_secs(w / 1000)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                }),
+                _ => None,
+            },
+            labels: serde_json::from_str(&self.labels).unwrap_or_default(),
+            created_at: fmt_time(self.created_at),
+            expires_at: self.key_expires_at.map(fmt_time),
+            revoked_at: self.revoked_at.map(fmt_time),
+            suspended_at: self.suspended_at.map(fmt_time),
+            usage: Usage {
+                window_spent: m.counters.window_spent,
+                window_held: held,
+                window_started_at: fmt_time(start),
+                window_resets_at: fmt_time(end),
+                lifetime_spent: m.counters.lifetime_spent,
+                utilization: (utilization * 10_000.0).round() / 10_000.0,
+                tx_count: self.tx_count,
+                denied_count: self.denied_count,
+            },
+        }
+    }
+}
+
+/// The public agent object (contract §4).
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentView {
+    pub handle: String,
+    pub parent: Option<String>,
+    pub status: String,
+    pub scopes: Vec<String>,
+    pub spending_cap: Micros,
+    pub window: String,
+    pub per_tx_limit: Micros,
+    pub lifetime_cap: Option<Micros>,
+    pub rate_limit: Option<RateLimitView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerView>,
+    pub labels: serde_json::Map<String, serde_json::Value>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub suspended_at: Option<String>,
+    pub usage: Usage,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RateLimitView {
+    pub requests: i64,
+    pub per: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BreakerView {
+    pub denials: i64,
+    pub window: String,
+}
+
+/// Usage figures of an agent, its descendants included.
+#[derive(Clone, Debug, Serialize)]
+pub struct Usage {
+    pub window_spent: Micros,
+    pub window_held: Micros,
+    pub window_started_at: String,
+    pub window_resets_at: String,
+    pub lifetime_spent: Micros,
+    pub utilization: f64,
+    pub tx_count: i64,
+    pub denied_count: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_render_rfc3339_utc() {
+        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

@@ -1,0 +1,5 @@
+pub async fn run(_a: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
+    todo!()
+}
+#[derive(clap::Args)]
+pub struct DemoArgs {}

@@ -1,0 +1,149 @@
+//! `bulkhead serve`: open the store, start the ledger, serve HTTP, shut down gracefully.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulkhead_core::Clock;
+use bulkhead_server::{AppState, app, install_metrics};
+use bulkhead_store::{Ledger, LedgerConfig, Store};
+
+use crate::ServeArgs;
+use crate::config::Config;
+
+/// The wall clock, read only here and handed to everything else.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// The admin token: from the environment, else from `DIR/admin-token`, generated on first start.
+pub fn admin_token(data: &Path) -> anyhow::Result<String> {
+    if let Ok(t) = std::env::var("BULKHEAD_ADMIN_TOKEN") {
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let path = data.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
+        return Ok(t);
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let token = format!(
+        "bha_{}",
+        bulkhead_core::key::random_base62(&mut rand::rng(), 40)
+    );
+    write_secret(&path, &token)?;
+    eprintln!(
+        "generated an admin token; it is in {} (mode 0600)",
+        path.display()
+    );
+    Ok(token)
+}
+
+#[cfg(unix)]
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    std::fs::write(path, secret).with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::load(args.config.as_deref())?;
+    if config.alerts.is_some() || !config.upstream.is_empty() {
+        tracing::warn!("[alerts] and [[upstream]] are not served by this version and are ignored");
+    }
+    let breaker = config.breaker()?;
+    let token = admin_token(&args.data)?;
+    let store = match &args.database_url {
+        Some(url) => Store::open(url)
+            .await
+            .context("cannot open the PostgreSQL store")?,
+        None => Store::open_dir(&args.data)
+            .await
+            .context("cannot open the embedded store")?,
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (ledger, writer) = Ledger::start(
+        store.clone(),
+        clock,
+        LedgerConfig {
+            breaker,
+            ..LedgerConfig::default()
+        },
+    );
+    let sweeper = ledger.spawn_sweeper(Duration::from_secs(1));
+    let state = AppState {
+        ledger,
+        admin_token: Arc::from(token),
+        metrics: install_metrics(),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, store = ?store.backend(), "bulkhead listening");
+    println!("bulkhead listening on http://{addr}");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    sweeper.abort();
+    let _ = sweeper.await;
+    // Every ledger handle is gone now; the writer commits what it has and stops.
+    let _ = writer.await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
