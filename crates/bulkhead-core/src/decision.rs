@@ -82,9 +82,7 @@ impl DenyReason {
 
     pub fn status(self) -> u16 {
         match self {
-            DenyReason::InvalidCredentials
-            | DenyReason::CredentialRevoked
-            | DenyReason::CredentialExpired => 401,
+            DenyReason::InvalidCredentials | DenyReason::CredentialRevoked | DenyReason::CredentialExpired => 401,
             DenyReason::AgentSuspended | DenyReason::ScopeNotGranted => 403,
             DenyReason::RateLimited { .. } => 429,
             _ => 402,
@@ -98,18 +96,12 @@ impl DenyReason {
             DenyReason::CredentialExpired => "This agent's credential has expired.",
             DenyReason::AgentSuspended => "This agent is suspended until an operator resumes it.",
             DenyReason::ScopeNotGranted => "The key does not hold the requested scope.",
-            DenyReason::RateLimited { .. } => {
-                "The agent's request rate limit was reached; retry later."
-            }
-            DenyReason::PerTxLimit => {
-                "The amount is above the agent's per-transaction limit; nothing was charged."
-            }
+            DenyReason::RateLimited { .. } => "The agent's request rate limit was reached; retry later.",
+            DenyReason::PerTxLimit => "The amount is above the agent's per-transaction limit; nothing was charged.",
             DenyReason::SpendingCap => {
                 "The amount would exceed the agent's spending cap for this window; nothing was charged."
             }
-            DenyReason::LifetimeCap => {
-                "The amount would exceed the agent's lifetime cap; nothing was charged."
-            }
+            DenyReason::LifetimeCap => "The amount would exceed the agent's lifetime cap; nothing was charged.",
             DenyReason::AncestorCap => {
                 "The amount would exceed a limit of one of the agent's ancestors; nothing was charged."
             }
@@ -124,9 +116,7 @@ impl DenyReason {
             "credential_expired" => DenyReason::CredentialExpired,
             "agent_suspended" => DenyReason::AgentSuspended,
             "scope_not_granted" => DenyReason::ScopeNotGranted,
-            "rate_limited" => DenyReason::RateLimited {
-                retry_after_ms: 1000,
-            },
+            "rate_limited" => DenyReason::RateLimited { retry_after_ms: 1000 },
             "per_tx_limit_exceeded" => DenyReason::PerTxLimit,
             "spending_cap_exceeded" => DenyReason::SpendingCap,
             "lifetime_cap_exceeded" => DenyReason::LifetimeCap,
@@ -140,15 +130,7 @@ impl Counters {
     /// The counters as they stand at `now_ms`: a new window starts with nothing spent.
     pub fn at(self, limits: &AgentLimits, now_ms: i64) -> Counters {
         let (k, _, _) = window_at(limits.created_ms, limits.window_ms, now_ms);
-        if k != self.window_index {
-            Counters {
-                window_index: k,
-                window_spent: Micros::ZERO,
-                ..self
-            }
-        } else {
-            self
-        }
+        if k != self.window_index { Counters { window_index: k, window_spent: Micros::ZERO, ..self } } else { self }
     }
 }
 
@@ -185,9 +167,9 @@ pub fn precheck(c: &SpendCheck<'_>, now_ms: i64) -> Result<Option<i64>, DenyReas
     }
     match c.rate {
         None => Ok(None),
-        Some((limit, tat)) => gcra(limit, tat, now_ms)
-            .map(Some)
-            .map_err(|retry_after_ms| DenyReason::RateLimited { retry_after_ms }),
+        Some((limit, tat)) => {
+            gcra(limit, tat, now_ms).map(Some).map_err(|retry_after_ms| DenyReason::RateLimited { retry_after_ms })
+        }
     }
 }
 
@@ -201,11 +183,7 @@ fn fits(m: &ChainMember, amount: Micros) -> Result<(), DenyReason> {
         return Err(DenyReason::SpendingCap);
     }
     if let Some(cap) = m.limits.lifetime_cap {
-        let after = m
-            .counters
-            .lifetime_spent
-            .checked_add(m.counters.held)
-            .and_then(|c| c.checked_add(amount));
+        let after = m.counters.lifetime_spent.checked_add(m.counters.held).and_then(|c| c.checked_add(amount));
         if after.is_none_or(|a| a > cap) {
             return Err(DenyReason::LifetimeCap);
         }
@@ -221,9 +199,7 @@ fn fits(m: &ChainMember, amount: Micros) -> Result<(), DenyReason> {
 ///
 /// The counters must already be brought to `now` with [`Counters::at`].
 pub fn authorize(chain: &[ChainMember], amount: Micros) -> Result<(), DenyReason> {
-    let (agent, ancestors) = chain
-        .split_first()
-        .expect("a chain holds at least the agent");
+    let (agent, ancestors) = chain.split_first().expect("a chain holds at least the agent");
     fits(agent, amount)?;
     for a in ancestors {
         fits(a, amount).map_err(|_| DenyReason::AncestorCap)?;
@@ -302,32 +278,20 @@ mod tests {
     #[test]
     fn limits_in_order() {
         let mut a = member("10", "5", Some("12"));
-        assert_eq!(
-            authorize(&[a.clone()], m("5.000001")),
-            Err(DenyReason::PerTxLimit)
-        );
+        assert_eq!(authorize(&[a.clone()], m("5.000001")), Err(DenyReason::PerTxLimit));
         a.counters.window_spent = m("6");
         a.counters.lifetime_spent = m("6");
         assert_eq!(authorize(&[a.clone()], m("4")), Ok(()));
-        assert_eq!(
-            authorize(&[a.clone()], m("4.000001")),
-            Err(DenyReason::SpendingCap)
-        );
+        assert_eq!(authorize(&[a.clone()], m("4.000001")), Err(DenyReason::SpendingCap));
         a.counters.held = m("1");
-        assert_eq!(
-            authorize(&[a.clone()], m("3.000001")),
-            Err(DenyReason::SpendingCap)
-        );
+        assert_eq!(authorize(&[a.clone()], m("3.000001")), Err(DenyReason::SpendingCap));
         // A new window forgets window spend but not lifetime spend or holds.
         let next = Counters { ..a.counters }.at(&a.limits, 1_000);
         assert_eq!(next.window_spent, Micros::ZERO);
         a.counters = next;
         assert_eq!(authorize(&[a.clone()], m("5")), Ok(()));
         a.counters.lifetime_spent = m("7");
-        assert_eq!(
-            authorize(&[a.clone()], m("4.5")),
-            Err(DenyReason::LifetimeCap)
-        );
+        assert_eq!(authorize(&[a.clone()], m("4.5")), Err(DenyReason::LifetimeCap));
     }
 
     #[test]
@@ -335,10 +299,7 @@ mod tests {
         let child = member("10", "10", None);
         let mut parent = member("10", "10", None);
         parent.counters.window_spent = m("9");
-        assert_eq!(
-            authorize(&[child.clone(), parent.clone()], m("2")),
-            Err(DenyReason::AncestorCap)
-        );
+        assert_eq!(authorize(&[child.clone(), parent.clone()], m("2")), Err(DenyReason::AncestorCap));
         assert_eq!(authorize(&[child, parent], m("1")), Ok(()));
     }
 
@@ -346,10 +307,7 @@ mod tests {
     fn prechecks_in_contract_order() {
         let scopes = ScopeSet::parse(&["a:b"]).unwrap();
         let want = Scope::parse("a:c").unwrap();
-        let rl = RateLimit {
-            requests: 1,
-            per_ms: 1_000,
-        };
+        let rl = RateLimit { requests: 1, per_ms: 1_000 };
         let mut c = SpendCheck {
             revoked: true,
             key_expires_ms: Some(0),
@@ -366,43 +324,17 @@ mod tests {
         c.suspended = false;
         assert_eq!(precheck(&c, 5), Err(DenyReason::ScopeNotGranted));
         c.scope = None;
-        assert!(matches!(
-            precheck(&c, 5),
-            Err(DenyReason::RateLimited { .. })
-        ));
+        assert!(matches!(precheck(&c, 5), Err(DenyReason::RateLimited { .. })));
         c.rate = Some((rl, 0));
         assert_eq!(precheck(&c, 5), Ok(Some(1_005)));
     }
 
     #[test]
     fn settle_moves_held_to_spent() {
-        let c = Counters {
-            held: m("1"),
-            ..Default::default()
-        };
-        let s = c
-            .apply(Movement::Settle {
-                held: m("1"),
-                captured: m("0.4"),
-            })
-            .unwrap();
-        assert_eq!(
-            (s.held, s.window_spent, s.lifetime_spent),
-            (Micros::ZERO, m("0.4"), m("0.4"))
-        );
-        assert_eq!(
-            c.apply(Movement::Settle {
-                held: m("1"),
-                captured: m("2")
-            }),
-            None
-        );
-        assert_eq!(
-            Counters::default().apply(Movement::Settle {
-                held: m("1"),
-                captured: m("0")
-            }),
-            None
-        );
+        let c = Counters { held: m("1"), ..Default::default() };
+        let s = c.apply(Movement::Settle { held: m("1"), captured: m("0.4") }).unwrap();
+        assert_eq!((s.held, s.window_spent, s.lifetime_spent), (Micros::ZERO, m("0.4"), m("0.4")));
+        assert_eq!(c.apply(Movement::Settle { held: m("1"), captured: m("2") }), None);
+        assert_eq!(Counters::default().apply(Movement::Settle { held: m("1"), captured: m("0") }), None);
     }
 }

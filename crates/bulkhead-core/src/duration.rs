@@ -43,24 +43,16 @@ impl Span {
         }
         for (unit, mul) in [('d', 86_400), ('h', 3_600), ('m', 60)] {
             if secs % mul == 0 && secs / mul > 1 {
-                return Some(Span {
-                    count: secs / mul,
-                    unit,
-                });
+                return Some(Span { count: secs / mul, unit });
             }
         }
-        for (unit, mul) in [('h', 3_600), ('m', 60)] {
-            if secs % mul == 0 {
-                return Some(Span {
-                    count: secs / mul,
-                    unit,
-                });
-            }
-        }
-        Some(Span {
-            count: secs,
-            unit: 's',
-        })
+        // Exactly one of some unit: write it in the unit below.
+        let (count, unit) = match secs {
+            86_400 => (24, 'h'),
+            3_600 => (60, 'm'),
+            _ => (secs, 's'),
+        };
+        Some(Span { count, unit })
     }
 
     pub fn secs(self) -> i64 {
@@ -102,18 +94,7 @@ mod tests {
         assert_eq!(Span::parse("24h").unwrap().secs(), 86_400);
         assert_eq!(Span::parse("60s").unwrap().to_string(), "60s");
         assert_eq!(Span::parse("30d").unwrap().secs(), 30 * 86_400);
-        for bad in [
-            "",
-            "h",
-            "0s",
-            "-1h",
-            "1.5h",
-            "1w",
-            "24",
-            " 1h",
-            "1H",
-            "99999999999999d",
-        ] {
+        for bad in ["", "h", "0s", "-1h", "1.5h", "1w", "24", " 1h", "1H", "99999999999999d"] {
             assert!(Span::parse(bad).is_err(), "{bad:?}");
         }
         assert_eq!(Span::from_secs(86_400).unwrap().to_string(), "24h");

@@ -18,9 +18,7 @@ impl Handle {
         if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
             return Err("a handle starts with a lowercase letter or a digit".into());
         }
-        if !s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        }) {
+        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')) {
             return Err("a handle uses only a-z, 0-9, '.', '_' and '-'".into());
         }
         Ok(Handle(s.to_owned()))
@@ -46,18 +44,7 @@ mod tests {
         for ok in ["a", "invoice-processor-prod-01", "9.x_y-z", &"a".repeat(64)] {
             assert!(Handle::parse(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "-a",
-            ".a",
-            "_a",
-            "A",
-            "a b",
-            "a/b",
-            "é",
-            &"a".repeat(65),
-            "a\n",
-        ] {
+        for bad in ["", "-a", ".a", "_a", "A", "a b", "a/b", "é", &"a".repeat(65), "a\n"] {
             assert!(Handle::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -49,9 +49,7 @@ fn checksum(body: &str) -> String {
 
 /// Random base62 text of `len` characters (for ids and tokens).
 pub fn random_base62(rng: &mut impl Rng, len: usize) -> String {
-    (0..len)
-        .map(|_| ALPHABET[rng.random_range(0..62)] as char)
-        .collect()
+    (0..len).map(|_| ALPHABET[rng.random_range(0..62)] as char).collect()
 }
 
 impl ApiKey {
@@ -73,11 +71,7 @@ impl ApiKey {
         }
         let (body, check) = rest.split_at(BODY_LEN);
         let want = checksum(body);
-        if bool::from(want.as_bytes().ct_eq(check.as_bytes())) {
-            Some(ApiKey(s.to_owned()))
-        } else {
-            None
-        }
+        if bool::from(want.as_bytes().ct_eq(check.as_bytes())) { Some(ApiKey(s.to_owned())) } else { None }
     }
 
     /// Looks like a Bulkhead key (prefix only); used to tell agent keys from the admin token.

@@ -15,10 +15,7 @@ pub mod ratelimit;
 pub mod scope;
 
 pub use clock::{Clock, ManualClock};
-pub use decision::{
-    AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide,
-    precheck,
-};
+pub use decision::{AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide, precheck};
 pub use duration::Span;
 pub use handle::Handle;
 pub use key::{ApiKey, KeyHash};

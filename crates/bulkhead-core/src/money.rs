@@ -93,19 +93,14 @@ impl Micros {
         if int_trimmed.len() > 13 {
             return Err(AmountError::TooLarge);
         }
-        let units: i64 = if int_trimmed.is_empty() {
-            0
-        } else {
-            int_trimmed.parse().map_err(|_| AmountError::TooLarge)?
-        };
+        let units: i64 =
+            if int_trimmed.is_empty() { 0 } else { int_trimmed.parse().map_err(|_| AmountError::TooLarge)? };
         let mut frac_micros: i64 = 0;
         for (i, b) in frac.bytes().enumerate() {
             frac_micros += i64::from(b - b'0') * 10_i64.pow(5 - i as u32);
         }
-        let total = units
-            .checked_mul(MICROS_PER_UNIT)
-            .and_then(|u| u.checked_add(frac_micros))
-            .ok_or(AmountError::TooLarge)?;
+        let total =
+            units.checked_mul(MICROS_PER_UNIT).and_then(|u| u.checked_add(frac_micros)).ok_or(AmountError::TooLarge)?;
         if total > AMOUNT_MAX_MICROS {
             return Err(AmountError::TooLarge);
         }
@@ -218,10 +213,7 @@ mod tests {
         // 1 token at $2.50 per million = 2.5 micros -> 3 micros.
         assert_eq!(Micros::per_million_ceil(1, price), Some(Micros(3)));
         assert_eq!(Micros::per_million_ceil(0, price), Some(Micros(0)));
-        assert_eq!(
-            Micros::per_million_ceil(1_000_000, price),
-            Some(Micros(2_500_000))
-        );
+        assert_eq!(Micros::per_million_ceil(1_000_000, price), Some(Micros(2_500_000)));
     }
 
     proptest::proptest! {

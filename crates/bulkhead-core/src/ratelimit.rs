@@ -19,11 +19,7 @@ pub fn gcra(limit: RateLimit, tat_ms: i64, now_ms: i64) -> Result<i64, i64> {
     let tat = tat_ms.max(now_ms);
     let new_tat = tat + interval;
     let allow_at = new_tat - burst;
-    if allow_at <= now_ms {
-        Ok(new_tat)
-    } else {
-        Err(allow_at - now_ms)
-    }
+    if allow_at <= now_ms { Ok(new_tat) } else { Err(allow_at - now_ms) }
 }
 
 #[cfg(test)]
@@ -32,10 +28,7 @@ mod tests {
 
     #[test]
     fn burst_then_steady_rate() {
-        let l = RateLimit {
-            requests: 3,
-            per_ms: 3_000,
-        };
+        let l = RateLimit { requests: 3, per_ms: 3_000 };
         let mut tat = 0;
         for _ in 0..3 {
             tat = gcra(l, tat, 10_000).unwrap();

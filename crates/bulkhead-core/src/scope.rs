@@ -15,9 +15,7 @@ fn check_segment(seg: &str, wildcard_ok: bool) -> bool {
         return true;
     }
     !seg.is_empty()
-        && seg.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
-        })
+        && seg.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// A granted scope pattern: `payments:write`, `read:*`, `*:read` or `*`.
@@ -37,12 +35,10 @@ impl ScopePattern {
             return Err(format!("a scope has at most {SCOPE_LEN_MAX} characters"));
         }
         match s.split_once(':') {
-            Some((r, a)) if check_segment(r, true) && check_segment(a, true) => {
-                Ok(ScopePattern(s.into()))
+            Some((r, a)) if check_segment(r, true) && check_segment(a, true) => Ok(ScopePattern(s.into())),
+            _ => {
+                Err(format!("{s:?} is not a scope of the form resource:action (a-z 0-9 _ - ., '*' as a whole segment)"))
             }
-            _ => Err(format!(
-                "{s:?} is not a scope of the form resource:action (a-z 0-9 _ - ., '*' as a whole segment)"
-            )),
         }
     }
 
@@ -55,11 +51,7 @@ impl ScopePattern {
     }
 
     fn segments(&self) -> (&str, &str) {
-        if self.0 == "*" {
-            ("*", "*")
-        } else {
-            self.0.split_once(':').unwrap_or(("", ""))
-        }
+        if self.0 == "*" { ("*", "*") } else { self.0.split_once(':').unwrap_or(("", "")) }
     }
 
     /// Does this pattern grant the concrete scope?
@@ -83,12 +75,8 @@ impl Scope {
             return Err(format!("a scope has at most {SCOPE_LEN_MAX} characters"));
         }
         match s.split_once(':') {
-            Some((r, a)) if check_segment(r, false) && check_segment(a, false) => {
-                Ok(Scope(s.into()))
-            }
-            _ => Err(format!(
-                "{s:?} is not a scope of the form resource:action (a-z 0-9 _ - .)"
-            )),
+            Some((r, a)) if check_segment(r, false) && check_segment(a, false) => Ok(Scope(s.into())),
+            _ => Err(format!("{s:?} is not a scope of the form resource:action (a-z 0-9 _ - .)")),
         }
     }
 
@@ -115,14 +103,9 @@ impl ScopeSet {
     /// Parses, de-duplicates and sorts a list of patterns.
     pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<ScopeSet, String> {
         if items.len() > SCOPES_PER_AGENT_MAX {
-            return Err(format!(
-                "an agent holds at most {SCOPES_PER_AGENT_MAX} scopes"
-            ));
+            return Err(format!("an agent holds at most {SCOPES_PER_AGENT_MAX} scopes"));
         }
-        let mut v = items
-            .iter()
-            .map(|s| ScopePattern::parse(s.as_ref()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut v = items.iter().map(|s| ScopePattern::parse(s.as_ref())).collect::<Result<Vec<_>, _>>()?;
         v.sort();
         v.dedup();
         Ok(ScopeSet(v))
@@ -188,9 +171,7 @@ mod tests {
 
     #[test]
     fn parsing() {
-        for bad in [
-            "", "a", "a:", ":b", "A:b", "a:b:c", "a b:c", "re*:x", "a:*x", "*:", "**",
-        ] {
+        for bad in ["", "a", "a:", ":b", "A:b", "a:b:c", "a b:c", "re*:x", "a:*x", "*:", "**"] {
             assert!(ScopePattern::parse(bad).is_err(), "{bad:?}");
         }
         assert!(Scope::parse("read:*").is_err());

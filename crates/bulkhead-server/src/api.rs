@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::input::{
-    BODY_BYTES_MAX, Body, CaptureReq, CreateAgentReq, EmptyReq, HOLD_EXPIRY_SECS_DEFAULT,
-    HOLD_EXPIRY_SECS_MAX, HoldReq, P, PageQuery, PatchReq, Q, RevokeReq, SpendReq,
+    BODY_BYTES_MAX, Body, CaptureReq, CreateAgentReq, EmptyReq, HOLD_EXPIRY_SECS_DEFAULT, HOLD_EXPIRY_SECS_MAX,
+    HoldReq, P, PageQuery, PatchReq, Q, RevokeReq, SpendReq,
 };
 use crate::metrics::{DECISIONS, REVOCATION, SPENT};
 
@@ -68,22 +68,12 @@ async fn fallback() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        405,
-        "method_not_allowed",
-        "This route does not take that method.",
-    )
+    ApiError::new(405, "method_not_allowed", "This route does not take that method.")
 }
 
 /// The bearer token of a request, if the header is well-formed.
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let bad = || {
-        ApiError::new(
-            401,
-            "invalid_credentials",
-            "Send `Authorization: Bearer <key>`.",
-        )
-    };
+    let bad = || ApiError::new(401, "invalid_credentials", "Send `Authorization: Bearer <key>`.");
     let v = headers.get(header::AUTHORIZATION).ok_or_else(bad)?;
     let v = v.to_str().map_err(|_| bad())?;
     let token = v.strip_prefix("Bearer ").ok_or_else(bad)?.trim();
@@ -103,16 +93,13 @@ enum Who {
 fn who(state: &AppState, headers: &HeaderMap) -> Result<Who, ApiError> {
     let token = bearer(headers)?;
     if ApiKey::looks_like_key(token) {
-        let key = ApiKey::parse(token)
-            .ok_or_else(|| ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))?;
+        let key = ApiKey::parse(token).ok_or_else(|| ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))?;
         return Ok(Who::Agent(key.hash()));
     }
     if secret_eq(token, &state.admin_token) {
         Ok(Who::Admin)
     } else {
-        Err(ApiError::deny(
-            bulkhead_core::DenyReason::InvalidCredentials,
-        ))
+        Err(ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))
     }
 }
 
@@ -125,28 +112,17 @@ fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 fn agent_key(headers: &HeaderMap) -> Result<KeyHash, ApiError> {
     let token = bearer(headers)?;
-    ApiKey::parse(token)
-        .map(|k| k.hash())
-        .ok_or_else(|| ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))
+    ApiKey::parse(token).map(|k| k.hash()).ok_or_else(|| ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))
 }
 
-fn idem(
-    headers: &HeaderMap,
-    method: &Method,
-    path: &str,
-    body: &[u8],
-) -> Result<Option<Idem>, ApiError> {
+fn idem(headers: &HeaderMap, method: &Method, path: &str, body: &[u8]) -> Result<Option<Idem>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
     let key = v
         .to_str()
         .ok()
-        .filter(|k| {
-            !k.is_empty()
-                && k.len() <= IDEMPOTENCY_KEY_LEN_MAX
-                && k.bytes().all(|b| (0x21..0x7f).contains(&b))
-        })
+        .filter(|k| !k.is_empty() && k.len() <= IDEMPOTENCY_KEY_LEN_MAX && k.bytes().all(|b| (0x21..0x7f).contains(&b)))
         .ok_or_else(|| {
             ApiError::invalid(format!(
                 "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} visible ASCII characters."
@@ -158,10 +134,7 @@ fn idem(
     h.update(path.as_bytes());
     h.update(b"\n");
     h.update(body);
-    Ok(Some(Idem {
-        key: key.to_owned(),
-        request_hash: hex::encode(h.finalize()),
-    }))
+    Ok(Some(Idem { key: key.to_owned(), request_hash: hex::encode(h.finalize()) }))
 }
 
 /// Turns a committed reply into HTTP, recording its decision metrics.
@@ -175,12 +148,7 @@ fn respond(reply: Reply) -> Response {
         }
     }
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        reply.body.clone(),
-    )
-        .into_response();
+    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], reply.body.clone()).into_response();
     if reply.status == 429 {
         let secs = serde_json::from_str::<Value>(&reply.body)
             .ok()
@@ -191,8 +159,7 @@ fn respond(reply: Reply) -> Response {
         }
     }
     if reply.replayed {
-        resp.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     resp
 }
@@ -203,36 +170,22 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError>
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
-async fn create_agent(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn create_agent(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let caller = match who(&state, &headers)? {
         Who::Admin => Caller::Admin,
         Who::Agent(k) => Caller::Agent(k),
     };
     let spec = body.json::<CreateAgentReq>()?.checked()?;
     let key = ApiKey::generate(&mut rand::rng());
-    let reply = state
-        .ledger
-        .submit(Command::CreateAgent {
-            caller,
-            spec,
-            key_hash: key.hash(),
-        })
-        .await?;
+    let reply = state.ledger.submit(Command::CreateAgent { caller, spec, key_hash: key.hash() }).await?;
     if reply.status != 201 {
         return Ok(respond(reply));
     }
-    let mut v: Value = serde_json::from_str(&reply.body)
-        .map_err(|_| ApiError::new(500, "internal_error", "bad reply"))?;
+    let mut v: Value =
+        serde_json::from_str(&reply.body).map_err(|_| ApiError::new(500, "internal_error", "bad reply"))?;
     v["key"] = json!(key.expose());
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
@@ -243,10 +196,7 @@ async fn list_agents(
     Q(q): Q<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     admin(&state, &headers)?;
-    let agents = state
-        .store()
-        .list_agents(q.after.as_deref(), q.limit()?, state.ledger.now_ms())
-        .await?;
+    let agents = state.store().list_agents(q.after.as_deref(), q.limit()?, state.ledger.now_ms()).await?;
     Ok(Json(json!({"agents": agents})))
 }
 
@@ -256,13 +206,8 @@ async fn get_agent(
     P(handle): P<String>,
 ) -> Result<Json<Value>, ApiError> {
     admin(&state, &headers)?;
-    let agent = state
-        .store()
-        .get_agent(&handle, state.ledger.now_ms())
-        .await?;
-    agent
-        .map(|a| Json(json!(a)))
-        .ok_or_else(|| ApiError::not_found("No agent with that handle exists."))
+    let agent = state.store().get_agent(&handle, state.ledger.now_ms()).await?;
+    agent.map(|a| Json(json!(a))).ok_or_else(|| ApiError::not_found("No agent with that handle exists."))
 }
 
 async fn patch_agent(
@@ -273,12 +218,7 @@ async fn patch_agent(
 ) -> Result<Response, ApiError> {
     admin(&state, &headers)?;
     let patch = body.json::<PatchReq>()?.checked()?;
-    Ok(respond(
-        state
-            .ledger
-            .submit(Command::PatchAgent { handle, patch })
-            .await?,
-    ))
+    Ok(respond(state.ledger.submit(Command::PatchAgent { handle, patch }).await?))
 }
 
 async fn revoke(
@@ -294,14 +234,7 @@ async fn revoke(
     };
     let req = body.json::<RevokeReq>()?;
     let reason = crate::input::note(req.reason, "reason")?;
-    let reply = state
-        .ledger
-        .submit(Command::Revoke {
-            caller,
-            handle,
-            reason,
-        })
-        .await?;
+    let reply = state.ledger.submit(Command::Revoke { caller, handle, reason }).await?;
     if reply.status == 200 {
         metrics::histogram!(REVOCATION).record(started.elapsed().as_secs_f64());
     }
@@ -317,13 +250,7 @@ async fn rotate_key(
     admin(&state, &headers)?;
     body.json::<EmptyReq>()?;
     let key = ApiKey::generate(&mut rand::rng());
-    let reply = state
-        .ledger
-        .submit(Command::RotateKey {
-            handle,
-            key_hash: key.hash(),
-        })
-        .await?;
+    let reply = state.ledger.submit(Command::RotateKey { handle, key_hash: key.hash() }).await?;
     if reply.status != 201 {
         return Ok(respond(reply));
     }
@@ -338,9 +265,7 @@ async fn resume(
 ) -> Result<Response, ApiError> {
     admin(&state, &headers)?;
     body.json::<EmptyReq>()?;
-    Ok(respond(
-        state.ledger.submit(Command::Resume { handle }).await?,
-    ))
+    Ok(respond(state.ledger.submit(Command::Resume { handle }).await?))
 }
 
 async fn agent_audit(
@@ -350,18 +275,10 @@ async fn agent_audit(
     Q(q): Q<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     admin(&state, &headers)?;
-    if state
-        .store()
-        .get_agent(&handle, state.ledger.now_ms())
-        .await?
-        .is_none()
-    {
+    if state.store().get_agent(&handle, state.ledger.now_ms()).await?.is_none() {
         return Err(ApiError::not_found("No agent with that handle exists."));
     }
-    let events = state
-        .store()
-        .audit_page(Some(&handle), q.after_seq()?, q.limit()?)
-        .await?;
+    let events = state.store().audit_page(Some(&handle), q.after_seq()?, q.limit()?).await?;
     Ok(Json(json!({"events": events})))
 }
 
@@ -377,18 +294,7 @@ async fn spend(
     let scope = crate::input::scope(&req.scope)?;
     let amount = req.amount.parse_positive("amount")?;
     let memo = crate::input::note(req.memo, "memo")?;
-    Ok(respond(
-        state
-            .ledger
-            .submit(Command::Spend {
-                key,
-                scope,
-                amount,
-                memo,
-                idem,
-            })
-            .await?,
-    ))
+    Ok(respond(state.ledger.submit(Command::Spend { key, scope, amount, memo, idem }).await?))
 }
 
 async fn hold(
@@ -410,18 +316,7 @@ async fn hold(
     if expires_secs > HOLD_EXPIRY_SECS_MAX {
         return Err(ApiError::invalid("expires_in is at most 24h."));
     }
-    Ok(respond(
-        state
-            .ledger
-            .submit(Command::Hold {
-                key,
-                scope,
-                amount,
-                expires_ms: expires_secs * 1000,
-                idem,
-            })
-            .await?,
-    ))
+    Ok(respond(state.ledger.submit(Command::Hold { key, scope, amount, expires_ms: expires_secs * 1000, idem }).await?))
 }
 
 async fn capture(
@@ -432,24 +327,9 @@ async fn capture(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = agent_key(&headers)?;
-    let idem = idem(
-        &headers,
-        &method,
-        &format!("/v1/holds/{id}/capture"),
-        &body.0,
-    )?;
+    let idem = idem(&headers, &method, &format!("/v1/holds/{id}/capture"), &body.0)?;
     let amount: Micros = body.json::<CaptureReq>()?.amount.parse("amount")?;
-    Ok(respond(
-        state
-            .ledger
-            .submit(Command::Capture {
-                key,
-                hold_id: id,
-                amount,
-                idem,
-            })
-            .await?,
-    ))
+    Ok(respond(state.ledger.submit(Command::Capture { key, hold_id: id, amount, idem }).await?))
 }
 
 async fn release(
@@ -460,32 +340,14 @@ async fn release(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = agent_key(&headers)?;
-    let idem = idem(
-        &headers,
-        &method,
-        &format!("/v1/holds/{id}/release"),
-        &body.0,
-    )?;
+    let idem = idem(&headers, &method, &format!("/v1/holds/{id}/release"), &body.0)?;
     body.json::<EmptyReq>()?;
-    Ok(respond(
-        state
-            .ledger
-            .submit(Command::Release {
-                key,
-                hold_id: id,
-                idem,
-            })
-            .await?,
-    ))
+    Ok(respond(state.ledger.submit(Command::Release { key, hold_id: id, idem }).await?))
 }
 
 async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let key = agent_key(&headers)?;
-    match state
-        .store()
-        .agent_for_key(&key, state.ledger.now_ms())
-        .await?
-    {
+    match state.store().agent_for_key(&key, state.ledger.now_ms()).await? {
         Ok(a) => Ok(Json(json!(a))),
         Err(reason) => Err(ApiError::deny(reason)),
     }
@@ -497,17 +359,10 @@ async fn me_audit(
     Q(q): Q<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let key = agent_key(&headers)?;
-    let agent = match state
-        .store()
-        .agent_for_key(&key, state.ledger.now_ms())
-        .await?
-    {
+    let agent = match state.store().agent_for_key(&key, state.ledger.now_ms()).await? {
         Ok(a) => a,
         Err(reason) => return Err(ApiError::deny(reason)),
     };
-    let events = state
-        .store()
-        .audit_page(Some(&agent.handle), q.after_seq()?, q.limit()?)
-        .await?;
+    let events = state.store().audit_page(Some(&agent.handle), q.after_seq()?, q.limit()?).await?;
     Ok(Json(json!({"events": events})))
 }

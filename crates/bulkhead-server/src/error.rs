@@ -47,11 +47,7 @@ impl ApiError {
     }
 
     pub fn admin_required() -> ApiError {
-        ApiError::new(
-            401,
-            "invalid_credentials",
-            "This call needs the admin token.",
-        )
+        ApiError::new(401, "invalid_credentials", "This call needs the admin token.")
     }
 }
 
@@ -60,19 +56,11 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Corrupt(_) => {
                 tracing::error!(error = %e, "store invariant broken");
-                ApiError::new(
-                    500,
-                    "internal_error",
-                    "The server hit an internal error; nothing was charged.",
-                )
+                ApiError::new(500, "internal_error", "The server hit an internal error; nothing was charged.")
             }
             _ => {
                 tracing::warn!(error = %e, "store unavailable");
-                let mut e = ApiError::new(
-                    503,
-                    "store_unavailable",
-                    "The store is unavailable; retry shortly.",
-                );
+                let mut e = ApiError::new(503, "store_unavailable", "The store is unavailable; retry shortly.");
                 e.retry_after = Some(1);
                 e
             }
@@ -98,10 +86,7 @@ impl IntoResponse for ApiError {
 
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(r: axum::extract::rejection::QueryRejection) -> ApiError {
-        ApiError::invalid(format!(
-            "The query string is not valid for this call: {}",
-            r.body_text()
-        ))
+        ApiError::invalid(format!("The query string is not valid for this call: {}", r.body_text()))
     }
 }
 

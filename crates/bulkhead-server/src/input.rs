@@ -40,16 +40,12 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Bytes::from_request(req, state).await {
             Ok(b) => Ok(Body(b)),
-            Err(r) if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::new(
-                    413,
-                    "body_too_large",
-                    format!("The request body is larger than {BODY_BYTES_MAX} bytes."),
-                ))
-            }
-            Err(r) => Err(ApiError::invalid(format!(
-                "The request body could not be read: {r}"
-            ))),
+            Err(r) if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                413,
+                "body_too_large",
+                format!("The request body is larger than {BODY_BYTES_MAX} bytes."),
+            )),
+            Err(r) => Err(ApiError::invalid(format!("The request body could not be read: {r}"))),
         }
     }
 }
@@ -57,14 +53,9 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 impl Body {
     /// Parses JSON; an empty body parses as `{}`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        let bytes: &[u8] = if self.0.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &self.0
-        };
-        serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::invalid(format!("The body is not valid JSON for this call: {e}"))
-        })
+        let bytes: &[u8] = if self.0.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &self.0 };
+        serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::invalid(format!("The body is not valid JSON for this call: {e}")))
     }
 }
 
@@ -132,9 +123,7 @@ impl<'de> Deserialize<'de> for Labels {
 impl Labels {
     fn checked(self) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
         if self.0.len() > LABELS_MAX {
-            return Err(ApiError::invalid(format!(
-                "An agent has at most {LABELS_MAX} labels."
-            )));
+            return Err(ApiError::invalid(format!("An agent has at most {LABELS_MAX} labels.")));
         }
         let mut m = serde_json::Map::new();
         for (k, v) in self.0 {
@@ -150,9 +139,7 @@ impl Labels {
 }
 
 /// `Some(None)` for an explicit `null`, `None` when the field is absent.
-fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -166,15 +153,10 @@ pub struct RateLimitReq {
 impl RateLimitReq {
     fn checked(self) -> Result<RateLimit, ApiError> {
         if !(1..=1_000_000).contains(&self.requests) {
-            return Err(ApiError::invalid(
-                "rate_limit.requests must be between 1 and 1000000.",
-            ));
+            return Err(ApiError::invalid("rate_limit.requests must be between 1 and 1000000."));
         }
         let per = span(&self.per, "rate_limit.per", "invalid_window")?;
-        Ok(RateLimit {
-            requests: self.requests,
-            per_ms: per.millis(),
-        })
+        Ok(RateLimit { requests: self.requests, per_ms: per.millis() })
     }
 }
 
@@ -188,19 +170,10 @@ pub struct BreakerReq {
 impl BreakerReq {
     fn checked(self) -> Result<Breaker, ApiError> {
         if !(0..=1_000_000).contains(&self.denials) {
-            return Err(ApiError::invalid(
-                "breaker.denials must be between 0 (off) and 1000000.",
-            ));
+            return Err(ApiError::invalid("breaker.denials must be between 0 (off) and 1000000."));
         }
-        let window = span(
-            self.window.as_deref().unwrap_or("60s"),
-            "breaker.window",
-            "invalid_window",
-        )?;
-        Ok(Breaker {
-            denials: self.denials,
-            window_ms: window.millis(),
-        })
+        let window = span(self.window.as_deref().unwrap_or("60s"), "breaker.window", "invalid_window")?;
+        Ok(Breaker { denials: self.denials, window_ms: window.millis() })
     }
 }
 
@@ -209,12 +182,7 @@ pub fn span(s: &str, field: &str, code: &'static str) -> Result<Span, ApiError> 
 }
 
 pub fn handle(s: &str) -> Result<Handle, ApiError> {
-    Handle::parse(s).map_err(|e| {
-        ApiError::bad(
-            "invalid_handle",
-            format!("{s:?} is not a valid handle: {e}."),
-        )
-    })
+    Handle::parse(s).map_err(|e| ApiError::bad("invalid_handle", format!("{s:?} is not a valid handle: {e}.")))
 }
 
 pub fn scopes(v: &[String]) -> Result<ScopeSet, ApiError> {
@@ -227,9 +195,9 @@ pub fn scope(s: &str) -> Result<Scope, ApiError> {
 
 pub fn note(s: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
     match s {
-        Some(s) if s.chars().count() > NOTE_LEN_MAX => Err(ApiError::invalid(format!(
-            "{field} has at most {NOTE_LEN_MAX} characters."
-        ))),
+        Some(s) if s.chars().count() > NOTE_LEN_MAX => {
+            Err(ApiError::invalid(format!("{field} has at most {NOTE_LEN_MAX} characters.")))
+        }
         other => Ok(other),
     }
 }
@@ -255,29 +223,12 @@ impl CreateAgentReq {
             handle: handle(&self.handle)?,
             scopes: scopes(&self.scopes)?,
             spending_cap: self.spending_cap.parse("spending_cap")?,
-            window: span(
-                self.window.as_deref().unwrap_or("24h"),
-                "window",
-                "invalid_window",
-            )?,
-            per_tx_limit: self
-                .per_tx_limit
-                .map(|a| a.parse("per_tx_limit"))
-                .transpose()?,
-            lifetime_cap: self
-                .lifetime_cap
-                .map(|a| a.parse("lifetime_cap"))
-                .transpose()?,
+            window: span(self.window.as_deref().unwrap_or("24h"), "window", "invalid_window")?,
+            per_tx_limit: self.per_tx_limit.map(|a| a.parse("per_tx_limit")).transpose()?,
+            lifetime_cap: self.lifetime_cap.map(|a| a.parse("lifetime_cap")).transpose()?,
             rate_limit: self.rate_limit.map(RateLimitReq::checked).transpose()?,
-            expires_in: self
-                .expires_in
-                .map(|s| span(&s, "expires_in", "invalid_request"))
-                .transpose()?,
-            labels: self
-                .labels
-                .map(Labels::checked)
-                .transpose()?
-                .unwrap_or_default(),
+            expires_in: self.expires_in.map(|s| span(&s, "expires_in", "invalid_request")).transpose()?,
+            labels: self.labels.map(Labels::checked).transpose()?.unwrap_or_default(),
             breaker: self.breaker.map(BreakerReq::checked).transpose()?,
         })
     }
@@ -302,32 +253,14 @@ pub struct PatchReq {
 impl PatchReq {
     pub fn checked(self) -> Result<Patch, ApiError> {
         Ok(Patch {
-            spending_cap: self
-                .spending_cap
-                .map(|a| a.parse("spending_cap"))
-                .transpose()?,
-            window: self
-                .window
-                .map(|w| span(&w, "window", "invalid_window"))
-                .transpose()?,
-            per_tx_limit: self
-                .per_tx_limit
-                .map(|a| a.parse("per_tx_limit"))
-                .transpose()?,
-            lifetime_cap: self
-                .lifetime_cap
-                .map(|o| o.map(|a| a.parse("lifetime_cap")).transpose())
-                .transpose()?,
+            spending_cap: self.spending_cap.map(|a| a.parse("spending_cap")).transpose()?,
+            window: self.window.map(|w| span(&w, "window", "invalid_window")).transpose()?,
+            per_tx_limit: self.per_tx_limit.map(|a| a.parse("per_tx_limit")).transpose()?,
+            lifetime_cap: self.lifetime_cap.map(|o| o.map(|a| a.parse("lifetime_cap")).transpose()).transpose()?,
             scopes: self.scopes.map(|s| scopes(&s)).transpose()?,
-            rate_limit: self
-                .rate_limit
-                .map(|o| o.map(RateLimitReq::checked).transpose())
-                .transpose()?,
+            rate_limit: self.rate_limit.map(|o| o.map(RateLimitReq::checked).transpose()).transpose()?,
             labels: self.labels.map(Labels::checked).transpose()?,
-            breaker: self
-                .breaker
-                .map(|o| o.map(BreakerReq::checked).transpose())
-                .transpose()?,
+            breaker: self.breaker.map(|o| o.map(BreakerReq::checked).transpose()).transpose()?,
         })
     }
 }
@@ -396,9 +329,7 @@ impl PageQuery {
                     return Err(ApiError::invalid("limit must be a positive whole number."));
                 }
                 // Larger values are clamped, never rejected (contract §4).
-                Ok(s.parse::<i64>()
-                    .unwrap_or(PAGE_LIMIT_MAX)
-                    .clamp(1, PAGE_LIMIT_MAX))
+                Ok(s.parse::<i64>().unwrap_or(PAGE_LIMIT_MAX).clamp(1, PAGE_LIMIT_MAX))
             }
         }
     }
@@ -406,9 +337,7 @@ impl PageQuery {
     pub fn after_seq(&self) -> Result<i64, ApiError> {
         match &self.after {
             None => Ok(0),
-            Some(s) => s
-                .parse::<i64>()
-                .map_err(|_| ApiError::invalid("after must be the seq of the last event seen.")),
+            Some(s) => s.parse::<i64>().map_err(|_| ApiError::invalid("after must be the seq of the last event seen.")),
         }
     }
 }

@@ -15,14 +15,10 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install_metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let buckets = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ];
+            let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(REVOCATION.into()), &buckets)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &buckets)
-                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &buckets))
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();

@@ -96,10 +96,7 @@ impl EventRow {
             scope: self.scope.clone(),
             amount: self.amount.map(|a| micros(a).to_string()),
             reference: self.reference.clone(),
-            detail: self
-                .detail
-                .as_deref()
-                .and_then(|d| serde_json::from_str(d).ok()),
+            detail: self.detail.as_deref().and_then(|d| serde_json::from_str(d).ok()),
             hash: self.hash.clone(),
             prev_hash: self.prev_hash.clone(),
         }
@@ -133,15 +130,9 @@ pub(crate) async fn append_events(
     if events.is_empty() {
         return Ok(());
     }
-    let lock = if backend == Backend::Postgres {
-        " FOR UPDATE"
-    } else {
-        ""
-    };
+    let lock = if backend == Backend::Postgres { " FOR UPDATE" } else { "" };
     let (mut seq, mut prev): (i64, String) =
-        sqlx::query_as(dsql!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}"))
-            .fetch_one(&mut **tx)
-            .await?;
+        sqlx::query_as(dsql!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}")).fetch_one(&mut **tx).await?;
     for chunk in events.chunks(INSERT_CHUNK) {
         let mut sql = String::from(
             "INSERT INTO audit_events (seq, at, agent, action, outcome, reason, scope, amount, ref, detail, prev_hash, hash) VALUES ",
@@ -177,9 +168,7 @@ pub(crate) async fn append_events(
             args.add(hash.clone()).map_err(bad)?;
             prev = hash;
         }
-        sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut **tx).await?;
     }
     sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
         .bind(seq)
@@ -230,14 +219,9 @@ pub(crate) async fn page(
 impl Store {
     /// Walks the whole chain and checks every link and every hash. The chain head row must
     /// match the last event, so removing events from the end is caught too.
-    pub async fn verify_audit(
-        &self,
-        mut progress: impl FnMut(i64),
-    ) -> Result<VerifyReport, StoreError> {
+    pub async fn verify_audit(&self, mut progress: impl FnMut(i64)) -> Result<VerifyReport, StoreError> {
         let (head_seq, head_hash): (i64, String) =
-            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-                .fetch_one(&self.pool)
-                .await?;
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(&self.pool).await?;
         let mut prev = GENESIS_HASH.to_owned();
         let mut expected_seq = 1;
         let mut after = 0;
@@ -250,10 +234,7 @@ impl Store {
                 if r.seq != expected_seq {
                     return Ok(VerifyReport::Broken {
                         seq: expected_seq,
-                        problem: format!(
-                            "event {expected_seq} is missing (next stored event is {})",
-                            r.seq
-                        ),
+                        problem: format!("event {expected_seq} is missing (next stored event is {})", r.seq),
                     });
                 }
                 if r.prev_hash != prev {
@@ -279,25 +260,14 @@ impl Store {
             // The head records the last appended event; a shorter chain lost its tail.
             return Ok(VerifyReport::Broken {
                 seq: count + 1,
-                problem: format!(
-                    "the chain ends at event {count}, but {head_seq} events were appended"
-                ),
+                problem: format!("the chain ends at event {count}, but {head_seq} events were appended"),
             });
         }
         Ok(VerifyReport::Intact { events: count })
     }
 
     /// Events in `seq` order, optionally for one agent.
-    pub async fn audit_page(
-        &self,
-        agent: Option<&str>,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<AuditEvent>, StoreError> {
-        Ok(page(self, agent, after, limit)
-            .await?
-            .iter()
-            .map(EventRow::public)
-            .collect())
+    pub async fn audit_page(&self, agent: Option<&str>, after: i64, limit: i64) -> Result<Vec<AuditEvent>, StoreError> {
+        Ok(page(self, agent, after, limit).await?.iter().map(EventRow::public).collect())
     }
 }

@@ -47,10 +47,7 @@ pub struct Breaker {
 
 impl Default for Breaker {
     fn default() -> Self {
-        Breaker {
-            denials: 50,
-            window_ms: 60_000,
-        }
+        Breaker { denials: 50, window_ms: 60_000 }
     }
 }
 
@@ -64,10 +61,7 @@ pub struct LedgerConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig {
-            breaker: Breaker::default(),
-            batch_max: 512,
-        }
+        LedgerConfig { breaker: Breaker::default(), batch_max: 512 }
     }
 }
 
@@ -183,14 +177,8 @@ impl Command {
             | Command::Hold { key, .. }
             | Command::Capture { key, .. }
             | Command::Release { key, .. } => Some(key),
-            Command::CreateAgent {
-                caller: Caller::Agent(k),
-                ..
-            }
-            | Command::Revoke {
-                caller: Caller::Agent(k),
-                ..
-            } => Some(k),
+            Command::CreateAgent { caller: Caller::Agent(k), .. }
+            | Command::Revoke { caller: Caller::Agent(k), .. } => Some(k),
             _ => None,
         }
     }
@@ -228,10 +216,7 @@ impl Reply {
     }
 
     pub fn error(status: u16, code: &str, message: &str) -> Reply {
-        Reply::ok(
-            status,
-            &json!({"error": {"code": code, "message": message}}),
-        )
+        Reply::ok(status, &json!({"error": {"code": code, "message": message}}))
     }
 
     pub fn deny(reason: DenyReason) -> Reply {
@@ -248,11 +233,7 @@ impl Reply {
     }
 
     fn not_found(what: &str) -> Reply {
-        Reply::error(
-            404,
-            "not_found",
-            &format!("No {what} with that identifier exists."),
-        )
+        Reply::error(404, "not_found", &format!("No {what} with that identifier exists."))
     }
 
     fn with_outcome(mut self, o: Outcome) -> Reply {
@@ -282,17 +263,9 @@ pub struct Ledger {
 
 impl Ledger {
     /// Starts the writer task. `handle` lets the caller wait for it to drain at shutdown.
-    pub fn start(
-        store: Store,
-        clock: Arc<dyn Clock>,
-        cfg: LedgerConfig,
-    ) -> (Ledger, tokio::task::JoinHandle<()>) {
+    pub fn start(store: Store, clock: Arc<dyn Clock>, cfg: LedgerConfig) -> (Ledger, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
-        let writer = Writer {
-            store: store.clone(),
-            clock: clock.clone(),
-            cfg,
-        };
+        let writer = Writer { store: store.clone(), clock: clock.clone(), cfg };
         let handle = tokio::spawn(writer.run(rx));
         (Ledger { tx, store, clock }, handle)
     }
@@ -300,10 +273,7 @@ impl Ledger {
     /// Runs one command and waits until it is committed (or failed).
     pub async fn submit(&self, cmd: Command) -> Result<Reply, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job { cmd, reply })
-            .await
-            .map_err(|_| StoreError::ShutDown)?;
+        self.tx.send(Job { cmd, reply }).await.map_err(|_| StoreError::ShutDown)?;
         rx.await.map_err(|_| StoreError::ShutDown)?
     }
 
@@ -416,18 +386,11 @@ impl Writer {
         };
         let roots = b.resolve_roots(cmds).await?;
         if b.backend == Backend::Postgres && !roots.is_empty() {
-            let (sql, args) = in_list(
-                "SELECT id FROM agents WHERE id IN ",
-                &roots,
-                " ORDER BY id FOR UPDATE",
-            )?;
-            sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
-                .fetch_all(&mut *b.tx)
-                .await?;
+            let (sql, args) = in_list("SELECT id FROM agents WHERE id IN ", &roots, " ORDER BY id FOR UPDATE")?;
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *b.tx).await?;
         }
         let sweep_all = cmds.iter().any(|c| matches!(c, Command::SweepExpired));
-        b.expire_holds(if sweep_all { None } else { Some(&roots) })
-            .await?;
+        b.expire_holds(if sweep_all { None } else { Some(&roots) }).await?;
         let mut replies = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             replies.push(b.apply(cmd).await?);
@@ -435,9 +398,7 @@ impl Writer {
         b.flush().await?;
         let events = std::mem::take(&mut b.events);
         append_events(&mut b.tx, b.backend, events).await?;
-        b.tx.commit()
-            .await
-            .map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
+        b.tx.commit().await.map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
         Ok(replies)
     }
 }
@@ -452,19 +413,14 @@ fn in_list(prefix: &str, ids: &[i64], suffix: &str) -> Result<(String, AnyArgume
             sql.push_str(", ");
         }
         sql.push_str(&format!("${}", i + 1));
-        args.add(*id)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        args.add(*id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     }
     sql.push(')');
     sql.push_str(suffix);
     Ok((sql, args))
 }
 
-fn in_list_str(
-    prefix: &str,
-    items: &[&str],
-    suffix: &str,
-) -> Result<(String, AnyArguments), StoreError> {
+fn in_list_str(prefix: &str, items: &[&str], suffix: &str) -> Result<(String, AnyArguments), StoreError> {
     let mut args = AnyArguments::default();
     let mut sql = String::from(prefix);
     sql.push('(');
@@ -473,8 +429,7 @@ fn in_list_str(
             sql.push_str(", ");
         }
         sql.push_str(&format!("${}", i + 1));
-        args.add(s.to_string())
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        args.add(s.to_string()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     }
     sql.push(')');
     sql.push_str(suffix);
@@ -529,9 +484,7 @@ impl Batch {
                 | Command::Revoke { handle, .. }
                 | Command::RotateKey { handle, .. }
                 | Command::Resume { handle } => handles.push(handle),
-                Command::Capture { hold_id, .. } | Command::Release { hold_id, .. } => {
-                    holds.push(hold_id)
-                }
+                Command::Capture { hold_id, .. } | Command::Release { hold_id, .. } => holds.push(hold_id),
                 _ => {}
             }
         }
@@ -548,31 +501,20 @@ impl Batch {
             uniq.sort_unstable();
             uniq.dedup();
             let (sql, args) = in_list_str(prefix, &uniq, "")?;
-            let rows: Vec<(i64,)> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
-                .fetch_all(&mut *self.tx)
-                .await?;
+            let rows: Vec<(i64,)> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
             roots.extend(rows.into_iter().map(|r| r.0));
         }
         Ok(roots.into_iter().collect())
     }
 
     async fn load_ids(&mut self, ids: &[i64]) -> R<()> {
-        let missing: Vec<i64> = ids
-            .iter()
-            .copied()
-            .filter(|id| !self.agents.contains_key(id))
-            .collect();
+        let missing: Vec<i64> = ids.iter().copied().filter(|id| !self.agents.contains_key(id)).collect();
         if missing.is_empty() {
             return Ok(());
         }
-        let (sql, args) = in_list(
-            &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN "),
-            &missing,
-            "",
-        )?;
-        let rows: Vec<AgentRow> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
-            .fetch_all(&mut *self.tx)
-            .await?;
+        let (sql, args) = in_list(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN "), &missing, "")?;
+        let rows: Vec<AgentRow> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
         for r in rows {
             self.cache(r);
         }
@@ -586,16 +528,12 @@ impl Batch {
     }
 
     fn row(&self, id: i64) -> R<&AgentRow> {
-        self.agents
-            .get(&id)
-            .ok_or_else(|| corrupt("agent row missing from batch"))
+        self.agents.get(&id).ok_or_else(|| corrupt("agent row missing from batch"))
     }
 
     fn row_mut(&mut self, id: i64) -> R<&mut AgentRow> {
         self.dirty.insert(id);
-        self.agents
-            .get_mut(&id)
-            .ok_or_else(|| corrupt("agent row missing from batch"))
+        self.agents.get_mut(&id).ok_or_else(|| corrupt("agent row missing from batch"))
     }
 
     /// The agent holding this key, with its whole chain loaded. `None`: no such (current) key.
@@ -603,12 +541,11 @@ impl Batch {
         let id = match self.by_key.get(key.as_str()) {
             Some(id) => Some(*id),
             None => {
-                let row: Option<AgentRow> = sqlx::query_as(dsql!(
-                    "SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash = $1"
-                ))
-                .bind(key.as_str())
-                .fetch_optional(&mut *self.tx)
-                .await?;
+                let row: Option<AgentRow> =
+                    sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash = $1"))
+                        .bind(key.as_str())
+                        .fetch_optional(&mut *self.tx)
+                        .await?;
                 row.map(|r| {
                     let id = r.id;
                     self.cache(r);
@@ -634,12 +571,10 @@ impl Batch {
             self.load_ids(&ids).await?;
             return Ok(Some(id));
         }
-        let row: Option<AgentRow> = sqlx::query_as(dsql!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE handle = $1"
-        ))
-        .bind(handle)
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        let row: Option<AgentRow> = sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE handle = $1"))
+            .bind(handle)
+            .fetch_optional(&mut *self.tx)
+            .await?;
         match row {
             None => Ok(None),
             Some(r) => {
@@ -688,9 +623,7 @@ impl Batch {
         for id in ids {
             let row = self.row_mut(*id)?;
             let c = row.member(now).counters;
-            let next = c
-                .apply(m)
-                .ok_or_else(|| corrupt("counter arithmetic out of range"))?;
+            let next = c.apply(m).ok_or_else(|| corrupt("counter arithmetic out of range"))?;
             row.set_counters(next);
         }
         Ok(())
@@ -708,9 +641,7 @@ impl Batch {
                 )?;
                 let sql = format!("{sql} AND expires_at <= ${}", roots.len() + 1);
                 args.add(self.now).map_err(|e| corrupt(&e.to_string()))?;
-                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args)
-                    .fetch_all(&mut *self.tx)
-                    .await?
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?
             }
             None => {
                 sqlx::query_as(
@@ -728,24 +659,14 @@ impl Batch {
         }
         if roots.is_none() && self.backend == Backend::Postgres {
             // A global sweep did not lock these trees up front: lock their roots now, in order.
-            let mut rs: Vec<i64> = rows
-                .iter()
-                .filter_map(|h| path_ids(&h.path).first().copied())
-                .collect();
+            let mut rs: Vec<i64> = rows.iter().filter_map(|h| path_ids(&h.path).first().copied()).collect();
             rs.sort_unstable();
             rs.dedup();
-            let (sql, args) = in_list(
-                "SELECT id FROM agents WHERE id IN ",
-                &rs,
-                " ORDER BY id FOR UPDATE",
-            )?;
-            sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
-                .fetch_all(&mut *self.tx)
-                .await?;
+            let (sql, args) = in_list("SELECT id FROM agents WHERE id IN ", &rs, " ORDER BY id FOR UPDATE")?;
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
         }
         for h in rows {
-            self.close_hold(&h, Micros::ZERO, "expired", h.expires_at)
-                .await?;
+            self.close_hold(&h, Micros::ZERO, "expired", h.expires_at).await?;
         }
         Ok(())
     }
@@ -756,13 +677,15 @@ impl Batch {
         self.load_ids(&ids).await?;
         let held = Micros::from_micros(h.amount).ok_or_else(|| corrupt("negative hold"))?;
         self.move_chain(&ids, Movement::Settle { held, captured })?;
-        let done = sqlx::query("UPDATE holds SET status = $1, captured = $2, closed_at = $3 WHERE id = $4 AND status = 'open'")
-            .bind(status)
-            .bind(captured.micros())
-            .bind(at)
-            .bind(&h.id)
-            .execute(&mut *self.tx)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE holds SET status = $1, captured = $2, closed_at = $3 WHERE id = $4 AND status = 'open'",
+        )
+        .bind(status)
+        .bind(captured.micros())
+        .bind(at)
+        .bind(&h.id)
+        .execute(&mut *self.tx)
+        .await?;
         if done.rows_affected() != 1 {
             return Err(corrupt("hold closed twice"));
         }
@@ -824,27 +747,15 @@ impl Batch {
     async fn apply(&mut self, cmd: &Command) -> R<Reply> {
         match cmd {
             Command::SweepExpired => Ok(Reply::ok(200, &json!({}))),
-            Command::CreateAgent {
-                caller,
-                spec,
-                key_hash,
-            } => self.create_agent(caller, spec, key_hash).await,
+            Command::CreateAgent { caller, spec, key_hash } => self.create_agent(caller, spec, key_hash).await,
             Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
-            Command::Revoke {
-                caller,
-                handle,
-                reason,
-            } => self.revoke(caller, handle, reason.as_deref()).await,
+            Command::Revoke { caller, handle, reason } => self.revoke(caller, handle, reason.as_deref()).await,
             Command::RotateKey { handle, key_hash } => {
                 let Some(id) = self.agent_by_handle(handle).await? else {
                     return Ok(Reply::not_found("agent"));
                 };
                 if self.row(id)?.status == "revoked" {
-                    return Ok(Reply::error(
-                        409,
-                        "agent_revoked",
-                        "A revoked agent cannot get a new key.",
-                    ));
+                    return Ok(Reply::error(409, "agent_revoked", "A revoked agent cannot get a new key."));
                 }
                 let old = self.row(id)?.key_hash.clone();
                 self.by_key.remove(&old);
@@ -860,11 +771,7 @@ impl Batch {
                 };
                 match self.row(id)?.status.as_str() {
                     "revoked" => {
-                        return Ok(Reply::error(
-                            409,
-                            "agent_revoked",
-                            "A revoked agent cannot be resumed.",
-                        ));
+                        return Ok(Reply::error(409, "agent_revoked", "A revoked agent cannot be resumed."));
                     }
                     "suspended" => {
                         let r = self.row_mut(id)?;
@@ -879,10 +786,9 @@ impl Batch {
                 }
                 self.agent_reply(id, 200)
             }
-            Command::Spend { .. }
-            | Command::Hold { .. }
-            | Command::Capture { .. }
-            | Command::Release { .. } => self.money(cmd).await,
+            Command::Spend { .. } | Command::Hold { .. } | Command::Capture { .. } | Command::Release { .. } => {
+                self.money(cmd).await
+            }
         }
     }
 
@@ -911,38 +817,19 @@ impl Batch {
                             "This Idempotency-Key was used with a different request.",
                         ));
                     }
-                    return Ok(Reply {
-                        status: status as u16,
-                        body,
-                        replayed: true,
-                        outcome: None,
-                    });
+                    return Ok(Reply { status: status as u16, body, replayed: true, outcome: None });
                 }
             }
         }
         let reply = match cmd {
-            Command::Spend {
-                scope,
-                amount,
-                memo,
-                ..
-            } => {
-                self.spend_or_hold(id, scope, *amount, None, memo.as_deref())
-                    .await?
+            Command::Spend { scope, amount, memo, .. } => {
+                self.spend_or_hold(id, scope, *amount, None, memo.as_deref()).await?
             }
-            Command::Hold {
-                scope,
-                amount,
-                expires_ms,
-                ..
-            } => {
+            Command::Hold { scope, amount, expires_ms, .. } => {
                 let exp = self.now.saturating_add(*expires_ms);
-                self.spend_or_hold(id, scope, *amount, Some(exp), None)
-                    .await?
+                self.spend_or_hold(id, scope, *amount, Some(exp), None).await?
             }
-            Command::Capture {
-                hold_id, amount, ..
-            } => self.settle(id, hold_id, Some(*amount)).await?,
+            Command::Capture { hold_id, amount, .. } => self.settle(id, hold_id, Some(*amount)).await?,
             Command::Release { hold_id, .. } => self.settle(id, hold_id, None).await?,
             _ => return Err(corrupt("not a money call")),
         };
@@ -1014,12 +901,7 @@ impl Batch {
             let e = self.event(&handle, "agent.suspend", "allowed");
             e.reason = Some("runaway_loop_breaker".into());
         }
-        Ok(Reply::deny(reason).with_outcome(Outcome {
-            agent: handle,
-            allowed: false,
-            reason: reason.code(),
-            spent: 0,
-        }))
+        Ok(Reply::deny(reason).with_outcome(Outcome { agent: handle, allowed: false, reason: reason.code(), spent: 0 }))
     }
 
     async fn spend_or_hold(
@@ -1031,11 +913,7 @@ impl Batch {
         memo: Option<&str>,
     ) -> R<Reply> {
         let now = self.now;
-        let action = if hold_expires.is_some() {
-            "hold"
-        } else {
-            "spend"
-        };
+        let action = if hold_expires.is_some() { "hold" } else { "spend" };
         let chain = self.chain(id)?;
         let revoked = self.chain_revoked(id)?;
         let agent = self.row(id)?;
@@ -1055,41 +933,26 @@ impl Batch {
         if let Some(tat) = tat {
             self.row_mut(id)?.rate_tat = tat;
         }
-        let members = chain
-            .iter()
-            .map(|a| self.row(*a).map(|r| r.member(now)))
-            .collect::<R<Vec<_>>>()?;
+        let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
         if let Err(reason) = authorize(&members, amount) {
             return self.deny(id, action, reason, Some(scope), Some(amount));
         }
-        let movement = if hold_expires.is_some() {
-            Movement::Hold(amount)
-        } else {
-            Movement::Spend(amount)
-        };
+        let movement = if hold_expires.is_some() { Movement::Hold(amount) } else { Movement::Spend(amount) };
         self.move_chain(&chain, movement)?;
         // TigerBeetle-style assertion: an allowed movement never leaves a cap broken.
         for a in &chain {
             let m = self.row(*a)?.member(now);
             let used = m.counters.window_spent.checked_add(m.counters.held);
-            assert!(
-                used.is_some_and(|u| u <= m.limits.spending_cap),
-                "allowed movement broke a spending cap"
-            );
+            assert!(used.is_some_and(|u| u <= m.limits.spending_cap), "allowed movement broke a spending cap");
         }
         let row = self.row_mut(id)?;
         row.tx_count += 1;
         let handle = row.handle.clone();
         let m = row.member(now);
-        let remaining_window = m
-            .limits
-            .spending_cap
-            .saturating_sub(m.counters.window_spent)
-            .saturating_sub(m.counters.held);
-        let remaining_lifetime = m.limits.lifetime_cap.map(|c| {
-            c.saturating_sub(m.counters.lifetime_spent)
-                .saturating_sub(m.counters.held)
-        });
+        let remaining_window =
+            m.limits.spending_cap.saturating_sub(m.counters.window_spent).saturating_sub(m.counters.held);
+        let remaining_lifetime =
+            m.limits.lifetime_cap.map(|c| c.saturating_sub(m.counters.lifetime_spent).saturating_sub(m.counters.held));
         let resets = m.limits.created_ms + (m.counters.window_index + 1) * m.limits.window_ms;
         let (root_id, path) = (row.root_id, row.path.clone());
         let reply = match hold_expires {
@@ -1131,26 +994,13 @@ impl Batch {
                 )
             }
         };
-        let spent = if hold_expires.is_some() {
-            0
-        } else {
-            amount.micros()
-        };
-        Ok(reply.with_outcome(Outcome {
-            agent: handle,
-            allowed: true,
-            reason: "",
-            spent,
-        }))
+        let spent = if hold_expires.is_some() { 0 } else { amount.micros() };
+        Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent }))
     }
 
     /// Captures `amount` of a hold (releasing the rest), or releases it whole when `None`.
     async fn settle(&mut self, id: i64, hold_id: &str, amount: Option<Micros>) -> R<Reply> {
-        let action = if amount.is_some() {
-            "capture"
-        } else {
-            "release"
-        };
+        let action = if amount.is_some() { "capture" } else { "release" };
         let revoked = self.chain_revoked(id)?;
         let agent = self.row(id)?;
         let scopes = agent.scope_set();
@@ -1167,12 +1017,11 @@ impl Batch {
         if let Err(reason) = precheck(&check, self.now) {
             return self.deny(id, action, reason, None, amount);
         }
-        let hold: Option<HoldRow> = sqlx::query_as(
-            "SELECT id, agent_id, path, amount, status, expires_at FROM holds WHERE id = $1",
-        )
-        .bind(hold_id)
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        let hold: Option<HoldRow> =
+            sqlx::query_as("SELECT id, agent_id, path, amount, status, expires_at FROM holds WHERE id = $1")
+                .bind(hold_id)
+                .fetch_optional(&mut *self.tx)
+                .await?;
         let Some(hold) = hold.filter(|h| h.agent_id == id) else {
             return Ok(Reply::not_found("hold"));
         };
@@ -1181,14 +1030,7 @@ impl Batch {
             return Ok(Reply::error(
                 409,
                 "hold_closed",
-                &format!(
-                    "The hold was already {}.",
-                    if hold.status == "open" {
-                        "expired"
-                    } else {
-                        &hold.status
-                    }
-                ),
+                &format!("The hold was already {}.", if hold.status == "open" { "expired" } else { &hold.status }),
             ));
         }
         let held = Micros::from_micros(hold.amount).ok_or_else(|| corrupt("negative hold"))?;
@@ -1200,41 +1042,17 @@ impl Batch {
                 &format!("The capture amount is more than the {held} held."),
             ));
         }
-        let released = held
-            .checked_sub(captured)
-            .ok_or_else(|| corrupt("capture above hold"))?;
-        self.close_hold(
-            &hold,
-            captured,
-            if amount.is_some() {
-                "captured"
-            } else {
-                "released"
-            },
-            self.now,
-        )
-        .await?;
+        let released = held.checked_sub(captured).ok_or_else(|| corrupt("capture above hold"))?;
+        self.close_hold(&hold, captured, if amount.is_some() { "captured" } else { "released" }, self.now).await?;
         let e = self.event(&handle, action, "allowed");
-        e.amount = Some(if amount.is_some() {
-            captured.micros()
-        } else {
-            released.micros()
-        });
+        e.amount = Some(if amount.is_some() { captured.micros() } else { released.micros() });
         e.reference = Some(hold.id.clone());
         let reply = if amount.is_some() {
-            Reply::ok(
-                200,
-                &json!({"id": hold.id, "captured": captured, "released": released}),
-            )
+            Reply::ok(200, &json!({"id": hold.id, "captured": captured, "released": released}))
         } else {
             Reply::ok(200, &json!({"id": hold.id, "released": released}))
         };
-        Ok(reply.with_outcome(Outcome {
-            agent: handle,
-            allowed: true,
-            reason: "",
-            spent: captured.micros(),
-        }))
+        Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent: captured.micros() }))
     }
 
     fn agent_reply(&self, id: i64, status: u16) -> R<Reply> {
@@ -1246,12 +1064,7 @@ impl Batch {
         Ok(Reply::ok(status, &row.view(parent, 0, self.now)))
     }
 
-    async fn create_agent(
-        &mut self,
-        caller: &Caller,
-        spec: &AgentSpec,
-        key_hash: &KeyHash,
-    ) -> R<Reply> {
+    async fn create_agent(&mut self, caller: &Caller, spec: &AgentSpec, key_hash: &KeyHash) -> R<Reply> {
         let now = self.now;
         let parent = match caller {
             Caller::Admin => None,
@@ -1302,11 +1115,10 @@ impl Batch {
                         &format!("Agent trees are at most {AGENT_DEPTH_MAX} levels deep."),
                     ));
                 }
-                let (n,): (i64,) =
-                    sqlx::query_as("SELECT COUNT(*) FROM agents WHERE parent_id = $1")
-                        .bind(pid)
-                        .fetch_one(&mut *self.tx)
-                        .await?;
+                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM agents WHERE parent_id = $1")
+                    .bind(pid)
+                    .fetch_one(&mut *self.tx)
+                    .await?;
                 if n >= CHILDREN_PER_AGENT_MAX {
                     return Ok(Reply::error(
                         400,
@@ -1318,10 +1130,8 @@ impl Batch {
             }
         };
         let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
-        let (rate_requests, rate_per_ms) = spec
-            .rate_limit
-            .map(|r| (Some(r.requests), Some(r.per_ms)))
-            .unwrap_or((None, None));
+        let (rate_requests, rate_per_ms) =
+            spec.rate_limit.map(|r| (Some(r.requests), Some(r.per_ms))).unwrap_or((None, None));
         let scopes = spec.scopes.to_strings().join(" ");
         let labels = serde_json::Value::Object(spec.labels.clone()).to_string();
         let expires = spec.expires_in.map(|s| now.saturating_add(s.millis()));
@@ -1350,11 +1160,7 @@ impl Batch {
         .fetch_optional(&mut *self.tx)
         .await?;
         let Some((id,)) = row else {
-            return Ok(Reply::error(
-                409,
-                "handle_taken",
-                "An agent with this handle already exists.",
-            ));
+            return Ok(Reply::error(409, "handle_taken", "An agent with this handle already exists."));
         };
         let (root_id, path, depth) = match parent {
             None => (id, format!(",{id},"), 0),
@@ -1370,18 +1176,18 @@ impl Batch {
             .bind(id)
             .execute(&mut *self.tx)
             .await?;
-        let row: AgentRow =
-            sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
-                .bind(id)
-                .fetch_one(&mut *self.tx)
-                .await?;
+        let row: AgentRow = sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut *self.tx)
+            .await?;
         self.cache(row);
         let by = match parent {
             None => "admin".to_owned(),
             Some(p) => self.row(p)?.handle.clone(),
         };
         let e = self.event(spec.handle.as_str(), "agent.create", "allowed");
-        e.detail = Some(json!({"by": by, "scopes": spec.scopes.to_strings(), "spending_cap": spec.spending_cap}).to_string());
+        e.detail =
+            Some(json!({"by": by, "scopes": spec.scopes.to_strings(), "spending_cap": spec.spending_cap}).to_string());
         self.agent_reply(id, 201)
     }
 
@@ -1402,10 +1208,7 @@ impl Batch {
             let c = row.member(now).counters;
             row.window_ms = w.millis();
             let (k, _, _) = bulkhead_core::duration::window_at(row.created_at, row.window_ms, now);
-            row.set_counters(bulkhead_core::Counters {
-                window_index: k,
-                ..c
-            });
+            row.set_counters(bulkhead_core::Counters { window_index: k, ..c });
             changed.insert("window".into(), json!(w.to_string()));
         }
         if let Some(t) = p.per_tx_limit {
@@ -1423,10 +1226,7 @@ impl Batch {
         if let Some(r) = p.rate_limit {
             row.rate_requests = r.map(|r| r.requests);
             row.rate_per_ms = r.map(|r| r.per_ms);
-            changed.insert(
-                "rate_limit".into(),
-                json!(r.map(|r| json!({"requests": r.requests, "per_ms": r.per_ms}))),
-            );
+            changed.insert("rate_limit".into(), json!(r.map(|r| json!({"requests": r.requests, "per_ms": r.per_ms}))));
         }
         if let Some(l) = &p.labels {
             row.labels = serde_json::Value::Object(l.clone()).to_string();
@@ -1435,10 +1235,7 @@ impl Batch {
         if let Some(b) = p.breaker {
             row.breaker_denials = b.map(|b| b.denials);
             row.breaker_window_ms = b.map(|b| b.window_ms);
-            changed.insert(
-                "breaker".into(),
-                json!(b.map(|b| json!({"denials": b.denials, "window_ms": b.window_ms}))),
-            );
+            changed.insert("breaker".into(), json!(b.map(|b| json!({"denials": b.denials, "window_ms": b.window_ms}))));
         }
         let e = self.event(handle, "agent.update", "allowed");
         e.detail = Some(serde_json::Value::Object(changed).to_string());
@@ -1474,13 +1271,12 @@ impl Batch {
             let t = self.row(tid)?;
             (t.root_id, format!("%,{tid},%"))
         };
-        let subtree: Vec<AgentRow> = sqlx::query_as(dsql!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE root_id = $1 AND path LIKE $2"
-        ))
-        .bind(root_id)
-        .bind(&like)
-        .fetch_all(&mut *self.tx)
-        .await?;
+        let subtree: Vec<AgentRow> =
+            sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE root_id = $1 AND path LIKE $2"))
+                .bind(root_id)
+                .bind(&like)
+                .fetch_all(&mut *self.tx)
+                .await?;
         let mut ids: Vec<(i64, i64, String)> = Vec::new();
         for r in subtree {
             ids.push((r.depth, r.id, r.handle.clone()));
@@ -1527,9 +1323,6 @@ impl Batch {
         }
         let revoked_at = self.row(tid)?.revoked_at.unwrap_or(now);
         let handles: Vec<String> = ids.into_iter().map(|(_, _, h)| h).collect();
-        Ok(Reply::ok(
-            200,
-            &json!({"revoked": handles, "revoked_at": fmt_time(revoked_at)}),
-        ))
+        Ok(Reply::ok(200, &json!({"revoked": handles, "revoked_at": fmt_time(revoked_at)})))
     }
 }

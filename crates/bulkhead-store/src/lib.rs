@@ -28,9 +28,7 @@ mod read;
 mod view;
 
 pub use audit::{AuditEvent, VerifyReport};
-pub use ledger::{
-    AgentSpec, Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Outcome, Patch, Reply,
-};
+pub use ledger::{AgentSpec, Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Outcome, Patch, Reply};
 pub use view::{AgentView, Usage, fmt_time};
 
 use std::str::FromStr;
@@ -90,9 +88,7 @@ impl Store {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(StoreError::Config(
-                "the database URL must start with postgres:// (or sqlite://)".into(),
-            ));
+            return Err(StoreError::Config("the database URL must start with postgres:// (or sqlite://)".into()));
         };
         let opts = AnyConnectOptions::from_str(url)?.disable_statement_logging();
         let pool = match backend {
@@ -128,9 +124,8 @@ impl Store {
 
     /// Opens (creating if needed) the SQLite store inside a data directory.
     pub async fn open_dir(dir: &std::path::Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Config(format!("cannot create data dir {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Config(format!("cannot create data dir {}: {e}", dir.display())))?;
         let file = dir.join("bulkhead.db");
         let url = format!("sqlite://{}?mode=rwc", file.display());
         let store = Store::connect(&url).await?;
@@ -142,10 +137,7 @@ impl Store {
     pub async fn open_existing_dir(dir: &std::path::Path) -> Result<Store, StoreError> {
         let file = dir.join("bulkhead.db");
         if !file.exists() {
-            return Err(StoreError::Config(format!(
-                "no Bulkhead store at {}",
-                file.display()
-            )));
+            return Err(StoreError::Config(format!("no Bulkhead store at {}", file.display())));
         }
         Store::connect(&format!("sqlite://{}", file.display())).await
     }

@@ -14,12 +14,11 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let due: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT path, amount FROM holds WHERE status = 'open' AND expires_at <= $1",
-        )
-        .bind(now_ms)
-        .fetch_all(&self.pool)
-        .await?;
+        let due: Vec<(String, i64)> =
+            sqlx::query_as("SELECT path, amount FROM holds WHERE status = 'open' AND expires_at <= $1")
+                .bind(now_ms)
+                .fetch_all(&self.pool)
+                .await?;
         let mut parents: HashMap<i64, String> = HashMap::new();
         for r in &rows {
             parents.insert(r.id, r.handle.clone());
@@ -31,11 +30,10 @@ impl Store {
                 Some(p) => match parents.get(&p) {
                     Some(h) => Some(h.clone()),
                     None => {
-                        let h: Option<(String,)> =
-                            sqlx::query_as("SELECT handle FROM agents WHERE id = $1")
-                                .bind(p)
-                                .fetch_optional(&self.pool)
-                                .await?;
+                        let h: Option<(String,)> = sqlx::query_as("SELECT handle FROM agents WHERE id = $1")
+                            .bind(p)
+                            .fetch_optional(&self.pool)
+                            .await?;
                         let h = h.map(|h| h.0);
                         if let Some(h) = &h {
                             parents.insert(p, h.clone());
@@ -45,27 +43,17 @@ impl Store {
                 },
             };
             let needle = format!(",{},", r.id);
-            let expired: i64 = due
-                .iter()
-                .filter(|(path, _)| path.contains(&needle))
-                .map(|(_, a)| *a)
-                .sum();
+            let expired: i64 = due.iter().filter(|(path, _)| path.contains(&needle)).map(|(_, a)| *a).sum();
             out.push(r.view(parent, expired, now_ms));
         }
         Ok(out)
     }
 
-    pub async fn get_agent(
-        &self,
-        handle: &str,
-        now_ms: i64,
-    ) -> Result<Option<AgentView>, StoreError> {
-        let row: Option<AgentRow> = sqlx::query_as(dsql!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE handle = $1"
-        ))
-        .bind(handle)
-        .fetch_optional(&self.pool)
-        .await?;
+    pub async fn get_agent(&self, handle: &str, now_ms: i64) -> Result<Option<AgentView>, StoreError> {
+        let row: Option<AgentRow> = sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE handle = $1"))
+            .bind(handle)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(self.views(row.into_iter().collect(), now_ms).await?.pop())
     }
 
@@ -76,28 +64,21 @@ impl Store {
         limit: i64,
         now_ms: i64,
     ) -> Result<Vec<AgentView>, StoreError> {
-        let rows: Vec<AgentRow> = sqlx::query_as(dsql!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE handle > $1 ORDER BY handle LIMIT $2"
-        ))
-        .bind(after.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<AgentRow> =
+            sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE handle > $1 ORDER BY handle LIMIT $2"))
+                .bind(after.unwrap_or(""))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
         self.views(rows, now_ms).await
     }
 
     /// The agent holding this key, if its credential is currently good.
-    pub async fn agent_for_key(
-        &self,
-        key: &KeyHash,
-        now_ms: i64,
-    ) -> Result<Result<AgentView, DenyReason>, StoreError> {
-        let row: Option<AgentRow> = sqlx::query_as(dsql!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash = $1"
-        ))
-        .bind(key.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
+    pub async fn agent_for_key(&self, key: &KeyHash, now_ms: i64) -> Result<Result<AgentView, DenyReason>, StoreError> {
+        let row: Option<AgentRow> = sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash = $1"))
+            .bind(key.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
         let Some(row) = row.filter(|r| KeyHash::from_stored(r.key_hash.clone()).ct_eq(key)) else {
             return Ok(Err(DenyReason::InvalidCredentials));
         };

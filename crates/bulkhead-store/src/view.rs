@@ -10,11 +10,8 @@ use time::format_description::well_known::Rfc3339;
 
 /// Renders Unix milliseconds as RFC 3339 (UTC, millisecond precision).
 pub fn fmt_time(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let t = t
-        .replace_nanosecond((ms.rem_euclid(1000) as u32) * 1_000_000)
-        .unwrap_or(t);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = t.replace_nanosecond((ms.rem_euclid(1000) as u32) * 1_000_000).unwrap_or(t);
     t.format(&Rfc3339).unwrap_or_default()
 }
 
@@ -114,10 +111,7 @@ impl AgentRow {
 
     /// Ids from the root down to this agent, parsed from `path` (",1,5,9,").
     pub fn path_ids(&self) -> Vec<i64> {
-        self.path
-            .split(',')
-            .filter_map(|s| s.parse().ok())
-            .collect()
+        self.path.split(',').filter_map(|s| s.parse().ok()).collect()
     }
 
     /// Renders the public agent object. `expired_held` is the part of `held` that belongs to
@@ -127,39 +121,25 @@ impl AgentRow {
         let held = micros(self.held - expired_held);
         let (_, start, end) = window_at(self.created_at, self.window_ms.max(1), now_ms);
         let cap = m.limits.spending_cap.micros();
-        let used = m
-            .counters
-            .window_spent
-            .micros()
-            .saturating_add(held.micros());
-        let utilization = if cap == 0 {
-            if used == 0 { 0.0 } else { 1.0 }
-        } else {
-            used as f64 / cap as f64
-        };
+        let used = m.counters.window_spent.micros().saturating_add(held.micros());
+        let utilization = if cap == 0 { if used == 0 { 0.0 } else { 1.0 } } else { used as f64 / cap as f64 };
         AgentView {
             handle: self.handle.clone(),
             parent,
             status: self.status.clone(),
             scopes: self.scope_set().to_strings(),
             spending_cap: m.limits.spending_cap,
-            window: Span::from_secs(self.window_ms / 1000)
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
+            window: Span::from_secs(self.window_ms / 1000).map(|s| s.to_string()).unwrap_or_default(),
             per_tx_limit: m.limits.per_tx_limit,
             lifetime_cap: m.limits.lifetime_cap,
             rate_limit: self.rate_limit().map(|r| RateLimitView {
                 requests: r.requests,
-                per: Span::from_secs(r.per_ms / 1000)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
+                per: Span::from_secs(r.per_ms / 1000).map(|s| s.to_string()).unwrap_or_default(),
             }),
             breaker: match (self.breaker_denials, self.breaker_window_ms) {
                 (Some(d), Some(w)) => Some(BreakerView {
                     denials: d,
-                    window: Span::from_secs(w / 1000)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default(),
+                    window: Span::from_secs(w / 1000).map(|s| s.to_string()).unwrap_or_default(),
                 }),
                 _ => None,
             },

@@ -87,36 +87,24 @@ impl Client {
                 let p = conn.data.join("admin-token");
                 std::fs::read_to_string(&p)
                     .with_context(|| {
-                        format!("set BULKHEAD_ADMIN_TOKEN or point --data at the server's data dir ({} not readable)", p.display())
+                        format!(
+                            "set BULKHEAD_ADMIN_TOKEN or point --data at the server's data dir ({} not readable)",
+                            p.display()
+                        )
                     })?
                     .trim()
                     .to_owned()
             }
         };
-        Ok(Client {
-            http: reqwest::Client::new(),
-            base: conn.url.trim_end_matches('/').to_owned(),
-            token,
-        })
+        Ok(Client { http: reqwest::Client::new(), base: conn.url.trim_end_matches('/').to_owned(), token })
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
+        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.base))?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -146,11 +134,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -166,40 +150,23 @@ pub fn agent_row(a: &Value) -> Vec<String> {
         s(&a["status"]),
         format!("{} / {}", s(&a["spending_cap"]), s(&a["window"])),
         s(&a["usage"]["window_spent"]),
-        format!(
-            "{:.0}%",
-            a["usage"]["utilization"].as_f64().unwrap_or(0.0) * 100.0
-        ),
+        format!("{:.0}%", a["usage"]["utilization"].as_f64().unwrap_or(0.0) * 100.0),
         s(&a["scopes"]),
         s(&a["parent"]),
     ]
 }
 
-pub const AGENT_HEADERS: [&str; 7] = [
-    "AGENT", "STATUS", "CAP", "SPENT", "USED", "SCOPES", "PARENT",
-];
+pub const AGENT_HEADERS: [&str; 7] = ["AGENT", "STATUS", "CAP", "SPENT", "USED", "SCOPES", "PARENT"];
 
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     use reqwest::Method;
     match cmd {
-        AgentCmd::Create {
-            conn,
-            handle,
-            scopes,
-            cap,
-            window,
-            per_tx,
-            lifetime,
-            expires_in,
-        } => {
+        AgentCmd::Create { conn, handle, scopes, cap, window, per_tx, lifetime, expires_in } => {
             let c = Client::new(&conn)?;
             let mut body = json!({"handle": handle, "scopes": scopes, "spending_cap": cap});
-            for (k, v) in [
-                ("window", window),
-                ("per_tx_limit", per_tx),
-                ("lifetime_cap", lifetime),
-                ("expires_in", expires_in),
-            ] {
+            for (k, v) in
+                [("window", window), ("per_tx_limit", per_tx), ("lifetime_cap", lifetime), ("expires_in", expires_in)]
+            {
                 if let Some(v) = v {
                     body[k] = json!(v);
                 }
@@ -217,13 +184,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             let mut all = Vec::new();
             let mut after = String::new();
             loop {
-                let v = c
-                    .call(
-                        Method::GET,
-                        &format!("/v1/agents?limit=1000&after={after}"),
-                        None,
-                    )
-                    .await?;
+                let v = c.call(Method::GET, &format!("/v1/agents?limit=1000&after={after}"), None).await?;
                 let page = v["agents"].as_array().cloned().unwrap_or_default();
                 let Some(last) = page.last() else { break };
                 after = s(&last["handle"]);
@@ -232,17 +193,12 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             if conn.json {
                 println!("{}", json!({"agents": all}));
             } else {
-                table(
-                    &AGENT_HEADERS,
-                    &all.iter().map(agent_row).collect::<Vec<_>>(),
-                );
+                table(&AGENT_HEADERS, &all.iter().map(agent_row).collect::<Vec<_>>());
             }
         }
         AgentCmd::Show { conn, handle } => {
             let c = Client::new(&conn)?;
-            let v = c
-                .call(Method::GET, &format!("/v1/agents/{handle}"), None)
-                .await?;
+            let v = c.call(Method::GET, &format!("/v1/agents/{handle}"), None).await?;
             if conn.json {
                 println!("{v}");
             } else {
@@ -258,19 +214,10 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        AgentCmd::Revoke {
-            conn,
-            handle,
-            reason,
-        } => {
+        AgentCmd::Revoke { conn, handle, reason } => {
             let c = Client::new(&conn)?;
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!("/v1/agents/{handle}/revoke"),
-                    Some(json!({"reason": reason})),
-                )
-                .await?;
+            let v =
+                c.call(Method::POST, &format!("/v1/agents/{handle}/revoke"), Some(json!({"reason": reason}))).await?;
             if conn.json {
                 println!("{v}");
             } else {
@@ -279,16 +226,11 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         }
         AgentCmd::Rotate { conn, handle } => {
             let c = Client::new(&conn)?;
-            let v = c
-                .call(Method::POST, &format!("/v1/agents/{handle}/keys"), None)
-                .await?;
+            let v = c.call(Method::POST, &format!("/v1/agents/{handle}/keys"), None).await?;
             if conn.json {
                 println!("{v}");
             } else {
-                println!(
-                    "new key for {handle} (shown once; the old key no longer works): {}",
-                    s(&v["key"])
-                );
+                println!("new key for {handle} (shown once; the old key no longer works): {}", s(&v["key"]));
             }
         }
     }

@@ -30,8 +30,7 @@ impl Config {
         let Some(path) = path else {
             return Ok(Config::default());
         };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
     }
 
@@ -43,9 +42,7 @@ impl Config {
                 b.denials = d;
             }
             if let Some(w) = &c.window {
-                b.window_ms = Span::parse(w)
-                    .map_err(|e| anyhow::anyhow!("[breaker] window: {e}"))?
-                    .millis();
+                b.window_ms = Span::parse(w).map_err(|e| anyhow::anyhow!("[breaker] window: {e}"))?.millis();
             }
         }
         Ok(b)

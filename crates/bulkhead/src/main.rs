@@ -79,9 +79,7 @@ impl StoreArgs {
             if self.data.is_some() {
                 None
             } else {
-                std::env::var("BULKHEAD_DATABASE_URL")
-                    .ok()
-                    .filter(|s| !s.is_empty())
+                std::env::var("BULKHEAD_DATABASE_URL").ok().filter(|s| !s.is_empty())
             }
         });
         let store = match url {
@@ -107,10 +105,7 @@ impl StoreArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

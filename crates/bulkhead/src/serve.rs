@@ -18,10 +18,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
     }
 }
 
@@ -39,15 +36,9 @@ pub fn admin_token(data: &Path) -> anyhow::Result<String> {
         return Ok(t);
     }
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    let token = format!(
-        "bha_{}",
-        bulkhead_core::key::random_base62(&mut rand::rng(), 40)
-    );
+    let token = format!("bha_{}", bulkhead_core::key::random_base62(&mut rand::rng(), 40));
     write_secret(&path, &token)?;
-    eprintln!(
-        "generated an admin token; it is in {} (mode 0600)",
-        path.display()
-    );
+    eprintln!("generated an admin token; it is in {} (mode 0600)", path.display());
     Ok(token)
 }
 
@@ -96,8 +87,7 @@ async fn shutdown_signal() {
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -108,37 +98,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let breaker = config.breaker()?;
     let token = admin_token(&args.data)?;
     let store = match &args.database_url {
-        Some(url) => Store::open(url)
-            .await
-            .context("cannot open the PostgreSQL store")?,
-        None => Store::open_dir(&args.data)
-            .await
-            .context("cannot open the embedded store")?,
+        Some(url) => Store::open(url).await.context("cannot open the PostgreSQL store")?,
+        None => Store::open_dir(&args.data).await.context("cannot open the embedded store")?,
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (ledger, writer) = Ledger::start(
-        store.clone(),
-        clock,
-        LedgerConfig {
-            breaker,
-            ..LedgerConfig::default()
-        },
-    );
+    let (ledger, writer) = Ledger::start(store.clone(), clock, LedgerConfig { breaker, ..LedgerConfig::default() });
     let sweeper = ledger.spawn_sweeper(Duration::from_secs(1));
-    let state = AppState {
-        ledger,
-        admin_token: Arc::from(token),
-        metrics: install_metrics(),
-    };
+    let state = AppState { ledger, admin_token: Arc::from(token), metrics: install_metrics() };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = ?store.backend(), "bulkhead listening");
     println!("bulkhead listening on http://{addr}");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
     sweeper.abort();
     let _ = sweeper.await;
     // Every ledger handle is gone now; the writer commits what it has and stops.
