@@ -25,6 +25,8 @@ macro_rules! dsql {
 mod audit;
 mod ledger;
 mod read;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 mod view;
 
 pub use audit::{AuditEvent, VerifyReport};
@@ -171,4 +173,10 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Random lowercase suffix for generated names.
+#[cfg(any(test, feature = "testkit"))]
+pub(crate) fn ledger_random_suffix() -> String {
+    bulkhead_core::key::random_base62(&mut rand::rng(), 12).to_lowercase()
 }
