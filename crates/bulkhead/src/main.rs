@@ -7,7 +7,7 @@ mod client;
 mod config;
 mod demo;
 mod offline;
-mod serve;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
