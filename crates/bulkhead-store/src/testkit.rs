@@ -19,11 +19,10 @@ pub async fn fresh_pg_url() -> String {
     sqlx::any::install_default_drivers();
     let admin = pg_admin_url();
     let name = format!("bh_t_{}", crate::ledger_random_suffix());
-    let mut conn = AnyConnectOptions::from_str(&admin)
-        .expect("BULKHEAD_TEST_PG is a valid URL")
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {admin} ({e}); start it or set BULKHEAD_TEST_PG"));
+    let mut conn =
+        AnyConnectOptions::from_str(&admin).expect("BULKHEAD_TEST_PG is a valid URL").connect().await.unwrap_or_else(
+            |e| panic!("PostgreSQL is not reachable at {admin} ({e}); start it or set BULKHEAD_TEST_PG"),
+        );
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await
