@@ -160,10 +160,10 @@ pub fn precheck(c: &SpendCheck<'_>, now_ms: i64) -> Result<Option<i64>, DenyReas
     if c.suspended {
         return Err(DenyReason::AgentSuspended);
     }
-    if let Some(scope) = c.scope {
-        if !c.scopes.grants(scope) {
-            return Err(DenyReason::ScopeNotGranted);
-        }
+    if let Some(scope) = c.scope
+        && !c.scopes.grants(scope)
+    {
+        return Err(DenyReason::ScopeNotGranted);
     }
     match c.rate {
         None => Ok(None),
@@ -336,5 +336,46 @@ mod tests {
         assert_eq!((s.held, s.window_spent, s.lifetime_spent), (Micros::ZERO, m("0.4"), m("0.4")));
         assert_eq!(c.apply(Movement::Settle { held: m("1"), captured: m("2") }), None);
         assert_eq!(Counters::default().apply(Movement::Settle { held: m("1"), captured: m("0") }), None);
+    }
+}
+
+/// The most an agent with these limits can spend in one day: its cap once per window, a window
+/// of a day or more counting as one cap per day (rounded up, never in the agent's favour), and
+/// never more than its lifetime cap.
+pub fn max_spend_per_day(limits: &AgentLimits) -> Micros {
+    const DAY_MS: i128 = 86_400_000;
+    let cap = i128::from(limits.spending_cap.micros());
+    let window = i128::from(limits.window_ms.max(1));
+    let per_day = if window >= DAY_MS { cap } else { (cap * DAY_MS + window - 1) / window };
+    let per_day = i64::try_from(per_day).unwrap_or(i64::MAX);
+    let per_day = Micros::from_micros(per_day).unwrap_or(Micros::ZERO);
+    match limits.lifetime_cap {
+        Some(l) if l < per_day => l,
+        _ => per_day,
+    }
+}
+
+#[cfg(test)]
+mod blast_tests {
+    use super::*;
+
+    fn limits(cap: i64, window_ms: i64, lifetime: Option<i64>) -> AgentLimits {
+        AgentLimits {
+            spending_cap: Micros::from_micros(cap).unwrap(),
+            window_ms,
+            per_tx_limit: Micros::from_micros(cap).unwrap(),
+            lifetime_cap: lifetime.map(|l| Micros::from_micros(l).unwrap()),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn per_day_normalisation() {
+        assert_eq!(max_spend_per_day(&limits(2_000_000, 86_400_000, None)).micros(), 2_000_000);
+        assert_eq!(max_spend_per_day(&limits(2_000_000, 3_600_000, None)).micros(), 48_000_000);
+        assert_eq!(max_spend_per_day(&limits(2_000_000, 7 * 86_400_000, None)).micros(), 2_000_000);
+        assert_eq!(max_spend_per_day(&limits(2_000_000, 3_600_000, Some(5_000_000))).micros(), 5_000_000);
+        // 1 micro per 7 hours: rounds up.
+        assert_eq!(max_spend_per_day(&limits(1, 7 * 3_600_000, None)).micros(), 4);
     }
 }

@@ -100,14 +100,18 @@ impl fmt::Display for Scope {
 pub struct ScopeSet(Vec<ScopePattern>);
 
 impl ScopeSet {
-    /// Parses, de-duplicates and sorts a list of patterns.
+    /// Parses and de-duplicates a list of patterns, keeping the order they were given in.
     pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<ScopeSet, String> {
         if items.len() > SCOPES_PER_AGENT_MAX {
             return Err(format!("an agent holds at most {SCOPES_PER_AGENT_MAX} scopes"));
         }
-        let mut v = items.iter().map(|s| ScopePattern::parse(s.as_ref())).collect::<Result<Vec<_>, _>>()?;
-        v.sort();
-        v.dedup();
+        let mut v: Vec<ScopePattern> = Vec::with_capacity(items.len());
+        for item in items {
+            let p = ScopePattern::parse(item.as_ref())?;
+            if !v.contains(&p) {
+                v.push(p);
+            }
+        }
         Ok(ScopeSet(v))
     }
 
@@ -176,6 +180,6 @@ mod tests {
         }
         assert!(Scope::parse("read:*").is_err());
         assert!(Scope::parse("*").is_err());
-        assert_eq!(set(&["b:c", "a:b", "b:c"]).to_strings(), vec!["a:b", "b:c"]);
+        assert_eq!(set(&["b:c", "a:b", "b:c"]).to_strings(), vec!["b:c", "a:b"]);
     }
 }

@@ -21,7 +21,7 @@ use crate::input::{
     BODY_BYTES_MAX, Body, CaptureReq, CreateAgentReq, EmptyReq, HOLD_EXPIRY_SECS_DEFAULT, HOLD_EXPIRY_SECS_MAX,
     HoldReq, P, PageQuery, PatchReq, Q, RevokeReq, SpendReq,
 };
-use crate::metrics::{DECISIONS, REVOCATION, SPENT};
+use crate::metrics::{DECISIONS, SPENT};
 
 /// The longest `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
@@ -55,6 +55,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/holds", post(hold))
         .route("/v1/holds/{id}/capture", post(capture))
         .route("/v1/holds/{id}/release", post(release))
+        .route("/v1/blast-radius", get(blast_radius))
         .route("/v1/me", get(me))
         .route("/v1/me/audit", get(me_audit))
         .fallback(fallback)
@@ -236,7 +237,7 @@ async fn revoke(
     let reason = crate::input::note(req.reason, "reason")?;
     let reply = state.ledger.submit(Command::Revoke { caller, handle, reason }).await?;
     if reply.status == 200 {
-        metrics::histogram!(REVOCATION).record(started.elapsed().as_secs_f64());
+        crate::metrics::record_revocation(started.elapsed().as_secs_f64());
     }
     Ok(respond(reply))
 }
@@ -365,4 +366,19 @@ async fn me_audit(
     };
     let events = state.store().audit_page(Some(&agent.handle), q.after_seq()?, q.limit()?).await?;
     Ok(Json(json!({"events": events})))
+}
+
+async fn blast_radius(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Q(q): Q<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&state, &headers)?;
+    let limit = q.limit()? as usize;
+    let mut b = state.store().blast_radius(crate::metrics::revocation_p99_ms()).await?;
+    // The fleet total covers every agent; the list pages by handle like every other list.
+    let after = q.after.clone().unwrap_or_default();
+    b.agents.retain(|a| a.handle > after);
+    b.agents.truncate(limit);
+    Ok(Json(json!(b)))
 }

@@ -75,10 +75,10 @@ impl IntoResponse for ApiError {
             body["error"]["retry_after"] = json!(r);
         }
         let mut resp = (self.status, axum::Json(body)).into_response();
-        if let Some(r) = self.retry_after {
-            if let Ok(v) = HeaderValue::from_str(&r.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        if let Some(r) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&r.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }

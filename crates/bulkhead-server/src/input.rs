@@ -54,6 +54,11 @@ impl Body {
     /// Parses JSON; an empty body parses as `{}`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let bytes: &[u8] = if self.0.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &self.0 };
+        // serde's derived structs also accept a JSON array of the fields in order; a body must
+        // be an object.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::invalid("The body must be a JSON object."));
+        }
         serde_json::from_slice(bytes)
             .map_err(|e| ApiError::invalid(format!("The body is not valid JSON for this call: {e}")))
     }

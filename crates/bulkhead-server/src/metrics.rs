@@ -29,3 +29,31 @@ pub fn install_metrics() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Recent revocation latencies in seconds, for the blast radius's measured p99.
+static REVOCATIONS: std::sync::Mutex<std::collections::VecDeque<f64>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const REVOCATION_SAMPLES_MAX: usize = 1024;
+
+/// Records one revocation's latency (the histogram and the p99 window).
+pub fn record_revocation(secs: f64) {
+    metrics::histogram!(REVOCATION).record(secs);
+    if let Ok(mut v) = REVOCATIONS.lock() {
+        if v.len() == REVOCATION_SAMPLES_MAX {
+            v.pop_front();
+        }
+        v.push_back(secs);
+    }
+}
+
+/// The p99 of recent revocations in milliseconds, if any were measured by this process.
+pub fn revocation_p99_ms() -> Option<f64> {
+    let v = REVOCATIONS.lock().ok()?;
+    if v.is_empty() {
+        return None;
+    }
+    let mut s: Vec<f64> = v.iter().copied().collect();
+    s.sort_by(f64::total_cmp);
+    let idx = ((s.len() as f64) * 0.99).ceil() as usize;
+    Some(s[idx.clamp(1, s.len()) - 1] * 1000.0)
+}

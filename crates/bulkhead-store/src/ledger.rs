@@ -800,6 +800,10 @@ impl Batch {
         let Some(id) = self.agent_by_key(key).await? else {
             return Ok(Reply::deny(DenyReason::InvalidCredentials));
         };
+        // Credentials come first, even before a replay: a revoked or expired key never gets an
+        // earlier 2xx back (the call below denies it), and its denial is not stored.
+        let key_good = !self.chain_revoked(id)? && !self.row(id)?.key_expires_at.is_some_and(|t| self.now >= t);
+        let idem = idem.filter(|_| key_good);
         if let Some(idem) = idem {
             let prior: Option<(String, i64, String, i64)> = sqlx::query_as(
                 "SELECT request_hash, status, body, created_at FROM idempotency WHERE agent_id = $1 AND key = $2",
@@ -808,17 +812,17 @@ impl Batch {
             .bind(&idem.key)
             .fetch_optional(&mut *self.tx)
             .await?;
-            if let Some((hash, status, body, created)) = prior {
-                if created > self.now - IDEMPOTENCY_TTL_MS {
-                    if hash != idem.request_hash {
-                        return Ok(Reply::error(
-                            422,
-                            "idempotency_key_reused",
-                            "This Idempotency-Key was used with a different request.",
-                        ));
-                    }
-                    return Ok(Reply { status: status as u16, body, replayed: true, outcome: None });
+            if let Some((hash, status, body, created)) = prior
+                && created > self.now - IDEMPOTENCY_TTL_MS
+            {
+                if hash != idem.request_hash {
+                    return Ok(Reply::error(
+                        422,
+                        "idempotency_key_reused",
+                        "This Idempotency-Key was used with a different request.",
+                    ));
                 }
+                return Ok(Reply { status: status as u16, body, replayed: true, outcome: None });
             }
         }
         let reply = match cmd {
@@ -1088,6 +1092,10 @@ impl Batch {
                     return self.deny(pid, "agent.create", reason, Some(&spawn), None);
                 }
                 if !scopes.covers_all(&spec.scopes) {
+                    let h = p.handle.clone();
+                    let e = self.event(&h, "agent.create", "denied");
+                    e.reason = Some("scope_escalation".into());
+                    e.detail = Some(json!({"child": spec.handle.as_str()}).to_string());
                     return Ok(Reply::error(
                         403,
                         "scope_escalation",
@@ -1102,6 +1110,10 @@ impl Batch {
                     (Some(p), Some(c)) => c <= p,
                 };
                 if spec.spending_cap > pl.spending_cap || per_tx > pl.per_tx_limit || !lifetime_ok {
+                    let h = p.handle.clone();
+                    let e = self.event(&h, "agent.create", "denied");
+                    e.reason = Some("cap_escalation".into());
+                    e.detail = Some(json!({"child": spec.handle.as_str()}).to_string());
                     return Ok(Reply::error(
                         403,
                         "cap_escalation",

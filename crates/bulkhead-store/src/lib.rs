@@ -23,6 +23,7 @@ macro_rules! dsql {
 }
 
 mod audit;
+mod blast;
 mod ledger;
 mod read;
 #[cfg(any(test, feature = "testkit"))]
@@ -30,6 +31,7 @@ pub mod testkit;
 mod view;
 
 pub use audit::{AuditEvent, VerifyReport};
+pub use blast::{AgentBlast, BlastRadius};
 pub use ledger::{AgentSpec, Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Outcome, Patch, Reply};
 pub use view::{AgentView, Usage, fmt_time};
 

@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod demo;
 mod offline;
+mod report;
 pub mod serve;
 
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ enum Cmd {
     /// Read or check the audit trail straight from the store.
     #[command(subcommand)]
     Audit(offline::AuditCmd),
+    /// Print the blast radius of every live agent (reads the store directly).
+    Report(report::ReportArgs),
     /// Tell the product's story in under a minute on a throwaway data dir.
     Demo(demo::DemoArgs),
 }
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
             Cmd::Agent(cmd) => client::run(cmd).await,
             Cmd::Audit(cmd) => offline::run(cmd).await,
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Report(args) => report::run(args).await,
         }
     });
     match result {

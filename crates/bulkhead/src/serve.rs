@@ -24,10 +24,10 @@ impl Clock for SystemClock {
 
 /// The admin token: from the environment, else from `DIR/admin-token`, generated on first start.
 pub fn admin_token(data: &Path) -> anyhow::Result<String> {
-    if let Ok(t) = std::env::var("BULKHEAD_ADMIN_TOKEN") {
-        if !t.is_empty() {
-            return Ok(t);
-        }
+    if let Ok(t) = std::env::var("BULKHEAD_ADMIN_TOKEN")
+        && !t.is_empty()
+    {
+        return Ok(t);
     }
     let path = data.join("admin-token");
     if let Ok(t) = std::fs::read_to_string(&path) {
