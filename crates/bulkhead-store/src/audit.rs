@@ -122,17 +122,25 @@ pub struct AuditEvent {
 }
 
 /// Appends events at the head of the chain (locking the head row on PostgreSQL).
+/// Appends events at the head of the chain and returns the new head. `known_head` is the head as
+/// the caller last committed it (the SQLite writer, the only writer of its file); without it the
+/// head is read, and on PostgreSQL locked.
 pub(crate) async fn append_events(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
     events: Vec<NewEvent>,
-) -> Result<(), StoreError> {
+    known_head: Option<(i64, String)>,
+) -> Result<Option<(i64, String)>, StoreError> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(known_head);
     }
-    let lock = if backend == Backend::Postgres { " FOR UPDATE" } else { "" };
-    let (mut seq, mut prev): (i64, String) =
-        sqlx::query_as(dsql!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}")).fetch_one(&mut **tx).await?;
+    let (mut seq, mut prev): (i64, String) = match known_head {
+        Some(h) if backend == Backend::Sqlite => h,
+        _ => {
+            let lock = if backend == Backend::Postgres { " FOR UPDATE" } else { "" };
+            sqlx::query_as(dsql!("SELECT seq, hash FROM audit_head WHERE id = 1{lock}")).fetch_one(&mut **tx).await?
+        }
+    };
     for chunk in events.chunks(INSERT_CHUNK) {
         let mut sql = String::from(
             "INSERT INTO audit_events (seq, at, agent, action, outcome, reason, scope, amount, ref, detail, prev_hash, hash) VALUES ",
@@ -175,7 +183,7 @@ pub(crate) async fn append_events(
         .bind(&prev)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(Some((seq, prev)))
 }
 
 /// The result of `audit verify`.

@@ -265,7 +265,7 @@ impl Ledger {
     /// Starts the writer task. `handle` lets the caller wait for it to drain at shutdown.
     pub fn start(store: Store, clock: Arc<dyn Clock>, cfg: LedgerConfig) -> (Ledger, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
-        let writer = Writer { store: store.clone(), clock: clock.clone(), cfg };
+        let writer = Writer { store: store.clone(), clock: clock.clone(), cfg, cache: Cache::default() };
         let handle = tokio::spawn(writer.run(rx));
         (Ledger { tx, store, clock }, handle)
     }
@@ -316,7 +316,23 @@ struct Writer {
     store: Store,
     clock: Arc<dyn Clock>,
     cfg: LedgerConfig,
+    cache: Cache,
 }
+
+/// Rows the SQLite writer keeps between batches. It is the only writer of its file, so what it
+/// committed is exactly what is stored; on PostgreSQL other replicas write too, so every batch
+/// starts empty and reads under its locks. Any failed batch empties it.
+#[derive(Default)]
+struct Cache {
+    agents: HashMap<i64, AgentRow>,
+    by_key: HashMap<String, i64>,
+    by_handle: HashMap<String, i64>,
+    /// The audit chain head (seq, hash) as last committed.
+    head: Option<(i64, String)>,
+}
+
+/// The most agent rows the SQLite writer keeps between batches.
+const CACHE_AGENTS_MAX: usize = 10_000;
 
 /// A batch failed either before COMMIT was sent (nothing happened; safe to retry each command
 /// alone) or at COMMIT (the outcome is unknown; nothing may be retried).
@@ -338,7 +354,7 @@ impl From<StoreError> for BatchError {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut jobs = Vec::with_capacity(self.cfg.batch_max);
         while rx.recv_many(&mut jobs, self.cfg.batch_max).await > 0 {
             let batch: Vec<Job> = std::mem::take(&mut jobs);
@@ -370,7 +386,23 @@ impl Writer {
         }
     }
 
-    async fn exec(&self, cmds: &[&Command]) -> Result<Vec<Reply>, BatchError> {
+    async fn exec(&mut self, cmds: &[&Command]) -> Result<Vec<Reply>, BatchError> {
+        let mut cache = std::mem::take(&mut self.cache);
+        if self.store.backend != Backend::Sqlite || cache.agents.len() > CACHE_AGENTS_MAX {
+            cache = Cache::default();
+        }
+        let result = self.exec_with(cmds, cache).await;
+        match result {
+            Ok((replies, cache)) => {
+                self.cache = cache;
+                Ok(replies)
+            }
+            // The cache went down with the failed batch; the next one reads afresh.
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn exec_with(&self, cmds: &[&Command], cache: Cache) -> Result<(Vec<Reply>, Cache), BatchError> {
         let now = self.clock.now_ms();
         let tx = self.store.pool.begin().await?;
         let mut b = Batch {
@@ -378,28 +410,30 @@ impl Writer {
             backend: self.store.backend,
             now,
             breaker: self.cfg.breaker,
-            agents: HashMap::new(),
-            by_key: HashMap::new(),
-            by_handle: HashMap::new(),
+            agents: cache.agents,
+            by_key: cache.by_key,
+            by_handle: cache.by_handle,
             dirty: BTreeSet::new(),
+            swept: BTreeSet::new(),
             events: Vec::new(),
         };
-        let roots = b.resolve_roots(cmds).await?;
-        if b.backend == Backend::Postgres && !roots.is_empty() {
-            let (sql, args) = in_list("SELECT id FROM agents WHERE id IN ", &roots, " ORDER BY id FOR UPDATE")?;
-            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *b.tx).await?;
+        if b.backend == Backend::Postgres {
+            // Lock every touched tree's root, in id order, before reading anything of it.
+            let roots = b.resolve_roots(cmds).await?;
+            if !roots.is_empty() {
+                let (sql, args) = in_list("SELECT id FROM agents WHERE id IN ", &roots, " ORDER BY id FOR UPDATE")?;
+                sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *b.tx).await?;
+            }
         }
-        let sweep_all = cmds.iter().any(|c| matches!(c, Command::SweepExpired));
-        b.expire_holds(if sweep_all { None } else { Some(&roots) }).await?;
         let mut replies = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             replies.push(b.apply(cmd).await?);
         }
         b.flush().await?;
         let events = std::mem::take(&mut b.events);
-        append_events(&mut b.tx, b.backend, events).await?;
+        let head = append_events(&mut b.tx, b.backend, events, cache.head).await?;
         b.tx.commit().await.map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
-        Ok(replies)
+        Ok((replies, Cache { agents: b.agents, by_key: b.by_key, by_handle: b.by_handle, head }))
     }
 }
 
@@ -459,6 +493,8 @@ struct Batch {
     by_key: HashMap<String, i64>,
     by_handle: HashMap<String, i64>,
     dirty: BTreeSet<i64>,
+    /// Trees whose expired holds this batch has already closed.
+    swept: BTreeSet<i64>,
     events: Vec<NewEvent>,
 }
 
@@ -629,6 +665,25 @@ impl Batch {
         Ok(())
     }
 
+    /// Before a decision on `id`'s chain: if any member has money held, close the tree's holds
+    /// that are past their expiry, so that they stop counting exactly at `expires_at`. With
+    /// nothing held anywhere on the chain there is nothing that could have expired.
+    async fn expire_for_chain(&mut self, chain: &[i64]) -> R<()> {
+        let root = self.row(chain[chain.len() - 1])?.root_id;
+        if self.swept.contains(&root) {
+            return Ok(());
+        }
+        let mut any_held = false;
+        for a in chain {
+            any_held |= self.row(*a)?.held > 0;
+        }
+        if any_held {
+            self.expire_holds(Some(&[root])).await?;
+        }
+        self.swept.insert(root);
+        Ok(())
+    }
+
     /// Expires open holds past their expiry, in the given trees (or everywhere).
     async fn expire_holds(&mut self, roots: Option<&[i64]>) -> R<()> {
         let rows: Vec<HoldRow> = match roots {
@@ -657,13 +712,20 @@ impl Batch {
         if rows.is_empty() {
             return Ok(());
         }
+        let mut rows = rows;
         if roots.is_none() && self.backend == Backend::Postgres {
-            // A global sweep did not lock these trees up front: lock their roots now, in order.
+            // A global sweep did not lock these trees up front. Waiting for their locks now
+            // could deadlock with another replica's batch, so take only the free ones; a busy
+            // tree is swept next time (and its own decisions expire its holds anyway).
             let mut rs: Vec<i64> = rows.iter().filter_map(|h| path_ids(&h.path).first().copied()).collect();
             rs.sort_unstable();
             rs.dedup();
-            let (sql, args) = in_list("SELECT id FROM agents WHERE id IN ", &rs, " ORDER BY id FOR UPDATE")?;
-            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            let (sql, args) =
+                in_list("SELECT id FROM agents WHERE id IN ", &rs, " ORDER BY id FOR UPDATE SKIP LOCKED")?;
+            let locked: Vec<(i64,)> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            let locked: BTreeSet<i64> = locked.into_iter().map(|r| r.0).collect();
+            rows.retain(|h| path_ids(&h.path).first().is_some_and(|r| locked.contains(r)));
         }
         for h in rows {
             self.close_hold(&h, Micros::ZERO, "expired", h.expires_at).await?;
@@ -746,7 +808,10 @@ impl Batch {
 
     async fn apply(&mut self, cmd: &Command) -> R<Reply> {
         match cmd {
-            Command::SweepExpired => Ok(Reply::ok(200, &json!({}))),
+            Command::SweepExpired => {
+                self.expire_holds(None).await?;
+                Ok(Reply::ok(200, &json!({})))
+            }
             Command::CreateAgent { caller, spec, key_hash } => self.create_agent(caller, spec, key_hash).await,
             Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
             Command::Revoke { caller, handle, reason } => self.revoke(caller, handle, reason.as_deref()).await,
@@ -919,6 +984,7 @@ impl Batch {
         let now = self.now;
         let action = if hold_expires.is_some() { "hold" } else { "spend" };
         let chain = self.chain(id)?;
+        self.expire_for_chain(&chain).await?;
         let revoked = self.chain_revoked(id)?;
         let agent = self.row(id)?;
         let scopes = agent.scope_set();

@@ -62,6 +62,25 @@ fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     std::fs::write(path, secret).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Takes an exclusive lock on `DIR/serve.lock` for the life of the process.
+fn lock_data_dir(data: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let path = data.join("serve.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!("another `bulkhead serve` is already using {}", data.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -97,6 +116,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let breaker = config.breaker()?;
     let token = admin_token(&args.data)?;
+    // One server per embedded store: its writer is the file's only writer (it caches what it
+    // committed), so a second `serve` on the same data dir must not start.
+    let _dir_lock = match &args.database_url {
+        Some(_) => None,
+        None => Some(lock_data_dir(&args.data)?),
+    };
     let store = match &args.database_url {
         Some(url) => Store::open(url).await.context("cannot open the PostgreSQL store")?,
         None => Store::open_dir(&args.data).await.context("cannot open the embedded store")?,
