@@ -61,6 +61,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn(crate::metrics::track_requests))
         .with_state(state)
 }
 
@@ -170,8 +171,13 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError>
     Ok(Json(json!({"status": "ok"})))
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    // Utilization is read from the store at scrape time, so it is right for every agent
+    // (ancestors included) whichever replica made the decisions.
+    for (agent, u) in state.store().utilizations(state.ledger.now_ms()).await? {
+        metrics::gauge!(crate::metrics::UTILIZATION, "agent" => agent).set(u);
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response())
 }
 
 async fn create_agent(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {

@@ -6,6 +6,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const DECISIONS: &str = "bulkhead_decisions_total";
 pub const SPENT: &str = "bulkhead_spent_micros_total";
+pub const UTILIZATION: &str = "bulkhead_cap_utilization";
 pub const REVOCATION: &str = "bulkhead_revocation_seconds";
 pub const REQUEST_DURATION: &str = "bulkhead_request_duration_seconds";
 
@@ -56,4 +57,25 @@ pub fn revocation_p99_ms() -> Option<f64> {
     s.sort_by(f64::total_cmp);
     let idx = ((s.len() as f64) * 0.99).ceil() as usize;
     Some(s[idx.clamp(1, s.len()) - 1] * 1000.0)
+}
+
+/// Middleware: counts requests and times them per route and status class.
+pub async fn track_requests(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = match resp.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    };
+    metrics::histogram!(REQUEST_DURATION, "route" => route, "method" => method, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    resp
 }

@@ -98,3 +98,13 @@ impl Store {
         Ok(Ok(self.views(vec![row], now_ms).await?.remove(0)))
     }
 }
+
+impl Store {
+    /// `(handle, utilization)` of every agent, for the metrics endpoint. Holds past expiry that
+    /// the one-second sweeper has not closed yet still count here.
+    pub async fn utilizations(&self, now_ms: i64) -> Result<Vec<(String, f64)>, StoreError> {
+        let rows: Vec<AgentRow> =
+            sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents")).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| (r.handle.clone(), r.view(None, 0, now_ms).usage.utilization)).collect())
+    }
+}
