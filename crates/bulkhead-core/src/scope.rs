@@ -182,4 +182,21 @@ mod tests {
         assert!(Scope::parse("*").is_err());
         assert_eq!(set(&["b:c", "a:b", "b:c"]).to_strings(), vec!["b:c", "a:b"]);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(s in "\\PC{0,80}") {
+            let _ = ScopePattern::parse(&s);
+            let _ = Scope::parse(&s);
+        }
+
+        #[test]
+        fn a_pattern_grants_what_it_covers(r in "[a-z*]{1,3}", a in "[a-z*]{1,3}", r2 in "[a-z]{1,3}", a2 in "[a-z]{1,3}") {
+            // Whenever a pattern covers a concrete scope (as a pattern), it also grants it.
+            if let (Ok(p), Ok(c)) = (ScopePattern::parse(&format!("{r}:{a}")), Scope::parse(&format!("{r2}:{a2}"))) {
+                let as_pattern = ScopePattern::parse(c.as_str()).unwrap();
+                proptest::prop_assert_eq!(p.covers(&as_pattern), p.matches(&c));
+            }
+        }
+    }
 }
