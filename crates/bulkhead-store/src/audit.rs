@@ -265,11 +265,21 @@ impl Store {
         }
         let count = expected_seq - 1;
         if count != head_seq || prev != head_hash {
-            // The head records the last appended event; a shorter chain lost its tail.
-            return Ok(VerifyReport::Broken {
-                seq: count + 1,
-                problem: format!("the chain ends at event {count}, but {head_seq} events were appended"),
-            });
+            // The head records the last appended event: a shorter chain lost its tail, a longer
+            // one has events appended behind the store's back, and a last event whose hash is not
+            // the head's was changed (and rehashed).
+            let (seq, problem) = match count.cmp(&head_seq) {
+                std::cmp::Ordering::Less => {
+                    (count + 1, format!("the chain ends at event {count}, but {head_seq} events were appended"))
+                }
+                std::cmp::Ordering::Greater => {
+                    (head_seq + 1, format!("events after the last appended one ({head_seq}) were added"))
+                }
+                std::cmp::Ordering::Equal => {
+                    (count.max(1), "its hash is not the one recorded for the last appended event".to_owned())
+                }
+            };
+            return Ok(VerifyReport::Broken { seq, problem });
         }
         Ok(VerifyReport::Intact { events: count })
     }

@@ -867,7 +867,7 @@ impl Batch {
         };
         // Credentials come first, even before a replay: a revoked or expired key never gets an
         // earlier 2xx back (the call below denies it), and its denial is not stored.
-        let key_good = !self.chain_revoked(id)? && !self.row(id)?.key_expires_at.is_some_and(|t| self.now >= t);
+        let key_good = !self.chain_revoked(id)? && self.row(id)?.key_expires_at.is_none_or(|t| self.now < t);
         let idem = idem.filter(|_| key_good);
         if let Some(idem) = idem {
             let prior: Option<(String, i64, String, i64)> = sqlx::query_as(
@@ -1383,6 +1383,8 @@ impl Batch {
             e.reason = reason.map(str::to_owned);
             e.detail = Some(json!({"by": by, "target": handle}).to_string());
         }
+        // Holds already past their expiry (not swept yet) expired; they are not the revocation's.
+        self.expire_holds(Some(&[root_id])).await?;
         let open: Vec<HoldRow> = sqlx::query_as(
             "SELECT id, agent_id, path, amount, status, expires_at FROM holds \
              WHERE root_id = $1 AND status = 'open' AND path LIKE $2",

@@ -1,0 +1,252 @@
+//! Shared harness of the store's integration tests: a real SQLite file or a fresh PostgreSQL
+//! database, a `Ledger` on a `ManualClock`, and small helpers to submit commands.
+//!
+//! The PostgreSQL part repeats the few lines of `src/testkit.rs` (which integration tests cannot
+//! reach without a feature): `BULKHEAD_TEST_PG` (default `postgres://postgres@127.0.0.1:5432/test`)
+//! is the admin URL a throwaway database is created from. An unreachable server fails the test.
+
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bulkhead_core::{ApiKey, Handle, KeyHash, ManualClock, Micros, Scope, ScopeSet, Span};
+use bulkhead_store::{AgentSpec, AgentView, Caller, Command, Idem, Ledger, LedgerConfig, Reply, Store, VerifyReport};
+use sqlx::ConnectOptions;
+use sqlx::any::AnyConnectOptions;
+
+/// Where every test's clock starts (2023-11-14T22:13:20Z).
+pub const T0: i64 = 1_700_000_000_000;
+pub const SEC: i64 = 1_000;
+pub const MIN: i64 = 60 * SEC;
+pub const HOUR: i64 = 60 * MIN;
+
+/// The scope every helper spends under.
+pub const PAY: &str = "payments:write";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("BULKHEAD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn pg_admin() -> sqlx::AnyConnection {
+    sqlx::any::install_default_drivers();
+    let admin = pg_admin_url();
+    AnyConnectOptions::from_str(&admin)
+        .expect("BULKHEAD_TEST_PG is a valid URL")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {admin} ({e}); start it or set BULKHEAD_TEST_PG"))
+}
+
+/// Creates an empty PostgreSQL database; returns its URL and name.
+pub async fn fresh_pg() -> (String, String) {
+    let mut conn = pg_admin().await;
+    let name = format!("bh_t_{}", bulkhead_core::key::random_base62(&mut rand::rng(), 12).to_lowercase());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let admin = pg_admin_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin.clone());
+    (format!("{base}/{name}"), name)
+}
+
+async fn drop_pg(name: &str) {
+    let mut conn = pg_admin().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut conn)
+        .await
+        .expect("drop test database");
+}
+
+pub fn m(s: &str) -> Micros {
+    Micros::parse(s).unwrap_or_else(|e| panic!("bad amount {s:?}: {e}"))
+}
+
+pub fn span(s: &str) -> Span {
+    Span::parse(s).unwrap()
+}
+
+pub fn scope(s: &str) -> Scope {
+    Scope::parse(s).unwrap()
+}
+
+pub fn new_key() -> KeyHash {
+    ApiKey::generate(&mut rand::rng()).hash()
+}
+
+/// A spec with the contract's defaults: window 24h, per-tx = cap, nothing else.
+pub fn spec(handle: &str, scopes: &[&str], cap: &str) -> AgentSpec {
+    AgentSpec {
+        handle: Handle::parse(handle).unwrap(),
+        scopes: ScopeSet::parse(scopes).unwrap(),
+        spending_cap: m(cap),
+        window: span("24h"),
+        per_tx_limit: None,
+        lifetime_cap: None,
+        rate_limit: None,
+        expires_in: None,
+        labels: Default::default(),
+        breaker: None,
+    }
+}
+
+pub fn json(r: &Reply) -> serde_json::Value {
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("reply body is not JSON ({e}): {}", r.body))
+}
+
+/// Asserts a success status.
+#[track_caller]
+pub fn ok(r: &Reply, status: u16) {
+    assert_eq!(r.status, status, "expected {status}, got {}: {}", r.status, r.body);
+    assert!(r.code().is_none(), "a success carries no error: {}", r.body);
+}
+
+/// Asserts an error status and code.
+#[track_caller]
+pub fn err(r: &Reply, status: u16, code: &str) {
+    assert_eq!((r.status, r.code().as_deref()), (status, Some(code)), "body: {}", r.body);
+}
+
+pub struct Env {
+    pub db: Db,
+    pub store: Store,
+    pub ledger: Ledger,
+    pub clock: Arc<ManualClock>,
+    pub url: String,
+    writer: tokio::task::JoinHandle<()>,
+    pg_name: Option<String>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Env {
+    pub async fn new(db: Db) -> Env {
+        Env::with_config(db, LedgerConfig::default()).await
+    }
+
+    pub async fn with_config(db: Db, cfg: LedgerConfig) -> Env {
+        let (url, dir, pg_name) = match db {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("bulkhead.db").display());
+                (url, Some(dir), None)
+            }
+            Db::Postgres => {
+                let (url, name) = fresh_pg().await;
+                (url, None, Some(name))
+            }
+        };
+        let store = Store::open(&url).await.expect("open and migrate the store");
+        let clock = Arc::new(ManualClock::new(T0));
+        let (ledger, writer) = Ledger::start(store.clone(), clock.clone(), cfg);
+        Env { db, store, ledger, clock, url, writer, pg_name, dir }
+    }
+
+    /// The SQLite file of this store (SQLite only).
+    pub fn sqlite_file(&self) -> std::path::PathBuf {
+        self.dir.as_ref().expect("a SQLite store").path().join("bulkhead.db")
+    }
+
+    /// Stops the writer, closes the pool and drops a PostgreSQL database.
+    pub async fn finish(self) {
+        let Env { store, ledger, writer, pg_name, dir, .. } = self;
+        drop(ledger);
+        writer.await.expect("the ledger writer ended cleanly");
+        store.close().await;
+        if let Some(name) = pg_name {
+            drop_pg(&name).await;
+        }
+        drop(dir);
+    }
+
+    pub fn now(&self) -> i64 {
+        use bulkhead_core::Clock;
+        self.clock.now_ms()
+    }
+
+    pub fn advance(&self, ms: i64) {
+        self.clock.advance_ms(ms);
+    }
+
+    pub async fn submit(&self, cmd: Command) -> Reply {
+        self.ledger.submit(cmd).await.expect("the ledger answered")
+    }
+
+    pub async fn create(&self, caller: Caller, spec: AgentSpec) -> (Reply, KeyHash) {
+        let key = new_key();
+        let r = self.submit(Command::CreateAgent { caller, spec, key_hash: key.clone() }).await;
+        (r, key)
+    }
+
+    /// Creates an agent as the admin and returns its key hash.
+    pub async fn admin_agent(&self, spec: AgentSpec) -> KeyHash {
+        let (r, key) = self.create(Caller::Admin, spec).await;
+        ok(&r, 201);
+        key
+    }
+
+    /// Creates a child of `parent` with the parent's key; asserts 201.
+    pub async fn child_agent(&self, parent: &KeyHash, spec: AgentSpec) -> KeyHash {
+        let (r, key) = self.create(Caller::Agent(parent.clone()), spec).await;
+        ok(&r, 201);
+        key
+    }
+
+    pub async fn spend(&self, key: &KeyHash, amount: &str) -> Reply {
+        self.spend_with(key, PAY, amount, None).await
+    }
+
+    pub async fn spend_with(&self, key: &KeyHash, sc: &str, amount: &str, idem: Option<Idem>) -> Reply {
+        self.submit(Command::Spend { key: key.clone(), scope: scope(sc), amount: m(amount), memo: None, idem }).await
+    }
+
+    pub async fn hold(&self, key: &KeyHash, amount: &str, expires_ms: i64) -> Reply {
+        self.submit(Command::Hold { key: key.clone(), scope: scope(PAY), amount: m(amount), expires_ms, idem: None })
+            .await
+    }
+
+    /// Places a hold that must be granted; returns its id.
+    pub async fn hold_ok(&self, key: &KeyHash, amount: &str, expires_ms: i64) -> String {
+        let r = self.hold(key, amount, expires_ms).await;
+        ok(&r, 201);
+        json(&r)["id"].as_str().expect("hold id").to_owned()
+    }
+
+    pub async fn capture(&self, key: &KeyHash, hold: &str, amount: &str) -> Reply {
+        self.submit(Command::Capture { key: key.clone(), hold_id: hold.to_owned(), amount: m(amount), idem: None })
+            .await
+    }
+
+    pub async fn release(&self, key: &KeyHash, hold: &str) -> Reply {
+        self.submit(Command::Release { key: key.clone(), hold_id: hold.to_owned(), idem: None }).await
+    }
+
+    pub async fn revoke(&self, caller: Caller, handle: &str) -> Reply {
+        self.submit(Command::Revoke { caller, handle: handle.to_owned(), reason: Some("test".into()) }).await
+    }
+
+    /// The agent as a read sees it now.
+    pub async fn agent(&self, handle: &str) -> AgentView {
+        self.store.get_agent(handle, self.now()).await.expect("read").unwrap_or_else(|| panic!("no agent {handle}"))
+    }
+
+    /// (window_spent, window_held, lifetime_spent) as a read sees them now.
+    pub async fn money(&self, handle: &str) -> (Micros, Micros, Micros) {
+        let u = self.agent(handle).await.usage;
+        (u.window_spent, u.window_held, u.lifetime_spent)
+    }
+
+    /// Asserts the audit chain is intact; returns its length.
+    pub async fn intact(&self) -> i64 {
+        match self.store.verify_audit(|_| {}).await.expect("verify") {
+            VerifyReport::Intact { events } => events,
+            broken => panic!("audit chain broken: {broken:?}"),
+        }
+    }
+}

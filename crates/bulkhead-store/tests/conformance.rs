@@ -1,0 +1,1006 @@
+//! The store's conformance suite: every behaviour is written once, as an `async fn(Db)`, and run
+//! against both backends (a real SQLite file and a fresh database on the local PostgreSQL).
+//! Test names are `sqlite::<behaviour>` and `postgres::<behaviour>`.
+
+mod common;
+
+use bulkhead_core::ratelimit::RateLimit;
+use bulkhead_core::{DenyReason, Micros};
+use bulkhead_store::{Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Store, fmt_time};
+use common::*;
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Db::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Db::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    create_agent,
+    handle_taken,
+    spend_until_window_cap,
+    per_tx_limit,
+    lifetime_cap,
+    window_resets_lifetime_stays,
+    holds_count_and_capture_part,
+    release_and_closed_holds,
+    capture_more_than_held,
+    expired_hold_stops_counting,
+    child_spend_counts_against_parent,
+    ancestor_cap_exceeded,
+    scope_and_cap_escalation,
+    revoke_cascades,
+    parent_revokes_only_descendants,
+    revocation_releases_holds,
+    revocation_after_a_hold_expired,
+    key_rotation,
+    credential_expiry,
+    idempotency_replay,
+    revoked_key_is_never_replayed,
+    denials_counted,
+    runaway_breaker,
+    breaker_window_and_overrides,
+    rate_limit,
+    check_order,
+    audit_every_decision,
+    concurrent_spends_one_agent,
+    concurrent_spends_parent_and_child,
+}
+
+const PARENT_SCOPES: &[&str] = &["payments:write", "invoices:read", "spawn:agents"];
+
+async fn create_agent(db: Db) {
+    let e = Env::new(db).await;
+    let h = "invoice-processor-prod-01";
+    let (r, key) = e.create(Caller::Admin, spec(h, &["payments:write", "invoices:read"], "50.00")).await;
+    ok(&r, 201);
+    let v = json(&r);
+    assert_eq!(v["handle"], h);
+    assert!(v["parent"].is_null());
+    assert_eq!(v["status"], "active");
+    let mut scopes: Vec<&str> = v["scopes"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    scopes.sort_unstable();
+    assert_eq!(scopes, ["invoices:read", "payments:write"]);
+    assert_eq!(v["spending_cap"], "50.00");
+    assert_eq!(v["per_tx_limit"], "50.00", "per_tx_limit defaults to the spending cap");
+    assert_eq!(v["window"], "24h");
+    assert!(v["lifetime_cap"].is_null() && v["rate_limit"].is_null() && v["revoked_at"].is_null());
+    assert_eq!(v["created_at"], fmt_time(T0));
+    assert_eq!(v["usage"]["window_spent"], "0.00");
+    assert_eq!(v["usage"]["window_resets_at"], fmt_time(T0 + 24 * HOUR));
+    assert!(v.get("key").is_none(), "the store never renders the key");
+
+    let a = e.agent(h).await;
+    assert_eq!((a.status.as_str(), a.spending_cap, a.per_tx_limit), ("active", m("50"), m("50")));
+    assert_eq!(a.usage.tx_count, 0);
+    let by_key = e.store.agent_for_key(&key, e.now()).await.unwrap().expect("the new key works");
+    assert_eq!(by_key.handle, h);
+    assert_eq!(e.store.agent_for_key(&new_key(), e.now()).await.unwrap().unwrap_err(), DenyReason::InvalidCredentials);
+    assert!(e.store.get_agent("nobody", e.now()).await.unwrap().is_none());
+    let all = e.store.list_agents(None, 100, e.now()).await.unwrap();
+    assert_eq!(all.iter().map(|a| a.handle.as_str()).collect::<Vec<_>>(), vec![h]);
+    let ev = e.store.audit_page(Some(h), 0, 10).await.unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].action.as_str(), ev[0].outcome.as_str()), ("agent.create", "allowed"));
+    assert_eq!(e.intact().await, 1);
+    e.finish().await;
+}
+
+async fn handle_taken(db: Db) {
+    let e = Env::new(db).await;
+    let first = e.admin_agent(spec("a1", &[PAY], "10")).await;
+    let (r, second) = e.create(Caller::Admin, spec("a1", &[PAY, "x:y"], "99")).await;
+    err(&r, 409, "handle_taken");
+    // The first agent is untouched and keeps its key; the refused key is unknown.
+    let a = e.agent("a1").await;
+    assert_eq!((a.spending_cap, a.scopes.clone()), (m("10"), vec![PAY.to_owned()]));
+    ok(&e.spend(&first, "1").await, 200);
+    err(&e.spend(&second, "1").await, 401, "invalid_credentials");
+    e.admin_agent(spec("a2", &[PAY], "10")).await;
+    let all = e.store.list_agents(None, 100, e.now()).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let page = e.store.list_agents(Some("a1"), 100, e.now()).await.unwrap();
+    assert_eq!(page.iter().map(|a| a.handle.as_str()).collect::<Vec<_>>(), vec!["a2"]);
+    e.finish().await;
+}
+
+async fn spend_until_window_cap(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("capped", &[PAY], "10.00")).await;
+    let r = e.spend(&k, "4.00").await;
+    ok(&r, 200);
+    let v = json(&r);
+    assert_eq!(v["amount"], "4.00");
+    assert_eq!(v["remaining"]["window"], "6.00");
+    assert!(v["remaining"]["lifetime"].is_null());
+    assert_eq!(v["window_resets_at"], fmt_time(T0 + 24 * HOUR));
+    assert!(v["id"].as_str().is_some_and(|s| !s.is_empty()));
+    ok(&e.spend(&k, "4.00").await, 200);
+    let before = e.agent("capped").await.usage;
+    err(&e.spend(&k, "2.000001").await, 402, "spending_cap_exceeded");
+    let after = e.agent("capped").await.usage;
+    assert_eq!((after.window_spent, after.lifetime_spent, after.tx_count), (m("8"), m("8"), 2), "nothing charged");
+    assert_eq!(after.denied_count, before.denied_count + 1);
+    let r = e.spend(&k, "2.00").await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["remaining"]["window"], "0.00");
+    err(&e.spend(&k, "0.000001").await, 402, "spending_cap_exceeded");
+    let u = e.agent("capped").await.usage;
+    assert_eq!((u.window_spent, u.window_held, u.lifetime_spent), (m("10"), Micros::ZERO, m("10")));
+    assert_eq!(u.utilization, 1.0);
+    e.finish().await;
+}
+
+async fn per_tx_limit(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("pertx", &[PAY], "10.00");
+    s.per_tx_limit = Some(m("3.00"));
+    let k = e.admin_agent(s).await;
+    err(&e.spend(&k, "3.000001").await, 402, "per_tx_limit_exceeded");
+    err(&e.hold(&k, "3.01", 5 * MIN).await, 402, "per_tx_limit_exceeded");
+    assert_eq!(e.money("pertx").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    ok(&e.spend(&k, "3.00").await, 200);
+    ok(&e.spend(&k, "3.00").await, 200);
+    ok(&e.spend(&k, "3.00").await, 200);
+    // The per-tx limit is checked before the cap: 4 is refused for per-tx although the cap is also hit.
+    err(&e.spend(&k, "4.00").await, 402, "per_tx_limit_exceeded");
+    err(&e.spend(&k, "1.01").await, 402, "spending_cap_exceeded");
+    assert_eq!(e.money("pertx").await.0, m("9"));
+    e.finish().await;
+}
+
+async fn lifetime_cap(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("life", &[PAY], "10.00");
+    s.window = span("1h");
+    s.lifetime_cap = Some(m("15.00"));
+    let k = e.admin_agent(s).await;
+    let r = e.spend(&k, "10").await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["remaining"]["lifetime"], "5.00");
+    e.advance(HOUR);
+    err(&e.spend(&k, "5.01").await, 402, "lifetime_cap_exceeded");
+    assert_eq!(e.money("life").await, (Micros::ZERO, Micros::ZERO, m("10")));
+    // A hold counts against the lifetime cap too.
+    let hid = e.hold_ok(&k, "4", 5 * MIN).await;
+    err(&e.spend(&k, "1.01").await, 402, "lifetime_cap_exceeded");
+    ok(&e.release(&k, &hid).await, 200);
+    ok(&e.spend(&k, "5").await, 200);
+    e.advance(10 * HOUR);
+    err(&e.spend(&k, "0.000001").await, 402, "lifetime_cap_exceeded");
+    assert_eq!(e.money("life").await, (Micros::ZERO, Micros::ZERO, m("15")));
+    e.finish().await;
+}
+
+async fn window_resets_lifetime_stays(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("win", &[PAY], "10.00");
+    s.window = span("1h");
+    let k = e.admin_agent(s).await;
+    e.advance(10 * MIN);
+    ok(&e.spend(&k, "10").await, 200);
+    err(&e.spend(&k, "1").await, 402, "spending_cap_exceeded");
+    // The window is anchored at creation: it ends at T0 + 1h, not at the first spend + 1h.
+    e.clock.set_ms(T0 + HOUR - 1);
+    err(&e.spend(&k, "1").await, 402, "spending_cap_exceeded");
+    assert_eq!(e.money("win").await, (m("10"), Micros::ZERO, m("10")));
+    e.clock.set_ms(T0 + HOUR);
+    assert_eq!(e.money("win").await, (Micros::ZERO, Micros::ZERO, m("10")), "a read sees the new window");
+    let u = e.agent("win").await.usage;
+    assert_eq!(u.window_started_at, fmt_time(T0 + HOUR));
+    assert_eq!(u.window_resets_at, fmt_time(T0 + 2 * HOUR));
+    let r = e.spend(&k, "1").await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["remaining"]["window"], "9.00");
+    assert_eq!(json(&r)["window_resets_at"], fmt_time(T0 + 2 * HOUR));
+    assert_eq!(e.money("win").await, (m("1"), Micros::ZERO, m("11")));
+    // Skipping several windows at once resets too.
+    e.advance(5 * HOUR + 30 * MIN);
+    ok(&e.spend(&k, "10").await, 200);
+    assert_eq!(e.money("win").await, (m("10"), Micros::ZERO, m("21")));
+    e.finish().await;
+}
+
+async fn holds_count_and_capture_part(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("holder", &[PAY], "10.00")).await;
+    let r = e.hold(&k, "6.00", 5 * MIN).await;
+    ok(&r, 201);
+    let v = json(&r);
+    assert_eq!(v["amount"], "6.00");
+    assert_eq!(v["expires_at"], fmt_time(T0 + 5 * MIN));
+    let hid = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(e.money("holder").await, (Micros::ZERO, m("6"), Micros::ZERO));
+    assert_eq!(e.agent("holder").await.usage.utilization, 0.6);
+    err(&e.spend(&k, "4.01").await, 402, "spending_cap_exceeded");
+    err(&e.hold(&k, "4.01", 5 * MIN).await, 402, "spending_cap_exceeded");
+    let r = e.capture(&k, &hid, "2.50").await;
+    ok(&r, 200);
+    let v = json(&r);
+    assert_eq!(
+        (v["id"].as_str(), v["captured"].as_str(), v["released"].as_str()),
+        (Some(&*hid), Some("2.50"), Some("3.50"))
+    );
+    assert_eq!(e.money("holder").await, (m("2.5"), Micros::ZERO, m("2.5")), "captured stays, the rest is released");
+    ok(&e.spend(&k, "7.50").await, 200);
+    err(&e.spend(&k, "0.01").await, 402, "spending_cap_exceeded");
+    e.finish().await;
+}
+
+async fn release_and_closed_holds(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("rel", &[PAY], "10.00")).await;
+    let hid = e.hold_ok(&k, "4", 5 * MIN).await;
+    let r = e.release(&k, &hid).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["released"], "4.00");
+    assert_eq!(e.money("rel").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    err(&e.release(&k, &hid).await, 409, "hold_closed");
+    err(&e.capture(&k, &hid, "1").await, 409, "hold_closed");
+    let hid = e.hold_ok(&k, "4", 5 * MIN).await;
+    ok(&e.capture(&k, &hid, "4").await, 200);
+    err(&e.capture(&k, &hid, "1").await, 409, "hold_closed");
+    err(&e.release(&k, &hid).await, 409, "hold_closed");
+    assert_eq!(e.money("rel").await, (m("4"), Micros::ZERO, m("4")), "a closed hold is never settled twice");
+    // Unknown holds, and another agent's hold, are not found.
+    err(&e.release(&k, "hold_doesnotexist").await, 404, "not_found");
+    let other = e.admin_agent(spec("other", &[PAY], "10.00")).await;
+    let theirs = e.hold_ok(&other, "1", 5 * MIN).await;
+    err(&e.capture(&k, &theirs, "1").await, 404, "not_found");
+    err(&e.release(&k, &theirs).await, 404, "not_found");
+    assert_eq!(e.money("other").await.1, m("1"));
+    e.finish().await;
+}
+
+async fn capture_more_than_held(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("over", &[PAY], "10.00")).await;
+    let hid = e.hold_ok(&k, "1.00", 5 * MIN).await;
+    err(&e.capture(&k, &hid, "1.000001").await, 400, "invalid_amount");
+    assert_eq!(e.money("over").await, (Micros::ZERO, m("1"), Micros::ZERO), "the hold stays open and untouched");
+    let r = e.capture(&k, &hid, "1.00").await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["released"], "0.00");
+    assert_eq!(e.money("over").await, (m("1"), Micros::ZERO, m("1")));
+    e.finish().await;
+}
+
+async fn expired_hold_stops_counting(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("exp-parent", PARENT_SCOPES, "10.00")).await;
+    let ck = e.child_agent(&pk, spec("exp-child", &[PAY], "10.00")).await;
+    let hid = e.hold_ok(&ck, "6", 5 * MIN).await;
+    e.advance(5 * MIN - 1);
+    assert_eq!(e.money("exp-child").await.1, m("6"));
+    assert_eq!(e.money("exp-parent").await.1, m("6"));
+    err(&e.spend(&pk, "4.01").await, 402, "spending_cap_exceeded");
+    e.advance(1);
+    // Reads: nothing has touched the ledger since the expiry instant, yet the hold no longer counts.
+    assert_eq!(e.money("exp-child").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    assert_eq!(e.money("exp-parent").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    assert_eq!(e.agent("exp-parent").await.usage.utilization, 0.0);
+    // Decisions: the full cap is available again; and capturing the expired hold is refused.
+    ok(&e.spend(&pk, "10").await, 200);
+    err(&e.capture(&ck, &hid, "1").await, 409, "hold_closed");
+    err(&e.release(&ck, &hid).await, 409, "hold_closed");
+    assert_eq!(e.money("exp-parent").await, (m("10"), Micros::ZERO, m("10")));
+    assert_eq!(e.money("exp-child").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+
+    // A capture that is the first command after the expiry is refused (and charges nothing).
+    e.advance(24 * HOUR);
+    let hid = e.hold_ok(&ck, "3", 10 * MIN).await;
+    e.advance(10 * MIN);
+    err(&e.capture(&ck, &hid, "3").await, 409, "hold_closed");
+    assert_eq!(e.money("exp-child").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    assert_eq!(e.money("exp-parent").await, (Micros::ZERO, Micros::ZERO, m("10")));
+    // The sweep closes what is left, once: each expiry is recorded once in the audit trail, and
+    // the figures do not move again.
+    for _ in 0..2 {
+        ok(&e.submit(Command::SweepExpired).await, 200);
+        let ev = e.store.audit_page(Some("exp-child"), 0, 100).await.unwrap();
+        assert_eq!(ev.iter().filter(|x| x.action == "hold.expire").count(), 2);
+        assert_eq!(e.money("exp-parent").await, (Micros::ZERO, Micros::ZERO, m("10")));
+    }
+    ok(&e.spend(&ck, "10").await, 200);
+    assert_eq!(e.money("exp-parent").await, (m("10"), Micros::ZERO, m("20")));
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn child_spend_counts_against_parent(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("parent", PARENT_SCOPES, "20.00")).await;
+    let (r, ck) = e.create(Caller::Agent(pk.clone()), spec("child", &[PAY], "10.00")).await;
+    ok(&r, 201);
+    assert_eq!(json(&r)["parent"], "parent");
+    assert_eq!(e.agent("child").await.parent.as_deref(), Some("parent"));
+    ok(&e.spend(&ck, "5").await, 200);
+    let hid = e.hold_ok(&ck, "2", 5 * MIN).await;
+    assert_eq!(e.money("child").await, (m("5"), m("2"), m("5")));
+    assert_eq!(e.money("parent").await, (m("5"), m("2"), m("5")), "the parent's usage includes the child's");
+    ok(&e.spend(&pk, "3").await, 200);
+    assert_eq!(e.money("parent").await, (m("8"), m("2"), m("8")));
+    assert_eq!(e.money("child").await, (m("5"), m("2"), m("5")), "a parent's own spend is not the child's");
+    ok(&e.capture(&ck, &hid, "1.5").await, 200);
+    assert_eq!(e.money("child").await, (m("6.5"), Micros::ZERO, m("6.5")));
+    assert_eq!(e.money("parent").await, (m("9.5"), Micros::ZERO, m("9.5")));
+    e.finish().await;
+}
+
+async fn ancestor_cap_exceeded(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("p", PARENT_SCOPES, "20.00")).await;
+    let mut cs = spec("c", &[PAY, "spawn:agents"], "10.00");
+    cs.window = span("1h");
+    let ck = e.child_agent(&pk, cs).await;
+    let gk = e.child_agent(&ck, spec("g", &[PAY], "10.00")).await;
+    ok(&e.spend(&gk, "5").await, 200);
+    ok(&e.spend(&pk, "14").await, 200);
+    assert_eq!(e.money("p").await.0, m("19"));
+    err(&e.spend(&gk, "2").await, 402, "ancestor_cap_exceeded");
+    err(&e.hold(&ck, "2", MIN).await, 402, "ancestor_cap_exceeded");
+    assert_eq!(e.money("g").await.0, m("5"), "nothing charged");
+    assert_eq!(e.money("c").await.0, m("5"));
+    assert_eq!(e.money("p").await.0, m("19"));
+    ok(&e.spend(&gk, "1").await, 200);
+    assert_eq!(e.money("p").await.0, m("20"));
+    // Each ancestor in its own window: the middle agent's 1h window resets, the root's 24h does not.
+    e.advance(HOUR);
+    assert_eq!(e.money("c").await.0, Micros::ZERO);
+    assert_eq!(e.money("p").await.0, m("20"));
+    err(&e.spend(&gk, "0.01").await, 402, "ancestor_cap_exceeded");
+    e.finish().await;
+}
+
+async fn scope_and_cap_escalation(db: Db) {
+    let e = Env::new(db).await;
+    let mut ps = spec("esc-parent", &["payments:write", "spawn:agents"], "20.00");
+    ps.per_tx_limit = Some(m("5"));
+    ps.lifetime_cap = Some(m("100"));
+    let pk = e.admin_agent(ps).await;
+    let with_lifetime = |h: &str, scopes: &[&str], cap: &str| {
+        let mut s = spec(h, scopes, cap);
+        s.per_tx_limit = Some(m("5"));
+        s.lifetime_cap = Some(m("100"));
+        s
+    };
+    for scopes in [&["payments:write", "invoices:read"][..], &["*"], &["payments:*"]] {
+        let (r, _) = e.create(Caller::Agent(pk.clone()), with_lifetime("esc-child", scopes, "1")).await;
+        err(&r, 403, "scope_escalation");
+    }
+    let (r, _) = e.create(Caller::Agent(pk.clone()), with_lifetime("esc-child", &[PAY], "20.000001")).await;
+    err(&r, 403, "cap_escalation");
+    let mut s = with_lifetime("esc-child", &[PAY], "1");
+    s.per_tx_limit = Some(m("5.01"));
+    let (r, _) = e.create(Caller::Agent(pk.clone()), s).await;
+    err(&r, 403, "cap_escalation");
+    let mut s = with_lifetime("esc-child", &[PAY], "1");
+    s.lifetime_cap = None;
+    let (r, _) = e.create(Caller::Agent(pk.clone()), s).await;
+    err(&r, 403, "cap_escalation");
+    let mut s = with_lifetime("esc-child", &[PAY], "1");
+    s.lifetime_cap = Some(m("100.01"));
+    let (r, _) = e.create(Caller::Agent(pk.clone()), s).await;
+    err(&r, 403, "cap_escalation");
+    // Default per-tx of a child = its cap, which must not exceed the parent's per-tx either.
+    let mut s = with_lifetime("esc-child", &[PAY], "6");
+    s.per_tx_limit = None;
+    let (r, _) = e.create(Caller::Agent(pk.clone()), s).await;
+    err(&r, 403, "cap_escalation");
+    // Caps are compared as amounts whatever the windows.
+    let mut s = with_lifetime("esc-child", &[PAY], "20.01");
+    s.window = span("1h");
+    let (r, _) = e.create(Caller::Agent(pk.clone()), s).await;
+    err(&r, 403, "cap_escalation");
+    assert!(e.store.get_agent("esc-child", e.now()).await.unwrap().is_none(), "nothing was created");
+    // Equal is fine, and so is a subset of the scopes.
+    let ck = e.child_agent(&pk, with_lifetime("esc-child", &[PAY], "20")).await;
+    // A key without spawn:agents cannot create children at all.
+    let (r, _) = e.create(Caller::Agent(ck), spec("esc-grandchild", &[PAY], "1")).await;
+    err(&r, 403, "scope_not_granted");
+    let (r, _) = e.create(Caller::Agent(new_key()), spec("esc-x", &[PAY], "1")).await;
+    err(&r, 401, "invalid_credentials");
+    // Escalation attempts are decisions: they are in the parent's audit trail.
+    let ev = e.store.audit_page(Some("esc-parent"), 0, 100).await.unwrap();
+    let denied: Vec<_> = ev.iter().filter(|x| x.outcome == "denied").map(|x| x.reason.clone().unwrap()).collect();
+    assert_eq!(denied.iter().filter(|r| *r == "scope_escalation").count(), 3, "{denied:?}");
+    assert_eq!(denied.iter().filter(|r| *r == "cap_escalation").count(), 6, "{denied:?}");
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn revoke_cascades(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("rv-p", PARENT_SCOPES, "20")).await;
+    let ck = e.child_agent(&pk, spec("rv-c", &[PAY, "spawn:agents"], "10")).await;
+    let gk = e.child_agent(&ck, spec("rv-g", &[PAY], "5")).await;
+    let ok_k = e.admin_agent(spec("rv-other", &[PAY], "5")).await;
+    e.advance(SEC);
+    let r = e.revoke(Caller::Admin, "rv-p").await;
+    ok(&r, 200);
+    let v = json(&r);
+    assert_eq!(v["revoked"], serde_json::json!(["rv-p", "rv-c", "rv-g"]));
+    assert_eq!(v["revoked_at"], fmt_time(T0 + SEC));
+    for (k, h) in [(&pk, "rv-p"), (&ck, "rv-c"), (&gk, "rv-g")] {
+        err(&e.spend(k, "1").await, 401, "credential_revoked");
+        err(&e.hold(k, "1", MIN).await, 401, "credential_revoked");
+        assert_eq!(e.store.agent_for_key(k, e.now()).await.unwrap().unwrap_err(), DenyReason::CredentialRevoked);
+        let a = e.agent(h).await;
+        assert_eq!((a.status.as_str(), a.revoked_at.clone()), ("revoked", Some(fmt_time(T0 + SEC))));
+    }
+    let (r, _) = e.create(Caller::Agent(ck.clone()), spec("rv-new", &[PAY], "1")).await;
+    err(&r, 401, "credential_revoked");
+    ok(&e.spend(&ok_k, "1").await, 200);
+    // Idempotent: a second revoke answers the same and keeps the first time.
+    e.advance(SEC);
+    let again = e.revoke(Caller::Admin, "rv-p").await;
+    ok(&again, 200);
+    assert_eq!(json(&again), v);
+    err(&e.revoke(Caller::Admin, "nobody").await, 404, "not_found");
+    // A revoked agent cannot be resumed or given a new key.
+    assert_eq!(e.submit(Command::Resume { handle: "rv-c".into() }).await.status, 409);
+    assert_eq!(e.submit(Command::RotateKey { handle: "rv-c".into(), key_hash: new_key() }).await.status, 409);
+    err(&e.spend(&ck, "1").await, 401, "credential_revoked");
+    e.finish().await;
+}
+
+async fn parent_revokes_only_descendants(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("pr-p", PARENT_SCOPES, "20")).await;
+    let ck = e.child_agent(&pk, spec("pr-c", &[PAY, "spawn:agents"], "10")).await;
+    let gk = e.child_agent(&ck, spec("pr-g", &[PAY], "5")).await;
+    let sk = e.child_agent(&pk, spec("pr-s", &[PAY], "5")).await;
+    let xk = e.admin_agent(spec("pr-x", &[PAY], "5")).await;
+    err(&e.revoke(Caller::Agent(ck.clone()), "pr-p").await, 404, "not_found");
+    err(&e.revoke(Caller::Agent(ck.clone()), "pr-s").await, 404, "not_found");
+    err(&e.revoke(Caller::Agent(ck.clone()), "pr-x").await, 404, "not_found");
+    err(&e.revoke(Caller::Agent(ck.clone()), "pr-c").await, 404, "not_found");
+    err(&e.revoke(Caller::Agent(new_key()), "pr-g").await, 401, "invalid_credentials");
+    for k in [&pk, &ck, &gk, &sk, &xk] {
+        ok(&e.spend(k, "1").await, 200);
+    }
+    let r = e.revoke(Caller::Agent(pk.clone()), "pr-c").await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["revoked"], serde_json::json!(["pr-c", "pr-g"]));
+    err(&e.spend(&ck, "1").await, 401, "credential_revoked");
+    err(&e.spend(&gk, "1").await, 401, "credential_revoked");
+    for k in [&pk, &sk, &xk] {
+        ok(&e.spend(k, "1").await, 200);
+    }
+    // The revoked child can no longer revoke anything.
+    err(&e.revoke(Caller::Agent(ck), "pr-g").await, 401, "credential_revoked");
+    e.finish().await;
+}
+
+async fn revocation_releases_holds(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("rh-p", PARENT_SCOPES, "20")).await;
+    let ck = e.child_agent(&pk, spec("rh-c", &[PAY, "spawn:agents"], "10")).await;
+    let gk = e.child_agent(&ck, spec("rh-g", &[PAY], "10")).await;
+    e.hold_ok(&gk, "2", HOUR).await;
+    let ch = e.hold_ok(&ck, "3", HOUR).await;
+    e.hold_ok(&pk, "4", HOUR).await;
+    ok(&e.spend(&gk, "1").await, 200);
+    assert_eq!(e.money("rh-p").await, (m("1"), m("9"), m("1")));
+    // Revoking the middle agent releases its subtree's holds, in every ancestor's figures.
+    ok(&e.revoke(Caller::Admin, "rh-c").await, 200);
+    assert_eq!(e.money("rh-g").await, (m("1"), Micros::ZERO, m("1")));
+    assert_eq!(e.money("rh-c").await, (m("1"), Micros::ZERO, m("1")));
+    assert_eq!(e.money("rh-p").await, (m("1"), m("4"), m("1")), "the parent's own hold stays");
+    err(&e.capture(&ck, &ch, "1").await, 401, "credential_revoked");
+    let ev = e.store.audit_page(None, 0, 1000).await.unwrap();
+    let released: Vec<_> = ev.iter().filter(|x| x.reason.as_deref() == Some("agent_revoked")).collect();
+    assert_eq!(released.len(), 2);
+    assert!(released.iter().all(|x| x.action == "release" && x.outcome == "allowed"));
+    // The parent can use the room that was released.
+    ok(&e.spend(&pk, "15").await, 200);
+    err(&e.spend(&pk, "0.01").await, 402, "spending_cap_exceeded");
+    ok(&e.revoke(Caller::Admin, "rh-p").await, 200);
+    assert_eq!(e.money("rh-p").await, (m("16"), Micros::ZERO, m("16")));
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn revocation_after_a_hold_expired(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("rx-p", PARENT_SCOPES, "20")).await;
+    let ck = e.child_agent(&pk, spec("rx-c", &[PAY], "10")).await;
+    let expired = e.hold_ok(&ck, "2", MIN).await;
+    let open = e.hold_ok(&ck, "3", HOUR).await;
+    e.advance(MIN);
+    // Nothing swept the expired hold before the revocation: it is recorded as expired (at its
+    // expiry), not as released by the revocation; only the open one is released.
+    ok(&e.revoke(Caller::Admin, "rx-c").await, 200);
+    assert_eq!(e.money("rx-p").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    let ev = e.store.audit_page(Some("rx-c"), 0, 100).await.unwrap();
+    let about =
+        |id: &str| ev.iter().filter(|x| x.reference.as_deref() == Some(id) && x.action != "hold").collect::<Vec<_>>();
+    let x = about(&expired);
+    assert_eq!(x.len(), 1, "{x:?}");
+    assert_eq!((x[0].action.as_str(), x[0].amount.as_deref()), ("hold.expire", Some("2.00")));
+    let x = about(&open);
+    assert_eq!(x.len(), 1, "{x:?}");
+    assert_eq!((x[0].action.as_str(), x[0].reason.as_deref()), ("release", Some("agent_revoked")));
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn key_rotation(db: Db) {
+    let e = Env::new(db).await;
+    let old = e.admin_agent(spec("rot", &[PAY], "10")).await;
+    let hid = e.hold_ok(&old, "1", HOUR).await;
+    let new = new_key();
+    let r = e.submit(Command::RotateKey { handle: "rot".into(), key_hash: new.clone() }).await;
+    ok(&r, 201);
+    err(&e.spend(&old, "1").await, 401, "invalid_credentials");
+    err(&e.capture(&old, &hid, "1").await, 401, "invalid_credentials");
+    assert_eq!(e.store.agent_for_key(&old, e.now()).await.unwrap().unwrap_err(), DenyReason::InvalidCredentials);
+    assert_eq!(e.store.agent_for_key(&new, e.now()).await.unwrap().unwrap().handle, "rot");
+    ok(&e.spend(&new, "1").await, 200);
+    ok(&e.capture(&new, &hid, "1").await, 200);
+    assert_eq!(e.money("rot").await, (m("2"), Micros::ZERO, m("2")));
+    err(&e.submit(Command::RotateKey { handle: "nobody".into(), key_hash: new_key() }).await, 404, "not_found");
+    // Rotation and a spend with the old key in one batch: the old key is refused.
+    let newer = new_key();
+    let (a, b) = tokio::join!(
+        e.ledger.submit(Command::RotateKey { handle: "rot".into(), key_hash: newer.clone() }),
+        e.ledger.submit(Command::Spend { key: new.clone(), scope: scope(PAY), amount: m("1"), memo: None, idem: None })
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    ok(&a, 201);
+    assert!(b.status == 200 || b.code().as_deref() == Some("invalid_credentials"), "{}", b.body);
+    // Either the spend ran before the rotation (allowed) or after it (refused); never both keys.
+    err(&e.spend(&new, "1").await, 401, "invalid_credentials");
+    ok(&e.spend(&newer, "1").await, 200);
+    let spent = if b.status == 200 { m("4") } else { m("3") };
+    assert_eq!(e.money("rot").await.0, spent);
+    e.finish().await;
+}
+
+async fn credential_expiry(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("ttl", &[PAY], "10");
+    s.expires_in = Some(span("1h"));
+    let k = e.admin_agent(s).await;
+    let hid = e.hold_ok(&k, "1", 2 * HOUR).await;
+    e.advance(HOUR - 1);
+    ok(&e.spend(&k, "1").await, 200);
+    e.advance(1);
+    err(&e.spend(&k, "1").await, 401, "credential_expired");
+    err(&e.capture(&k, &hid, "1").await, 401, "credential_expired");
+    assert_eq!(e.store.agent_for_key(&k, e.now()).await.unwrap().unwrap_err(), DenyReason::CredentialExpired);
+    assert_eq!(e.money("ttl").await, (m("1"), m("1"), m("1")));
+    e.finish().await;
+}
+
+fn idem(key: &str, hash: &str) -> Option<Idem> {
+    Some(Idem { key: key.into(), request_hash: hash.into() })
+}
+
+async fn idempotency_replay(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("idem", &[PAY], "50");
+    s.per_tx_limit = Some(m("10"));
+    let k = e.admin_agent(s).await;
+    let first = e.spend_with(&k, PAY, "2.00", idem("k1", "h1")).await;
+    ok(&first, 200);
+    assert!(!first.replayed);
+    let events = e.intact().await;
+    e.advance(SEC);
+    let second = e.spend_with(&k, PAY, "2.00", idem("k1", "h1")).await;
+    assert_eq!((second.status, &second.body, second.replayed), (200, &first.body, true));
+    assert_eq!(e.intact().await, events, "a replay is not a new decision");
+    let u = e.agent("idem").await.usage;
+    assert_eq!((u.window_spent, u.tx_count), (m("2"), 1), "charged once");
+    let r = e.spend_with(&k, PAY, "3.00", idem("k1", "h2")).await;
+    err(&r, 422, "idempotency_key_reused");
+    assert!(!r.replayed);
+    assert_eq!(e.agent("idem").await.usage.window_spent, m("2"));
+
+    // A denial is stored and replayed too, and counted once.
+    let d1 = e.spend_with(&k, PAY, "11", idem("k2", "h3")).await;
+    err(&d1, 402, "per_tx_limit_exceeded");
+    let d2 = e.spend_with(&k, PAY, "11", idem("k2", "h3")).await;
+    assert_eq!((d2.status, &d2.body, d2.replayed), (402, &d1.body, true));
+    assert_eq!(e.agent("idem").await.usage.denied_count, 1);
+
+    // Holds and captures replay their first answer (the same hold; no hold_closed).
+    let h1 = e
+        .submit(Command::Hold {
+            key: k.clone(),
+            scope: scope(PAY),
+            amount: m("5"),
+            expires_ms: HOUR,
+            idem: idem("k3", "h4"),
+        })
+        .await;
+    ok(&h1, 201);
+    let h2 = e
+        .submit(Command::Hold {
+            key: k.clone(),
+            scope: scope(PAY),
+            amount: m("5"),
+            expires_ms: HOUR,
+            idem: idem("k3", "h4"),
+        })
+        .await;
+    assert_eq!((&h2.body, h2.replayed), (&h1.body, true));
+    assert_eq!(e.agent("idem").await.usage.window_held, m("5"), "held once");
+    let hid = json(&h1)["id"].as_str().unwrap().to_owned();
+    let c1 = e
+        .submit(Command::Capture { key: k.clone(), hold_id: hid.clone(), amount: m("1"), idem: idem("k4", "h5") })
+        .await;
+    ok(&c1, 200);
+    let c2 = e
+        .submit(Command::Capture { key: k.clone(), hold_id: hid.clone(), amount: m("1"), idem: idem("k4", "h5") })
+        .await;
+    assert_eq!((c2.status, &c2.body, c2.replayed), (200, &c1.body, true));
+    assert_eq!(e.money("idem").await, (m("3"), Micros::ZERO, m("3")));
+
+    // Keys are per credential: another agent's "k1" is its own.
+    let k2 = e.admin_agent(spec("idem2", &[PAY], "50")).await;
+    let o = e.spend_with(&k2, PAY, "2.00", idem("k1", "h1")).await;
+    ok(&o, 200);
+    assert!(!o.replayed);
+    assert_ne!(o.body, first.body);
+
+    // After 24 h the key is forgotten: the same request runs again.
+    e.advance(24 * HOUR);
+    let later = e.spend_with(&k, PAY, "2.00", idem("k1", "h1")).await;
+    ok(&later, 200);
+    assert!(!later.replayed);
+    assert_ne!(later.body, first.body);
+    assert_eq!(e.agent("idem").await.usage.lifetime_spent, m("5"));
+    e.finish().await;
+}
+
+async fn revoked_key_is_never_replayed(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("idem-rv", &[PAY], "50")).await;
+    ok(&e.spend_with(&k, PAY, "2.00", idem("k1", "h1")).await, 200);
+    let hid = e.hold_ok(&k, "1", HOUR).await;
+    let c = Command::Release { key: k.clone(), hold_id: hid, idem: idem("k2", "h2") };
+    ok(&e.submit(c.clone()).await, 200);
+    ok(&e.revoke(Caller::Admin, "idem-rv").await, 200);
+    // Credentials are checked first: once revoked, no request with the key is answered 2xx,
+    // not even the replay of an earlier answer.
+    let r = e.spend_with(&k, PAY, "2.00", idem("k1", "h1")).await;
+    err(&r, 401, "credential_revoked");
+    err(&e.submit(c).await, 401, "credential_revoked");
+    assert_eq!(e.agent("idem-rv").await.usage.lifetime_spent, m("2"));
+    e.finish().await;
+}
+
+async fn denials_counted(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("den", &[PAY], "5");
+    s.per_tx_limit = Some(m("2"));
+    let k = e.admin_agent(s).await;
+    err(&e.spend(&k, "3").await, 402, "per_tx_limit_exceeded");
+    err(&e.spend_with(&k, "other:scope", "1", None).await, 403, "scope_not_granted");
+    ok(&e.spend(&k, "2").await, 200);
+    ok(&e.spend(&k, "2").await, 200);
+    err(&e.hold(&k, "2", MIN).await, 402, "spending_cap_exceeded");
+    let u = e.agent("den").await.usage;
+    assert_eq!((u.denied_count, u.tx_count), (3, 2));
+    e.finish().await;
+}
+
+async fn runaway_breaker(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("loop", &[PAY], "1000")).await;
+    // Allowed traffic, however fast, never trips the breaker.
+    for _ in 0..60 {
+        ok(&e.spend(&k, "0.01").await, 200);
+    }
+    assert_eq!(e.agent("loop").await.status, "active");
+    for i in 0..49 {
+        err(&e.spend(&k, "1000.01").await, 402, "per_tx_limit_exceeded");
+        assert_eq!(e.agent("loop").await.status, "active", "still active after {} denials", i + 1);
+    }
+    ok(&e.spend(&k, "0.01").await, 200);
+    // The 50th denial within 60 s suspends the agent.
+    err(&e.spend(&k, "1000.01").await, 402, "per_tx_limit_exceeded");
+    let a = e.agent("loop").await;
+    assert_eq!((a.status.as_str(), a.suspended_at.clone()), ("suspended", Some(fmt_time(T0))));
+    err(&e.spend(&k, "0.01").await, 403, "agent_suspended");
+    err(&e.hold(&k, "0.01", MIN).await, 403, "agent_suspended");
+    e.advance(HOUR);
+    err(&e.spend(&k, "0.01").await, 403, "agent_suspended");
+    let ev = e.store.audit_page(Some("loop"), 0, 1000).await.unwrap();
+    assert_eq!(ev.iter().filter(|x| x.action == "agent.suspend").count(), 1);
+    let r = e.submit(Command::Resume { handle: "loop".into() }).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["status"], "active");
+    ok(&e.spend(&k, "0.01").await, 200);
+    // Resuming starts the count afresh: 49 more denials do not suspend.
+    for _ in 0..49 {
+        err(&e.spend(&k, "1000.01").await, 402, "per_tx_limit_exceeded");
+    }
+    assert_eq!(e.agent("loop").await.status, "active");
+    ok(&e.spend(&k, "0.01").await, 200);
+    err(&e.submit(Command::Resume { handle: "nobody".into() }).await, 404, "not_found");
+    e.finish().await;
+}
+
+async fn breaker_window_and_overrides(db: Db) {
+    let e = Env::with_config(db, LedgerConfig { breaker: Breaker { denials: 5, window_ms: 10 * SEC }, batch_max: 64 })
+        .await;
+    let k = e.admin_agent(spec("bw", &[PAY], "1")).await;
+    // 4 denials, then 4 more after the window passed: never 5 within 10 s.
+    for _ in 0..4 {
+        err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    }
+    e.advance(11 * SEC);
+    for _ in 0..4 {
+        err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    }
+    assert_eq!(e.agent("bw").await.status, "active");
+    err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    assert_eq!(e.agent("bw").await.status, "suspended");
+
+    // Per agent: a tighter breaker, and a breaker turned off.
+    let mut s = spec("bw-tight", &[PAY], "1");
+    s.breaker = Some(Breaker { denials: 2, window_ms: 60 * SEC });
+    let t = e.admin_agent(s).await;
+    err(&e.spend(&t, "2").await, 402, "per_tx_limit_exceeded");
+    assert_eq!(e.agent("bw-tight").await.status, "active");
+    err(&e.spend(&t, "2").await, 402, "per_tx_limit_exceeded");
+    err(&e.spend(&t, "1").await, 403, "agent_suspended");
+    let mut s = spec("bw-off", &[PAY], "1");
+    s.breaker = Some(Breaker { denials: 0, window_ms: 60 * SEC });
+    let off = e.admin_agent(s).await;
+    for _ in 0..20 {
+        err(&e.spend(&off, "2").await, 402, "per_tx_limit_exceeded");
+    }
+    ok(&e.spend(&off, "1").await, 200);
+    assert_eq!(e.agent("bw-off").await.usage.denied_count, 20);
+    e.finish().await;
+}
+
+async fn rate_limit(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("rl", &[PAY], "100");
+    s.per_tx_limit = Some(m("10"));
+    s.rate_limit = Some(RateLimit { requests: 2, per_ms: 60 * SEC });
+    let k = e.admin_agent(s).await;
+    ok(&e.spend(&k, "1").await, 200);
+    ok(&e.hold(&k, "1", MIN).await, 201);
+    let r = e.spend(&k, "1").await;
+    err(&r, 429, "rate_limited");
+    assert_eq!(json(&r)["error"]["retry_after"], 30);
+    // The rate limit answers before the limits; the scope check answers before the rate limit.
+    err(&e.spend(&k, "11").await, 429, "rate_limited");
+    err(&e.spend_with(&k, "other:x", "1", None).await, 403, "scope_not_granted");
+    assert_eq!(e.money("rl").await, (m("1"), m("1"), m("1")), "nothing charged");
+    e.advance(30 * SEC - 1);
+    err(&e.spend(&k, "1").await, 429, "rate_limited");
+    e.advance(1);
+    ok(&e.spend(&k, "1").await, 200);
+    err(&e.spend(&k, "1").await, 429, "rate_limited");
+    assert_eq!(e.agent("rl").await.usage.denied_count, 5);
+    e.finish().await;
+}
+
+async fn check_order(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("ord", &[PAY], "1");
+    s.breaker = Some(Breaker { denials: 1, window_ms: 60 * SEC });
+    let k = e.admin_agent(s).await;
+    err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    // Suspended beats scope and limits...
+    err(&e.spend_with(&k, "other:x", "2", None).await, 403, "agent_suspended");
+    // ...and credentials beat suspension.
+    ok(&e.revoke(Caller::Admin, "ord").await, 200);
+    err(&e.spend_with(&k, "other:x", "2", None).await, 401, "credential_revoked");
+    err(&e.spend(&new_key(), "1").await, 401, "invalid_credentials");
+    e.finish().await;
+}
+
+async fn audit_every_decision(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("au", &["payments:write", "spawn:agents"], "10")).await;
+    let mut n = e.intact().await;
+    assert_eq!(n, 1);
+    // (what to do, the event it must append: action, outcome, reason, amount)
+    async fn step(e: &Env, n: &mut i64, r: bulkhead_store::Reply, want: (&str, &str, Option<&str>, Option<&str>)) {
+        assert_eq!(r.status < 300, want.1 == "allowed", "{}", r.body);
+        let ev = e.store.audit_page(None, *n, 10).await.unwrap();
+        assert_eq!(ev.len(), 1, "exactly one event: {ev:?}");
+        let x = &ev[0];
+        assert_eq!(x.seq, *n + 1);
+        assert_eq!((x.action.as_str(), x.outcome.as_str(), x.reason.as_deref(), x.amount.as_deref()), want, "{x:?}");
+        assert_eq!(x.at, fmt_time(e.now()));
+        *n += 1;
+        assert_eq!(e.intact().await, *n);
+    }
+    let r = e.spend(&pk, "2.50").await;
+    step(&e, &mut n, r, ("spend", "allowed", None, Some("2.50"))).await;
+    let x = e.store.audit_page(Some("au"), n - 1, 1).await.unwrap();
+    assert_eq!(x[0].scope.as_deref(), Some(PAY));
+    assert_eq!(x[0].agent, "au");
+    e.advance(SEC);
+    let r = e.spend(&pk, "9").await;
+    step(&e, &mut n, r, ("spend", "denied", Some("spending_cap_exceeded"), Some("9.00"))).await;
+    let r = e.spend_with(&pk, "x:y", "1", None).await;
+    step(&e, &mut n, r, ("spend", "denied", Some("scope_not_granted"), Some("1.00"))).await;
+    let r = e.hold(&pk, "3", MIN).await;
+    let hid = json(&r)["id"].as_str().unwrap().to_owned();
+    step(&e, &mut n, r, ("hold", "allowed", None, Some("3.00"))).await;
+    let r = e.hold(&pk, "5", MIN).await;
+    step(&e, &mut n, r, ("hold", "denied", Some("spending_cap_exceeded"), Some("5.00"))).await;
+    let r = e.capture(&pk, &hid, "1.25").await;
+    step(&e, &mut n, r, ("capture", "allowed", None, Some("1.25"))).await;
+    let hid = e.hold_ok(&pk, "1", MIN).await;
+    n += 1;
+    let r = e.release(&pk, &hid).await;
+    step(&e, &mut n, r, ("release", "allowed", None, Some("1.00"))).await;
+    let r = e.submit(Command::PatchAgent { handle: "au".into(), patch: Default::default() }).await;
+    step(&e, &mut n, r, ("agent.update", "allowed", None, None)).await;
+    let (r, _) = e.create(Caller::Agent(pk.clone()), spec("au-c", &["*"], "1")).await;
+    step(&e, &mut n, r, ("agent.create", "denied", Some("scope_escalation"), None)).await;
+    let (r, ck) = e.create(Caller::Agent(pk.clone()), spec("au-c", &[PAY], "1")).await;
+    step(&e, &mut n, r, ("agent.create", "allowed", None, None)).await;
+    let r = e.submit(Command::RotateKey { handle: "au-c".into(), key_hash: new_key() }).await;
+    step(&e, &mut n, r, ("agent.rotate_key", "allowed", None, None)).await;
+    let r = e.spend(&ck, "1").await;
+    assert_eq!(e.intact().await, n, "an unknown key is no agent's decision");
+    err(&r, 401, "invalid_credentials");
+    let r = e.revoke(Caller::Admin, "au").await;
+    let ev = e.store.audit_page(None, n, 10).await.unwrap();
+    assert_eq!(
+        ev.iter().map(|x| (x.agent.as_str(), x.action.as_str())).collect::<Vec<_>>(),
+        vec![("au", "agent.revoke"), ("au-c", "agent.revoke")]
+    );
+    ok(&r, 200);
+    n += 2;
+    let r = e.spend(&pk, "1").await;
+    step(&e, &mut n, r, ("spend", "denied", Some("credential_revoked"), Some("1.00"))).await;
+    assert_eq!(e.intact().await, n);
+    e.finish().await;
+}
+
+async fn concurrent_spends_one_agent(db: Db) {
+    let e = Env::new(db).await;
+    // The breaker is off for this agent: 95 denials in an instant would otherwise suspend it.
+    let mut s = spec("conc", &[PAY], "10.00");
+    s.breaker = Some(Breaker { denials: 0, window_ms: 60 * SEC });
+    let k = e.admin_agent(s).await;
+    let amount = m("0.30");
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let ledger = e.ledger.clone();
+        let key = k.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut allowed = 0i64;
+            for _ in 0..2 {
+                let r = ledger
+                    .submit(Command::Spend { key: key.clone(), scope: scope(PAY), amount, memo: None, idem: None })
+                    .await
+                    .expect("the ledger answered");
+                match r.status {
+                    200 => allowed += 1,
+                    402 => assert_eq!(r.code().as_deref(), Some("spending_cap_exceeded")),
+                    s => panic!("unexpected {s}: {}", r.body),
+                }
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap();
+    }
+    let u = e.agent("conc").await.usage;
+    assert_eq!(allowed, 10_000_000 / 300_000, "exactly floor(cap / amount) spends are allowed");
+    assert_eq!(u.window_spent.micros(), allowed * amount.micros(), "the stored total is the sum of allowed spends");
+    assert!(u.window_spent <= m("10"));
+    assert_eq!((u.tx_count, u.denied_count), (allowed, 128 - allowed));
+    assert_eq!(e.intact().await, 1 + 128);
+    e.finish().await;
+}
+
+async fn concurrent_spends_parent_and_child(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("cp", PARENT_SCOPES, "10.00")).await;
+    let ck = e.child_agent(&pk, spec("cc", &[PAY], "10.00")).await;
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let ledger = e.ledger.clone();
+        let key = if i % 2 == 0 { pk.clone() } else { ck.clone() };
+        tasks.push(tokio::spawn(async move {
+            let hold = i % 4 == 1;
+            let cmd = if hold {
+                Command::Hold { key, scope: scope(PAY), amount: m("0.30"), expires_ms: HOUR, idem: None }
+            } else {
+                Command::Spend { key, scope: scope(PAY), amount: m("0.30"), memo: None, idem: None }
+            };
+            let r = ledger.submit(cmd).await.expect("the ledger answered");
+            assert!(matches!(r.status, 200 | 201 | 402), "{}", r.body);
+            i64::from(r.status != 402)
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap();
+    }
+    assert_eq!(allowed, 33);
+    let (spent, held, _) = e.money("cp").await;
+    assert_eq!(spent.micros() + held.micros(), allowed * 300_000);
+    let (cs, ch, _) = e.money("cc").await;
+    assert!(cs <= spent && ch <= held);
+    e.intact().await;
+    e.finish().await;
+}
+
+/// Two replicas (two stores, two ledgers) on one PostgreSQL database enforce one cap between
+/// them, and a revocation answered by one is refused by the other at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_replicas_share_caps_and_revocations() {
+    let e = Env::new(Db::Postgres).await;
+    let other = Store::open(&e.url).await.expect("second replica");
+    let (ledger_b, writer_b) = Ledger::start(other.clone(), e.clock.clone(), LedgerConfig::default());
+    let mut s = spec("shared", PARENT_SCOPES, "10.00");
+    s.breaker = Some(Breaker { denials: 0, window_ms: 60 * SEC });
+    let pk = e.admin_agent(s).await;
+    let (r, ck) = {
+        let key = new_key();
+        let cmd = Command::CreateAgent {
+            caller: Caller::Agent(pk.clone()),
+            spec: spec("shared-c", &[PAY], "10.00"),
+            key_hash: key.clone(),
+        };
+        (ledger_b.submit(cmd).await.unwrap(), key)
+    };
+    ok(&r, 201);
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let ledger = if i % 2 == 0 { e.ledger.clone() } else { ledger_b.clone() };
+        let key = if i % 3 == 0 { ck.clone() } else { pk.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut allowed = 0i64;
+            for _ in 0..2 {
+                let cmd =
+                    Command::Spend { key: key.clone(), scope: scope(PAY), amount: m("0.30"), memo: None, idem: None };
+                let r = ledger.submit(cmd).await.expect("the ledger answered");
+                assert!(matches!(r.status, 200 | 402), "{}", r.body);
+                allowed += i64::from(r.status == 200);
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap();
+    }
+    assert_eq!(allowed, 33, "one cap across both replicas");
+    assert_eq!(e.money("shared").await.0.micros(), allowed * 300_000);
+    assert_eq!(e.intact().await, 2 + 128);
+
+    ok(&e.revoke(Caller::Admin, "shared").await, 200);
+    let r = ledger_b
+        .submit(Command::Spend { key: ck.clone(), scope: scope(PAY), amount: m("0.01"), memo: None, idem: None })
+        .await
+        .unwrap();
+    err(&r, 401, "credential_revoked");
+    assert_eq!(other.agent_for_key(&ck, e.now()).await.unwrap().unwrap_err(), DenyReason::CredentialRevoked);
+    drop(ledger_b);
+    writer_b.await.unwrap();
+    other.close().await;
+    e.finish().await;
+}
