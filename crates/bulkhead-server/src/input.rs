@@ -174,8 +174,8 @@ pub struct BreakerReq {
 
 impl BreakerReq {
     fn checked(self) -> Result<Breaker, ApiError> {
-        if !(0..=1_000_000).contains(&self.denials) {
-            return Err(ApiError::invalid("breaker.denials must be between 0 (off) and 1000000."));
+        if !(0..=10_000).contains(&self.denials) {
+            return Err(ApiError::invalid("breaker.denials must be between 0 (off) and 10000."));
         }
         let window = span(self.window.as_deref().unwrap_or("60s"), "breaker.window", "invalid_window")?;
         Ok(Breaker { denials: self.denials, window_ms: window.millis() })

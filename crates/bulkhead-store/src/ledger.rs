@@ -768,9 +768,9 @@ impl Batch {
                 "UPDATE agents SET status = $1, key_hash = $2, key_expires_at = $3, scopes = $4, \
                  spending_cap = $5, window_ms = $6, per_tx_limit = $7, lifetime_cap = $8, rate_requests = $9, \
                  rate_per_ms = $10, rate_tat = $11, breaker_denials = $12, breaker_window_ms = $13, \
-                 breaker_started = $14, breaker_count = $15, labels = $16, revoked_at = $17, revoke_reason = $18, \
-                 suspended_at = $19, window_index = $20, window_spent = $21, held = $22, lifetime_spent = $23, \
-                 tx_count = $24, denied_count = $25, root_id = $26, path = $27 WHERE id = $28",
+                 breaker_recent = $14, labels = $15, revoked_at = $16, revoke_reason = $17, suspended_at = $18, \
+                 window_index = $19, window_spent = $20, held = $21, lifetime_spent = $22, tx_count = $23, \
+                 denied_count = $24, root_id = $25, path = $26 WHERE id = $27",
             )
             .bind(r.status)
             .bind(r.key_hash)
@@ -785,8 +785,7 @@ impl Batch {
             .bind(r.rate_tat)
             .bind(r.breaker_denials)
             .bind(r.breaker_window_ms)
-            .bind(r.breaker_started)
-            .bind(r.breaker_count)
+            .bind(r.breaker_recent)
             .bind(r.labels)
             .bind(r.revoked_at)
             .bind(r.revoke_reason)
@@ -842,8 +841,7 @@ impl Batch {
                         let r = self.row_mut(id)?;
                         r.status = "active".into();
                         r.suspended_at = None;
-                        r.breaker_count = 0;
-                        r.breaker_started = 0;
+                        r.breaker_recent.clear();
                         let h = r.handle.clone();
                         self.event(&h, "agent.resume", "allowed");
                     }
@@ -948,13 +946,24 @@ impl Batch {
                 _ => default_breaker,
             };
             if b.denials > 0 {
-                if row.breaker_count == 0 || now - row.breaker_started >= b.window_ms {
-                    row.breaker_started = now;
-                    row.breaker_count = 1;
-                } else {
-                    row.breaker_count += 1;
+                // A sliding window: keep the times of the last `denials` denials and trip when
+                // all of them fall within `window_ms` of this one.
+                let mut recent: std::collections::VecDeque<i64> =
+                    row.breaker_recent.split(',').filter_map(|t| t.parse().ok()).collect();
+                recent.push_back(now);
+                while recent.front().is_some_and(|t| now - *t >= b.window_ms) {
+                    recent.pop_front();
                 }
-                if row.breaker_count >= b.denials {
+                while recent.len() as i64 > b.denials {
+                    recent.pop_front();
+                }
+                let tripped = recent.len() as i64 >= b.denials;
+                row.breaker_recent = if tripped {
+                    String::new()
+                } else {
+                    recent.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+                };
+                if tripped {
                     row.status = "suspended".into();
                     row.suspended_at = Some(now);
                     suspended = true;

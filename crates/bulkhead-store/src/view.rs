@@ -43,8 +43,9 @@ pub(crate) struct AgentRow {
     pub rate_tat: i64,
     pub breaker_denials: Option<i64>,
     pub breaker_window_ms: Option<i64>,
-    pub breaker_started: i64,
-    pub breaker_count: i64,
+    /// Times (ms) of the agent's recent denials that feed the breaker, comma-separated, oldest
+    /// first; at most `denials` of them.
+    pub breaker_recent: String,
     pub labels: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
@@ -60,7 +61,7 @@ pub(crate) struct AgentRow {
 
 pub(crate) const AGENT_COLUMNS: &str = "id, handle, parent_id, root_id, path, depth, status, key_hash, \
     key_expires_at, scopes, spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, \
-    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_started, breaker_count, labels, \
+    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, labels, \
     created_at, revoked_at, revoke_reason, suspended_at, window_index, window_spent, held, \
     lifetime_spent, tx_count, denied_count";
 

@@ -754,6 +754,22 @@ async fn breaker_window_and_overrides(db: Db) {
     err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
     assert_eq!(e.agent("bw").await.status, "suspended");
 
+    // The window slides: 1 denial, 3 more 9 s later, then 1 at 11 s and 1 at 12 s. A window
+    // restarted at the first denial would count only 2 by then; within the 10 s before 12 s
+    // there are 5 (9 s ×3, 11 s, 12 s), so the breaker trips.
+    let k = e.admin_agent(spec("bw-slide", &[PAY], "1")).await;
+    err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    e.advance(9 * SEC);
+    for _ in 0..3 {
+        err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    }
+    e.advance(2 * SEC);
+    err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    assert_eq!(e.agent("bw-slide").await.status, "active");
+    e.advance(SEC);
+    err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
+    assert_eq!(e.agent("bw-slide").await.status, "suspended");
+
     // Per agent: a tighter breaker, and a breaker turned off.
     let mut s = spec("bw-tight", &[PAY], "1");
     s.breaker = Some(Breaker { denials: 2, window_ms: 60 * SEC });

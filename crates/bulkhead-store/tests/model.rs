@@ -51,8 +51,8 @@ struct MAgent {
     held: i64,
     lifetime_spent: i64,
     status: Status,
-    breaker_count: i64,
-    breaker_started: i64,
+    /// Times of the denials that still count for the breaker (a sliding window).
+    breaker_recent: Vec<i64>,
     denied: i64,
     tx: i64,
 }
@@ -70,8 +70,7 @@ impl MAgent {
             held: 0,
             lifetime_spent: 0,
             status: Status::Active,
-            breaker_count: 0,
-            breaker_started: 0,
+            breaker_recent: Vec::new(),
             denied: 0,
             tx: 0,
         }
@@ -152,14 +151,11 @@ impl Model {
         let a = &mut self.a[who];
         a.denied += 1;
         if feeds_breaker && a.status == Status::Active {
-            if a.breaker_count == 0 || now - a.breaker_started >= BREAKER.window_ms {
-                a.breaker_started = now;
-                a.breaker_count = 1;
-            } else {
-                a.breaker_count += 1;
-            }
-            if a.breaker_count >= BREAKER.denials {
+            a.breaker_recent.push(now);
+            a.breaker_recent.retain(|t| now - *t < BREAKER.window_ms);
+            if a.breaker_recent.len() as i64 >= BREAKER.denials {
                 a.status = Status::Suspended;
+                a.breaker_recent.clear();
             }
         }
         (status, Some(code))
@@ -241,8 +237,7 @@ impl Model {
             Status::Revoked => (409, Some("agent_revoked")),
             Status::Suspended => {
                 a.status = Status::Active;
-                a.breaker_count = 0;
-                a.breaker_started = 0;
+                a.breaker_recent.clear();
                 (200, None)
             }
             Status::Active => (200, None),

@@ -38,7 +38,7 @@ impl Config {
         let mut b = Breaker::default();
         if let Some(c) = &self.breaker {
             if let Some(d) = c.denials {
-                anyhow::ensure!(d >= 0, "[breaker] denials must be 0 (off) or more");
+                anyhow::ensure!((0..=10_000).contains(&d), "[breaker] denials must be between 0 (off) and 10000");
                 b.denials = d;
             }
             if let Some(w) = &c.window {
