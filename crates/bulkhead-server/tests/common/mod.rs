@@ -1,0 +1,289 @@
+//! Shared harness of the HTTP-surface tests: a real SQLite store in a temp dir, a manual clock,
+//! and the router driven in-process with `tower::ServiceExt::oneshot`.
+//!
+//! Every answer that goes through [`Srv::call`] is checked against the contract's global rules:
+//! a non-2xx body is exactly `{"error": {"code", "message", …}}`, and every amount is a decimal
+//! string with 2 to 6 decimals. Every body is also recorded, so a test can assert that no answer
+//! ever carried a secret.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, Request};
+use bulkhead_core::ManualClock;
+use bulkhead_server::{AppState, app, install_metrics};
+use bulkhead_store::{Ledger, Store};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// The admin token of every test server.
+pub const ADMIN: &str = "adm_test_0123456789_abcdefghijklmnopqrstuvwxyz";
+/// 2023-11-14T22:13:20Z.
+pub const T0: i64 = 1_700_000_000_000;
+pub const HOUR: i64 = 3_600_000;
+
+/// How a request authenticates.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    None,
+    Admin,
+    Bearer(String),
+    Raw(Vec<u8>),
+}
+
+impl Auth {
+    pub fn key(k: &str) -> Auth {
+        Auth::Bearer(k.to_owned())
+    }
+}
+
+/// One answer.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Resp {
+    pub fn code(&self) -> Option<&str> {
+        self.json["error"]["code"].as_str()
+    }
+
+    /// Asserts the status (and, for errors, the code), showing the body when it fails.
+    #[track_caller]
+    pub fn expect(&self, status: u16, code: Option<&str>) -> &Resp {
+        assert_eq!(self.status, status, "unexpected status; body: {}", self.text);
+        if let Some(c) = code {
+            assert_eq!(self.code(), Some(c), "unexpected code; body: {}", self.text);
+        }
+        self
+    }
+
+    #[track_caller]
+    pub fn ok(&self) -> &Value {
+        assert!((200..300).contains(&self.status), "expected 2xx, got {}: {}", self.status, self.text);
+        &self.json
+    }
+
+    #[track_caller]
+    pub fn err(&self, status: u16, code: &str) {
+        self.expect(status, Some(code));
+    }
+}
+
+pub struct Srv {
+    pub router: Router,
+    pub clock: Arc<ManualClock>,
+    pub dir: tempfile::TempDir,
+    /// Every response body seen, in order.
+    pub seen: Mutex<Vec<String>>,
+}
+
+impl Srv {
+    pub async fn new() -> Srv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = bulkhead_store::testkit::sqlite_url(dir.path());
+        let store = Store::open(&url).await.expect("open store");
+        let clock = Arc::new(ManualClock::new(T0));
+        let (ledger, _writer) = Ledger::start(store, clock.clone(), Default::default());
+        let router = app(AppState { ledger, admin_token: Arc::from(ADMIN), metrics: install_metrics() });
+        Srv { router, clock, dir, seen: Mutex::new(Vec::new()) }
+    }
+
+    pub fn now(&self) -> i64 {
+        use bulkhead_core::Clock;
+        self.clock.now_ms()
+    }
+
+    pub fn set_now(&self, ms: i64) {
+        self.clock.set_ms(ms);
+    }
+
+    pub fn advance(&self, ms: i64) {
+        self.clock.advance_ms(ms);
+    }
+
+    /// Sends one request and checks the answer against the contract's global rules.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: &Auth,
+        headers: &[(&str, &[u8])],
+        body: impl Into<Body>,
+    ) -> Resp {
+        let mut req = Request::builder().method(Method::from_bytes(method.as_bytes()).unwrap()).uri(path);
+        match auth {
+            Auth::None => {}
+            Auth::Admin => req = req.header("authorization", format!("Bearer {ADMIN}")),
+            Auth::Bearer(k) => req = req.header("authorization", format!("Bearer {k}")),
+            Auth::Raw(b) => req = req.header("authorization", HeaderValue::from_bytes(b).expect("header bytes")),
+        }
+        for (name, value) in headers {
+            req = req.header(*name, HeaderValue::from_bytes(value).expect("header bytes"));
+        }
+        let req = req.header("content-type", "application/json").body(body.into()).unwrap();
+        let resp = self.router.clone().oneshot(req).await.expect("router is infallible");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).expect("answers are UTF-8");
+        self.seen.lock().unwrap().push(text.clone());
+        let json = if path == "/metrics" { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) };
+        let r = Resp { status, headers, text, json };
+        if path != "/metrics" {
+            assert!(r.json.is_object(), "{method} {path}: answer is not a JSON object: {:?}", r.text);
+            check_amounts(&r.json, "");
+        }
+        if !(200..300).contains(&status) {
+            assert_error_shape(&r);
+        }
+        assert!(status < 500, "{method} {path}: server error {status}: {}", r.text);
+        r
+    }
+
+    pub async fn json(&self, method: &str, path: &str, auth: &Auth, body: Value) -> Resp {
+        self.call(method, path, auth, &[], body.to_string()).await
+    }
+
+    pub async fn get(&self, path: &str, auth: &Auth) -> Resp {
+        self.call("GET", path, auth, &[], Body::empty()).await
+    }
+
+    /// Creates an agent as admin; returns (agent object, key).
+    pub async fn create(&self, spec: Value) -> (Value, String) {
+        let r = self.json("POST", "/v1/agents", &Auth::Admin, spec).await;
+        r.expect(201, None);
+        let key = r.json["key"].as_str().expect("key in 201").to_owned();
+        (r.json, key)
+    }
+
+    /// Creates a simple agent: scopes, cap.
+    pub async fn agent(&self, handle: &str, scopes: &[&str], cap: &str) -> String {
+        self.create(json!({"handle": handle, "scopes": scopes, "spending_cap": cap})).await.1
+    }
+
+    pub async fn spend(&self, key: &str, scope: &str, amount: &str) -> Resp {
+        self.json("POST", "/v1/spend", &Auth::key(key), json!({"scope": scope, "amount": amount})).await
+    }
+
+    pub async fn hold(&self, key: &str, scope: &str, amount: &str, expires_in: Option<&str>) -> Resp {
+        let mut b = json!({"scope": scope, "amount": amount});
+        if let Some(e) = expires_in {
+            b["expires_in"] = json!(e);
+        }
+        self.json("POST", "/v1/holds", &Auth::key(key), b).await
+    }
+
+    /// GET /v1/agents/{handle} as admin, asserting 200.
+    pub async fn agent_view(&self, handle: &str) -> Value {
+        let r = self.get(&format!("/v1/agents/{handle}"), &Auth::Admin).await;
+        r.expect(200, None);
+        r.json.clone()
+    }
+
+    pub async fn usage(&self, handle: &str) -> Value {
+        self.agent_view(handle).await["usage"].clone()
+    }
+
+    pub async fn audit(&self, handle: &str) -> Vec<Value> {
+        let r = self.get(&format!("/v1/agents/{handle}/audit?limit=1000"), &Auth::Admin).await;
+        r.expect(200, None);
+        r.json["events"].as_array().expect("events").clone()
+    }
+
+    pub async fn healthy(&self) {
+        let r = self.get("/healthz", &Auth::None).await;
+        assert_eq!(r.status, 200, "healthz: {}", r.text);
+    }
+
+    /// The SQLite files' bytes (database and WAL).
+    pub fn db_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in ["bulkhead.db", "bulkhead.db-wal"] {
+            if let Ok(b) = std::fs::read(self.dir.path().join(f)) {
+                out.extend(b);
+            }
+        }
+        out
+    }
+}
+
+/// Renders Unix milliseconds the way the API does (RFC 3339, UTC).
+pub fn rfc3339(ms: i64) -> String {
+    bulkhead_store::fmt_time(ms)
+}
+
+pub fn is_snake_case(s: &str) -> bool {
+    !s.is_empty()
+        && s.as_bytes()[0].is_ascii_lowercase()
+        && !s.ends_with('_')
+        && !s.contains("__")
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A non-2xx body is exactly `{"error": {"code": <snake_case>, "message": <non-empty>, …}}`.
+#[track_caller]
+pub fn assert_error_shape(r: &Resp) {
+    let top = r.json.as_object().unwrap_or_else(|| panic!("error body is not a JSON object: {:?}", r.text));
+    assert_eq!(top.len(), 1, "error body has keys besides `error`: {}", r.text);
+    let e = top.get("error").and_then(Value::as_object).unwrap_or_else(|| panic!("no error object: {}", r.text));
+    let code = e.get("code").and_then(Value::as_str).unwrap_or_else(|| panic!("no error.code: {}", r.text));
+    assert!(is_snake_case(code), "error.code is not snake_case: {code:?}");
+    let msg = e.get("message").and_then(Value::as_str).unwrap_or_else(|| panic!("no error.message: {}", r.text));
+    assert!(!msg.trim().is_empty(), "empty error.message: {}", r.text);
+    let ct = r.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(ct.starts_with("application/json"), "error content-type is {ct:?}");
+}
+
+/// A money string: digits, a point, 2 to 6 decimals.
+pub fn is_amount(s: &str) -> bool {
+    let Some((i, f)) = s.split_once('.') else { return false };
+    !i.is_empty()
+        && i.bytes().all(|b| b.is_ascii_digit())
+        && (2..=6).contains(&f.len())
+        && f.bytes().all(|b| b.is_ascii_digit())
+        && (f.len() == 2 || !f.ends_with('0'))
+}
+
+const AMOUNT_KEYS: &[&str] = &[
+    "amount",
+    "spending_cap",
+    "per_tx_limit",
+    "lifetime_cap",
+    "window_spent",
+    "window_held",
+    "lifetime_spent",
+    "captured",
+    "released",
+];
+
+/// Every amount anywhere in an answer is a decimal string with at least 2 decimals.
+#[track_caller]
+pub fn check_amounts(v: &Value, parent: &str) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let money = AMOUNT_KEYS.contains(&k.as_str()) || (parent == "remaining" && k != "id");
+                if money && !x.is_null() {
+                    let s = x.as_str().unwrap_or_else(|| panic!("amount `{k}` is not a string: {x}"));
+                    assert!(is_amount(s), "amount `{k}` is not rendered with 2..6 decimals: {s:?}");
+                }
+                check_amounts(x, k);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| check_amounts(x, parent)),
+        _ => {}
+    }
+}
+
+/// `n` nested arrays.
+pub fn nested(n: usize) -> String {
+    format!("{}{}", "[".repeat(n), "]".repeat(n))
+}
