@@ -5,6 +5,7 @@
 //! its own. Time arrives as an argument (`now_ms`, Unix milliseconds) and randomness as an
 //! `&mut impl Rng`, so every decision can be replayed exactly in tests.
 
+pub mod advice;
 pub mod clock;
 pub mod decision;
 pub mod duration;

@@ -112,7 +112,7 @@ fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn agent_key(headers: &HeaderMap) -> Result<KeyHash, ApiError> {
+pub(crate) fn agent_key(headers: &HeaderMap) -> Result<KeyHash, ApiError> {
     let token = bearer(headers)?;
     ApiKey::parse(token).map(|k| k.hash()).ok_or_else(|| ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))
 }
@@ -139,8 +139,8 @@ fn idem(headers: &HeaderMap, method: &Method, path: &str, body: &[u8]) -> Result
     Ok(Some(Idem { key: key.to_owned(), request_hash: hex::encode(h.finalize()) }))
 }
 
-/// Turns a committed reply into HTTP, recording its decision metrics.
-fn respond(reply: Reply) -> Response {
+/// Records the decision metrics of a committed reply.
+pub(crate) fn record_outcome(reply: &Reply) {
     if let Some(o) = &reply.outcome {
         let outcome = if o.allowed { "allowed" } else { "denied" };
         let reason = if o.allowed { "none" } else { o.reason };
@@ -149,6 +149,11 @@ fn respond(reply: Reply) -> Response {
             metrics::counter!(SPENT, "agent" => o.agent.clone()).increment(o.spent as u64);
         }
     }
+}
+
+/// Turns a committed reply into HTTP, recording its decision metrics.
+pub(crate) fn respond(reply: Reply) -> Response {
+    record_outcome(&reply);
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], reply.body.clone()).into_response();
     if reply.status == 429 {

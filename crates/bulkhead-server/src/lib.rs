@@ -1,14 +1,17 @@
-//! Bulkhead's HTTP server: the admin API, the agent API, health and metrics.
+//! Bulkhead's HTTP server: the admin API, the agent API, the agent gateway, health and metrics.
 //!
 //! This crate turns HTTP into checked commands (parse, don't validate) and committed replies
 //! back into HTTP. It never decides a spend and never writes a balance: the core decides and the
 //! store's ledger commits.
 
+pub mod alerts;
 mod api;
 mod error;
+pub mod gateway;
 mod input;
 mod metrics;
 
 pub use api::{AppState, app};
 pub use error::ApiError;
+pub use gateway::{Gateway, gateway_router};
 pub use metrics::install_metrics;

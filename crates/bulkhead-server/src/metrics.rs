@@ -9,6 +9,11 @@ pub const SPENT: &str = "bulkhead_spent_micros_total";
 pub const UTILIZATION: &str = "bulkhead_cap_utilization";
 pub const REVOCATION: &str = "bulkhead_revocation_seconds";
 pub const REQUEST_DURATION: &str = "bulkhead_request_duration_seconds";
+/// Gateway calls per upstream and result (`forwarded`, `denied`, `timeout`, `upstream_error`,
+/// `too_large`).
+pub const GATEWAY_CALLS: &str = "bulkhead_gateway_calls_total";
+/// Gateway calls whose metered cost was above the hold (only the hold was captured).
+pub const GATEWAY_COST_CAPPED: &str = "bulkhead_gateway_cost_capped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

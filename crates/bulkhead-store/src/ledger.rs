@@ -24,6 +24,7 @@ use sqlx::any::AnyArguments;
 use sqlx::{Any, Arguments, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::alerts::{AlertRules, NewAlert};
 use crate::audit::{NewEvent, append_events};
 use crate::view::{AGENT_COLUMNS, AgentRow, fmt_time};
 use crate::{Backend, Store, StoreError};
@@ -57,11 +58,13 @@ pub struct LedgerConfig {
     pub breaker: Breaker,
     /// The most commands in one transaction.
     pub batch_max: usize,
+    /// Which alerts to raise, and for which webhooks.
+    pub alerts: AlertRules,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { breaker: Breaker::default(), batch_max: 512 }
+        LedgerConfig { breaker: Breaker::default(), batch_max: 512, alerts: AlertRules::default() }
     }
 }
 
@@ -265,7 +268,8 @@ impl Ledger {
     /// Starts the writer task. `handle` lets the caller wait for it to drain at shutdown.
     pub fn start(store: Store, clock: Arc<dyn Clock>, cfg: LedgerConfig) -> (Ledger, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
-        let writer = Writer { store: store.clone(), clock: clock.clone(), cfg, cache: Cache::default() };
+        let rules = Arc::new(cfg.alerts.clone());
+        let writer = Writer { store: store.clone(), clock: clock.clone(), cfg, rules, cache: Cache::default() };
         let handle = tokio::spawn(writer.run(rx));
         (Ledger { tx, store, clock }, handle)
     }
@@ -316,6 +320,7 @@ struct Writer {
     store: Store,
     clock: Arc<dyn Clock>,
     cfg: LedgerConfig,
+    rules: Arc<AlertRules>,
     cache: Cache,
 }
 
@@ -410,6 +415,8 @@ impl Writer {
             backend: self.store.backend,
             now,
             breaker: self.cfg.breaker,
+            rules: self.rules.clone(),
+            alerts: Vec::new(),
             agents: cache.agents,
             by_key: cache.by_key,
             by_handle: cache.by_handle,
@@ -425,16 +432,25 @@ impl Writer {
                 sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *b.tx).await?;
             }
         }
+        b.prefetch(cmds).await?;
         let mut replies = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             replies.push(b.apply(cmd).await?);
         }
         b.flush().await?;
+        b.write_alerts().await?;
         let events = std::mem::take(&mut b.events);
         let head = append_events(&mut b.tx, b.backend, events, cache.head).await?;
         b.tx.commit().await.map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
         Ok((replies, Cache { agents: b.agents, by_key: b.by_key, by_handle: b.by_handle, head }))
     }
+}
+
+/// `(window_spent + held) / spending_cap` of a chain member (1.0 for a full zero cap).
+fn utilization(m: &bulkhead_core::ChainMember) -> f64 {
+    let used = m.counters.window_spent.micros().saturating_add(m.counters.held.micros()) as f64;
+    let cap = m.limits.spending_cap.micros() as f64;
+    if cap <= 0.0 { if used > 0.0 { f64::INFINITY } else { 0.0 } } else { used / cap }
 }
 
 /// Builds `prefix ($1, $2, …) suffix` for a list of ids.
@@ -489,6 +505,9 @@ struct Batch {
     backend: Backend,
     now: i64,
     breaker: Breaker,
+    rules: Arc<AlertRules>,
+    /// Alerts raised by this batch, written to the outbox before the commit.
+    alerts: Vec<NewAlert>,
     agents: HashMap<i64, AgentRow>,
     by_key: HashMap<String, i64>,
     by_handle: HashMap<String, i64>,
@@ -760,49 +779,204 @@ impl Batch {
         Ok(())
     }
 
-    async fn flush(&mut self) -> R<()> {
-        let dirty: Vec<i64> = std::mem::take(&mut self.dirty).into_iter().collect();
-        for id in dirty {
-            let r = self.row(id)?.clone();
-            sqlx::query(
-                "UPDATE agents SET status = $1, key_hash = $2, key_expires_at = $3, scopes = $4, \
-                 spending_cap = $5, window_ms = $6, per_tx_limit = $7, lifetime_cap = $8, rate_requests = $9, \
-                 rate_per_ms = $10, rate_tat = $11, breaker_denials = $12, breaker_window_ms = $13, \
-                 breaker_recent = $14, labels = $15, revoked_at = $16, revoke_reason = $17, suspended_at = $18, \
-                 window_index = $19, window_spent = $20, held = $21, lifetime_spent = $22, tx_count = $23, \
-                 denied_count = $24, root_id = $25, path = $26 WHERE id = $27",
-            )
-            .bind(r.status)
-            .bind(r.key_hash)
-            .bind(r.key_expires_at)
-            .bind(r.scopes)
-            .bind(r.spending_cap)
-            .bind(r.window_ms)
-            .bind(r.per_tx_limit)
-            .bind(r.lifetime_cap)
-            .bind(r.rate_requests)
-            .bind(r.rate_per_ms)
-            .bind(r.rate_tat)
-            .bind(r.breaker_denials)
-            .bind(r.breaker_window_ms)
-            .bind(r.breaker_recent)
-            .bind(r.labels)
-            .bind(r.revoked_at)
-            .bind(r.revoke_reason)
-            .bind(r.suspended_at)
-            .bind(r.window_index)
-            .bind(r.window_spent)
-            .bind(r.held)
-            .bind(r.lifetime_spent)
-            .bind(r.tx_count)
-            .bind(r.denied_count)
-            .bind(r.root_id)
-            .bind(r.path)
-            .bind(r.id)
-            .execute(&mut *self.tx)
-            .await?;
+    /// Raises an alert (when webhooks are configured): `{"id", "type", "agent", "at", …extra}`.
+    fn raise(&mut self, kind: &str, agent: &str, extra: serde_json::Value) {
+        if self.rules.webhooks.is_empty() {
+            return;
+        }
+        let id = format!("al_{}", random_base62(&mut rand::rng(), 22));
+        let mut body = json!({"id": id, "type": kind, "agent": agent, "at": fmt_time(self.now)});
+        if let (Some(b), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+            b.extend(extra);
+        }
+        self.alerts.push(NewAlert { id, body: body.to_string() });
+    }
+
+    /// Raises `threshold_crossed` for every configured threshold that `after` reached and
+    /// `before` had not, and `cap_reached` when the agent's window is now full.
+    fn raise_crossings(&mut self, id: i64, before: f64, after: f64) -> R<()> {
+        if self.rules.webhooks.is_empty() {
+            return Ok(());
+        }
+        let now = self.now;
+        let row = self.row(id)?;
+        let (handle, window_index) = (row.handle.clone(), row.member(now).counters.window_index);
+        let already = row.cap_alerted_window == window_index;
+        let thresholds = self.rules.thresholds.clone();
+        for t in thresholds {
+            if before < t && after >= t {
+                self.raise("threshold_crossed", &handle, json!({"threshold": t, "utilization": after}));
+            }
+        }
+        if after >= 1.0 && !already {
+            self.row_mut(id)?.cap_alerted_window = window_index;
+            self.raise("cap_reached", &handle, json!({"cap": "spending_cap", "utilization": after}));
         }
         Ok(())
+    }
+
+    async fn write_alerts(&mut self) -> R<()> {
+        let alerts = std::mem::take(&mut self.alerts);
+        for a in &alerts {
+            for hook in &self.rules.webhooks {
+                sqlx::query(
+                    "INSERT INTO alert_outbox (id, webhook, body, created_at, attempts, next_at) \
+                     VALUES ($1, $2, $3, $4, 0, $4)",
+                )
+                .bind(&a.id)
+                .bind(hook)
+                .bind(&a.body)
+                .bind(self.now)
+                .execute(&mut *self.tx)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every changed agent row back, in one multi-row `UPDATE … FROM (VALUES …)` per
+    /// chunk (the same SQL on SQLite and PostgreSQL; `VALUES` columns are named column1…N on both).
+    async fn flush(&mut self) -> R<()> {
+        const COLS: [(&str, &str); 28] = [
+            ("status", "TEXT"),
+            ("key_hash", "TEXT"),
+            ("key_expires_at", "BIGINT"),
+            ("scopes", "TEXT"),
+            ("spending_cap", "BIGINT"),
+            ("window_ms", "BIGINT"),
+            ("per_tx_limit", "BIGINT"),
+            ("lifetime_cap", "BIGINT"),
+            ("rate_requests", "BIGINT"),
+            ("rate_per_ms", "BIGINT"),
+            ("rate_tat", "BIGINT"),
+            ("breaker_denials", "BIGINT"),
+            ("breaker_window_ms", "BIGINT"),
+            ("breaker_recent", "TEXT"),
+            ("labels", "TEXT"),
+            ("revoked_at", "BIGINT"),
+            ("revoke_reason", "TEXT"),
+            ("suspended_at", "BIGINT"),
+            ("window_index", "BIGINT"),
+            ("window_spent", "BIGINT"),
+            ("held", "BIGINT"),
+            ("lifetime_spent", "BIGINT"),
+            ("tx_count", "BIGINT"),
+            ("denied_count", "BIGINT"),
+            ("root_id", "BIGINT"),
+            ("path", "TEXT"),
+            ("cap_alerted_window", "BIGINT"),
+            ("id", "BIGINT"),
+        ];
+        const CHUNK: usize = 100;
+        let dirty: Vec<i64> = std::mem::take(&mut self.dirty).into_iter().collect();
+        for ids in dirty.chunks(CHUNK) {
+            let mut sql = String::from("UPDATE agents SET ");
+            for (n, (col, _)) in COLS[..COLS.len() - 1].iter().enumerate() {
+                if n > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("{col} = v.column{}", n + 1));
+            }
+            sql.push_str(" FROM (VALUES ");
+            let mut args = AnyArguments::default();
+            let bad = |e: sqlx::error::BoxDynError| corrupt(&e.to_string());
+            for (k, id) in ids.iter().enumerate() {
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                for (n, (_, ty)) in COLS.iter().enumerate() {
+                    if n > 0 {
+                        sql.push_str(", ");
+                    }
+                    // Casts give PostgreSQL the column types of all-NULL parameters.
+                    sql.push_str(&format!("CAST(${} AS {ty})", k * COLS.len() + n + 1));
+                }
+                sql.push(')');
+                let r = self.row(*id)?.clone();
+                args.add(r.status).map_err(bad)?;
+                args.add(r.key_hash).map_err(bad)?;
+                args.add(r.key_expires_at).map_err(bad)?;
+                args.add(r.scopes).map_err(bad)?;
+                args.add(r.spending_cap).map_err(bad)?;
+                args.add(r.window_ms).map_err(bad)?;
+                args.add(r.per_tx_limit).map_err(bad)?;
+                args.add(r.lifetime_cap).map_err(bad)?;
+                args.add(r.rate_requests).map_err(bad)?;
+                args.add(r.rate_per_ms).map_err(bad)?;
+                args.add(r.rate_tat).map_err(bad)?;
+                args.add(r.breaker_denials).map_err(bad)?;
+                args.add(r.breaker_window_ms).map_err(bad)?;
+                args.add(r.breaker_recent).map_err(bad)?;
+                args.add(r.labels).map_err(bad)?;
+                args.add(r.revoked_at).map_err(bad)?;
+                args.add(r.revoke_reason).map_err(bad)?;
+                args.add(r.suspended_at).map_err(bad)?;
+                args.add(r.window_index).map_err(bad)?;
+                args.add(r.window_spent).map_err(bad)?;
+                args.add(r.held).map_err(bad)?;
+                args.add(r.lifetime_spent).map_err(bad)?;
+                args.add(r.tx_count).map_err(bad)?;
+                args.add(r.denied_count).map_err(bad)?;
+                args.add(r.root_id).map_err(bad)?;
+                args.add(r.path).map_err(bad)?;
+                args.add(r.cap_alerted_window).map_err(bad)?;
+                args.add(r.id).map_err(bad)?;
+            }
+            sql.push_str(&format!(") AS v WHERE agents.id = v.column{}", COLS.len()));
+            let done = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
+            if done.rows_affected() != ids.len() as u64 {
+                return Err(corrupt("an agent row vanished during its batch"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads, in one query each, the rows of every key and handle the batch names and of their
+    /// ancestors, so that commands on many agents do not cost one round trip each.
+    async fn prefetch(&mut self, cmds: &[&Command]) -> R<()> {
+        let mut keys: Vec<&str> = Vec::new();
+        let mut handles: Vec<&str> = Vec::new();
+        for c in cmds {
+            if let Some(k) = c.key()
+                && !self.by_key.contains_key(k.as_str())
+            {
+                keys.push(k.as_str());
+            }
+            match c {
+                Command::PatchAgent { handle, .. }
+                | Command::Revoke { handle, .. }
+                | Command::RotateKey { handle, .. }
+                | Command::Resume { handle }
+                    if !self.by_handle.contains_key(handle.as_str()) =>
+                {
+                    handles.push(handle)
+                }
+                _ => {}
+            }
+        }
+        for (prefix, items) in [
+            (format!("SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash IN "), &mut keys),
+            (format!("SELECT {AGENT_COLUMNS} FROM agents WHERE handle IN "), &mut handles),
+        ] {
+            if items.is_empty() {
+                continue;
+            }
+            items.sort_unstable();
+            items.dedup();
+            let (sql, args) = in_list_str(&prefix, items, "")?;
+            let rows: Vec<AgentRow> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            for r in rows {
+                self.cache(r);
+            }
+        }
+        let mut missing: BTreeSet<i64> = BTreeSet::new();
+        for r in self.agents.values() {
+            missing.extend(r.path_ids().into_iter().filter(|id| !self.agents.contains_key(id)));
+        }
+        let missing: Vec<i64> = missing.into_iter().collect();
+        self.load_ids(&missing).await
     }
 
     async fn apply(&mut self, cmd: &Command) -> R<Reply> {
@@ -930,6 +1104,7 @@ impl Batch {
     ) -> R<Reply> {
         let now = self.now;
         let default_breaker = self.breaker;
+        let alerting = !self.rules.webhooks.is_empty();
         let row = self.row_mut(id)?;
         row.denied_count += 1;
         let mut suspended = false;
@@ -971,6 +1146,18 @@ impl Batch {
             }
         }
         let handle = row.handle.clone();
+        let window_index = row.member(now).counters.window_index;
+        let cap_hit = matches!(reason, DenyReason::SpendingCap | DenyReason::LifetimeCap)
+            && row.cap_alerted_window != window_index
+            && alerting;
+        if cap_hit {
+            row.cap_alerted_window = window_index;
+            let cap = if reason == DenyReason::SpendingCap { "spending_cap" } else { "lifetime_cap" };
+            self.raise("cap_reached", &handle, json!({"cap": cap, "denied_amount": amount}));
+        }
+        if suspended {
+            self.raise("agent_suspended", &handle, json!({"reason": "runaway_loop_breaker"}));
+        }
         let e = self.event(&handle, action, "denied");
         e.reason = Some(reason.code().to_owned());
         e.scope = scope.map(|s| s.as_str().to_owned());
@@ -1017,7 +1204,12 @@ impl Batch {
             return self.deny(id, action, reason, Some(scope), Some(amount));
         }
         let movement = if hold_expires.is_some() { Movement::Hold(amount) } else { Movement::Spend(amount) };
+        let before: Vec<f64> = members.iter().map(utilization).collect();
         self.move_chain(&chain, movement)?;
+        for (a, before) in chain.iter().zip(before) {
+            let after = utilization(&self.row(*a)?.member(now));
+            self.raise_crossings(*a, before, after)?;
+        }
         // TigerBeetle-style assertion: an allowed movement never leaves a cap broken.
         for a in &chain {
             let m = self.row(*a)?.member(now);
@@ -1391,6 +1583,7 @@ impl Batch {
             let e = self.event(h, "agent.revoke", "allowed");
             e.reason = reason.map(str::to_owned);
             e.detail = Some(json!({"by": by, "target": handle}).to_string());
+            self.raise("agent_revoked", h, json!({"reason": reason, "by": by, "target": handle}));
         }
         // Holds already past their expiry (not swept yet) expired; they are not the revocation's.
         self.expire_holds(Some(&[root_id])).await?;

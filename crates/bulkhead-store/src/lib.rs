@@ -22,6 +22,8 @@ macro_rules! dsql {
     ($($t:tt)*) => { sqlx::AssertSqlSafe(format!($($t)*)) };
 }
 
+mod advice;
+mod alerts;
 mod audit;
 mod blast;
 mod ledger;
@@ -30,6 +32,8 @@ mod read;
 pub mod testkit;
 mod view;
 
+pub use advice::AgentAdvice;
+pub use alerts::{AlertRules, OutboxRow, retry_delay_ms};
 pub use audit::{AuditEvent, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
 pub use ledger::{AgentSpec, Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Outcome, Patch, Reply};

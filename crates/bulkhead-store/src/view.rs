@@ -46,6 +46,8 @@ pub(crate) struct AgentRow {
     /// Times (ms) of the agent's recent denials that feed the breaker, comma-separated, oldest
     /// first; at most `denials` of them.
     pub breaker_recent: String,
+    /// The window in which a cap_reached alert was last raised (-1: never).
+    pub cap_alerted_window: i64,
     pub labels: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
@@ -61,7 +63,7 @@ pub(crate) struct AgentRow {
 
 pub(crate) const AGENT_COLUMNS: &str = "id, handle, parent_id, root_id, path, depth, status, key_hash, \
     key_expires_at, scopes, spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, \
-    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, labels, \
+    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, cap_alerted_window, labels, \
     created_at, revoked_at, revoke_reason, suspended_at, window_index, window_spent, held, \
     lifetime_spent, tx_count, denied_count";
 

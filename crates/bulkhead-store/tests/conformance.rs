@@ -739,8 +739,11 @@ async fn runaway_breaker(db: Db) {
 }
 
 async fn breaker_window_and_overrides(db: Db) {
-    let e = Env::with_config(db, LedgerConfig { breaker: Breaker { denials: 5, window_ms: 10 * SEC }, batch_max: 64 })
-        .await;
+    let e = Env::with_config(
+        db,
+        LedgerConfig { breaker: Breaker { denials: 5, window_ms: 10 * SEC }, batch_max: 64, ..Default::default() },
+    )
+    .await;
     let k = e.admin_agent(spec("bw", &[PAY], "1")).await;
     // 4 denials, then 4 more after the window passed: never 5 within 10 s.
     for _ in 0..4 {

@@ -378,7 +378,7 @@ async fn settle(
 }
 
 async fn run(db: Db, ops: Vec<Op>) {
-    let e = Env::with_config(db, LedgerConfig { breaker: BREAKER, batch_max: 64 }).await;
+    let e = Env::with_config(db, LedgerConfig { breaker: BREAKER, batch_max: 64, ..Default::default() }).await;
     let mut ps = spec(HANDLES[P], &[PAY, "spawn:agents"], "10.00");
     ps.window = span("1h");
     ps.per_tx_limit = Some(m("6.00"));

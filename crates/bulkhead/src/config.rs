@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use bulkhead_core::Span;
-use bulkhead_store::Breaker;
+use bulkhead_store::{AlertRules, Breaker};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -13,9 +13,21 @@ pub struct Config {
     #[serde(default)]
     pub breaker: Option<BreakerConfig>,
     #[serde(default)]
-    pub alerts: Option<toml::Value>,
+    pub alerts: Option<AlertsConfig>,
+    /// `[[upstream]]`: the agent gateway's upstreams (contract §8).
     #[serde(default)]
-    pub upstream: Vec<toml::Value>,
+    pub upstream: Vec<bulkhead_server::gateway::UpstreamSpec>,
+}
+
+/// `[alerts]`: where alerts go and when utilization alerts fire.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+    pub thresholds: Option<Vec<f64>>,
+    /// Environment variable holding the HMAC secret that signs every delivery.
+    pub secret_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +44,36 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// The checked alert rules and the signing secret (read from its environment variable).
+    pub fn alerts(&self) -> anyhow::Result<(AlertRules, Option<String>)> {
+        let Some(a) = &self.alerts else { return Ok((AlertRules::default(), None)) };
+        for w in &a.webhooks {
+            anyhow::ensure!(
+                w.starts_with("http://") || w.starts_with("https://"),
+                "[alerts] webhooks: {w:?} is not an http(s) URL"
+            );
+        }
+        let thresholds = a.thresholds.clone().unwrap_or_else(|| vec![0.8]);
+        for t in &thresholds {
+            anyhow::ensure!(*t > 0.0 && *t <= 1.0, "[alerts] thresholds must be fractions in (0, 1], got {t}");
+        }
+        let secret =
+            match &a.secret_env {
+                None => None,
+                Some(var) => Some(std::env::var(var).ok().filter(|s| !s.is_empty()).ok_or_else(|| {
+                    anyhow::anyhow!("[alerts] secret_env: the environment variable {var} is not set")
+                })?),
+            };
+        Ok((AlertRules { webhooks: a.webhooks.clone(), thresholds }, secret))
+    }
+
+    /// The checked upstreams, each secret read from its environment variable. A missing
+    /// variable is an error naming it (never the secret).
+    pub fn upstreams(&self) -> anyhow::Result<Vec<bulkhead_server::gateway::Upstream>> {
+        bulkhead_server::gateway::check_upstreams(&self.upstream, &|var| std::env::var(var).ok())
+            .map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))
     }
 
     pub fn breaker(&self) -> anyhow::Result<Breaker> {

@@ -9,6 +9,7 @@ mod demo;
 mod offline;
 mod report;
 pub mod serve;
+mod suggest;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ enum Cmd {
     Audit(offline::AuditCmd),
     /// Print the blast radius of every live agent (reads the store directly).
     Report(report::ReportArgs),
+    /// Propose least-privilege scopes and limits from an agent's recorded history (reads the store directly).
+    Suggest(suggest::SuggestArgs),
     /// Tell the product's story in under a minute on a throwaway data dir.
     Demo(demo::DemoArgs),
 }
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
             Cmd::Audit(cmd) => offline::run(cmd).await,
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Report(args) => report::run(args).await,
+            Cmd::Suggest(args) => suggest::run(args).await,
         }
     });
     match result {

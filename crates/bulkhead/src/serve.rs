@@ -111,10 +111,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::load(args.config.as_deref())?;
-    if config.alerts.is_some() || !config.upstream.is_empty() {
-        tracing::warn!("[alerts] and [[upstream]] are not served by this version and are ignored");
-    }
+    let upstreams = config.upstreams()?;
     let breaker = config.breaker()?;
+    let (alert_rules, alert_secret) = config.alerts()?;
+    if !alert_rules.webhooks.is_empty() && alert_secret.is_none() {
+        tracing::warn!("[alerts] has no secret_env: webhook deliveries are not signed");
+    }
+    // TLS (https webhooks and upstreams) uses rustls on the ring provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let token = admin_token(&args.data)?;
     // One server per embedded store: its writer is the file's only writer (it caches what it
     // committed), so a second `serve` on the same data dir must not start.
@@ -127,8 +131,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None => Store::open_dir(&args.data).await.context("cannot open the embedded store")?,
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (ledger, writer) = Ledger::start(store.clone(), clock, LedgerConfig { breaker, ..LedgerConfig::default() });
+    let alerting = !alert_rules.webhooks.is_empty();
+    let (ledger, writer) = Ledger::start(
+        store.clone(),
+        clock.clone(),
+        LedgerConfig { breaker, alerts: alert_rules, ..LedgerConfig::default() },
+    );
     let sweeper = ledger.spawn_sweeper(Duration::from_secs(1));
+    // Deliveries also drain alerts left in the outbox by an earlier run.
+    let delivery = alerting.then(|| {
+        bulkhead_server::alerts::spawn_alert_delivery(
+            store.clone(),
+            clock.clone(),
+            alert_secret.map(bulkhead_server::alerts::SigningSecret::new),
+        )
+    });
+    let gateway = if upstreams.is_empty() {
+        None
+    } else {
+        let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
+        tracing::info!(upstreams = ?names, "agent gateway on /proxy/{{upstream}}/…");
+        Some(
+            bulkhead_server::Gateway::new(ledger.clone(), upstreams)
+                .map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?,
+        )
+    };
     let state = AppState { ledger, admin_token: Arc::from(token), metrics: install_metrics() };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -136,9 +163,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = ?store.backend(), "bulkhead listening");
     println!("bulkhead listening on http://{addr}");
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let router = match gateway {
+        Some(gw) => app(state).merge(bulkhead_server::gateway_router(gw)),
+        None => app(state),
+    };
+    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
     sweeper.abort();
     let _ = sweeper.await;
+    if let Some(d) = delivery {
+        d.abort();
+        let _ = d.await;
+    }
     // Every ledger handle is gone now; the writer commits what it has and stops.
     let _ = writer.await;
     store.close().await;

@@ -196,7 +196,10 @@ impl PricingSpec {
                     Some(s) => amount(upstream, "pricing.cache_read_per_million", s)?,
                     None => input,
                 };
-                Pricing::Tokens { dialect: Dialect::Anthropic, prices: TokenPrices { input, output, cache_write, cache_read } }
+                Pricing::Tokens {
+                    dialect: Dialect::Anthropic,
+                    prices: TokenPrices { input, output, cache_write, cache_read },
+                }
             }
             PricingSpec::ResponseHeader { header } => Pricing::ResponseHeader(
                 HeaderName::from_bytes(header.as_bytes())
@@ -216,8 +219,10 @@ impl UpstreamSpec {
                 "upstream name {name:?} must be 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit"
             ));
         }
-        let uri: Uri =
-            self.base_url.parse().map_err(|_| format!("upstream {name:?}: base_url {:?} is not a URL", self.base_url))?;
+        let uri: Uri = self
+            .base_url
+            .parse()
+            .map_err(|_| format!("upstream {name:?}: base_url {:?} is not a URL", self.base_url))?;
         let scheme = match uri.scheme_str() {
             Some(s @ ("http" | "https")) => s.to_owned(),
             _ => return Err(format!("upstream {name:?}: base_url must start with http:// or https://")),
@@ -250,10 +255,9 @@ impl UpstreamSpec {
                 None
             }
             Some(var) => {
-                let secret = env(var)
-                    .filter(|s| !s.is_empty())
-                    .map(Secret::new)
-                    .ok_or_else(|| format!("upstream {name:?}: the environment variable {var} (secret_env) is not set"))?;
+                let secret = env(var).filter(|s| !s.is_empty()).map(Secret::new).ok_or_else(|| {
+                    format!("upstream {name:?}: the environment variable {var} (secret_env) is not set")
+                })?;
                 let header = self.auth_header.as_deref().unwrap_or("Authorization");
                 let header = HeaderName::from_bytes(header.as_bytes())
                     .map_err(|_| format!("upstream {name:?}: auth_header {header:?} is not a header name"))?;
@@ -286,7 +290,12 @@ impl UpstreamSpec {
             max_cost,
             pricing,
             max_request_bytes,
-            connect_timeout: duration(name, "connect_timeout", self.connect_timeout.as_deref(), CONNECT_TIMEOUT_DEFAULT)?,
+            connect_timeout: duration(
+                name,
+                "connect_timeout",
+                self.connect_timeout.as_deref(),
+                CONNECT_TIMEOUT_DEFAULT,
+            )?,
             read_timeout: duration(name, "read_timeout", self.read_timeout.as_deref(), READ_TIMEOUT_DEFAULT)?,
             max_duration,
             charge_failures: self.charge_failures.unwrap_or(false),
@@ -326,8 +335,9 @@ mod tests {
 
     #[test]
     fn openai_entry_checks() {
-        let s = spec("pricing = { kind = \"openai_usage\", input_per_million = \"2.50\", output_per_million = \"10.00\" }")
-            .expect("parses");
+        let s =
+            spec("pricing = { kind = \"openai_usage\", input_per_million = \"2.50\", output_per_million = \"10.00\" }")
+                .expect("parses");
         let u = s.checked(&env).expect("valid");
         assert_eq!(u.authority, "api.openai.com");
         assert_eq!(u.base_path, "/v1");

@@ -140,7 +140,8 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_paths() {
-        for p in ["", "v1/chat/completions", "v1/models/", "v1/files/file-abc.jsonl", "a%20b", "v1/x.y", "v1/.well-known"]
+        for p in
+            ["", "v1/chat/completions", "v1/models/", "v1/files/file-abc.jsonl", "a%20b", "v1/x.y", "v1/.well-known"]
         {
             assert_eq!(check_segments(p, true), Ok(()), "{p:?}");
         }

@@ -20,6 +20,7 @@ CREATE TABLE agents (
     breaker_denials BIGINT,
     breaker_window_ms BIGINT,
     breaker_recent  TEXT    NOT NULL DEFAULT '',
+    cap_alerted_window BIGINT NOT NULL DEFAULT -1,
     labels          TEXT    NOT NULL,
     created_at      BIGINT  NOT NULL,
     revoked_at      BIGINT,
@@ -83,3 +84,18 @@ CREATE TABLE audit_head (
     hash  TEXT   NOT NULL
 );
 INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+
+-- Alerts waiting for (or done with) delivery: one row per alert and webhook. Rows are written in
+-- the transaction of the decision that raised the alert, so an alert survives any restart.
+CREATE TABLE alert_outbox (
+    id            TEXT    NOT NULL,
+    webhook       TEXT    NOT NULL,
+    body          TEXT    NOT NULL,
+    created_at    BIGINT  NOT NULL,
+    attempts      BIGINT  NOT NULL DEFAULT 0,
+    next_at       BIGINT  NOT NULL,
+    delivered_at  BIGINT,
+    last_error    TEXT,
+    PRIMARY KEY (id, webhook)
+);
+CREATE INDEX alert_outbox_due ON alert_outbox (next_at) WHERE delivered_at IS NULL;

@@ -29,17 +29,33 @@ const WAIT_STEP: Duration = Duration::from_millis(50);
 pub struct Backend {
     root: tempfile::TempDir,
     pub db: Option<String>,
+    /// A `--config` file every server of this backend starts with.
+    pub config: Option<PathBuf>,
+    /// Extra environment variables every server of this backend gets.
+    pub env: Vec<(String, String)>,
     starts: AtomicUsize,
 }
 
 impl Backend {
     pub fn sqlite() -> Backend {
-        Backend { root: tempfile::tempdir().expect("temp dir"), db: None, starts: AtomicUsize::new(0) }
+        Backend {
+            root: tempfile::tempdir().expect("temp dir"),
+            db: None,
+            config: None,
+            env: Vec::new(),
+            starts: AtomicUsize::new(0),
+        }
     }
 
     pub async fn pg() -> Backend {
         let url = bulkhead_store::testkit::fresh_pg_url().await;
-        Backend { root: tempfile::tempdir().expect("temp dir"), db: Some(url), starts: AtomicUsize::new(0) }
+        Backend {
+            root: tempfile::tempdir().expect("temp dir"),
+            db: Some(url),
+            config: None,
+            env: Vec::new(),
+            starts: AtomicUsize::new(0),
+        }
     }
 
     pub fn is_pg(&self) -> bool {
@@ -49,6 +65,11 @@ impl Backend {
     /// The `--data` dir of the servers.
     pub fn data(&self) -> PathBuf {
         self.root.path().join("data")
+    }
+
+    /// A path for test files (outside the data dir).
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
     }
 
     /// Where server stdout/stderr go (outside the data dir).
@@ -151,11 +172,17 @@ impl Server {
             if let Some(url) = &b.db {
                 cmd.arg("--database-url").arg(url);
             }
+            if let Some(c) = &b.config {
+                cmd.arg("--config").arg(c);
+            }
             scrub_env(&mut cmd);
+            cmd.envs(b.env.iter().map(|(k, v)| (k, v)));
             if let Some(t) = token {
                 cmd.env("BULKHEAD_ADMIN_TOKEN", t);
             }
-            cmd.env("RUST_LOG", "info,sqlx=warn")
+            // `RUST_LOG` in the backend's env wins over the default.
+            let log = b.env.iter().find(|(k, _)| k == "RUST_LOG").map(|(_, v)| v.as_str());
+            cmd.env("RUST_LOG", log.unwrap_or("info,sqlx=warn"))
                 .stdin(Stdio::null())
                 .stdout(std::fs::File::create(&stdout).expect("stdout file"))
                 .stderr(std::fs::File::create(&stderr).expect("stderr file"));

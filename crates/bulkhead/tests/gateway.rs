@@ -1,0 +1,840 @@
+//! The agent gateway end to end (contract §8): the real `bulkhead serve` binary in front of a
+//! real upstream process (`mock-upstream`, an OpenAI/Anthropic-compatible server), all over
+//! loopback.
+//!
+//! What they hold the gateway to: an agent looping 4,000 calls reaches the upstream exactly as
+//! often as its cap allows; a denied call never reaches the upstream; the real secret is set on
+//! every forwarded call and appears in no answer, log line, audit event or metric; streamed and
+//! non-streamed usage are metered exactly (token prices rounded up); SSE chunks reach the agent
+//! before the upstream has finished; a client that hangs up mid-stream is still charged; path
+//! tricks never leave the upstream's base; upstream failures and timeouts release the hold.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{ADMIN, Api, Backend, Server, micros, micros_of, root_agent, usage};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-upstream");
+const OPENAI_SECRET: &str = "sk-gw-test-openai-5f0c2a9e71d84b3c";
+const ANTHROPIC_SECRET: &str = "sk-ant-gw-test-8d21c7e04a9b";
+const SEARCH_SECRET: &str = "search-gw-test-3b7e19c0";
+const SECRETS: [&str; 3] = [OPENAI_SECRET, ANTHROPIC_SECRET, SEARCH_SECRET];
+
+/// Runs one scenario against the embedded SQLite store and against PostgreSQL.
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Backend::sqlite()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name(super::Backend::pg().await).await;
+            }
+        }
+    )*};
+}
+
+both_stores!(agent_loop_stops_at_the_cap);
+
+/// The upstream process. Dropping it kills it.
+struct Mock {
+    _child: tokio::process::Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Mock {
+    async fn start() -> Mock {
+        let mut child = tokio::process::Command::new(MOCK_BIN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn mock-upstream");
+        let out = child.stdout.take().expect("mock stdout");
+        let mut lines = BufReader::new(out).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("mock-upstream printed its address in time")
+            .expect("read mock stdout")
+            .expect("a line");
+        let base = line.rsplit(' ').next().expect("address").to_owned();
+        assert!(base.starts_with("http://127.0.0.1:"), "mock address: {line}");
+        Mock { _child: child, base, http: reqwest::Client::builder().no_proxy().build().expect("client") }
+    }
+
+    async fn stats(&self) -> Value {
+        self.http.get(format!("{}/__stats", self.base)).send().await.expect("stats").json().await.expect("json")
+    }
+
+    async fn calls_seen(&self) -> u64 {
+        self.stats().await["calls"].as_u64().expect("calls")
+    }
+
+    async fn records(&self) -> Vec<Value> {
+        let v: Value =
+            self.http.get(format!("{}/__calls", self.base)).send().await.expect("calls").json().await.expect("json");
+        v["calls"].as_array().expect("calls").clone()
+    }
+
+    async fn open(&self, gate: &str) {
+        let r = self.http.post(format!("{}/__open/{gate}", self.base)).send().await.expect("open gate");
+        assert_eq!(r.status().as_u16(), 204);
+    }
+}
+
+/// A loopback port with nothing listening.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The upstreams every test's server has, all pointing at `mock`.
+fn config(mock: &Mock) -> String {
+    let m = &mock.base;
+    let dead = closed_port();
+    format!(
+        r#"
+[breaker]
+denials = 0
+
+[[upstream]]
+name = "openai"
+base_url = "{m}/base/"
+scope = "llm:openai"
+secret_env = "GW_TEST_OPENAI_KEY"
+max_cost_per_request = "0.50"
+pricing = {{ kind = "openai_usage", input_per_million = "2.50", output_per_million = "10.00" }}
+max_request_bytes = 4096
+
+[[upstream]]
+name = "anthropic"
+base_url = "{m}"
+scope = "llm:anthropic"
+secret_env = "GW_TEST_ANTHROPIC_KEY"
+auth_header = "x-api-key"
+auth_format = "{{secret}}"
+max_cost_per_request = "1.00"
+pricing = {{ kind = "anthropic_usage", input_per_million = "3.00", output_per_million = "15.00", cache_write_per_million = "3.75", cache_read_per_million = "0.30" }}
+
+[[upstream]]
+name = "search"
+base_url = "{m}/base"
+scope = "tools:search"
+secret_env = "GW_TEST_SEARCH_KEY"
+auth_format = "Token {{secret}}"
+max_cost_per_request = "0.01"
+pricing = {{ kind = "per_request", price = "0.01" }}
+max_request_bytes = 1024
+
+[[upstream]]
+name = "search-strict"
+base_url = "{m}"
+scope = "tools:search"
+max_cost_per_request = "0.01"
+pricing = {{ kind = "per_request", price = "0.01" }}
+charge_failures = true
+
+[[upstream]]
+name = "pay"
+base_url = "{m}"
+scope = "tools:pay"
+secret_env = "GW_TEST_SEARCH_KEY"
+max_cost_per_request = "2.00"
+pricing = {{ kind = "response_header", header = "x-upstream-cost" }}
+
+[[upstream]]
+name = "slow"
+base_url = "{m}"
+scope = "llm:openai"
+secret_env = "GW_TEST_OPENAI_KEY"
+max_cost_per_request = "0.50"
+pricing = {{ kind = "openai_usage", input_per_million = "2.50", output_per_million = "10.00" }}
+read_timeout = "1s"
+
+[[upstream]]
+name = "dead"
+base_url = "http://127.0.0.1:{dead}"
+scope = "tools:search"
+max_cost_per_request = "0.01"
+pricing = {{ kind = "per_request", price = "0.01" }}
+connect_timeout = "2s"
+"#
+    )
+}
+
+/// Points `b` at a config for `mock` with the secrets in the environment.
+fn configure(b: &mut Backend, mock: &Mock, rust_log: Option<&str>) {
+    let path = b.scratch("gateway.toml");
+    std::fs::write(&path, config(mock)).expect("write config");
+    b.config = Some(path);
+    b.env = vec![
+        ("GW_TEST_OPENAI_KEY".into(), OPENAI_SECRET.into()),
+        ("GW_TEST_ANTHROPIC_KEY".into(), ANTHROPIC_SECRET.into()),
+        ("GW_TEST_SEARCH_KEY".into(), SEARCH_SECRET.into()),
+    ];
+    if let Some(l) = rust_log {
+        b.env.push(("RUST_LOG".into(), l.into()));
+    }
+}
+
+/// A mock upstream and a gateway in front of it.
+async fn setup(mut b: Backend, rust_log: Option<&str>) -> (Backend, Mock, Server) {
+    let mock = Mock::start().await;
+    configure(&mut b, &mock, rust_log);
+    let srv = Server::start(&b).await;
+    (b, mock, srv)
+}
+
+/// A root agent (breaker off) with these scopes and cap; returns its key.
+async fn agent(api: &Api, handle: &str, cap: &str, scopes: &[&str]) -> String {
+    api.create(ADMIN, root_agent(handle, cap, scopes)).await
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("client")
+}
+
+/// One gateway call: status, headers as text, body text.
+struct Answer {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    fn code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+async fn call(
+    c: &reqwest::Client,
+    srv: &Server,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Answer {
+    let mut rb = c.request(method, format!("{}{path}", srv.base));
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+    let status = r.status().as_u16();
+    let headers = format!("{:?}", r.headers());
+    let body = r.text().await.expect("body");
+    Answer { status, headers, body }
+}
+
+/// `(window_spent, window_held)` of an agent, in micro-units.
+async fn money(api: &Api, handle: &str) -> (i64, i64) {
+    let a = api.agent(ADMIN, handle).await;
+    (usage(&a, "window_spent"), usage(&a, "window_held"))
+}
+
+/// A token price per million applied to `n` tokens, rounded up to the micro-unit.
+fn tokens(n: i64, price_per_million: &str) -> i64 {
+    (n * micros(price_per_million) + 999_999) / 1_000_000
+}
+
+/// Contract §8 and the product's story: an agent loops 4,000 paid calls; the upstream sees
+/// exactly as many as the cap allows, and every other call is denied with the contract's body.
+async fn agent_loop_stops_at_the_cap(b: Backend) {
+    let (b, mock, srv) = setup(b, None).await;
+    let api = srv.api();
+    // $10.00 at $0.01 a call: exactly 1,000 calls.
+    let key = agent(&api, "looping-agent", "10.00", &["tools:search"]).await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (sent, key, base) = (sent.clone(), key.clone(), srv.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = http();
+            let (mut ok, mut denied) = (0usize, Vec::new());
+            while sent.fetch_add(1, Ordering::SeqCst) < 4000 {
+                let r = c
+                    .get(format!("{base}/proxy/search/v1/search?q=loop"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("gateway call");
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                match status {
+                    200 => {
+                        assert_eq!(body["echo"], true, "the upstream's answer is passed on: {body}");
+                        ok += 1;
+                    }
+                    _ => denied.push((status, body["error"]["code"].as_str().unwrap_or("").to_owned(), body)),
+                }
+            }
+            (ok, denied)
+        }));
+    }
+    let (mut ok, mut denied) = (0, Vec::new());
+    for t in tasks {
+        let (o, d) = t.await.expect("worker");
+        ok += o;
+        denied.extend(d);
+    }
+    assert_eq!(ok, 1000, "exactly the cap's worth of calls is allowed");
+    assert_eq!(denied.len(), 3000);
+    for (status, code, body) in &denied {
+        assert_eq!((*status, code.as_str()), (402, "spending_cap_exceeded"), "denial body: {body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error message: {body}");
+    }
+    assert_eq!(mock.calls_seen().await, 1000, "the upstream saw exactly the allowed calls");
+    let (spent, held) = money(&api, "looping-agent").await;
+    assert_eq!((spent, held), (micros("10.00"), 0), "spent exactly the cap, nothing left held");
+    for r in mock.records().await {
+        assert_eq!(r["headers"]["authorization"], format!("Token {SEARCH_SECRET}"), "secret injected: {r}");
+        assert_eq!(r["path"], "/base/v1/search");
+        assert_eq!(r["query"], "q=loop");
+    }
+    b.assert_audit_intact().await;
+}
+
+/// The secret is injected on every forwarded call (replacing whatever the agent sent) and
+/// appears in no answer, log line (at trace level), audit event or metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secrets_are_injected_and_never_leak() {
+    let (b, mock, srv) = setup(Backend::sqlite(), Some("trace")).await;
+    let api = srv.api();
+    let key = agent(&api, "leaky", "100.00", &["llm:*", "tools:*"]).await;
+    let c = http();
+    let mut answers = Vec::new();
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let post = reqwest::Method::POST;
+    let get = reqwest::Method::GET;
+    // The agent also sends a fake upstream credential of its own: it must be replaced.
+    let fake = [("x-api-key", "agent-fake-key"), ("proxy-authorization", "Basic Zm9vOmJhcg==")];
+    answers.push(
+        call(&c, &srv, post.clone(), "/proxy/openai/v1/chat/completions", Some(&key), &fake, Some(chat.clone())).await,
+    );
+    let mut stream = chat.clone();
+    stream["stream"] = json!(true);
+    answers
+        .push(call(&c, &srv, post.clone(), "/proxy/openai/v1/chat/completions", Some(&key), &fake, Some(stream)).await);
+    answers.push(
+        call(&c, &srv, post.clone(), "/proxy/anthropic/v1/messages", Some(&key), &fake, Some(chat.clone())).await,
+    );
+    answers.push(call(&c, &srv, get.clone(), "/proxy/search/v1/search", Some(&key), &fake, None).await);
+    answers
+        .push(call(&c, &srv, get.clone(), "/proxy/pay/v1/charge", Some(&key), &[("x-mock-price", "0.10")], None).await);
+    // Failures of every kind.
+    let failing = [("x-mock-status", "500")];
+    answers.push(
+        call(&c, &srv, post.clone(), "/proxy/openai/v1/chat/completions", Some(&key), &failing, Some(chat.clone()))
+            .await,
+    );
+    answers
+        .push(call(&c, &srv, get.clone(), "/proxy/slow/v1/x", Some(&key), &[("x-mock-delay-ms", "4000")], None).await);
+    answers.push(call(&c, &srv, get.clone(), "/proxy/dead/v1/x", Some(&key), &[], None).await);
+    answers.push(call(&c, &srv, get.clone(), "/proxy/search/v1/search", None, &[], None).await);
+    answers.push(call(&c, &srv, get.clone(), "/proxy/search/v1%2f..%2fx", Some(&key), &[], None).await);
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 500, 504, 502, 401, 400], "answers");
+
+    let records = mock.records().await;
+    assert_eq!(records.len(), 7, "forwarded calls (the dead, unauthenticated and tricky ones never arrive)");
+    for r in &records {
+        let h = &r["headers"];
+        let path = r["path"].as_str().expect("path");
+        if path.ends_with("/messages") {
+            // The agent's own `x-api-key` (the upstream's auth header) was replaced.
+            assert_eq!(h["x-api-key"], ANTHROPIC_SECRET, "anthropic gets the real key: {r}");
+            assert!(h.get("authorization").is_none(), "the agent's key is removed: {r}");
+        } else if path.starts_with("/base/v1/search") {
+            assert_eq!(h["authorization"], format!("Token {SEARCH_SECRET}"));
+        } else if path.starts_with("/v1/charge") {
+            assert_eq!(h["authorization"], format!("Bearer {SEARCH_SECRET}"));
+        } else {
+            assert_eq!(h["authorization"], format!("Bearer {OPENAI_SECRET}"), "openai gets the real key: {r}");
+        }
+        let text = r.to_string();
+        assert!(!text.contains("bk_"), "the agent's key reached the upstream: {r}");
+        assert!(h.get("proxy-authorization").is_none(), "hop-by-hop header forwarded: {r}");
+    }
+
+    let metrics_text =
+        c.get(format!("{}/metrics", srv.base)).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics_text.contains("bulkhead_gateway_calls_total"), "gateway metrics exported");
+    let audit = b.offline(&["audit", "export"]).await;
+    assert!(audit.status.success());
+    let audit = String::from_utf8_lossy(&audit.stdout).into_owned();
+    assert!(audit.contains("hold_"), "the gateway's holds are audited");
+    let logs = srv.logs();
+    assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "the log ran at trace level");
+    for secret in SECRETS {
+        for a in &answers {
+            assert!(!a.body.contains(secret) && !a.headers.contains(secret), "secret in an answer: {}", a.body);
+        }
+        assert!(!logs.contains(secret), "secret in the server's log");
+        assert!(!audit.contains(secret), "secret in the audit trail");
+        assert!(!metrics_text.contains(secret), "secret in /metrics");
+    }
+}
+
+/// Non-streamed and streamed usage, OpenAI and Anthropic, a fixed price and a price header are
+/// charged exactly, and the stream's usage-only chunk is stripped unless the agent asked for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_is_metered_exactly() {
+    let (b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "metered", "100.00", &["llm:*", "tools:*"]).await;
+    let c = http();
+    let post = reqwest::Method::POST;
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mut expected = 0i64;
+
+    // OpenAI, not streamed: 1234 in at $2.50/M (0.003085), 567 out at $10/M (0.00567).
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/openai/v1/chat/completions",
+        Some(&key),
+        &[("x-mock-usage", "1234,567")],
+        Some(chat.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["usage"]["prompt_tokens"], 1234, "the answer is passed on whole");
+    expected += tokens(1234, "2.50") + tokens(567, "10.00");
+    assert_eq!(money(&api, "metered").await, (expected, 0), "non-streamed OpenAI usage");
+
+    // OpenAI, streamed without include_usage: 3001 in (7502.5 micro-units, rounded up), 7 out.
+    let mut stream = chat.clone();
+    stream["stream"] = json!(true);
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/openai/v1/chat/completions",
+        Some(&key),
+        &[("x-mock-usage", "3001,7")],
+        Some(stream.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(a.headers.contains("text/event-stream"), "{}", a.headers);
+    let data: Vec<Value> = a
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("chunk is JSON"))
+        .collect();
+    assert_eq!(data.len(), 4, "three content chunks and the finish chunk, no usage chunk: {}", a.body);
+    assert!(data.iter().all(|d| d["usage"].is_null()), "the usage-only chunk is stripped: {}", a.body);
+    assert!(a.body.ends_with("data: [DONE]\n\n"), "the stream ends as the upstream ended it");
+    let sent: Value =
+        serde_json::from_str(mock.records().await.last().expect("record")["body"].as_str().expect("body"))
+            .expect("forwarded body is JSON");
+    assert_eq!(sent["stream_options"]["include_usage"], true, "the gateway asked for the usage chunk");
+    assert_eq!(sent["messages"], chat["messages"], "the rest of the request is unchanged");
+    expected += tokens(3001, "2.50") + tokens(7, "10.00");
+    assert_eq!(tokens(3001, "2.50"), 7503, "token prices round up");
+    assert_eq!(money(&api, "metered").await, (expected, 0), "streamed OpenAI usage");
+
+    // OpenAI, streamed with include_usage: the agent gets its usage chunk.
+    stream["stream_options"] = json!({"include_usage": true});
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/openai/v1/chat/completions",
+        Some(&key),
+        &[("x-mock-usage", "10,20")],
+        Some(stream),
+    )
+    .await;
+    assert!(a.body.contains("\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20"), "{}", a.body);
+    expected += tokens(10, "2.50") + tokens(20, "10.00");
+    assert_eq!(money(&api, "metered").await, (expected, 0), "streamed OpenAI usage, asked for");
+
+    // Anthropic, not streamed, with cache tokens at their own prices.
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/anthropic/v1/messages",
+        Some(&key),
+        &[("x-mock-usage", "2000,100,50,1000")],
+        Some(chat.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    expected += tokens(2000, "3.00") + tokens(100, "15.00") + tokens(50, "3.75") + tokens(1000, "0.30");
+    assert_eq!(money(&api, "metered").await, (expected, 0), "non-streamed Anthropic usage");
+
+    // Anthropic, streamed: input from message_start, output from message_delta.
+    let mut astream = chat.clone();
+    astream["stream"] = json!(true);
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/anthropic/v1/messages",
+        Some(&key),
+        &[("x-mock-usage", "11,13")],
+        Some(astream),
+    )
+    .await;
+    assert!(a.body.contains("event: message_delta"), "{}", a.body);
+    expected += tokens(11, "3.00") + tokens(13, "15.00");
+    assert_eq!(money(&api, "metered").await, (expected, 0), "streamed Anthropic usage");
+
+    // A fixed price, and a price header (missing → the whole hold; above the hold → the hold).
+    let get = reqwest::Method::GET;
+    assert_eq!(call(&c, &srv, get.clone(), "/proxy/search/v1/s", Some(&key), &[], None).await.status, 200);
+    expected += micros("0.01");
+    assert_eq!(money(&api, "metered").await, (expected, 0), "per-request price");
+    for (price, charged) in [(Some("0.25"), "0.25"), (None, "2.00"), (Some("5.00"), "2.00"), (Some("abc"), "2.00")] {
+        let h: Vec<(&str, &str)> = price.map(|p| ("x-mock-price", p)).into_iter().collect();
+        let a = call(&c, &srv, get.clone(), "/proxy/pay/v1/charge", Some(&key), &h, None).await;
+        assert_eq!(a.status, 200);
+        expected += micros(charged);
+        assert_eq!(money(&api, "metered").await, (expected, 0), "price header {price:?}");
+    }
+
+    // Usage that cannot be read (an answer without `usage`) is charged as the whole hold.
+    let a = call(&c, &srv, get.clone(), "/proxy/openai/v1/models", Some(&key), &[], None).await;
+    assert_eq!(a.status, 200);
+    expected += micros("0.50");
+    assert_eq!(money(&api, "metered").await, (expected, 0), "unreadable usage costs the hold");
+
+    // Every settlement is in the audit trail: one capture per call, amounts summing to the spend.
+    let events = api.audit(ADMIN, "metered").await;
+    let captured: i64 = events
+        .iter()
+        .filter(|e| e["action"] == "capture" && e["outcome"] == "allowed")
+        .map(|e| micros_of(&e["amount"]))
+        .sum();
+    assert_eq!(captured, expected, "captures in the audit trail add up to the spend");
+    b.assert_audit_intact().await;
+}
+
+/// SSE chunks reach the agent as they arrive: the first chunk is read while the upstream is
+/// still held at a gate (it cannot have finished), and the call settles once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_chunks_arrive_before_the_upstream_finishes() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "streamer", "10.00", &["llm:openai"]).await;
+    let body = json!({"model": "m", "stream": true, "messages": []});
+    let mut r = http()
+        .post(format!("{}/proxy/openai/v1/chat/completions", srv.base))
+        .bearer_auth(&key)
+        .header("x-mock-gate", "first-chunk")
+        .header("x-mock-usage", "400,100")
+        .json(&body)
+        .send()
+        .await
+        .expect("stream call");
+    assert_eq!(r.status().as_u16(), 200);
+    let first = r.chunk().await.expect("first chunk").expect("a chunk before the end");
+    assert!(String::from_utf8_lossy(&first).contains("tok0"), "first chunk: {first:?}");
+    let s = mock.stats().await;
+    assert_eq!(s["finished_streams"], 0, "the upstream has not finished: the chunk was not buffered");
+    assert_eq!(money(&api, "streamer").await, (0, micros("0.50")), "the hold is open while streaming");
+    mock.open("first-chunk").await;
+    let mut rest = Vec::new();
+    while let Some(c) = r.chunk().await.expect("chunk") {
+        rest.extend_from_slice(&c);
+    }
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+    assert_eq!(mock.stats().await["finished_streams"], 1);
+    assert_eq!(money(&api, "streamer").await, (tokens(400, "2.50") + tokens(100, "10.00"), 0));
+}
+
+/// An agent that hangs up mid-stream is still charged: its usage was never read, so the whole
+/// hold is captured, and the upstream stream is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disconnect_mid_stream_is_still_charged() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "quitter", "10.00", &["llm:*"]).await;
+    for (path, handle_hold) in [("/proxy/openai/v1/chat/completions", "0.50"), ("/proxy/anthropic/v1/messages", "1.00")]
+    {
+        let before = money(&api, "quitter").await.0;
+        let gate = format!("gate-{}", path.len());
+        let c = http();
+        let mut r = c
+            .post(format!("{}{path}", srv.base))
+            .bearer_auth(&key)
+            .header("x-mock-gate", &gate)
+            .json(&json!({"model": "m", "stream": true, "messages": []}))
+            .send()
+            .await
+            .expect("stream call");
+        assert_eq!(r.status().as_u16(), 200);
+        let first = r.chunk().await.expect("first chunk").expect("a chunk");
+        assert!(!first.is_empty());
+        drop(r);
+        drop(c);
+        // Settlement runs on its own once the gateway notices; wait for it (bounded).
+        let mut settled = None;
+        for _ in 0..600 {
+            let (spent, held) = money(&api, "quitter").await;
+            if held == 0 {
+                settled = Some(spent);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let spent = settled.unwrap_or_else(|| panic!("the abandoned call on {path} was never settled"));
+        assert_eq!(spent - before, micros(handle_hold), "the whole hold is charged for an abandoned {path}");
+        mock.open(&gate).await;
+    }
+    // The gateway dropped the upstream streams: they end as aborted, not finished.
+    let mut aborted = 0;
+    for _ in 0..600 {
+        aborted = mock.stats().await["aborted_streams"].as_u64().expect("aborted");
+        if aborted == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(aborted, 2, "the upstream streams were cut when the agent left");
+}
+
+/// Sends raw bytes (paths no HTTP client would send as written) and returns the answer text.
+async fn raw(srv: &Server, request: &str) -> (u16, String) {
+    let addr = srv.base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out)).await.expect("answer in time").ok();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// Dot segments, encoded dots and separators, empty segments and unknown upstreams are refused
+/// before anything is held or forwarded; an ordinary path and query reach the upstream under
+/// its base path, exactly as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn path_tricks_never_leave_the_upstream_base() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "tricky", "10.00", &["tools:search"]).await;
+    let req = |target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+    };
+    for (target, status, code) in [
+        ("/proxy/search/../v1/agents", 400, "invalid_request"),
+        ("/proxy/search/v1/../../v1/agents", 400, "invalid_request"),
+        ("/proxy/search/%2e%2e/v1/agents", 400, "invalid_request"),
+        ("/proxy/search/%2E%2e/%2e%2E/admin", 400, "invalid_request"),
+        ("/proxy/search/.%2e/admin", 400, "invalid_request"),
+        ("/proxy/search/v1%2f..%2f..%2fadmin", 400, "invalid_request"),
+        ("/proxy/search/v1/..%5cadmin", 400, "invalid_request"),
+        ("/proxy/search/v1/%252e%252e/admin", 400, "invalid_request"),
+        ("/proxy/search/./v1", 400, "invalid_request"),
+        ("/proxy/search//etc/passwd", 400, "invalid_request"),
+        ("/proxy/search/v1/%0d%0aX-Injected:%201", 400, "invalid_request"),
+        ("/proxy/../v1/agents", 404, "not_found"),
+        ("/proxy/%2e%2e/v1/agents", 404, "not_found"),
+        ("/proxy/nope/v1/chat", 404, "not_found"),
+        ("/proxy/", 404, "not_found"),
+    ] {
+        let (got, text) = raw(&srv, &req(target)).await;
+        assert_eq!(got, status, "{target}: {text}");
+        assert!(text.contains(&format!("\"code\":\"{code}\"")), "{target}: {text}");
+    }
+    // A bare CR inside a header value is refused by the HTTP parser.
+    let (got, _) =
+        raw(&srv, &format!("GET /proxy/search/v1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nX-A: a\rX-B: b\r\nConnection: close\r\n\r\n"))
+            .await;
+    assert_eq!(got, 400, "bare CR in a header");
+    assert_eq!(mock.calls_seen().await, 0, "no trick reached the upstream");
+    assert_eq!(money(&api, "tricky").await, (0, 0), "nothing was held or charged");
+
+    // An ordinary path and query reach the upstream as sent, under its base path.
+    let (got, text) = raw(&srv, &req("/proxy/search/v1/files/a%20b.txt?x=1&y=%2e%2e&z")).await;
+    assert_eq!(got, 200, "{text}");
+    let r = mock.records().await;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["path"], "/base/v1/files/a%20b.txt");
+    assert_eq!(r[0]["query"], "x=1&y=%2e%2e&z");
+}
+
+/// A denied call never reaches the upstream and gets the contract's status and error body, in
+/// the contract's order of checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn denied_calls_never_reach_the_upstream() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let c = http();
+    let get = reqwest::Method::GET;
+    let path = "/proxy/search/v1/s";
+    let good = agent(&api, "good", "10.00", &["tools:search"]).await;
+    let wrong_scope = agent(&api, "wrong-scope", "10.00", &["llm:openai"]).await;
+    let revoked = agent(&api, "revoked", "10.00", &["tools:search"]).await;
+    let r = api.post("/v1/agents/revoked/revoke", ADMIN, &json!({"reason": "test"})).await;
+    assert_eq!(r.status, 200);
+    let mut limited_body = root_agent("limited", "10.00", &["tools:search"]);
+    limited_body["rate_limit"] = json!({"requests": 1, "per": "1h"});
+    let limited = api.create(ADMIN, limited_body).await;
+    let mut small_body = root_agent("small-tx", "10.00", &["llm:openai"]);
+    small_body["per_tx_limit"] = json!("0.10");
+    let small = api.create(ADMIN, small_body).await;
+    let nearly_broke = agent(&api, "nearly-broke", "0.015", &["tools:search"]).await;
+    let r = api.post("/v1/spend", &nearly_broke, &json!({"scope": "tools:search", "amount": "0.01"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let cases: Vec<(Option<&str>, &str, u16, &str)> = vec![
+        (None, path, 401, "invalid_credentials"),
+        (Some("bk_notakey"), path, 401, "invalid_credentials"),
+        (Some(ADMIN), path, 401, "invalid_credentials"),
+        (Some(&revoked), path, 401, "credential_revoked"),
+        (Some(&wrong_scope), path, 403, "scope_not_granted"),
+        (Some(&small), "/proxy/openai/v1/models", 402, "per_tx_limit_exceeded"),
+        (Some(&nearly_broke), path, 402, "spending_cap_exceeded"),
+    ];
+    for (key, p, status, code) in cases {
+        let a = call(&c, &srv, get.clone(), p, key, &[], None).await;
+        assert_eq!((a.status, a.code().as_str()), (status, code), "{p}: {}", a.body);
+        assert!(a.json()["error"]["message"].is_string(), "contract error body: {}", a.body);
+    }
+    assert_eq!(mock.calls_seen().await, 0, "no denied call reached the upstream");
+
+    // Rate limit: the first call goes through, the second is 429 with Retry-After.
+    assert_eq!(call(&c, &srv, get.clone(), path, Some(&limited), &[], None).await.status, 200);
+    let a = call(&c, &srv, get.clone(), path, Some(&limited), &[], None).await;
+    assert_eq!((a.status, a.code().as_str()), (429, "rate_limited"), "{}", a.body);
+    assert!(a.headers.contains("retry-after"), "{}", a.headers);
+    assert_eq!(call(&c, &srv, get.clone(), path, Some(&good), &[], None).await.status, 200);
+    assert_eq!(mock.calls_seen().await, 2, "only the two allowed calls reached the upstream");
+    let denials = api.audit(ADMIN, "wrong-scope").await;
+    assert!(
+        denials
+            .iter()
+            .any(|e| e["outcome"] == "denied" && e["reason"] == "scope_not_granted" && e["scope"] == "tools:search"),
+        "the denial is audited with the upstream's scope: {denials:?}"
+    );
+}
+
+/// Upstream 5xx, connection failures and timeouts capture nothing (unless the upstream sets
+/// `charge_failures`); bodies over the upstream's limit are 413; in each case the hold is
+/// released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_failures_release_the_hold() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "unlucky", "10.00", &["llm:*", "tools:*"]).await;
+    let c = http();
+    let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
+    let chat = json!({"model": "m", "messages": []});
+
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/openai/v1/chat/completions",
+        Some(&key),
+        &[("x-mock-status", "503")],
+        Some(chat.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 503, "the upstream's answer is passed on");
+    assert_eq!(a.json()["error"]["message"], "mock failure");
+    assert_eq!(money(&api, "unlucky").await, (0, 0), "a 5xx captures nothing");
+
+    let a = call(&c, &srv, get.clone(), "/proxy/dead/v1/x", Some(&key), &[], None).await;
+    assert_eq!((a.status, a.code().as_str()), (502, "upstream_unavailable"), "{}", a.body);
+    assert_eq!(money(&api, "unlucky").await, (0, 0), "a connection failure captures nothing");
+
+    let a = call(&c, &srv, get.clone(), "/proxy/slow/v1/x", Some(&key), &[("x-mock-delay-ms", "5000")], None).await;
+    assert_eq!((a.status, a.code().as_str()), (504, "upstream_timeout"), "{}", a.body);
+    assert_eq!(money(&api, "unlucky").await, (0, 0), "a timeout releases the hold");
+
+    // charge_failures = true: the 5xx is charged its price.
+    let a =
+        call(&c, &srv, get.clone(), "/proxy/search-strict/v1/x", Some(&key), &[("x-mock-status", "500")], None).await;
+    assert_eq!(a.status, 500);
+    assert_eq!(money(&api, "unlucky").await, (micros("0.01"), 0), "charge_failures charges the failure");
+
+    // Bodies over the limit: declared (never forwarded) and streamed without a length.
+    let calls_before = mock.calls_seen().await;
+    let big = "x".repeat(2000);
+    let a = call(&c, &srv, post.clone(), "/proxy/search/v1/upload", Some(&key), &[], Some(json!({"data": big}))).await;
+    assert_eq!((a.status, a.code().as_str()), (413, "body_too_large"), "{}", a.body);
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/openai/v1/chat/completions",
+        Some(&key),
+        &[],
+        Some(json!({"data": "y".repeat(5000)})),
+    )
+    .await;
+    assert_eq!((a.status, a.code().as_str()), (413, "body_too_large"), "{}", a.body);
+    assert_eq!(mock.calls_seen().await, calls_before, "declared oversized bodies are never forwarded");
+    let chunk = format!("258\r\n{}\r\n", "z".repeat(600));
+    let (got, text) = raw(
+        &srv,
+        &format!(
+            "POST /proxy/search/v1/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{}0\r\n\r\n",
+            chunk.repeat(4)
+        ),
+    )
+    .await;
+    assert_eq!(got, 413, "a streamed body over the limit: {text}");
+    assert_eq!(money(&api, "unlucky").await, (micros("0.01"), 0), "413s charge nothing");
+    // A body within the limit streams through.
+    let a = call(&c, &srv, post.clone(), "/proxy/search/v1/upload", Some(&key), &[], Some(json!({"data": "ok"}))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let last = mock.records().await.pop().expect("record");
+    assert_eq!(last["body"], "{\"data\":\"ok\"}");
+}
+
+/// A secret missing from the environment stops the server at start with a message naming the
+/// variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_env_is_a_startup_error() {
+    let mock = Mock::start().await;
+    let mut b = Backend::sqlite();
+    configure(&mut b, &mock, None);
+    let out = tokio::process::Command::new(common::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(b.data())
+        .arg("--config")
+        .arg(b.config.as_ref().expect("config"))
+        .env("BULKHEAD_ADMIN_TOKEN", ADMIN)
+        .env("GW_TEST_OPENAI_KEY", OPENAI_SECRET)
+        .env_remove("GW_TEST_ANTHROPIC_KEY")
+        .env_remove("GW_TEST_SEARCH_KEY")
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out).await.expect("exits in time").expect("run");
+    assert!(!out.status.success(), "the server must not start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("GW_TEST_ANTHROPIC_KEY") && err.contains("not set"), "stderr: {err}");
+    assert!(!err.contains(OPENAI_SECRET), "the secrets it did read are not printed");
+}
