@@ -370,7 +370,10 @@ impl Writer {
                         let _ = job.reply.send(Ok(reply));
                     }
                 }
-                Err(BatchError::Before(e)) if batch.len() > 1 => {
+                // A statement the database refused may be one command's fault: retry each alone so
+                // that the others still go through. A store that cannot be reached fails them all
+                // at once (503 now, rather than one timeout per command).
+                Err(BatchError::Before(e)) if batch.len() > 1 && e.is_statement_error() => {
                     tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its commands one by one");
                     for job in batch {
                         let r = match self.exec(&[&job.cmd]).await {

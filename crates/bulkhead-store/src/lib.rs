@@ -77,6 +77,13 @@ pub enum StoreError {
     Config(String),
 }
 
+impl StoreError {
+    /// The database answered and refused a statement (as opposed to being unreachable).
+    pub fn is_statement_error(&self) -> bool {
+        matches!(self, StoreError::Unavailable(sqlx::Error::Database(_)) | StoreError::Corrupt(_))
+    }
+}
+
 /// A handle on the database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
