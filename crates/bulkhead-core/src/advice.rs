@@ -116,6 +116,8 @@ pub struct Observation<'a> {
     pub reason: Option<&'a str>,
     pub scope: Option<&'a str>,
     pub amount: Option<Micros>,
+    /// Allowed only because the agent is in shadow mode: `reason` says what would have denied it.
+    pub shadow: bool,
 }
 
 /// What an agent holds now.
@@ -196,6 +198,10 @@ impl Tally {
         }
         if e.own && !e.allowed {
             *self.denials.entry(e.reason.unwrap_or("unknown").to_owned()).or_default() += 1;
+        }
+        if e.own && e.shadow {
+            // Shadow mode: what enforcement would have refused, listed apart from real denials.
+            *self.denials.entry(format!("shadow:{}", e.reason.unwrap_or("unknown"))).or_default() += 1;
         }
         if let (true, Some(amount)) = (e.allowed, e.amount) {
             if request {
@@ -433,6 +439,7 @@ mod tests {
             reason: None,
             scope,
             amount: if amount.is_empty() { None } else { Some(m(amount)) },
+            shadow: false,
         }
     }
 

@@ -220,6 +220,7 @@ pub struct CreateAgentReq {
     expires_in: Option<String>,
     labels: Option<Labels>,
     breaker: Option<BreakerReq>,
+    enforce: Option<bool>,
 }
 
 impl CreateAgentReq {
@@ -235,6 +236,7 @@ impl CreateAgentReq {
             expires_in: self.expires_in.map(|s| span(&s, "expires_in", "invalid_request")).transpose()?,
             labels: self.labels.map(Labels::checked).transpose()?.unwrap_or_default(),
             breaker: self.breaker.map(BreakerReq::checked).transpose()?,
+            enforce: self.enforce.unwrap_or(true),
         })
     }
 }
@@ -253,6 +255,7 @@ pub struct PatchReq {
     labels: Option<Labels>,
     #[serde(default, deserialize_with = "double_option")]
     breaker: Option<Option<BreakerReq>>,
+    enforce: Option<bool>,
 }
 
 impl PatchReq {
@@ -266,6 +269,7 @@ impl PatchReq {
             rate_limit: self.rate_limit.map(|o| o.map(RateLimitReq::checked).transpose()).transpose()?,
             labels: self.labels.map(Labels::checked).transpose()?,
             breaker: self.breaker.map(|o| o.map(BreakerReq::checked).transpose()).transpose()?,
+            enforce: self.enforce,
         })
     }
 }

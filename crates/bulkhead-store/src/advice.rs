@@ -41,6 +41,7 @@ fn observation<'a>(r: &'a EventRow, agent: &str, own: bool) -> Observation<'a> {
         reason: r.reason.as_deref(),
         scope: r.scope.as_deref(),
         amount: r.amount.map(micros),
+        shadow: r.outcome == "allowed" && r.detail.as_deref().is_some_and(|d| d.contains("\"shadow\":\"would_deny\"")),
     };
     if !own && o.allowed && r.action == "agent.create" {
         let by = r.detail.as_deref().and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());

@@ -29,6 +29,8 @@ pub struct AgentBlast {
     pub wildcard_scopes: bool,
     pub no_expiry: bool,
     pub no_lifetime_cap: bool,
+    /// Shadow mode: decisions are recorded, not enforced; the caps above do not bind it.
+    pub shadow_mode: bool,
     pub revocation_ms: f64,
     pub children: i64,
     pub descendants: i64,
@@ -109,6 +111,7 @@ impl Store {
                 scopes: scopes.to_strings(),
                 no_expiry: r.key_expires_at.is_none(),
                 no_lifetime_cap: limits.lifetime_cap.is_none(),
+                shadow_mode: r.enforce == 0,
                 revocation_ms,
                 children: children.get(&r.id).copied().unwrap_or(0),
                 descendants: descendants.get(&r.id).copied().unwrap_or(0),

@@ -95,6 +95,8 @@ pub struct AgentSpec {
     pub expires_in: Option<Span>,
     pub labels: serde_json::Map<String, serde_json::Value>,
     pub breaker: Option<Breaker>,
+    /// `false`: shadow mode (root agents only).
+    pub enforce: bool,
 }
 
 /// A checked change to an agent. `None` leaves a field alone; `Some(None)` clears it.
@@ -108,6 +110,7 @@ pub struct Patch {
     pub rate_limit: Option<Option<RateLimit>>,
     pub labels: Option<serde_json::Map<String, serde_json::Value>>,
     pub breaker: Option<Option<Breaker>>,
+    pub enforce: Option<bool>,
 }
 
 /// One write for the ledger.
@@ -840,7 +843,7 @@ impl Batch {
     /// Writes every changed agent row back, in one multi-row `UPDATE … FROM (VALUES …)` per
     /// chunk (the same SQL on SQLite and PostgreSQL; `VALUES` columns are named column1…N on both).
     async fn flush(&mut self) -> R<()> {
-        const COLS: [(&str, &str); 28] = [
+        const COLS: [(&str, &str); 29] = [
             ("status", "TEXT"),
             ("key_hash", "TEXT"),
             ("key_expires_at", "BIGINT"),
@@ -868,6 +871,7 @@ impl Batch {
             ("root_id", "BIGINT"),
             ("path", "TEXT"),
             ("cap_alerted_window", "BIGINT"),
+            ("enforce", "BIGINT"),
             ("id", "BIGINT"),
         ];
         const CHUNK: usize = 100;
@@ -924,6 +928,7 @@ impl Batch {
                 args.add(r.root_id).map_err(bad)?;
                 args.add(r.path).map_err(bad)?;
                 args.add(r.cap_alerted_window).map_err(bad)?;
+                args.add(r.enforce).map_err(bad)?;
                 args.add(r.id).map_err(bad)?;
             }
             sql.push_str(&format!(") AS v WHERE agents.id = v.column{}", COLS.len()));
@@ -1195,16 +1200,28 @@ impl Batch {
             scope: Some(scope),
             rate: agent.rate_limit().map(|r| (r, agent.rate_tat)),
         };
-        let tat = match precheck(&check, now) {
-            Ok(t) => t,
+        // Shadow mode (root agents only) records what would have been denied and lets it through;
+        // a revoked or expired credential is refused all the same.
+        let shadow = agent.enforce == 0;
+        let mut would_deny: Option<DenyReason> = None;
+        match precheck(&check, now) {
+            Ok(Some(tat)) => self.row_mut(id)?.rate_tat = tat,
+            Ok(None) => {}
+            Err(reason)
+                if shadow && !matches!(reason, DenyReason::CredentialRevoked | DenyReason::CredentialExpired) =>
+            {
+                would_deny = Some(reason)
+            }
             Err(reason) => return self.deny(id, action, reason, Some(scope), Some(amount)),
-        };
-        if let Some(tat) = tat {
-            self.row_mut(id)?.rate_tat = tat;
         }
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
-        if let Err(reason) = authorize(&members, amount) {
-            return self.deny(id, action, reason, Some(scope), Some(amount));
+        if would_deny.is_none()
+            && let Err(reason) = authorize(&members, amount)
+        {
+            if !shadow {
+                return self.deny(id, action, reason, Some(scope), Some(amount));
+            }
+            would_deny = Some(reason);
         }
         let movement = if hold_expires.is_some() { Movement::Hold(amount) } else { Movement::Spend(amount) };
         let before: Vec<f64> = members.iter().map(utilization).collect();
@@ -1213,12 +1230,22 @@ impl Batch {
             let after = utilization(&self.row(*a)?.member(now));
             self.raise_crossings(*a, before, after)?;
         }
-        // TigerBeetle-style assertion: an allowed movement never leaves a cap broken.
-        for a in &chain {
+        // TigerBeetle-style assertion: an allowed movement never leaves a cap broken (a shadow
+        // agent's over-cap spend is the one movement that may, by design).
+        for a in chain.iter().filter(|_| would_deny.is_none()) {
             let m = self.row(*a)?.member(now);
             let used = m.counters.window_spent.checked_add(m.counters.held);
             assert!(used.is_some_and(|u| u <= m.limits.spending_cap), "allowed movement broke a spending cap");
         }
+        let shadow_mark = |e: &mut NewEvent| {
+            if let Some(r) = would_deny {
+                e.reason = Some(r.code().to_owned());
+                let mut d: serde_json::Value =
+                    e.detail.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_else(|| json!({}));
+                d["shadow"] = json!("would_deny");
+                e.detail = Some(d.to_string());
+            }
+        };
         let row = self.row_mut(id)?;
         row.tx_count += 1;
         let handle = row.handle.clone();
@@ -1237,10 +1264,12 @@ impl Batch {
                 e.amount = Some(amount.micros());
                 e.reference = Some(sid.clone());
                 e.detail = memo.map(|m| json!({"memo": m}).to_string());
-                Reply::ok(
-                    200,
-                    &json!({"id": sid, "amount": amount, "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}, "window_resets_at": fmt_time(resets)}),
-                )
+                shadow_mark(e);
+                let mut body = json!({"id": sid, "amount": amount, "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}, "window_resets_at": fmt_time(resets)});
+                if let Some(r) = would_deny {
+                    body["shadow_denied"] = json!(r.code());
+                }
+                Reply::ok(200, &body)
             }
             Some(expires_at) => {
                 let hid = format!("hold_{}", random_base62(&mut rand::rng(), 22));
@@ -1262,10 +1291,12 @@ impl Batch {
                 e.scope = Some(scope.as_str().to_owned());
                 e.amount = Some(amount.micros());
                 e.reference = Some(hid.clone());
-                Reply::ok(
-                    201,
-                    &json!({"id": hid, "amount": amount, "expires_at": fmt_time(expires_at), "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}}),
-                )
+                shadow_mark(e);
+                let mut body = json!({"id": hid, "amount": amount, "expires_at": fmt_time(expires_at), "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}});
+                if let Some(r) = would_deny {
+                    body["shadow_denied"] = json!(r.code());
+                }
+                Reply::ok(201, &body)
             }
         };
         let spent = if hold_expires.is_some() { 0 } else { amount.micros() };
@@ -1340,6 +1371,9 @@ impl Batch {
 
     async fn create_agent(&mut self, caller: &Caller, spec: &AgentSpec, key_hash: &KeyHash) -> R<Reply> {
         let now = self.now;
+        if !spec.enforce && matches!(caller, Caller::Agent(_)) {
+            return Ok(Reply::error(400, "invalid_request", "Shadow mode (enforce: false) is for root agents only."));
+        }
         let parent = match caller {
             Caller::Admin => None,
             Caller::Agent(key) => {
@@ -1420,8 +1454,8 @@ impl Batch {
         let row: Option<(i64,)> = sqlx::query_as(
             "INSERT INTO agents (handle, parent_id, root_id, path, depth, status, key_hash, key_expires_at, scopes, \
              spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, rate_per_ms, breaker_denials, \
-             breaker_window_ms, labels, created_at) \
-             VALUES ($1, $2, 0, '', 0, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             breaker_window_ms, labels, created_at, enforce) \
+             VALUES ($1, $2, 0, '', 0, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
              ON CONFLICT DO NOTHING RETURNING id",
         )
         .bind(spec.handle.as_str())
@@ -1439,6 +1473,7 @@ impl Batch {
         .bind(spec.breaker.map(|b| b.window_ms))
         .bind(&labels)
         .bind(now)
+        .bind(i64::from(spec.enforce))
         .fetch_optional(&mut *self.tx)
         .await?;
         let Some((id,)) = row else {
@@ -1478,8 +1513,15 @@ impl Batch {
             return Ok(Reply::not_found("agent"));
         };
         let now = self.now;
+        if p.enforce == Some(false) && self.row(id)?.parent_id.is_some() {
+            return Ok(Reply::error(400, "invalid_request", "Shadow mode (enforce: false) is for root agents only."));
+        }
         let row = self.row_mut(id)?;
         let mut changed = serde_json::Map::new();
+        if let Some(e) = p.enforce {
+            row.enforce = i64::from(e);
+            changed.insert("enforce".into(), json!(e));
+        }
         if let Some(c) = p.spending_cap {
             row.spending_cap = c.micros();
             changed.insert("spending_cap".into(), json!(c));

@@ -48,6 +48,8 @@ pub(crate) struct AgentRow {
     pub breaker_recent: String,
     /// The window in which a cap_reached alert was last raised (-1: never).
     pub cap_alerted_window: i64,
+    /// 1 enforces decisions; 0 is shadow mode (decisions recorded, never enforced).
+    pub enforce: i64,
     pub labels: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
@@ -63,7 +65,7 @@ pub(crate) struct AgentRow {
 
 pub(crate) const AGENT_COLUMNS: &str = "id, handle, parent_id, root_id, path, depth, status, key_hash, \
     key_expires_at, scopes, spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, \
-    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, cap_alerted_window, labels, \
+    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, cap_alerted_window, enforce, labels, \
     created_at, revoked_at, revoke_reason, suspended_at, window_index, window_spent, held, \
     lifetime_spent, tx_count, denied_count";
 
@@ -146,6 +148,7 @@ impl AgentRow {
                 }),
                 _ => None,
             },
+            enforce: self.enforce != 0,
             labels: serde_json::from_str(&self.labels).unwrap_or_default(),
             created_at: fmt_time(self.created_at),
             expires_at: self.key_expires_at.map(fmt_time),
@@ -179,6 +182,8 @@ pub struct AgentView {
     pub rate_limit: Option<RateLimitView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub breaker: Option<BreakerView>,
+    /// `false`: shadow mode, every decision is recorded as it would have been but none enforced.
+    pub enforce: bool,
     pub labels: serde_json::Map<String, serde_json::Value>,
     pub created_at: String,
     pub expires_at: Option<String>,

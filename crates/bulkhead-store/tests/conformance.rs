@@ -6,7 +6,7 @@ mod common;
 
 use bulkhead_core::ratelimit::RateLimit;
 use bulkhead_core::{DenyReason, Micros};
-use bulkhead_store::{Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Store, fmt_time};
+use bulkhead_store::{Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Patch, Store, fmt_time};
 use common::*;
 
 macro_rules! conformance {
@@ -58,6 +58,7 @@ conformance! {
     rate_limit,
     check_order,
     audit_every_decision,
+    shadow_mode,
     concurrent_spends_one_agent,
     concurrent_spends_parent_and_child,
 }
@@ -1021,5 +1022,52 @@ async fn postgres_two_replicas_share_caps_and_revocations() {
     drop(ledger_b);
     writer_b.await.unwrap();
     other.close().await;
+    e.finish().await;
+}
+
+async fn shadow_mode(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("shadow", &[PAY, "spawn:agents"], "1");
+    s.enforce = false;
+    let k = e.admin_agent(s).await;
+    ok(&e.spend(&k, "0.6").await, 200);
+    // Over the cap and out of scope: let through, and marked as what enforcement would do.
+    let r = e.spend(&k, "0.6").await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["shadow_denied"], "spending_cap_exceeded");
+    let r = e.spend_with(&k, "other:thing", "0.1", None).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["shadow_denied"], "scope_not_granted");
+    let a = e.agent("shadow").await;
+    assert_eq!(a.usage.window_spent, m("1.3"), "shadow spend is recorded in full");
+    assert_eq!(a.usage.denied_count, 0);
+    assert!(!a.enforce);
+    // Hammering never trips the breaker: nothing was really denied.
+    for _ in 0..60 {
+        ok(&e.spend(&k, "0.01").await, 200);
+    }
+    assert_eq!(e.agent("shadow").await.status, "active");
+    let events = e.store.audit_page(Some("shadow"), 0, 1000).await.unwrap();
+    let marked: Vec<_> =
+        events.iter().filter(|ev| ev.detail.as_ref().is_some_and(|d| d["shadow"] == "would_deny")).collect();
+    assert_eq!(marked.len(), 62, "every would-be denial is marked in the audit trail");
+    assert!(marked.iter().all(|ev| ev.outcome == "allowed" && ev.reason.is_some()));
+    // Children cannot be shadow agents.
+    let mut c = spec("shadow-child", &[PAY], "0.5");
+    c.enforce = false;
+    let (r, _) = e.create(Caller::Agent(k.clone()), c).await;
+    err(&r, 400, "invalid_request");
+    // Enforcement switched on: the over-cap spend is refused for real.
+    let r = e
+        .submit(Command::PatchAgent {
+            handle: "shadow".into(),
+            patch: Patch { enforce: Some(true), ..Patch::default() },
+        })
+        .await;
+    ok(&r, 200);
+    err(&e.spend(&k, "0.01").await, 402, "spending_cap_exceeded");
+    // Revocation is never shadowed.
+    ok(&e.revoke(Caller::Admin, "shadow").await, 200);
+    err(&e.spend(&k, "0.01").await, 401, "credential_revoked");
     e.finish().await;
 }

@@ -55,6 +55,9 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
         if a.no_lifetime_cap {
             flags.push("no lifetime cap");
         }
+        if a.shadow_mode {
+            flags.push("SHADOW MODE: caps not enforced");
+        }
         if a.status != "active" {
             flags.push(if a.status == "suspended" { "SUSPENDED" } else { "?" });
         }

@@ -218,6 +218,31 @@ pub fn ask_for_stream_usage(body: Bytes) -> (Bytes, bool) {
     }
 }
 
+/// Submits the hold in a task of its own: if this call is dropped while the hold commits (the
+/// agent hung up), the task releases the hold at once instead of leaving it to expire.
+async fn hold_or_release(
+    ledger: &Ledger,
+    hold: Command,
+    key: bulkhead_core::KeyHash,
+) -> Result<bulkhead_store::Reply, bulkhead_store::StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let l = ledger.clone();
+    tokio::spawn(async move {
+        let reply = l.submit(hold).await;
+        if let Err(Ok(reply)) = tx.send(reply)
+            && reply.status == 201
+            && let Some(id) =
+                serde_json::from_str::<Value>(&reply.body).ok().and_then(|v| v["id"].as_str().map(str::to_owned))
+        {
+            crate::api::record_outcome(&reply);
+            if let Ok(r) = l.submit(Command::Release { key, hold_id: id, idem: None }).await {
+                crate::api::record_outcome(&r);
+            }
+        }
+    });
+    rx.await.unwrap_or(Err(bulkhead_store::StoreError::ShutDown))
+}
+
 /// Reads a whole body of at most `limit` bytes.
 async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     let over = Arc::new(AtomicBool::new(false));
@@ -280,15 +305,14 @@ impl Gateway {
 
         // The hold: every check of the contract, in its order, in one committed decision.
         let ledger = &self.inner.ledger;
-        let reply = ledger
-            .submit(Command::Hold {
-                key: key.clone(),
-                scope: up.scope.clone(),
-                amount: up.max_cost,
-                expires_ms: up.hold_ms(),
-                idem: None,
-            })
-            .await?;
+        let hold = Command::Hold {
+            key: key.clone(),
+            scope: up.scope.clone(),
+            amount: up.max_cost,
+            expires_ms: up.hold_ms(),
+            idem: None,
+        };
+        let reply = hold_or_release(ledger, hold, key.clone()).await?;
         if reply.status != 201 {
             count(&route.name, "denied");
             return Ok(crate::api::respond(reply));

@@ -21,6 +21,7 @@ CREATE TABLE agents (
     breaker_window_ms BIGINT,
     breaker_recent  TEXT    NOT NULL DEFAULT '',
     cap_alerted_window BIGINT NOT NULL DEFAULT -1,
+    enforce         BIGINT  NOT NULL DEFAULT 1,
     labels          TEXT    NOT NULL,
     created_at      BIGINT  NOT NULL,
     revoked_at      BIGINT,

@@ -84,6 +84,7 @@ pub fn new_key() -> KeyHash {
 /// A spec with the contract's defaults: window 24h, per-tx = cap, nothing else.
 pub fn spec(handle: &str, scopes: &[&str], cap: &str) -> AgentSpec {
     AgentSpec {
+        enforce: true,
         handle: Handle::parse(handle).unwrap(),
         scopes: ScopeSet::parse(scopes).unwrap(),
         spending_cap: m(cap),
