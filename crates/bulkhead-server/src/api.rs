@@ -32,6 +32,9 @@ pub struct AppState {
     pub ledger: Ledger,
     pub admin_token: Arc<str>,
     pub metrics: PrometheusHandle,
+    /// `/metrics` answers without credentials (the server listens on loopback only); otherwise
+    /// it needs the admin token.
+    pub metrics_open: bool,
 }
 
 impl AppState {
@@ -176,7 +179,10 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError>
     Ok(Json(json!({"status": "ok"})))
 }
 
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if !state.metrics_open {
+        admin(&state, &headers)?;
+    }
     // Utilization is read from the store at scrape time, so it is right for every agent
     // (ancestors included) whichever replica made the decisions.
     for (agent, u) in state.store().utilizations(state.ledger.now_ms()).await? {

@@ -77,7 +77,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (ledger, writer) = Ledger::start(store.clone(), clock, LedgerConfig::default());
     let admin = format!("bha_{}", bulkhead_core::key::random_base62(&mut rand::rng(), 40));
-    let state = AppState { ledger, admin_token: Arc::from(admin.as_str()), metrics: install_metrics() };
+    let state =
+        AppState { ledger, admin_token: Arc::from(admin.as_str()), metrics: install_metrics(), metrics_open: true };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

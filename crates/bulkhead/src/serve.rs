@@ -156,7 +156,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?,
         )
     };
-    let state = AppState { ledger, admin_token: Arc::from(token), metrics: install_metrics() };
+    let state = AppState {
+        ledger,
+        admin_token: Arc::from(token),
+        metrics: install_metrics(),
+        metrics_open: args.listen.ip().is_loopback(),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -92,7 +92,8 @@ impl Srv {
         let store = Store::open(&url).await.expect("open store");
         let clock = Arc::new(ManualClock::new(T0));
         let (ledger, _writer) = Ledger::start(store, clock.clone(), Default::default());
-        let router = app(AppState { ledger, admin_token: Arc::from(ADMIN), metrics: install_metrics() });
+        let router =
+            app(AppState { ledger, admin_token: Arc::from(ADMIN), metrics: install_metrics(), metrics_open: true });
         Srv { router, clock, dir, seen: Mutex::new(Vec::new()) }
     }
 
