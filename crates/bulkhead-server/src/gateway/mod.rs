@@ -293,8 +293,11 @@ impl Gateway {
         let mut strip = false;
         let mut replaced_len = None;
         let body = if openai && parts.method == Method::POST && is_json(&parts.headers) {
-            let bytes =
-                read_limited(body, up.max_request_bytes).await.inspect_err(|_| count(&route.name, "too_large"))?;
+            let bytes = read_limited(body, up.max_request_bytes).await.inspect_err(|e| {
+                if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    count(&route.name, "too_large");
+                }
+            })?;
             let (bytes, s) = ask_for_stream_usage(bytes);
             strip = s;
             replaced_len = Some(bytes.len());
