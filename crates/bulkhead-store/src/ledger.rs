@@ -273,7 +273,22 @@ impl Ledger {
         let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
         let rules = Arc::new(cfg.alerts.clone());
         let writer = Writer { store: store.clone(), clock: clock.clone(), cfg, rules, cache: Cache::default() };
-        let handle = tokio::spawn(writer.run(rx));
+        // The writer gets a thread and a runtime of its own: the commit path never waits in the
+        // queue behind request handlers.
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new().name("bulkhead-ledger".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(writer.run(rx)),
+                Err(e) => tracing::error!(error = %e, "cannot start the ledger's runtime"),
+            }
+            let _ = done_tx.send(());
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the ledger's thread");
+        }
+        let handle = tokio::spawn(async move {
+            let _ = done_rx.await;
+        });
         (Ledger { tx, store, clock }, handle)
     }
 
