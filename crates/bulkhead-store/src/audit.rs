@@ -158,7 +158,7 @@ pub(crate) async fn append_events(
                 if j > 1 {
                     sql.push_str(", ");
                 }
-                sql.push_str(&format!("${}", b + j));
+                sql.push_str(&backend.placeholder(b + j));
             }
             sql.push(')');
             let bad = |e: sqlx::error::BoxDynError| StoreError::Corrupt(e.to_string());

@@ -912,7 +912,8 @@ impl Batch {
                         sql.push_str(", ");
                     }
                     // Casts give PostgreSQL the column types of all-NULL parameters.
-                    sql.push_str(&format!("CAST(${} AS {ty})", k * COLS.len() + n + 1));
+                    let ph = self.backend.placeholder(k * COLS.len() + n + 1);
+                    sql.push_str(&format!("CAST({ph} AS {ty})"));
                 }
                 sql.push(')');
                 let r = self.row(*id)?.clone();

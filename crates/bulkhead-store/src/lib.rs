@@ -77,6 +77,18 @@ pub enum StoreError {
     Config(String),
 }
 
+impl Backend {
+    /// The `n`th (1-based) bind placeholder of a generated statement. SQLite gets anonymous `?`:
+    /// looking up a numbered one costs time linear in the statement's parameter count, which
+    /// makes large multi-row statements quadratic.
+    pub(crate) fn placeholder(self, n: usize) -> String {
+        match self {
+            Backend::Sqlite => "?".to_owned(),
+            Backend::Postgres => format!("${n}"),
+        }
+    }
+}
+
 impl StoreError {
     /// The database answered and refused a statement (as opposed to being unreachable).
     pub fn is_statement_error(&self) -> bool {
