@@ -474,17 +474,20 @@ fn utilization(m: &bulkhead_core::ChainMember) -> f64 {
     if cap <= 0.0 { if used > 0.0 { f64::INFINITY } else { 0.0 } } else { used / cap }
 }
 
-/// Builds `prefix ($1, $2, …) suffix` for a list of ids.
-fn in_list(prefix: &str, ids: &[i64], suffix: &str) -> Result<(String, AnyArguments), StoreError> {
+/// Builds `prefix ($1, $2, …) suffix` binding every item.
+fn in_list<T>(prefix: &str, items: &[T], suffix: &str) -> Result<(String, AnyArguments), StoreError>
+where
+    T: Clone + for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any> + 'static,
+{
     let mut args = AnyArguments::default();
     let mut sql = String::from(prefix);
     sql.push('(');
-    for (i, id) in ids.iter().enumerate() {
+    for (i, item) in items.iter().enumerate() {
         if i > 0 {
             sql.push_str(", ");
         }
         sql.push_str(&format!("${}", i + 1));
-        args.add(*id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        args.add(item.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     }
     sql.push(')');
     sql.push_str(suffix);
@@ -492,19 +495,8 @@ fn in_list(prefix: &str, ids: &[i64], suffix: &str) -> Result<(String, AnyArgume
 }
 
 fn in_list_str(prefix: &str, items: &[&str], suffix: &str) -> Result<(String, AnyArguments), StoreError> {
-    let mut args = AnyArguments::default();
-    let mut sql = String::from(prefix);
-    sql.push('(');
-    for (i, s) in items.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("${}", i + 1));
-        args.add(s.to_string()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    }
-    sql.push(')');
-    sql.push_str(suffix);
-    Ok((sql, args))
+    let owned: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    in_list(prefix, &owned, suffix)
 }
 
 #[derive(sqlx::FromRow)]
@@ -979,6 +971,7 @@ impl Batch {
                 _ => {}
             }
         }
+        let mut ancestors: BTreeSet<i64> = BTreeSet::new();
         for (prefix, items) in [
             (format!("SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash IN "), &mut keys),
             (format!("SELECT {AGENT_COLUMNS} FROM agents WHERE handle IN "), &mut handles),
@@ -992,14 +985,12 @@ impl Batch {
             let rows: Vec<AgentRow> =
                 sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
             for r in rows {
+                ancestors.extend(r.path_ids());
                 self.cache(r);
             }
         }
-        let mut missing: BTreeSet<i64> = BTreeSet::new();
-        for r in self.agents.values() {
-            missing.extend(r.path_ids().into_iter().filter(|id| !self.agents.contains_key(id)));
-        }
-        let missing: Vec<i64> = missing.into_iter().collect();
+        // Rows cached before this batch came with their ancestors; only the new ones need theirs.
+        let missing: Vec<i64> = ancestors.into_iter().filter(|id| !self.agents.contains_key(id)).collect();
         self.load_ids(&missing).await
     }
 
