@@ -13,6 +13,7 @@ pub mod handle;
 pub mod key;
 pub mod money;
 pub mod ratelimit;
+pub mod runaway;
 pub mod scope;
 
 pub use clock::{Clock, ManualClock};

@@ -43,10 +43,11 @@ fn webhook_client() -> Result<WebhookClient, String> {
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
-/// How long a replica keeps a delivery to itself.
-const LEASE_MS: i64 = 30_000;
+/// How long a replica keeps a delivery to itself: longer than one attempt may take, short enough
+/// that a delivery leased by a replica that died is retried soon after.
+const LEASE_MS: i64 = 8_000;
 /// The longest a webhook may take to answer.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the outbox is polled.
 const POLL: Duration = Duration::from_millis(200);
 /// Deliveries in flight at once.

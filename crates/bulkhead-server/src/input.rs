@@ -12,7 +12,7 @@ use axum::extract::{FromRequest, Request};
 use bulkhead_core::money::AmountError;
 use bulkhead_core::ratelimit::RateLimit;
 use bulkhead_core::{Handle, Micros, Scope, ScopeSet, Span};
-use bulkhead_store::{AgentSpec, Breaker, Patch};
+use bulkhead_store::{AgentSpec, BreakerOverride, Patch};
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -165,20 +165,36 @@ impl RateLimitReq {
     }
 }
 
+/// A per-agent `breaker` object: each field given overrides the config's, each left out follows it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerReq {
-    denials: i64,
+    denials: Option<i64>,
     window: Option<String>,
+    max_requests: Option<i64>,
+    rate_window: Option<String>,
+    repeats: Option<i64>,
+    repeat_window: Option<String>,
 }
 
 impl BreakerReq {
-    fn checked(self) -> Result<Breaker, ApiError> {
-        if !(0..=10_000).contains(&self.denials) {
+    fn checked(self) -> Result<BreakerOverride, ApiError> {
+        if self.denials.is_some_and(|d| !(0..=10_000).contains(&d)) {
             return Err(ApiError::invalid("breaker.denials must be between 0 (off) and 10000."));
         }
-        let window = span(self.window.as_deref().unwrap_or("60s"), "breaker.window", "invalid_window")?;
-        Ok(Breaker { denials: self.denials, window_ms: window.millis() })
+        bulkhead_core::runaway::check_counts(self.max_requests, self.repeats)
+            .map_err(|e| ApiError::invalid(format!("breaker.{e}.")))?;
+        let ms = |s: Option<String>, field: &str| {
+            s.map(|s| span(&s, field, "invalid_window").map(|w| w.millis())).transpose()
+        };
+        Ok(BreakerOverride {
+            denials: self.denials,
+            window_ms: ms(self.window, "breaker.window")?,
+            max_requests: self.max_requests,
+            rate_window_ms: ms(self.rate_window, "breaker.rate_window")?,
+            repeats: self.repeats,
+            repeat_window_ms: ms(self.repeat_window, "breaker.repeat_window")?,
+        })
     }
 }
 

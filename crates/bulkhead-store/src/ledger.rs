@@ -38,17 +38,63 @@ pub const CHILDREN_PER_AGENT_MAX: i64 = 1000;
 /// The most holds one sweep expires.
 const SWEEP_HOLDS_MAX: i64 = 1000;
 
-/// The runaway-loop breaker: `denials` denials within `window_ms` suspend the agent
-/// (`denials = 0` turns it off).
+/// The runaway-loop breaker: `denials` denials within `window_ms` suspend the agent; so do,
+/// when turned on, more than `max_requests` spend/hold requests within `rate_window_ms`, and
+/// the same request `repeats` times in a row within `repeat_window_ms`. A count of 0 turns its
+/// trigger off; the two optional triggers are off by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Breaker {
     pub denials: i64,
     pub window_ms: i64,
+    pub max_requests: i64,
+    pub rate_window_ms: i64,
+    pub repeats: i64,
+    pub repeat_window_ms: i64,
 }
 
 impl Default for Breaker {
     fn default() -> Self {
-        Breaker { denials: 50, window_ms: 60_000 }
+        Breaker {
+            denials: 50,
+            window_ms: 60_000,
+            max_requests: 0,
+            rate_window_ms: 60_000,
+            repeats: 0,
+            repeat_window_ms: 60_000,
+        }
+    }
+}
+
+/// One agent's breaker settings: each field set overrides the config's, each `None` follows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakerOverride {
+    pub denials: Option<i64>,
+    pub window_ms: Option<i64>,
+    pub max_requests: Option<i64>,
+    pub rate_window_ms: Option<i64>,
+    pub repeats: Option<i64>,
+    pub repeat_window_ms: Option<i64>,
+}
+
+impl BreakerOverride {
+    /// These settings over `default`.
+    pub fn over(self, default: Breaker) -> Breaker {
+        Breaker {
+            denials: self.denials.unwrap_or(default.denials),
+            window_ms: self.window_ms.unwrap_or(default.window_ms),
+            max_requests: self.max_requests.unwrap_or(default.max_requests),
+            rate_window_ms: self.rate_window_ms.unwrap_or(default.rate_window_ms),
+            repeats: self.repeats.unwrap_or(default.repeats),
+            repeat_window_ms: self.repeat_window_ms.unwrap_or(default.repeat_window_ms),
+        }
+    }
+
+    fn to_json(self) -> serde_json::Value {
+        json!({
+            "denials": self.denials, "window_ms": self.window_ms,
+            "max_requests": self.max_requests, "rate_window_ms": self.rate_window_ms,
+            "repeats": self.repeats, "repeat_window_ms": self.repeat_window_ms,
+        })
     }
 }
 
@@ -94,7 +140,7 @@ pub struct AgentSpec {
     pub rate_limit: Option<RateLimit>,
     pub expires_in: Option<Span>,
     pub labels: serde_json::Map<String, serde_json::Value>,
-    pub breaker: Option<Breaker>,
+    pub breaker: Option<BreakerOverride>,
     /// `false`: shadow mode (root agents only).
     pub enforce: bool,
 }
@@ -109,7 +155,7 @@ pub struct Patch {
     pub scopes: Option<ScopeSet>,
     pub rate_limit: Option<Option<RateLimit>>,
     pub labels: Option<serde_json::Map<String, serde_json::Value>>,
-    pub breaker: Option<Option<Breaker>>,
+    pub breaker: Option<Option<BreakerOverride>>,
     pub enforce: Option<bool>,
 }
 
@@ -850,7 +896,7 @@ impl Batch {
     /// Writes every changed agent row back, in one multi-row `UPDATE … FROM (VALUES …)` per
     /// chunk (the same SQL on SQLite and PostgreSQL; `VALUES` columns are named column1…N on both).
     async fn flush(&mut self) -> R<()> {
-        const COLS: [(&str, &str); 29] = [
+        const COLS: [(&str, &str); 37] = [
             ("status", "TEXT"),
             ("key_hash", "TEXT"),
             ("key_expires_at", "BIGINT"),
@@ -865,6 +911,14 @@ impl Batch {
             ("breaker_denials", "BIGINT"),
             ("breaker_window_ms", "BIGINT"),
             ("breaker_recent", "TEXT"),
+            ("breaker_max_requests", "BIGINT"),
+            ("breaker_rate_window_ms", "BIGINT"),
+            ("breaker_repeats", "BIGINT"),
+            ("breaker_repeat_window_ms", "BIGINT"),
+            ("breaker_rate_tat_us", "BIGINT"),
+            ("breaker_repeat_hash", "TEXT"),
+            ("breaker_repeat_count", "BIGINT"),
+            ("breaker_repeat_since", "BIGINT"),
             ("labels", "TEXT"),
             ("revoked_at", "BIGINT"),
             ("revoke_reason", "TEXT"),
@@ -923,6 +977,14 @@ impl Batch {
                 args.add(r.breaker_denials).map_err(bad)?;
                 args.add(r.breaker_window_ms).map_err(bad)?;
                 args.add(r.breaker_recent).map_err(bad)?;
+                args.add(r.breaker_max_requests).map_err(bad)?;
+                args.add(r.breaker_rate_window_ms).map_err(bad)?;
+                args.add(r.breaker_repeats).map_err(bad)?;
+                args.add(r.breaker_repeat_window_ms).map_err(bad)?;
+                args.add(r.breaker_rate_tat_us).map_err(bad)?;
+                args.add(r.breaker_repeat_hash).map_err(bad)?;
+                args.add(r.breaker_repeat_count).map_err(bad)?;
+                args.add(r.breaker_repeat_since).map_err(bad)?;
                 args.add(r.labels).map_err(bad)?;
                 args.add(r.revoked_at).map_err(bad)?;
                 args.add(r.revoke_reason).map_err(bad)?;
@@ -1030,7 +1092,7 @@ impl Batch {
                         let r = self.row_mut(id)?;
                         r.status = "active".into();
                         r.suspended_at = None;
-                        r.breaker_recent.clear();
+                        r.clear_breaker_state();
                         let h = r.handle.clone();
                         self.event(&h, "agent.resume", "allowed");
                     }
@@ -1131,10 +1193,7 @@ impl Batch {
                 | DenyReason::AgentSuspended
         );
         if counts_for_breaker && row.status == "active" {
-            let b = match (row.breaker_denials, row.breaker_window_ms) {
-                (Some(denials), Some(window_ms)) => Breaker { denials, window_ms },
-                _ => default_breaker,
-            };
+            let b = row.breaker(default_breaker);
             if b.denials > 0 {
                 // A sliding window: keep the times of the last `denials` denials and trip when
                 // all of them fall within `window_ms` of this one.
@@ -1147,17 +1206,8 @@ impl Batch {
                 while recent.len() as i64 > b.denials {
                     recent.pop_front();
                 }
-                let tripped = recent.len() as i64 >= b.denials;
-                row.breaker_recent = if tripped {
-                    String::new()
-                } else {
-                    recent.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
-                };
-                if tripped {
-                    row.status = "suspended".into();
-                    row.suspended_at = Some(now);
-                    suspended = true;
-                }
+                suspended = recent.len() as i64 >= b.denials;
+                row.breaker_recent = recent.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
             }
         }
         let handle = row.handle.clone();
@@ -1170,21 +1220,102 @@ impl Batch {
             let cap = if reason == DenyReason::SpendingCap { "spending_cap" } else { "lifetime_cap" };
             self.raise("cap_reached", &handle, json!({"cap": cap, "denied_amount": amount}));
         }
-        if suspended {
-            self.raise("agent_suspended", &handle, json!({"reason": "runaway_loop_breaker"}));
-        }
         let e = self.event(&handle, action, "denied");
         e.reason = Some(reason.code().to_owned());
         e.scope = scope.map(|s| s.as_str().to_owned());
         e.amount = amount.map(Micros::micros);
         if suspended {
-            let e = self.event(&handle, "agent.suspend", "allowed");
-            e.reason = Some("runaway_loop_breaker".into());
+            self.suspend(id, "runaway_loop_breaker")?;
         }
         Ok(Reply::deny(reason).with_outcome(Outcome { agent: handle, allowed: false, reason: reason.code(), spent: 0 }))
     }
 
+    /// Suspends an active agent by its breaker: status, `suspended_at`, the audit event and the
+    /// `agent_suspended` alert. Every trigger's state starts afresh.
+    fn suspend(&mut self, id: i64, reason: &str) -> R<()> {
+        let now = self.now;
+        let row = self.row_mut(id)?;
+        if row.status != "active" {
+            return Ok(());
+        }
+        row.status = "suspended".into();
+        row.suspended_at = Some(now);
+        row.clear_breaker_state();
+        let handle = row.handle.clone();
+        self.raise("agent_suspended", &handle, json!({"reason": reason}));
+        let e = self.event(&handle, "agent.suspend", "allowed");
+        e.reason = Some(reason.to_owned());
+        Ok(())
+    }
+
+    /// Feeds a spend or hold request (allowed or denied) to the breaker's optional triggers and
+    /// returns the one it trips, if any. Shadow agents, agents not active and refused
+    /// credentials never feed them.
+    fn runaway_step(
+        &mut self,
+        id: i64,
+        action: &str,
+        scope: &Scope,
+        amount: Micros,
+        memo: Option<&str>,
+    ) -> R<Option<&'static str>> {
+        use bulkhead_core::runaway::{Repeats, fingerprint, rate_step, repeat_step};
+        let now = self.now;
+        let default_breaker = self.breaker;
+        let revoked = self.chain_revoked(id)?;
+        let row = self.row(id)?;
+        let credential_bad = revoked || row.key_expires_at.is_some_and(|t| now >= t);
+        let b = row.breaker(default_breaker);
+        if row.enforce == 0 || row.status != "active" || credential_bad || (b.max_requests <= 0 && b.repeats <= 0) {
+            return Ok(None);
+        }
+        let row = self.row_mut(id)?;
+        let mut tripped = None;
+        if b.max_requests > 0 {
+            let (tat, trip) = rate_step(b.max_requests, b.rate_window_ms, row.breaker_rate_tat_us, now);
+            row.breaker_rate_tat_us = tat;
+            if trip {
+                tripped = Some("runaway_rate");
+            }
+        }
+        if b.repeats > 0 {
+            let state = Repeats {
+                hash: std::mem::take(&mut row.breaker_repeat_hash),
+                count: row.breaker_repeat_count,
+                since_ms: row.breaker_repeat_since,
+            };
+            let f = fingerprint(action, scope.as_str(), amount.micros(), memo);
+            let (next, trip) = repeat_step(b.repeats, b.repeat_window_ms, &state, &f, now);
+            row.breaker_repeat_hash = next.hash;
+            row.breaker_repeat_count = next.count;
+            row.breaker_repeat_since = next.since_ms;
+            if trip && tripped.is_none() {
+                tripped = Some("runaway_repeat");
+            }
+        }
+        Ok(tripped)
+    }
+
+    /// A spend or a hold. The breaker's optional triggers see the request first; one that trips
+    /// suspends the agent after the request was decided as usual.
     async fn spend_or_hold(
+        &mut self,
+        id: i64,
+        scope: &Scope,
+        amount: Micros,
+        hold_expires: Option<i64>,
+        memo: Option<&str>,
+    ) -> R<Reply> {
+        let action = if hold_expires.is_some() { "hold" } else { "spend" };
+        let tripped = self.runaway_step(id, action, scope, amount, memo)?;
+        let reply = self.decide_movement(id, scope, amount, hold_expires, memo).await?;
+        if let Some(reason) = tripped {
+            self.suspend(id, reason)?;
+        }
+        Ok(reply)
+    }
+
+    async fn decide_movement(
         &mut self,
         id: i64,
         scope: &Scope,
@@ -1461,8 +1592,10 @@ impl Batch {
         let row: Option<(i64,)> = sqlx::query_as(
             "INSERT INTO agents (handle, parent_id, root_id, path, depth, status, key_hash, key_expires_at, scopes, \
              spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, rate_per_ms, breaker_denials, \
-             breaker_window_ms, labels, created_at, enforce) \
-             VALUES ($1, $2, 0, '', 0, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+             breaker_window_ms, breaker_max_requests, breaker_rate_window_ms, breaker_repeats, \
+             breaker_repeat_window_ms, labels, created_at, enforce) \
+             VALUES ($1, $2, 0, '', 0, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $20) \
              ON CONFLICT DO NOTHING RETURNING id",
         )
         .bind(spec.handle.as_str())
@@ -1476,8 +1609,12 @@ impl Batch {
         .bind(spec.lifetime_cap.map(Micros::micros))
         .bind(rate_requests)
         .bind(rate_per_ms)
-        .bind(spec.breaker.map(|b| b.denials))
-        .bind(spec.breaker.map(|b| b.window_ms))
+        .bind(spec.breaker.and_then(|b| b.denials))
+        .bind(spec.breaker.and_then(|b| b.window_ms))
+        .bind(spec.breaker.and_then(|b| b.max_requests))
+        .bind(spec.breaker.and_then(|b| b.rate_window_ms))
+        .bind(spec.breaker.and_then(|b| b.repeats))
+        .bind(spec.breaker.and_then(|b| b.repeat_window_ms))
         .bind(&labels)
         .bind(now)
         .bind(i64::from(spec.enforce))
@@ -1564,9 +1701,8 @@ impl Batch {
             changed.insert("labels".into(), serde_json::Value::Object(l.clone()));
         }
         if let Some(b) = p.breaker {
-            row.breaker_denials = b.map(|b| b.denials);
-            row.breaker_window_ms = b.map(|b| b.window_ms);
-            changed.insert("breaker".into(), json!(b.map(|b| json!({"denials": b.denials, "window_ms": b.window_ms}))));
+            row.set_breaker_override(b);
+            changed.insert("breaker".into(), json!(b.map(BreakerOverride::to_json)));
         }
         let e = self.event(handle, "agent.update", "allowed");
         e.detail = Some(serde_json::Value::Object(changed).to_string());

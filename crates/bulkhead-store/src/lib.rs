@@ -36,7 +36,9 @@ pub use advice::AgentAdvice;
 pub use alerts::{AlertRules, OutboxRow, retry_delay_ms};
 pub use audit::{AuditEvent, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
-pub use ledger::{AgentSpec, Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Outcome, Patch, Reply};
+pub use ledger::{
+    AgentSpec, Breaker, BreakerOverride, Caller, Command, Idem, Ledger, LedgerConfig, Outcome, Patch, Reply,
+};
 pub use view::{AgentView, Usage, fmt_time};
 
 use std::str::FromStr;

@@ -8,6 +8,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::ledger::{Breaker, BreakerOverride};
+
 /// Renders Unix milliseconds as RFC 3339 (UTC, millisecond precision).
 pub fn fmt_time(ms: i64) -> String {
     let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
@@ -46,6 +48,17 @@ pub(crate) struct AgentRow {
     /// Times (ms) of the agent's recent denials that feed the breaker, comma-separated, oldest
     /// first; at most `denials` of them.
     pub breaker_recent: String,
+    /// Per-agent overrides of the optional triggers (NULL: the config's value).
+    pub breaker_max_requests: Option<i64>,
+    pub breaker_rate_window_ms: Option<i64>,
+    pub breaker_repeats: Option<i64>,
+    pub breaker_repeat_window_ms: Option<i64>,
+    /// The request-rate trigger's GCRA TAT, in microseconds (0: empty bucket).
+    pub breaker_rate_tat_us: i64,
+    /// The repeat trigger: the last request's fingerprint, its run length and the run's start.
+    pub breaker_repeat_hash: String,
+    pub breaker_repeat_count: i64,
+    pub breaker_repeat_since: i64,
     /// The window in which a cap_reached alert was last raised (-1: never).
     pub cap_alerted_window: i64,
     /// 1 enforces decisions; 0 is shadow mode (decisions recorded, never enforced).
@@ -65,7 +78,9 @@ pub(crate) struct AgentRow {
 
 pub(crate) const AGENT_COLUMNS: &str = "id, handle, parent_id, root_id, path, depth, status, key_hash, \
     key_expires_at, scopes, spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, \
-    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, cap_alerted_window, enforce, labels, \
+    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, \
+    breaker_max_requests, breaker_rate_window_ms, breaker_repeats, breaker_repeat_window_ms, \
+    breaker_rate_tat_us, breaker_repeat_hash, breaker_repeat_count, breaker_repeat_since, cap_alerted_window, enforce, labels, \
     created_at, revoked_at, revoke_reason, suspended_at, window_index, window_spent, held, \
     lifetime_spent, tx_count, denied_count";
 
@@ -107,6 +122,43 @@ impl AgentRow {
         ScopeSet::parse(&v).unwrap_or_default()
     }
 
+    /// This agent's per-agent breaker settings (`None` fields: the config's).
+    pub fn breaker_override(&self) -> Option<BreakerOverride> {
+        let o = BreakerOverride {
+            denials: self.breaker_denials,
+            window_ms: self.breaker_window_ms,
+            max_requests: self.breaker_max_requests,
+            rate_window_ms: self.breaker_rate_window_ms,
+            repeats: self.breaker_repeats,
+            repeat_window_ms: self.breaker_repeat_window_ms,
+        };
+        (o != BreakerOverride::default()).then_some(o)
+    }
+
+    pub fn set_breaker_override(&mut self, o: Option<BreakerOverride>) {
+        let o = o.unwrap_or_default();
+        self.breaker_denials = o.denials;
+        self.breaker_window_ms = o.window_ms;
+        self.breaker_max_requests = o.max_requests;
+        self.breaker_rate_window_ms = o.rate_window_ms;
+        self.breaker_repeats = o.repeats;
+        self.breaker_repeat_window_ms = o.repeat_window_ms;
+    }
+
+    /// The breaker settings in force for this agent: its overrides over `default`.
+    pub fn breaker(&self, default: Breaker) -> Breaker {
+        self.breaker_override().map_or(default, |o| o.over(default))
+    }
+
+    /// Forgets the state of every breaker trigger (on suspension and on resume).
+    pub fn clear_breaker_state(&mut self) {
+        self.breaker_recent.clear();
+        self.breaker_rate_tat_us = 0;
+        self.breaker_repeat_hash.clear();
+        self.breaker_repeat_count = 0;
+        self.breaker_repeat_since = 0;
+    }
+
     pub fn rate_limit(&self) -> Option<RateLimit> {
         match (self.rate_requests, self.rate_per_ms) {
             (Some(requests), Some(per_ms)) => Some(RateLimit { requests, per_ms }),
@@ -141,13 +193,14 @@ impl AgentRow {
                 requests: r.requests,
                 per: Span::from_secs(r.per_ms / 1000).map(|s| s.to_string()).unwrap_or_default(),
             }),
-            breaker: match (self.breaker_denials, self.breaker_window_ms) {
-                (Some(d), Some(w)) => Some(BreakerView {
-                    denials: d,
-                    window: Span::from_secs(w / 1000).map(|s| s.to_string()).unwrap_or_default(),
-                }),
-                _ => None,
-            },
+            breaker: self.breaker_override().map(|o| BreakerView {
+                denials: o.denials,
+                window: o.window_ms.map(span_text),
+                max_requests: o.max_requests,
+                rate_window: o.rate_window_ms.map(span_text),
+                repeats: o.repeats,
+                repeat_window: o.repeat_window_ms.map(span_text),
+            }),
             enforce: self.enforce != 0,
             labels: serde_json::from_str(&self.labels).unwrap_or_default(),
             created_at: fmt_time(self.created_at),
@@ -198,10 +251,26 @@ pub struct RateLimitView {
     pub per: String,
 }
 
+/// An agent's own breaker settings; a field left out follows the config.
 #[derive(Clone, Debug, Serialize)]
 pub struct BreakerView {
-    pub denials: i64,
-    pub window: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denials: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_window: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat_window: Option<String>,
+}
+
+/// Milliseconds written as a `Span` (`60000` → `"60s"`).
+pub(crate) fn span_text(ms: i64) -> String {
+    Span::from_secs(ms / 1000).map(|s| s.to_string()).unwrap_or_default()
 }
 
 /// Usage figures of an agent, its descendants included.

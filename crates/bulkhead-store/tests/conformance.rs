@@ -6,7 +6,7 @@ mod common;
 
 use bulkhead_core::ratelimit::RateLimit;
 use bulkhead_core::{DenyReason, Micros};
-use bulkhead_store::{Breaker, Caller, Command, Idem, Ledger, LedgerConfig, Patch, Store, fmt_time};
+use bulkhead_store::{Breaker, BreakerOverride, Caller, Command, Idem, Ledger, LedgerConfig, Patch, Store, fmt_time};
 use common::*;
 
 macro_rules! conformance {
@@ -55,6 +55,7 @@ conformance! {
     denials_counted,
     runaway_breaker,
     breaker_window_and_overrides,
+    runaway_rate_and_repeats,
     rate_limit,
     check_order,
     audit_every_decision,
@@ -742,7 +743,11 @@ async fn runaway_breaker(db: Db) {
 async fn breaker_window_and_overrides(db: Db) {
     let e = Env::with_config(
         db,
-        LedgerConfig { breaker: Breaker { denials: 5, window_ms: 10 * SEC }, batch_max: 64, ..Default::default() },
+        LedgerConfig {
+            breaker: Breaker { denials: 5, window_ms: 10 * SEC, ..Default::default() },
+            batch_max: 64,
+            ..Default::default()
+        },
     )
     .await;
     let k = e.admin_agent(spec("bw", &[PAY], "1")).await;
@@ -776,20 +781,140 @@ async fn breaker_window_and_overrides(db: Db) {
 
     // Per agent: a tighter breaker, and a breaker turned off.
     let mut s = spec("bw-tight", &[PAY], "1");
-    s.breaker = Some(Breaker { denials: 2, window_ms: 60 * SEC });
+    s.breaker = Some(BreakerOverride { denials: Some(2), window_ms: Some(60 * SEC), ..Default::default() });
     let t = e.admin_agent(s).await;
     err(&e.spend(&t, "2").await, 402, "per_tx_limit_exceeded");
     assert_eq!(e.agent("bw-tight").await.status, "active");
     err(&e.spend(&t, "2").await, 402, "per_tx_limit_exceeded");
     err(&e.spend(&t, "1").await, 403, "agent_suspended");
     let mut s = spec("bw-off", &[PAY], "1");
-    s.breaker = Some(Breaker { denials: 0, window_ms: 60 * SEC });
+    s.breaker = Some(BreakerOverride { denials: Some(0), window_ms: Some(60 * SEC), ..Default::default() });
     let off = e.admin_agent(s).await;
     for _ in 0..20 {
         err(&e.spend(&off, "2").await, 402, "per_tx_limit_exceeded");
     }
     ok(&e.spend(&off, "1").await, 200);
     assert_eq!(e.agent("bw-off").await.usage.denied_count, 20);
+    e.finish().await;
+}
+
+/// The breaker's optional triggers: request rate and repeats. Both are off by default.
+async fn runaway_rate_and_repeats(db: Db) {
+    let audit_suspends = |ev: &[bulkhead_store::AuditEvent], reason: &str| {
+        ev.iter().filter(|x| x.action == "agent.suspend" && x.reason.as_deref() == Some(reason)).count()
+    };
+    // Defaults: 500 fast allowed spends, all the same, never trip anything.
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("busy", &[PAY], "1000")).await;
+    for _ in 0..500 {
+        ok(&e.spend(&k, "0.01").await, 200);
+    }
+    assert_eq!(e.agent("busy").await.status, "active");
+    e.finish().await;
+
+    let e = Env::with_config(
+        db,
+        LedgerConfig {
+            breaker: Breaker { max_requests: 10, rate_window_ms: 10 * SEC, ..Default::default() },
+            ..Default::default()
+        },
+    )
+    .await;
+    // Rate: 10 per 10 s (allowed and denied alike) is fine; the 11th within them trips, and that
+    // request is still answered as usual.
+    let k = e.admin_agent(spec("fast", &[PAY], "1000")).await;
+    for i in 0..9 {
+        let amount = if i % 3 == 0 { "2000" } else { "0.01" };
+        let r = e.spend(&k, amount).await;
+        assert!(r.status == 200 || r.status == 402, "{}", r.body);
+    }
+    ok(&e.spend(&k, "0.02").await, 200);
+    assert_eq!(e.agent("fast").await.status, "active", "10 requests within 10 s do not trip");
+    ok(&e.spend(&k, "0.03").await, 200);
+    let a = e.agent("fast").await;
+    assert_eq!((a.status.as_str(), a.suspended_at.clone()), ("suspended", Some(fmt_time(T0))));
+    err(&e.spend(&k, "0.01").await, 403, "agent_suspended");
+    err(&e.hold(&k, "0.01", MIN).await, 403, "agent_suspended");
+    let ev = e.store.audit_page(Some("fast"), 0, 1000).await.unwrap();
+    assert_eq!(audit_suspends(&ev, "runaway_rate"), 1);
+    // Resume clears the bucket: a full 10 again, then the 11th trips.
+    ok(&e.submit(Command::Resume { handle: "fast".into() }).await, 200);
+    for _ in 0..10 {
+        ok(&e.spend(&k, "0.01").await, 200);
+    }
+    assert_eq!(e.agent("fast").await.status, "active");
+    ok(&e.hold(&k, "0.01", MIN).await, 201);
+    assert_eq!(e.agent("fast").await.status, "suspended");
+    // A steady 1 per second never trips; shadow agents never do.
+    let k = e.admin_agent(spec("steady", &[PAY], "1000")).await;
+    for _ in 0..50 {
+        ok(&e.spend(&k, "0.01").await, 200);
+        e.advance(SEC);
+    }
+    assert_eq!(e.agent("steady").await.status, "active");
+    let mut s = spec("shadow", &[PAY], "1000");
+    s.enforce = false;
+    let k = e.admin_agent(s).await;
+    for _ in 0..30 {
+        ok(&e.spend(&k, "0.01").await, 200);
+    }
+    assert_eq!(e.agent("shadow").await.status, "active");
+    // Per agent: the trigger turned off.
+    let mut s = spec("unlimited", &[PAY], "1000");
+    s.breaker = Some(BreakerOverride { max_requests: Some(0), ..Default::default() });
+    let k = e.admin_agent(s).await;
+    for _ in 0..30 {
+        ok(&e.spend(&k, "0.01").await, 200);
+    }
+    assert_eq!(e.agent("unlimited").await.status, "active");
+
+    // Repeats, per agent: 5 identical requests in a row within 60 s trip; differing ones do not.
+    let mut s = spec("echo", &[PAY], "1000");
+    s.breaker = Some(BreakerOverride { repeats: Some(5), max_requests: Some(0), ..Default::default() });
+    let k = e.admin_agent(s).await;
+    let v = e.agent("echo").await;
+    let shown = serde_json::to_value(&v.breaker).unwrap();
+    assert_eq!(shown, serde_json::json!({"max_requests": 0, "repeats": 5}));
+    for i in 0..40 {
+        ok(&e.spend(&k, if i % 2 == 0 { "0.01" } else { "0.02" }).await, 200);
+    }
+    // Four the same, then one different: the run starts over.
+    for _ in 0..4 {
+        ok(&e.spend(&k, "0.05").await, 200);
+    }
+    ok(&e.hold(&k, "0.05", MIN).await, 201);
+    for _ in 0..4 {
+        ok(&e.spend(&k, "0.05").await, 200);
+    }
+    // The same denied request counts too; a run that outlasts the window starts over.
+    e.advance(61 * SEC);
+    assert_eq!(e.agent("echo").await.status, "active");
+    err(&e.spend(&k, "5000").await, 402, "per_tx_limit_exceeded");
+    err(&e.spend(&k, "5000").await, 402, "per_tx_limit_exceeded");
+    e.advance(61 * SEC);
+    for _ in 0..4 {
+        err(&e.spend(&k, "5000").await, 402, "per_tx_limit_exceeded");
+    }
+    assert_eq!(e.agent("echo").await.status, "active");
+    err(&e.spend(&k, "5000").await, 402, "per_tx_limit_exceeded");
+    assert_eq!(e.agent("echo").await.status, "suspended");
+    err(&e.spend(&k, "0.01").await, 403, "agent_suspended");
+    let ev = e.store.audit_page(Some("echo"), 0, 1000).await.unwrap();
+    assert_eq!(audit_suspends(&ev, "runaway_repeat"), 1);
+    ok(&e.submit(Command::Resume { handle: "echo".into() }).await, 200);
+    for _ in 0..4 {
+        ok(&e.spend(&k, "0.05").await, 200);
+    }
+    assert_eq!(e.agent("echo").await.status, "active", "resume starts the run afresh");
+    // PATCH turns it off again.
+    let p = Patch { breaker: Some(None), ..Default::default() };
+    ok(&e.submit(Command::PatchAgent { handle: "echo".into(), patch: p }).await, 200);
+    for _ in 0..10 {
+        ok(&e.spend(&k, "0.05").await, 200);
+    }
+    assert_eq!(e.agent("echo").await.status, "active");
+    assert!(e.agent("echo").await.breaker.is_none());
+    e.intact().await;
     e.finish().await;
 }
 
@@ -820,7 +945,7 @@ async fn rate_limit(db: Db) {
 async fn check_order(db: Db) {
     let e = Env::new(db).await;
     let mut s = spec("ord", &[PAY], "1");
-    s.breaker = Some(Breaker { denials: 1, window_ms: 60 * SEC });
+    s.breaker = Some(BreakerOverride { denials: Some(1), window_ms: Some(60 * SEC), ..Default::default() });
     let k = e.admin_agent(s).await;
     err(&e.spend(&k, "2").await, 402, "per_tx_limit_exceeded");
     // Suspended beats scope and limits...
@@ -899,7 +1024,7 @@ async fn concurrent_spends_one_agent(db: Db) {
     let e = Env::new(db).await;
     // The breaker is off for this agent: 95 denials in an instant would otherwise suspend it.
     let mut s = spec("conc", &[PAY], "10.00");
-    s.breaker = Some(Breaker { denials: 0, window_ms: 60 * SEC });
+    s.breaker = Some(BreakerOverride { denials: Some(0), window_ms: Some(60 * SEC), ..Default::default() });
     let k = e.admin_agent(s).await;
     let amount = m("0.30");
     let mut tasks = Vec::new();
@@ -976,7 +1101,7 @@ async fn postgres_two_replicas_share_caps_and_revocations() {
     let other = Store::open(&e.url).await.expect("second replica");
     let (ledger_b, writer_b) = Ledger::start(other.clone(), e.clock.clone(), LedgerConfig::default());
     let mut s = spec("shared", PARENT_SCOPES, "10.00");
-    s.breaker = Some(Breaker { denials: 0, window_ms: 60 * SEC });
+    s.breaker = Some(BreakerOverride { denials: Some(0), window_ms: Some(60 * SEC), ..Default::default() });
     let pk = e.admin_agent(s).await;
     let (r, ck) = {
         let key = new_key();

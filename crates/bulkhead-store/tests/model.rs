@@ -18,7 +18,15 @@ const P: usize = 0;
 const C: usize = 1;
 const HANDLES: [&str; 2] = ["model-parent", "model-child"];
 /// The ledger's default breaker in this test: 5 denials within 10 minutes.
-const BREAKER: Breaker = Breaker { denials: 5, window_ms: 10 * MIN };
+/// (The optional triggers stay off.)
+const BREAKER: Breaker = Breaker {
+    denials: 5,
+    window_ms: 10 * MIN,
+    max_requests: 0,
+    rate_window_ms: MIN,
+    repeats: 0,
+    repeat_window_ms: MIN,
+};
 /// The child is created this long after the parent, so that their windows are not aligned.
 const CHILD_OFFSET: i64 = 7 * MIN;
 

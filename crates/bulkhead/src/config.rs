@@ -35,6 +35,12 @@ pub struct AlertsConfig {
 pub struct BreakerConfig {
     pub denials: Option<i64>,
     pub window: Option<String>,
+    /// More than this many spend/hold requests within `rate_window` suspend (0: off, the default).
+    pub max_requests: Option<i64>,
+    pub rate_window: Option<String>,
+    /// The same request this many times in a row within `repeat_window` suspends (0: off, the default).
+    pub repeats: Option<i64>,
+    pub repeat_window: Option<String>,
 }
 
 impl Config {
@@ -83,9 +89,18 @@ impl Config {
                 anyhow::ensure!((0..=10_000).contains(&d), "[breaker] denials must be between 0 (off) and 10000");
                 b.denials = d;
             }
-            if let Some(w) = &c.window {
-                b.window_ms = Span::parse(w).map_err(|e| anyhow::anyhow!("[breaker] window: {e}"))?.millis();
-            }
+            let ms = |w: &Option<String>, field: &str| -> anyhow::Result<Option<i64>> {
+                w.as_deref()
+                    .map(|w| Span::parse(w).map(|s| s.millis()).map_err(|e| anyhow::anyhow!("[breaker] {field}: {e}")))
+                    .transpose()
+            };
+            b.window_ms = ms(&c.window, "window")?.unwrap_or(b.window_ms);
+            bulkhead_core::runaway::check_counts(c.max_requests, c.repeats)
+                .map_err(|e| anyhow::anyhow!("[breaker] {e}"))?;
+            b.max_requests = c.max_requests.unwrap_or(b.max_requests);
+            b.rate_window_ms = ms(&c.rate_window, "rate_window")?.unwrap_or(b.rate_window_ms);
+            b.repeats = c.repeats.unwrap_or(b.repeats);
+            b.repeat_window_ms = ms(&c.repeat_window, "repeat_window")?.unwrap_or(b.repeat_window_ms);
         }
         Ok(b)
     }

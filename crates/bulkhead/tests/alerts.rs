@@ -53,9 +53,10 @@ impl Receiver {
             .collect()
     }
 
-    /// Waits (bounded) until `n` deliveries were acknowledged.
+    /// Waits (bounded) until `n` deliveries were acknowledged. A delivery leased by a server that
+    /// was killed mid-attempt is retried only when its lease (8 s) ran out.
     async fn wait_for(&self, n: usize) -> Vec<Value> {
-        for _ in 0..600 {
+        for _ in 0..1200 {
             let d = self.deliveries();
             if d.len() >= n {
                 // Give a duplicate the chance to show up before the caller counts.
