@@ -197,6 +197,20 @@ pub enum Command {
         expires_ms: i64,
         idem: Option<Idem>,
     },
+    /// The gateway's hold before forwarding a call: like `Hold`, but captured in full if it
+    /// expires unsettled, so a call whose settlement never came (a crash) is not free.
+    MeteredHold {
+        key: KeyHash,
+        scope: Scope,
+        amount: Micros,
+        expires_ms: i64,
+    },
+    /// The gateway's settlement of its own hold: no key (it may have been rotated mid-call);
+    /// `amount` is captured and the rest released (zero releases it all).
+    Settle {
+        hold_id: String,
+        amount: Micros,
+    },
     Capture {
         key: KeyHash,
         hold_id: String,
@@ -227,6 +241,7 @@ impl Command {
         match self {
             Command::Spend { key, .. }
             | Command::Hold { key, .. }
+            | Command::MeteredHold { key, .. }
             | Command::Capture { key, .. }
             | Command::Release { key, .. } => Some(key),
             Command::CreateAgent { caller: Caller::Agent(k), .. }
@@ -513,6 +528,14 @@ impl Writer {
     }
 }
 
+/// How a new hold ends if nobody settles it.
+#[derive(Clone, Copy, Debug)]
+struct HoldTerms {
+    expires_at: i64,
+    /// `release` (API holds) or `capture` (gateway holds).
+    on_expiry: &'static str,
+}
+
 /// `(window_spent + held) / spending_cap` of a chain member (1.0 for a full zero cap).
 fn utilization(m: &bulkhead_core::ChainMember) -> f64 {
     let used = m.counters.window_spent.micros().saturating_add(m.counters.held.micros()) as f64;
@@ -553,6 +576,7 @@ struct HoldRow {
     amount: i64,
     status: String,
     expires_at: i64,
+    on_expiry: String,
 }
 
 fn path_ids(path: &str) -> Vec<i64> {
@@ -598,7 +622,9 @@ impl Batch {
                 | Command::Revoke { handle, .. }
                 | Command::RotateKey { handle, .. }
                 | Command::Resume { handle } => handles.push(handle),
-                Command::Capture { hold_id, .. } | Command::Release { hold_id, .. } => holds.push(hold_id),
+                Command::Capture { hold_id, .. }
+                | Command::Release { hold_id, .. }
+                | Command::Settle { hold_id, .. } => holds.push(hold_id),
                 _ => {}
             }
         }
@@ -768,7 +794,7 @@ impl Batch {
             Some([]) => return Ok(()),
             Some(roots) => {
                 let (sql, mut args) = in_list(
-                    "SELECT id, agent_id, path, amount, status, expires_at FROM holds WHERE status = 'open' AND root_id IN ",
+                    "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE status = 'open' AND root_id IN ",
                     roots,
                     "",
                 )?;
@@ -778,7 +804,7 @@ impl Batch {
             }
             None => {
                 sqlx::query_as(
-                    "SELECT id, agent_id, path, amount, status, expires_at FROM holds \
+                    "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds \
                      WHERE status = 'open' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
                 )
                 .bind(self.now)
@@ -806,7 +832,10 @@ impl Batch {
             rows.retain(|h| path_ids(&h.path).first().is_some_and(|r| locked.contains(r)));
         }
         for h in rows {
-            self.close_hold(&h, Micros::ZERO, "expired", h.expires_at).await?;
+            // A gateway hold nobody settled (the server died mid-call) is charged in full: a
+            // call is never free.
+            let captured = if h.on_expiry == "capture" { crate::view::micros(h.amount) } else { Micros::ZERO };
+            self.close_hold(&h, captured, "expired", h.expires_at).await?;
         }
         Ok(())
     }
@@ -833,6 +862,9 @@ impl Batch {
             let handle = self.row(h.agent_id)?.handle.clone();
             let e = self.event(&handle, "hold.expire", "allowed");
             e.amount = Some(h.amount);
+            if !captured.is_zero() {
+                e.detail = Some(json!({"captured": captured}).to_string());
+            }
             e.reference = Some(h.id.clone());
         }
         Ok(())
@@ -1100,9 +1132,14 @@ impl Batch {
                 }
                 self.agent_reply(id, 200)
             }
-            Command::Spend { .. } | Command::Hold { .. } | Command::Capture { .. } | Command::Release { .. } => {
-                self.money(cmd).await
+            Command::Settle { hold_id, amount } => {
+                self.settle_hold(None, hold_id, if amount.is_zero() { None } else { Some(*amount) }).await
             }
+            Command::Spend { .. }
+            | Command::Hold { .. }
+            | Command::MeteredHold { .. }
+            | Command::Capture { .. }
+            | Command::Release { .. } => self.money(cmd).await,
         }
     }
 
@@ -1144,8 +1181,12 @@ impl Batch {
                 self.spend_or_hold(id, scope, *amount, None, memo.as_deref()).await?
             }
             Command::Hold { scope, amount, expires_ms, .. } => {
-                let exp = self.now.saturating_add(*expires_ms);
-                self.spend_or_hold(id, scope, *amount, Some(exp), None).await?
+                let terms = HoldTerms { expires_at: self.now.saturating_add(*expires_ms), on_expiry: "release" };
+                self.spend_or_hold(id, scope, *amount, Some(terms), None).await?
+            }
+            Command::MeteredHold { scope, amount, expires_ms, .. } => {
+                let terms = HoldTerms { expires_at: self.now.saturating_add(*expires_ms), on_expiry: "capture" };
+                self.spend_or_hold(id, scope, *amount, Some(terms), None).await?
             }
             Command::Capture { hold_id, amount, .. } => self.settle(id, hold_id, Some(*amount)).await?,
             Command::Release { hold_id, .. } => self.settle(id, hold_id, None).await?,
@@ -1303,7 +1344,7 @@ impl Batch {
         id: i64,
         scope: &Scope,
         amount: Micros,
-        hold_expires: Option<i64>,
+        hold_expires: Option<HoldTerms>,
         memo: Option<&str>,
     ) -> R<Reply> {
         let action = if hold_expires.is_some() { "hold" } else { "spend" };
@@ -1320,7 +1361,7 @@ impl Batch {
         id: i64,
         scope: &Scope,
         amount: Micros,
-        hold_expires: Option<i64>,
+        hold_expires: Option<HoldTerms>,
         memo: Option<&str>,
     ) -> R<Reply> {
         let now = self.now;
@@ -1409,11 +1450,11 @@ impl Batch {
                 }
                 Reply::ok(200, &body)
             }
-            Some(expires_at) => {
+            Some(HoldTerms { expires_at, on_expiry }) => {
                 let hid = format!("hold_{}", random_base62(&mut rand::rng(), 22));
                 sqlx::query(
-                    "INSERT INTO holds (id, agent_id, root_id, path, scope, amount, status, created_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8)",
+                    "INSERT INTO holds (id, agent_id, root_id, path, scope, amount, status, created_at, expires_at, on_expiry) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8, $9)",
                 )
                 .bind(&hid)
                 .bind(id)
@@ -1423,6 +1464,7 @@ impl Batch {
                 .bind(amount.micros())
                 .bind(now)
                 .bind(expires_at)
+                .bind(on_expiry)
                 .execute(&mut *self.tx)
                 .await?;
                 let e = self.event(&handle, "hold", "allowed");
@@ -1460,15 +1502,25 @@ impl Batch {
         if let Err(reason) = precheck(&check, self.now) {
             return self.deny(id, action, reason, None, amount);
         }
+        self.settle_hold(Some(id), hold_id, amount).await
+    }
+
+    /// Captures `amount` of an open hold (releasing the rest), or releases it whole when `None`.
+    /// `owner`: the calling agent, whose hold it must be; `None` for the gateway's own settlement
+    /// of a call it forwarded, which needs no key (the key may have been rotated mid-call).
+    async fn settle_hold(&mut self, owner: Option<i64>, hold_id: &str, amount: Option<Micros>) -> R<Reply> {
+        let action = if amount.is_some() { "capture" } else { "release" };
         let hold: Option<HoldRow> =
-            sqlx::query_as("SELECT id, agent_id, path, amount, status, expires_at FROM holds WHERE id = $1")
+            sqlx::query_as("SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE id = $1")
                 .bind(hold_id)
                 .fetch_optional(&mut *self.tx)
                 .await?;
-        let Some(hold) = hold.filter(|h| h.agent_id == id) else {
+        let Some(hold) = hold.filter(|h| owner.is_none_or(|o| h.agent_id == o)) else {
             return Ok(Reply::not_found("hold"));
         };
-        let handle = self.row(id)?.handle.clone();
+        let ids = path_ids(&hold.path);
+        self.load_ids(&ids).await?;
+        let handle = self.row(hold.agent_id)?.handle.clone();
         if hold.status != "open" || hold.expires_at <= self.now {
             return Ok(Reply::error(
                 409,
@@ -1490,6 +1542,9 @@ impl Batch {
         let e = self.event(&handle, action, "allowed");
         e.amount = Some(if amount.is_some() { captured.micros() } else { released.micros() });
         e.reference = Some(hold.id.clone());
+        if owner.is_none() {
+            e.detail = Some(json!({"by": "gateway"}).to_string());
+        }
         let reply = if amount.is_some() {
             Reply::ok(200, &json!({"id": hold.id, "captured": captured, "released": released}))
         } else {
@@ -1776,7 +1831,7 @@ impl Batch {
         // Holds already past their expiry (not swept yet) expired; they are not the revocation's.
         self.expire_holds(Some(&[root_id])).await?;
         let open: Vec<HoldRow> = sqlx::query_as(
-            "SELECT id, agent_id, path, amount, status, expires_at FROM holds \
+            "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds \
              WHERE root_id = $1 AND status = 'open' AND path LIKE $2",
         )
         .bind(root_id)

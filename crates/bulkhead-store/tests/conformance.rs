@@ -60,6 +60,7 @@ conformance! {
     check_order,
     audit_every_decision,
     shadow_mode,
+    gateway_holds,
     concurrent_spends_one_agent,
     concurrent_spends_parent_and_child,
 }
@@ -1194,5 +1195,64 @@ async fn shadow_mode(db: Db) {
     // Revocation is never shadowed.
     ok(&e.revoke(Caller::Admin, "shadow").await, 200);
     err(&e.spend(&k, "0.01").await, 401, "credential_revoked");
+    e.finish().await;
+}
+
+async fn gateway_holds(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("gw", &[PAY], "10")).await;
+    let metered =
+        |amount: &str| Command::MeteredHold { key: k.clone(), scope: scope(PAY), amount: m(amount), expires_ms: MIN };
+    let hold_id = |r: &bulkhead_store::Reply| json(r)["id"].as_str().unwrap().to_owned();
+
+    // Settled by hold id after the key was rotated mid-call: still charged.
+    let r = e.submit(metered("2")).await;
+    ok(&r, 201);
+    let h1 = hold_id(&r);
+    ok(&e.submit(Command::RotateKey { handle: "gw".into(), key_hash: new_key() }).await, 201);
+    let r = e.submit(Command::Settle { hold_id: h1.clone(), amount: m("0.75") }).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["captured"], "0.75");
+    assert_eq!(json(&r)["released"], "1.25");
+    err(&e.submit(Command::Settle { hold_id: h1, amount: m("0.1") }).await, 409, "hold_closed");
+    assert_eq!(e.money("gw").await, (m("0.75"), Micros::ZERO, m("0.75")));
+
+    // A metered hold nobody settles (the server died mid-call) is charged in full at expiry;
+    // an API hold is released.
+    let k2 = e.admin_agent(spec("gw2", &[PAY], "10")).await;
+    let r =
+        e.submit(Command::MeteredHold { key: k2.clone(), scope: scope(PAY), amount: m("3"), expires_ms: MIN }).await;
+    ok(&r, 201);
+    e.hold_ok(&k2, "4", MIN).await;
+    assert_eq!(e.agent("gw2").await.usage.window_held, m("7"));
+    e.advance(MIN);
+    ok(&e.submit(Command::SweepExpired).await, 200);
+    assert_eq!(e.money("gw2").await, (m("3"), Micros::ZERO, m("3")));
+    let expired: Vec<_> = e
+        .store
+        .audit_page(Some("gw2"), 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| ev.action == "hold.expire")
+        .collect();
+    assert_eq!(expired.len(), 2);
+    assert_eq!(expired.iter().filter(|ev| ev.detail.as_ref().is_some_and(|d| d["captured"] == "3.00")).count(), 1);
+
+    // Zero settles as a release; a revoked agent's hold was released by the revocation.
+    let k3 = e.admin_agent(spec("gw3", &[PAY], "10")).await;
+    let r =
+        e.submit(Command::MeteredHold { key: k3.clone(), scope: scope(PAY), amount: m("1"), expires_ms: MIN }).await;
+    let h3 = hold_id(&r);
+    let r = e.submit(Command::Settle { hold_id: h3, amount: Micros::ZERO }).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["released"], "1.00");
+    let r =
+        e.submit(Command::MeteredHold { key: k3.clone(), scope: scope(PAY), amount: m("1"), expires_ms: MIN }).await;
+    let h4 = hold_id(&r);
+    ok(&e.revoke(Caller::Admin, "gw3").await, 200);
+    err(&e.submit(Command::Settle { hold_id: h4, amount: m("1") }).await, 409, "hold_closed");
+    assert_eq!(e.money("gw3").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    err(&e.submit(Command::Settle { hold_id: "hold_nope".into(), amount: m("1") }).await, 404, "not_found");
     e.finish().await;
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_core::{KeyHash, Micros};
+use bulkhead_core::Micros;
 use bulkhead_store::{Command, Ledger, StoreError};
 use tokio::task::JoinHandle;
 
@@ -20,7 +20,6 @@ const SETTLE_ATTEMPTS: u32 = 6;
 
 pub struct Bill {
     ledger: Ledger,
-    key: KeyHash,
     hold_id: String,
     held: Micros,
     abandoned: Micros,
@@ -31,15 +30,8 @@ pub struct Bill {
 
 impl Bill {
     /// Must be made inside the runtime (it keeps a handle to spawn from `Drop`).
-    pub fn new(
-        ledger: Ledger,
-        key: KeyHash,
-        hold_id: String,
-        held: Micros,
-        abandoned: Micros,
-        upstream: Arc<str>,
-    ) -> Bill {
-        Bill { ledger, key, hold_id, held, abandoned, upstream, rt: tokio::runtime::Handle::current(), armed: true }
+    pub fn new(ledger: Ledger, hold_id: String, held: Micros, abandoned: Micros, upstream: Arc<str>) -> Bill {
+        Bill { ledger, hold_id, held, abandoned, upstream, rt: tokio::runtime::Handle::current(), armed: true }
     }
 
     pub fn held(&self) -> Micros {
@@ -60,9 +52,9 @@ impl Bill {
     }
 
     fn start(&self, cost: Micros) -> JoinHandle<()> {
-        let (ledger, key, hold_id, held, upstream) =
-            (self.ledger.clone(), self.key.clone(), self.hold_id.clone(), self.held, self.upstream.clone());
-        self.rt.spawn(settle(ledger, key, hold_id, held, cost, upstream))
+        let (ledger, hold_id, held, upstream) =
+            (self.ledger.clone(), self.hold_id.clone(), self.held, self.upstream.clone());
+        self.rt.spawn(settle(ledger, hold_id, held, cost, upstream))
     }
 }
 
@@ -76,7 +68,7 @@ impl Drop for Bill {
     }
 }
 
-async fn settle(ledger: Ledger, key: KeyHash, hold_id: String, held: Micros, cost: Micros, upstream: Arc<str>) {
+async fn settle(ledger: Ledger, hold_id: String, held: Micros, cost: Micros, upstream: Arc<str>) {
     let cost = if cost > held {
         tracing::warn!(%upstream, hold = %hold_id, %cost, %held, "metered cost above max_cost_per_request; captured the hold");
         metrics::counter!(GATEWAY_COST_CAPPED, "upstream" => upstream.to_string()).increment(1);
@@ -86,19 +78,15 @@ async fn settle(ledger: Ledger, key: KeyHash, hold_id: String, held: Micros, cos
     };
     let mut wait = Duration::from_millis(50);
     for attempt in 1..=SETTLE_ATTEMPTS {
-        let cmd = if cost.is_zero() {
-            Command::Release { key: key.clone(), hold_id: hold_id.clone(), idem: None }
-        } else {
-            Command::Capture { key: key.clone(), hold_id: hold_id.clone(), amount: cost, idem: None }
-        };
+        // Settled by hold id, not by key: a key rotated mid-call must not make the call free.
+        let cmd = Command::Settle { hold_id: hold_id.clone(), amount: cost };
         match ledger.submit(cmd).await {
             Ok(reply) => {
                 crate::api::record_outcome(&reply);
                 if reply.status == 200 {
                     tracing::debug!(%upstream, hold = %hold_id, %cost, "gateway call settled");
                 } else {
-                    // A revoked agent's holds were released by the revocation; a rotated key
-                    // cannot settle (the hold then expires).
+                    // A revoked agent's holds were released by the revocation.
                     tracing::warn!(%upstream, hold = %hold_id, status = reply.status, code = ?reply.code(), "gateway settlement refused");
                 }
                 return;

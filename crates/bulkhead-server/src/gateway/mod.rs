@@ -220,11 +220,7 @@ pub fn ask_for_stream_usage(body: Bytes) -> (Bytes, bool) {
 
 /// Submits the hold in a task of its own: if this call is dropped while the hold commits (the
 /// agent hung up), the task releases the hold at once instead of leaving it to expire.
-async fn hold_or_release(
-    ledger: &Ledger,
-    hold: Command,
-    key: bulkhead_core::KeyHash,
-) -> Result<bulkhead_store::Reply, bulkhead_store::StoreError> {
+async fn hold_or_release(ledger: &Ledger, hold: Command) -> Result<bulkhead_store::Reply, bulkhead_store::StoreError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let l = ledger.clone();
     tokio::spawn(async move {
@@ -235,7 +231,7 @@ async fn hold_or_release(
                 serde_json::from_str::<Value>(&reply.body).ok().and_then(|v| v["id"].as_str().map(str::to_owned))
         {
             crate::api::record_outcome(&reply);
-            if let Ok(r) = l.submit(Command::Release { key, hold_id: id, idem: None }).await {
+            if let Ok(r) = l.submit(Command::Settle { hold_id: id, amount: bulkhead_core::Micros::ZERO }).await {
                 crate::api::record_outcome(&r);
             }
         }
@@ -308,14 +304,13 @@ impl Gateway {
 
         // The hold: every check of the contract, in its order, in one committed decision.
         let ledger = &self.inner.ledger;
-        let hold = Command::Hold {
+        let hold = Command::MeteredHold {
             key: key.clone(),
             scope: up.scope.clone(),
             amount: up.max_cost,
             expires_ms: up.hold_ms(),
-            idem: None,
         };
-        let reply = hold_or_release(ledger, hold, key.clone()).await?;
+        let reply = hold_or_release(ledger, hold).await?;
         if reply.status != 201 {
             count(&route.name, "denied");
             return Ok(crate::api::respond(reply));
@@ -329,7 +324,7 @@ impl Gateway {
             Pricing::PerRequest(p) => p,
             _ => up.max_cost,
         };
-        let bill = Bill::new(ledger.clone(), key, hold_id, up.max_cost, abandoned, route.name.clone());
+        let bill = Bill::new(ledger.clone(), hold_id, up.max_cost, abandoned, route.name.clone());
 
         // The forwarded request.
         let path = if rest.is_empty() {

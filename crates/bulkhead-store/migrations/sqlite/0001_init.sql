@@ -56,7 +56,9 @@ CREATE TABLE holds (
     created_at  BIGINT  NOT NULL,
     expires_at  BIGINT  NOT NULL,
     captured    BIGINT,
-    closed_at   BIGINT
+    closed_at   BIGINT,
+    -- 'release' (API holds) or 'capture' (gateway holds: an unsettled call is charged in full)
+    on_expiry   TEXT    NOT NULL DEFAULT 'release'
 );
 CREATE INDEX holds_open ON holds (root_id, expires_at) WHERE status = 'open';
 
