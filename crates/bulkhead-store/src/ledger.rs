@@ -505,6 +505,9 @@ impl Writer {
             dirty: BTreeSet::new(),
             swept: BTreeSet::new(),
             events: Vec::new(),
+            holds: HashMap::new(),
+            new_holds: Vec::new(),
+            closed_holds: Vec::new(),
         };
         if b.backend == Backend::Postgres {
             // Lock every touched tree's root, in id order, before reading anything of it.
@@ -568,7 +571,7 @@ fn in_list_str(prefix: &str, items: &[&str], suffix: &str) -> Result<(String, An
     in_list(prefix, &owned, suffix)
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 struct HoldRow {
     id: String,
     agent_id: i64,
@@ -598,6 +601,25 @@ struct Batch {
     /// Trees whose expired holds this batch has already closed.
     swept: BTreeSet<i64>,
     events: Vec<NewEvent>,
+    /// Hold rows this batch read or made, as they stand in the batch.
+    holds: HashMap<String, HoldRow>,
+    /// Holds made by this batch and not yet written.
+    new_holds: Vec<NewHold>,
+    /// Holds closed by this batch and not yet written: (id, status, captured, closed_at).
+    closed_holds: Vec<(String, String, i64, i64)>,
+}
+
+/// A hold to insert.
+struct NewHold {
+    id: String,
+    agent_id: i64,
+    root_id: i64,
+    path: String,
+    scope: String,
+    amount: i64,
+    created_at: i64,
+    expires_at: i64,
+    on_expiry: &'static str,
 }
 
 type R<T> = Result<T, BatchError>;
@@ -790,6 +812,8 @@ impl Batch {
 
     /// Expires open holds past their expiry, in the given trees (or everywhere).
     async fn expire_holds(&mut self, roots: Option<&[i64]>) -> R<()> {
+        // Scans read the table: what this batch changed must be in it first.
+        self.flush_holds().await?;
         let rows: Vec<HoldRow> = match roots {
             Some([]) => return Ok(()),
             Some(roots) => {
@@ -845,19 +869,13 @@ impl Batch {
         let ids = path_ids(&h.path);
         self.load_ids(&ids).await?;
         let held = Micros::from_micros(h.amount).ok_or_else(|| corrupt("negative hold"))?;
-        self.move_chain(&ids, Movement::Settle { held, captured })?;
-        let done = sqlx::query(
-            "UPDATE holds SET status = $1, captured = $2, closed_at = $3 WHERE id = $4 AND status = 'open'",
-        )
-        .bind(status)
-        .bind(captured.micros())
-        .bind(at)
-        .bind(&h.id)
-        .execute(&mut *self.tx)
-        .await?;
-        if done.rows_affected() != 1 {
+        let cached = self.holds.entry(h.id.clone()).or_insert_with(|| h.clone());
+        if cached.status != "open" {
             return Err(corrupt("hold closed twice"));
         }
+        cached.status = status.to_owned();
+        self.move_chain(&ids, Movement::Settle { held, captured })?;
+        self.closed_holds.push((h.id.clone(), status.to_owned(), captured.micros(), at));
         if status == "expired" {
             let handle = self.row(h.agent_id)?.handle.clone();
             let e = self.event(&handle, "hold.expire", "allowed");
@@ -927,7 +945,80 @@ impl Batch {
 
     /// Writes every changed agent row back, in one multi-row `UPDATE … FROM (VALUES …)` per
     /// chunk (the same SQL on SQLite and PostgreSQL; `VALUES` columns are named column1…N on both).
+    /// Writes the holds this batch made (one multi-row INSERT) and closed (one multi-row UPDATE
+    /// that must find every one of them still open).
+    async fn flush_holds(&mut self) -> R<()> {
+        const CHUNK: usize = 100;
+        let bad = |e: sqlx::error::BoxDynError| corrupt(&e.to_string());
+        let new_holds = std::mem::take(&mut self.new_holds);
+        for chunk in new_holds.chunks(CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO holds (id, agent_id, root_id, path, scope, amount, status, created_at, expires_at, on_expiry) VALUES ",
+            );
+            let mut args = AnyArguments::default();
+            for (k, h) in chunk.iter().enumerate() {
+                let p = |n: usize| self.backend.placeholder(k * 9 + n);
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "({}, {}, {}, {}, {}, {}, 'open', {}, {}, {})",
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4),
+                    p(5),
+                    p(6),
+                    p(7),
+                    p(8),
+                    p(9)
+                ));
+                args.add(h.id.clone()).map_err(bad)?;
+                args.add(h.agent_id).map_err(bad)?;
+                args.add(h.root_id).map_err(bad)?;
+                args.add(h.path.clone()).map_err(bad)?;
+                args.add(h.scope.clone()).map_err(bad)?;
+                args.add(h.amount).map_err(bad)?;
+                args.add(h.created_at).map_err(bad)?;
+                args.add(h.expires_at).map_err(bad)?;
+                args.add(h.on_expiry.to_owned()).map_err(bad)?;
+            }
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
+        }
+        let closed = std::mem::take(&mut self.closed_holds);
+        for chunk in closed.chunks(CHUNK) {
+            let mut sql = String::from(
+                "UPDATE holds SET status = v.column2, captured = v.column3, closed_at = v.column4 FROM (VALUES ",
+            );
+            let mut args = AnyArguments::default();
+            for (k, (id, status, captured, at)) in chunk.iter().enumerate() {
+                let p = |n: usize| self.backend.placeholder(k * 4 + n);
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(CAST({} AS TEXT), CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS BIGINT))",
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4)
+                ));
+                args.add(id.clone()).map_err(bad)?;
+                args.add(status.clone()).map_err(bad)?;
+                args.add(*captured).map_err(bad)?;
+                args.add(*at).map_err(bad)?;
+            }
+            sql.push_str(") AS v WHERE holds.id = v.column1 AND holds.status = 'open'");
+            let done = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Err(corrupt("a hold was closed twice"));
+            }
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> R<()> {
+        self.flush_holds().await?;
         const COLS: [(&str, &str); 37] = [
             ("status", "TEXT"),
             ("key_hash", "TEXT"),
@@ -1081,6 +1172,32 @@ impl Batch {
             for r in rows {
                 ancestors.extend(r.path_ids());
                 self.cache(r);
+            }
+        }
+        // The holds that captures, releases and settlements name, in one query.
+        let mut hold_ids: Vec<&str> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Capture { hold_id, .. }
+                | Command::Release { hold_id, .. }
+                | Command::Settle { hold_id, .. } => Some(hold_id.as_str()),
+                _ => None,
+            })
+            .filter(|id| !self.holds.contains_key(*id))
+            .collect();
+        if !hold_ids.is_empty() {
+            hold_ids.sort_unstable();
+            hold_ids.dedup();
+            let (sql, args) = in_list_str(
+                "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE id IN ",
+                &hold_ids,
+                "",
+            )?;
+            let rows: Vec<HoldRow> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            for h in rows {
+                ancestors.extend(path_ids(&h.path));
+                self.holds.insert(h.id.clone(), h);
             }
         }
         // Rows cached before this batch came with their ancestors; only the new ones need theirs.
@@ -1452,21 +1569,29 @@ impl Batch {
             }
             Some(HoldTerms { expires_at, on_expiry }) => {
                 let hid = format!("hold_{}", random_base62(&mut rand::rng(), 22));
-                sqlx::query(
-                    "INSERT INTO holds (id, agent_id, root_id, path, scope, amount, status, created_at, expires_at, on_expiry) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8, $9)",
-                )
-                .bind(&hid)
-                .bind(id)
-                .bind(root_id)
-                .bind(&path)
-                .bind(scope.as_str())
-                .bind(amount.micros())
-                .bind(now)
-                .bind(expires_at)
-                .bind(on_expiry)
-                .execute(&mut *self.tx)
-                .await?;
+                self.holds.insert(
+                    hid.clone(),
+                    HoldRow {
+                        id: hid.clone(),
+                        agent_id: id,
+                        path: path.clone(),
+                        amount: amount.micros(),
+                        status: "open".into(),
+                        expires_at,
+                        on_expiry: on_expiry.into(),
+                    },
+                );
+                self.new_holds.push(NewHold {
+                    id: hid.clone(),
+                    agent_id: id,
+                    root_id,
+                    path,
+                    scope: scope.as_str().to_owned(),
+                    amount: amount.micros(),
+                    created_at: now,
+                    expires_at,
+                    on_expiry,
+                });
                 let e = self.event(&handle, "hold", "allowed");
                 e.scope = Some(scope.as_str().to_owned());
                 e.amount = Some(amount.micros());
@@ -1510,11 +1635,17 @@ impl Batch {
     /// of a call it forwarded, which needs no key (the key may have been rotated mid-call).
     async fn settle_hold(&mut self, owner: Option<i64>, hold_id: &str, amount: Option<Micros>) -> R<Reply> {
         let action = if amount.is_some() { "capture" } else { "release" };
-        let hold: Option<HoldRow> =
-            sqlx::query_as("SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE id = $1")
+        let hold: Option<HoldRow> = match self.holds.get(hold_id) {
+            Some(h) => Some(h.clone()),
+            None => {
+                sqlx::query_as(
+                    "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE id = $1",
+                )
                 .bind(hold_id)
                 .fetch_optional(&mut *self.tx)
-                .await?;
+                .await?
+            }
+        };
         let Some(hold) = hold.filter(|h| owner.is_none_or(|o| h.agent_id == o)) else {
             return Ok(Reply::not_found("hold"));
         };
@@ -1830,6 +1961,7 @@ impl Batch {
         }
         // Holds already past their expiry (not swept yet) expired; they are not the revocation's.
         self.expire_holds(Some(&[root_id])).await?;
+        self.flush_holds().await?;
         let open: Vec<HoldRow> = sqlx::query_as(
             "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds \
              WHERE root_id = $1 AND status = 'open' AND path LIKE $2",
