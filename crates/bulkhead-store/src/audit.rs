@@ -152,15 +152,7 @@ pub(crate) async fn append_events(
             if i > 0 {
                 sql.push_str(", ");
             }
-            let b = i * 12;
-            sql.push('(');
-            for j in 1..=12 {
-                if j > 1 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&backend.placeholder(b + j));
-            }
-            sql.push(')');
+            sql.push_str(&backend.values_row(i * 12 + 1, &[None; 12]));
             let bad = |e: sqlx::error::BoxDynError| StoreError::Corrupt(e.to_string());
             args.add(seq).map_err(bad)?;
             args.add(e.at).map_err(bad)?;

@@ -957,28 +957,17 @@ impl Batch {
             );
             let mut args = AnyArguments::default();
             for (k, h) in chunk.iter().enumerate() {
-                let p = |n: usize| self.backend.placeholder(k * 9 + n);
                 if k > 0 {
                     sql.push_str(", ");
                 }
-                sql.push_str(&format!(
-                    "({}, {}, {}, {}, {}, {}, 'open', {}, {}, {})",
-                    p(1),
-                    p(2),
-                    p(3),
-                    p(4),
-                    p(5),
-                    p(6),
-                    p(7),
-                    p(8),
-                    p(9)
-                ));
+                sql.push_str(&self.backend.values_row(k * 10 + 1, &[None; 10]));
                 args.add(h.id.clone()).map_err(bad)?;
                 args.add(h.agent_id).map_err(bad)?;
                 args.add(h.root_id).map_err(bad)?;
                 args.add(h.path.clone()).map_err(bad)?;
                 args.add(h.scope.clone()).map_err(bad)?;
                 args.add(h.amount).map_err(bad)?;
+                args.add("open".to_owned()).map_err(bad)?;
                 args.add(h.created_at).map_err(bad)?;
                 args.add(h.expires_at).map_err(bad)?;
                 args.add(h.on_expiry.to_owned()).map_err(bad)?;
@@ -992,17 +981,11 @@ impl Batch {
             );
             let mut args = AnyArguments::default();
             for (k, (id, status, captured, at)) in chunk.iter().enumerate() {
-                let p = |n: usize| self.backend.placeholder(k * 4 + n);
                 if k > 0 {
                     sql.push_str(", ");
                 }
-                sql.push_str(&format!(
-                    "(CAST({} AS TEXT), CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS BIGINT))",
-                    p(1),
-                    p(2),
-                    p(3),
-                    p(4)
-                ));
+                let types = [Some("TEXT"), Some("TEXT"), Some("BIGINT"), Some("BIGINT")];
+                sql.push_str(&self.backend.values_row(k * 4 + 1, &types));
                 args.add(id.clone()).map_err(bad)?;
                 args.add(status.clone()).map_err(bad)?;
                 args.add(*captured).map_err(bad)?;
@@ -1075,16 +1058,8 @@ impl Batch {
                 if k > 0 {
                     sql.push_str(", ");
                 }
-                sql.push('(');
-                for (n, (_, ty)) in COLS.iter().enumerate() {
-                    if n > 0 {
-                        sql.push_str(", ");
-                    }
-                    // Casts give PostgreSQL the column types of all-NULL parameters.
-                    let ph = self.backend.placeholder(k * COLS.len() + n + 1);
-                    sql.push_str(&format!("CAST({ph} AS {ty})"));
-                }
-                sql.push(')');
+                let types: Vec<Option<&str>> = COLS.iter().map(|(_, ty)| Some(*ty)).collect();
+                sql.push_str(&self.backend.values_row(k * COLS.len() + 1, &types));
                 let r = self.row(*id)?.clone();
                 args.add(r.status).map_err(bad)?;
                 args.add(r.key_hash).map_err(bad)?;

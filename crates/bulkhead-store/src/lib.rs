@@ -91,6 +91,26 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// One row of a generated multi-row statement: `(p, p, …)` for parameters `first..`, each
+    /// wrapped in `CAST(p AS type)` when its type is given (PostgreSQL needs the types of
+    /// parameters that are NULL in every row of a `VALUES` list).
+    pub(crate) fn values_row(self, first: usize, types: &[Option<&str>]) -> String {
+        let cells: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| {
+                let p = self.placeholder(first + i);
+                match ty {
+                    Some(ty) => format!("CAST({p} AS {ty})"),
+                    None => p,
+                }
+            })
+            .collect();
+        format!("({})", cells.join(", "))
+    }
+}
+
 impl StoreError {
     /// The database answered and refused a statement (as opposed to being unreachable).
     pub fn is_statement_error(&self) -> bool {
