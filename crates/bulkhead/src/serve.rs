@@ -172,7 +172,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(gw) => app(state).merge(bulkhead_server::gateway_router(gw)),
         None => app(state),
     };
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    let mut writer = writer;
+    tokio::select! {
+        r = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()) => r?,
+        _ = &mut writer => {
+            // The ledger stops on its own only when an invariant broke (a balance assertion).
+            // Stop the process rather than keep answering without it.
+            tracing::error!("the ledger stopped unexpectedly; exiting");
+            return Ok(ExitCode::from(70));
+        }
+    }
     sweeper.abort();
     let _ = sweeper.await;
     if let Some(d) = delivery {
