@@ -143,6 +143,20 @@ impl Labels {
     }
 }
 
+/// A nested object that must be written as a JSON object (serde's derived structs would also take
+/// a JSON array of the fields in order). Duplicate keys inside it are still refused.
+pub struct Obj<T>(pub T);
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("expected a JSON object"));
+        }
+        serde_json::from_str(raw.get()).map(Obj).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `Some(None)` for an explicit `null`, `None` when the field is absent.
 fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
@@ -232,10 +246,10 @@ pub struct CreateAgentReq {
     window: Option<String>,
     per_tx_limit: Option<RawAmount>,
     lifetime_cap: Option<RawAmount>,
-    rate_limit: Option<RateLimitReq>,
+    rate_limit: Option<Obj<RateLimitReq>>,
     expires_in: Option<String>,
     labels: Option<Labels>,
-    breaker: Option<BreakerReq>,
+    breaker: Option<Obj<BreakerReq>>,
     enforce: Option<bool>,
 }
 
@@ -248,10 +262,10 @@ impl CreateAgentReq {
             window: span(self.window.as_deref().unwrap_or("24h"), "window", "invalid_window")?,
             per_tx_limit: self.per_tx_limit.map(|a| a.parse("per_tx_limit")).transpose()?,
             lifetime_cap: self.lifetime_cap.map(|a| a.parse("lifetime_cap")).transpose()?,
-            rate_limit: self.rate_limit.map(RateLimitReq::checked).transpose()?,
+            rate_limit: self.rate_limit.map(|r| r.0.checked()).transpose()?,
             expires_in: self.expires_in.map(|s| span(&s, "expires_in", "invalid_request")).transpose()?,
             labels: self.labels.map(Labels::checked).transpose()?.unwrap_or_default(),
-            breaker: self.breaker.map(BreakerReq::checked).transpose()?,
+            breaker: self.breaker.map(|b| b.0.checked()).transpose()?,
             enforce: self.enforce.unwrap_or(true),
         })
     }
@@ -267,10 +281,10 @@ pub struct PatchReq {
     lifetime_cap: Option<Option<RawAmount>>,
     scopes: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
-    rate_limit: Option<Option<RateLimitReq>>,
+    rate_limit: Option<Option<Obj<RateLimitReq>>>,
     labels: Option<Labels>,
     #[serde(default, deserialize_with = "double_option")]
-    breaker: Option<Option<BreakerReq>>,
+    breaker: Option<Option<Obj<BreakerReq>>>,
     enforce: Option<bool>,
 }
 
@@ -282,9 +296,9 @@ impl PatchReq {
             per_tx_limit: self.per_tx_limit.map(|a| a.parse("per_tx_limit")).transpose()?,
             lifetime_cap: self.lifetime_cap.map(|o| o.map(|a| a.parse("lifetime_cap")).transpose()).transpose()?,
             scopes: self.scopes.map(|s| scopes(&s)).transpose()?,
-            rate_limit: self.rate_limit.map(|o| o.map(RateLimitReq::checked).transpose()).transpose()?,
+            rate_limit: self.rate_limit.map(|o| o.map(|r| r.0.checked()).transpose()).transpose()?,
             labels: self.labels.map(Labels::checked).transpose()?,
-            breaker: self.breaker.map(|o| o.map(BreakerReq::checked).transpose()).transpose()?,
+            breaker: self.breaker.map(|o| o.map(|b| b.0.checked()).transpose()).transpose()?,
             enforce: self.enforce,
         })
     }

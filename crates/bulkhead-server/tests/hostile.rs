@@ -542,6 +542,9 @@ fn rows(hold: &str, key: &str) -> Vec<Row> {
         ("rate_limit requests float", r#","rate_limit":{"requests":1.5,"per":"1m"}"#.into()),
         ("rate_limit unknown field", r#","rate_limit":{"requests":1,"per":"1m","burst":9}"#.into()),
         ("rate_limit missing per", r#","rate_limit":{"requests":1}"#.into()),
+        ("rate_limit as an array", r#","rate_limit":[5,"1m"]"#.into()),
+        ("rate_limit duplicate key", r#","rate_limit":{"requests":5,"requests":6,"per":"1m"}"#.into()),
+        ("breaker as an array", r#","breaker":[50]"#.into()),
         ("breaker denials -1", r#","breaker":{"denials":-1}"#.into()),
         ("breaker unknown field", r#","breaker":{"denials":5,"x":1}"#.into()),
         ("labels number value", r#","labels":{"team":1}"#.into()),
@@ -597,6 +600,8 @@ fn rows(hold: &str, key: &str) -> Vec<Row> {
         ("scopes not a list", r#"{"scopes":"a:b"}"#, 400, "invalid_request"),
         ("rate_limit requests 0", r#"{"rate_limit":{"requests":0,"per":"1m"}}"#, 400, "invalid_request"),
         ("rate_limit per 0s", r#"{"rate_limit":{"requests":1,"per":"0s"}}"#, 400, "invalid_window"),
+        ("rate_limit as an array", r#"{"rate_limit":[5,"1m"]}"#, 400, "invalid_request"),
+        ("breaker as an array", r#"{"breaker":[3,"1m"]}"#, 400, "invalid_request"),
         ("labels number value", r#"{"labels":{"a":1}}"#, 400, "invalid_request"),
         ("breaker window 1w", r#"{"breaker":{"denials":3,"window":"1w"}}"#, 400, "invalid_window"),
     ];
