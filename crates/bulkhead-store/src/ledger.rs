@@ -1668,6 +1668,15 @@ impl Batch {
         Ok(Reply::ok(status, &row.view(parent, 0, self.now)))
     }
 
+    /// A parent's attempt to give a child more than it has: refused (403) and audited on the
+    /// parent's trail (it feeds neither `denied_count` nor the breaker).
+    fn refuse_child(&mut self, parent: &str, spec: &AgentSpec, code: &str, message: &str) -> Reply {
+        let e = self.event(parent, "agent.create", "denied");
+        e.reason = Some(code.to_owned());
+        e.detail = Some(json!({"child": spec.handle.as_str()}).to_string());
+        Reply::error(403, code, message)
+    }
+
     async fn create_agent(&mut self, caller: &Caller, spec: &AgentSpec, key_hash: &KeyHash) -> R<Reply> {
         let now = self.now;
         if !spec.enforce && matches!(caller, Caller::Agent(_)) {
@@ -1696,11 +1705,9 @@ impl Batch {
                 }
                 if !scopes.covers_all(&spec.scopes) {
                     let h = p.handle.clone();
-                    let e = self.event(&h, "agent.create", "denied");
-                    e.reason = Some("scope_escalation".into());
-                    e.detail = Some(json!({"child": spec.handle.as_str()}).to_string());
-                    return Ok(Reply::error(
-                        403,
+                    return Ok(self.refuse_child(
+                        &h,
+                        spec,
                         "scope_escalation",
                         "A child's scopes must be covered by its parent's scopes.",
                     ));
@@ -1714,11 +1721,9 @@ impl Batch {
                 };
                 if spec.spending_cap > pl.spending_cap || per_tx > pl.per_tx_limit || !lifetime_ok {
                     let h = p.handle.clone();
-                    let e = self.event(&h, "agent.create", "denied");
-                    e.reason = Some("cap_escalation".into());
-                    e.detail = Some(json!({"child": spec.handle.as_str()}).to_string());
-                    return Ok(Reply::error(
-                        403,
+                    return Ok(self.refuse_child(
+                        &h,
+                        spec,
                         "cap_escalation",
                         "A child's caps and per-transaction limit may not exceed its parent's.",
                     ));
