@@ -207,6 +207,25 @@ pub fn authorize(chain: &[ChainMember], amount: Micros) -> Result<(), DenyReason
     Ok(())
 }
 
+/// The most `chain[0]` may still spend or hold right now under every cap of its chain (window
+/// and lifetime caps of the agent and of each ancestor; the per-transaction limit is not a cap
+/// on the total). The counters must be brought to `now` first.
+pub fn room(chain: &[ChainMember]) -> Micros {
+    chain
+        .iter()
+        .map(|m| {
+            let c = m.counters;
+            let left = |cap: Micros, used: Option<Micros>| used.map_or(Micros::ZERO, |u| cap.saturating_sub(u));
+            let window = left(m.limits.spending_cap, c.window_spent.checked_add(c.held));
+            match m.limits.lifetime_cap {
+                Some(cap) => window.min(left(cap, c.lifetime_spent.checked_add(c.held))),
+                None => window,
+            }
+        })
+        .min()
+        .unwrap_or(Micros::ZERO)
+}
+
 /// Full decision: prechecks, then limits. Returns the new rate-limiter state on `Allow`.
 pub fn decide(
     c: &SpendCheck<'_>,
@@ -292,6 +311,25 @@ mod tests {
         assert_eq!(authorize(&[a.clone()], m("5")), Ok(()));
         a.counters.lifetime_spent = m("7");
         assert_eq!(authorize(&[a.clone()], m("4.5")), Err(DenyReason::LifetimeCap));
+    }
+
+    #[test]
+    fn room_is_the_most_that_still_fits() {
+        let mut a = member("10", "100", Some("12"));
+        let mut parent = member("20", "100", None);
+        a.counters.window_spent = m("3");
+        a.counters.lifetime_spent = m("5");
+        a.counters.held = m("1");
+        parent.counters.window_spent = m("13.5");
+        parent.counters.held = m("1");
+        for (chain, want) in [(vec![a.clone()], m("6")), (vec![a.clone(), parent.clone()], m("5.5"))] {
+            let r = room(&chain);
+            assert_eq!(r, want);
+            assert_eq!(authorize(&chain, r), Ok(()));
+            assert!(authorize(&chain, r.checked_add(m("0.000001")).unwrap()).is_err());
+        }
+        a.counters.held = m("11");
+        assert_eq!(room(&[a]), Micros::ZERO);
     }
 
     #[test]

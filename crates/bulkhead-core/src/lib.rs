@@ -17,7 +17,9 @@ pub mod runaway;
 pub mod scope;
 
 pub use clock::{Clock, ManualClock};
-pub use decision::{AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide, precheck};
+pub use decision::{
+    AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide, precheck, room,
+};
 pub use duration::Span;
 pub use handle::Handle;
 pub use key::{ApiKey, KeyHash};

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bulkhead_core::decision::{Movement, SpendCheck, authorize, precheck};
@@ -211,6 +212,28 @@ pub enum Command {
         hold_id: String,
         amount: Micros,
     },
+    /// The gateway's lease: every check of a `MeteredHold` of `unit` (the first call's hold,
+    /// decided and audited like one), then as many more `unit` slots, up to `slots` in all, as
+    /// every cap of the chain and the rate limit allow right now. One hold carries them all and
+    /// is captured in full if it expires unsettled. Agents in shadow mode, not active, or with a
+    /// runaway trigger get one slot: each of their calls is decided on its own.
+    Lease {
+        key: KeyHash,
+        scope: Scope,
+        unit: Micros,
+        slots: u32,
+        expires_ms: i64,
+    },
+    /// Settles calls made under a lease: each of `costs` (at most `unit`) is captured from one
+    /// slot and the rest of that slot released; `release` unused slots are released (and their
+    /// rate-limit tokens given back); `close` releases what is left and closes the lease.
+    LeaseSettle {
+        hold_id: String,
+        unit: Micros,
+        costs: Vec<Micros>,
+        release: u32,
+        close: bool,
+    },
     Capture {
         key: KeyHash,
         hold_id: String,
@@ -237,11 +260,23 @@ impl Command {
         }
     }
 
+    /// The hold a command names, if any.
+    fn hold_id(&self) -> Option<&str> {
+        match self {
+            Command::Capture { hold_id, .. }
+            | Command::Release { hold_id, .. }
+            | Command::Settle { hold_id, .. }
+            | Command::LeaseSettle { hold_id, .. } => Some(hold_id),
+            _ => None,
+        }
+    }
+
     fn key(&self) -> Option<&KeyHash> {
         match self {
             Command::Spend { key, .. }
             | Command::Hold { key, .. }
             | Command::MeteredHold { key, .. }
+            | Command::Lease { key, .. }
             | Command::Capture { key, .. }
             | Command::Release { key, .. } => Some(key),
             Command::CreateAgent { caller: Caller::Agent(k), .. }
@@ -326,6 +361,7 @@ pub struct Ledger {
     tx: mpsc::Sender<Job>,
     store: Store,
     clock: Arc<dyn Clock>,
+    epoch: Arc<AtomicU64>,
 }
 
 impl Ledger {
@@ -333,7 +369,15 @@ impl Ledger {
     pub fn start(store: Store, clock: Arc<dyn Clock>, cfg: LedgerConfig) -> (Ledger, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
         let rules = Arc::new(cfg.alerts.clone());
-        let writer = Writer { store: store.clone(), clock: clock.clone(), cfg, rules, cache: Cache::default() };
+        let epoch = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            store: store.clone(),
+            clock: clock.clone(),
+            cfg,
+            rules,
+            cache: Cache::default(),
+            epoch: epoch.clone(),
+        };
         // The writer gets a thread and a runtime of its own: the commit path never waits in the
         // queue behind request handlers.
         let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -350,7 +394,7 @@ impl Ledger {
         let handle = tokio::spawn(async move {
             let _ = done_rx.await;
         });
-        (Ledger { tx, store, clock }, handle)
+        (Ledger { tx, store, clock, epoch }, handle)
     }
 
     /// Runs one command and waits until it is committed (or failed).
@@ -362,6 +406,13 @@ impl Ledger {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The authorization epoch: it moves on, before the answer goes out, after every commit
+    /// that revoked, suspended or patched an agent or gave one a new key through this ledger.
+    /// What was decided under an older epoch (a gateway lease) must be decided again.
+    pub fn authz_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -401,6 +452,7 @@ struct Writer {
     cfg: LedgerConfig,
     rules: Arc<AlertRules>,
     cache: Cache,
+    epoch: Arc<AtomicU64>,
 }
 
 /// Rows the SQLite writer keeps between batches. It is the only writer of its file, so what it
@@ -508,6 +560,8 @@ impl Writer {
             holds: HashMap::new(),
             new_holds: Vec::new(),
             closed_holds: Vec::new(),
+            touched_holds: BTreeSet::new(),
+            authz: false,
         };
         if b.backend == Backend::Postgres {
             // Lock every touched tree's root, in id order, before reading anything of it.
@@ -526,7 +580,13 @@ impl Writer {
         b.write_alerts().await?;
         let events = std::mem::take(&mut b.events);
         let head = append_events(&mut b.tx, b.backend, events, cache.head).await?;
-        b.tx.commit().await.map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
+        let authz = b.authz;
+        let committed = b.tx.commit().await;
+        if authz {
+            // Even when the commit's outcome is unknown: deciding again costs only time.
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        committed.map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
         Ok((replies, Cache { agents: b.agents, by_key: b.by_key, by_handle: b.by_handle, head }))
     }
 }
@@ -576,11 +636,18 @@ struct HoldRow {
     id: String,
     agent_id: i64,
     path: String,
+    /// What the hold still holds (a lease's settled slots are gone from it).
     amount: i64,
+    /// What was captured of it so far (a lease is captured call by call while open).
+    captured: i64,
     status: String,
     expires_at: i64,
     on_expiry: String,
 }
+
+/// The columns of a [`HoldRow`].
+const HOLD_COLUMNS: &str =
+    "id, agent_id, path, amount, COALESCE(captured, 0) AS captured, status, expires_at, on_expiry";
 
 fn path_ids(path: &str) -> Vec<i64> {
     path.split(',').filter_map(|s| s.parse().ok()).collect()
@@ -607,6 +674,11 @@ struct Batch {
     new_holds: Vec<NewHold>,
     /// Holds closed by this batch and not yet written: (id, status, captured, closed_at).
     closed_holds: Vec<(String, String, i64, i64)>,
+    /// Open leases this batch settled calls of (their `amount` and `captured` to write).
+    touched_holds: BTreeSet<String>,
+    /// This batch changed what some credential may do (a revocation, a patch, a new key, a
+    /// suspension): the ledger's authorization epoch moves on once it commits.
+    authz: bool,
 }
 
 /// A hold to insert.
@@ -644,10 +716,10 @@ impl Batch {
                 | Command::Revoke { handle, .. }
                 | Command::RotateKey { handle, .. }
                 | Command::Resume { handle } => handles.push(handle),
-                Command::Capture { hold_id, .. }
-                | Command::Release { hold_id, .. }
-                | Command::Settle { hold_id, .. } => holds.push(hold_id),
                 _ => {}
+            }
+            if let Some(h) = c.hold_id() {
+                holds.push(h);
             }
         }
         let mut roots = BTreeSet::new();
@@ -818,7 +890,7 @@ impl Batch {
             Some([]) => return Ok(()),
             Some(roots) => {
                 let (sql, mut args) = in_list(
-                    "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE status = 'open' AND root_id IN ",
+                    &format!("SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'open' AND root_id IN "),
                     roots,
                     "",
                 )?;
@@ -827,10 +899,10 @@ impl Batch {
                 sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?
             }
             None => {
-                sqlx::query_as(
-                    "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds \
-                     WHERE status = 'open' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
-                )
+                sqlx::query_as(dsql!(
+                    "SELECT {HOLD_COLUMNS} FROM holds \
+                     WHERE status = 'open' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+                ))
                 .bind(self.now)
                 .bind(SWEEP_HOLDS_MAX)
                 .fetch_all(&mut *self.tx)
@@ -874,8 +946,10 @@ impl Batch {
             return Err(corrupt("hold closed twice"));
         }
         cached.status = status.to_owned();
+        let total = cached.captured.checked_add(captured.micros()).ok_or_else(|| corrupt("capture overflow"))?;
+        cached.captured = total;
         self.move_chain(&ids, Movement::Settle { held, captured })?;
-        self.closed_holds.push((h.id.clone(), status.to_owned(), captured.micros(), at));
+        self.closed_holds.push((h.id.clone(), status.to_owned(), total, at));
         if status == "expired" {
             let handle = self.row(h.agent_id)?.handle.clone();
             let e = self.event(&handle, "hold.expire", "allowed");
@@ -973,6 +1047,29 @@ impl Batch {
                 args.add(h.on_expiry.to_owned()).map_err(bad)?;
             }
             sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
+        }
+        let touched: Vec<(String, i64, i64)> = std::mem::take(&mut self.touched_holds)
+            .into_iter()
+            .filter_map(|id| self.holds.get(&id).map(|h| (id, h.amount, h.captured)))
+            .collect();
+        for chunk in touched.chunks(CHUNK) {
+            let mut sql = String::from("UPDATE holds SET amount = v.column2, captured = v.column3 FROM (VALUES ");
+            let mut args = AnyArguments::default();
+            for (k, (id, amount, captured)) in chunk.iter().enumerate() {
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                let types = [Some("TEXT"), Some("BIGINT"), Some("BIGINT")];
+                sql.push_str(&self.backend.values_row(k * 3 + 1, &types));
+                args.add(id.clone()).map_err(bad)?;
+                args.add(*amount).map_err(bad)?;
+                args.add(*captured).map_err(bad)?;
+            }
+            sql.push_str(") AS v WHERE holds.id = v.column1 AND holds.status = 'open'");
+            let done = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Err(corrupt("a lease was settled after it closed"));
+            }
         }
         let closed = std::mem::take(&mut self.closed_holds);
         for chunk in closed.chunks(CHUNK) {
@@ -1150,24 +1247,12 @@ impl Batch {
             }
         }
         // The holds that captures, releases and settlements name, in one query.
-        let mut hold_ids: Vec<&str> = cmds
-            .iter()
-            .filter_map(|c| match c {
-                Command::Capture { hold_id, .. }
-                | Command::Release { hold_id, .. }
-                | Command::Settle { hold_id, .. } => Some(hold_id.as_str()),
-                _ => None,
-            })
-            .filter(|id| !self.holds.contains_key(*id))
-            .collect();
+        let mut hold_ids: Vec<&str> =
+            cmds.iter().filter_map(|c| c.hold_id()).filter(|id| !self.holds.contains_key(*id)).collect();
         if !hold_ids.is_empty() {
             hold_ids.sort_unstable();
             hold_ids.dedup();
-            let (sql, args) = in_list_str(
-                "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE id IN ",
-                &hold_ids,
-                "",
-            )?;
+            let (sql, args) = in_list_str(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id IN "), &hold_ids, "")?;
             let rows: Vec<HoldRow> =
                 sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
             for h in rows {
@@ -1200,6 +1285,7 @@ impl Batch {
                 self.by_key.remove(&old);
                 self.by_key.insert(key_hash.as_str().to_owned(), id);
                 self.row_mut(id)?.key_hash = key_hash.as_str().to_owned();
+                self.authz = true;
                 let h = self.row(id)?.handle.clone();
                 self.event(&h, "agent.rotate_key", "allowed");
                 Ok(Reply::ok(201, &json!({})))
@@ -1227,9 +1313,13 @@ impl Batch {
             Command::Settle { hold_id, amount } => {
                 self.settle_hold(None, hold_id, if amount.is_zero() { None } else { Some(*amount) }).await
             }
+            Command::LeaseSettle { hold_id, unit, costs, release, close } => {
+                self.lease_settle(hold_id, *unit, costs, *release, *close).await
+            }
             Command::Spend { .. }
             | Command::Hold { .. }
             | Command::MeteredHold { .. }
+            | Command::Lease { .. }
             | Command::Capture { .. }
             | Command::Release { .. } => self.money(cmd).await,
         }
@@ -1279,6 +1369,9 @@ impl Batch {
             Command::MeteredHold { scope, amount, expires_ms, .. } => {
                 let terms = HoldTerms { expires_at: self.now.saturating_add(*expires_ms), on_expiry: "capture" };
                 self.spend_or_hold(id, scope, *amount, Some(terms), None).await?
+            }
+            Command::Lease { scope, unit, slots, expires_ms, .. } => {
+                self.lease(id, scope, *unit, *slots, *expires_ms).await?
             }
             Command::Capture { hold_id, amount, .. } => self.settle(id, hold_id, Some(*amount)).await?,
             Command::Release { hold_id, .. } => self.settle(id, hold_id, None).await?,
@@ -1373,6 +1466,8 @@ impl Batch {
         }
         row.status = "suspended".into();
         row.suspended_at = Some(now);
+        self.authz = true;
+        let row = self.row_mut(id)?;
         row.clear_breaker_state();
         let handle = row.handle.clone();
         self.raise("agent_suspended", &handle, json!({"reason": reason}));
@@ -1551,6 +1646,7 @@ impl Batch {
                         agent_id: id,
                         path: path.clone(),
                         amount: amount.micros(),
+                        captured: 0,
                         status: "open".into(),
                         expires_at,
                         on_expiry: on_expiry.into(),
@@ -1613,12 +1709,10 @@ impl Batch {
         let hold: Option<HoldRow> = match self.holds.get(hold_id) {
             Some(h) => Some(h.clone()),
             None => {
-                sqlx::query_as(
-                    "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds WHERE id = $1",
-                )
-                .bind(hold_id)
-                .fetch_optional(&mut *self.tx)
-                .await?
+                sqlx::query_as(dsql!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"))
+                    .bind(hold_id)
+                    .fetch_optional(&mut *self.tx)
+                    .await?
             }
         };
         let Some(hold) = hold.filter(|h| owner.is_none_or(|o| h.agent_id == o)) else {
@@ -1656,6 +1750,155 @@ impl Batch {
         } else {
             Reply::ok(200, &json!({"id": hold.id, "released": released}))
         };
+        Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent: captured.micros() }))
+    }
+
+    /// A gateway lease: the first slot is a `MeteredHold` of `unit` in every respect; the hold
+    /// then grows by as many more slots as fit now (see [`Command::Lease`]).
+    async fn lease(&mut self, id: i64, scope: &Scope, unit: Micros, slots: u32, expires_ms: i64) -> R<Reply> {
+        let terms = HoldTerms { expires_at: self.now.saturating_add(expires_ms), on_expiry: "capture" };
+        let reply = self.spend_or_hold(id, scope, unit, Some(terms), None).await?;
+        if reply.status != 201 {
+            return Ok(reply);
+        }
+        let now = self.now;
+        let hid = self.new_holds.last().map(|h| h.id.clone()).ok_or_else(|| corrupt("a lease without its hold"))?;
+        let chain = self.chain(id)?;
+        let default_breaker = self.breaker;
+        let row = self.row_mut(id)?;
+        // Each call under the lease counts as it is settled, not the lease itself.
+        row.tx_count -= 1;
+        let b = row.breaker(default_breaker);
+        let one_by_one = row.enforce == 0 || row.status != "active" || b.max_requests > 0 || b.repeats > 0;
+        let mut extra = if one_by_one { 0 } else { u64::from(slots.saturating_sub(1)) };
+        let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
+        if extra > 0 && !unit.is_zero() {
+            let fit = bulkhead_core::room(&members).micros() / unit.micros();
+            extra = extra.min(u64::try_from(fit).unwrap_or(0));
+        }
+        if extra > 0
+            && let Some(limit) = self.row(id)?.rate_limit()
+        {
+            let (got, tat) = bulkhead_core::ratelimit::take(limit, self.row(id)?.rate_tat, now, extra);
+            self.row_mut(id)?.rate_tat = tat;
+            extra = got;
+        }
+        if extra > 0 {
+            let more = i64::try_from(extra)
+                .ok()
+                .and_then(|n| unit.micros().checked_mul(n))
+                .and_then(Micros::from_micros)
+                .ok_or_else(|| corrupt("lease arithmetic out of range"))?;
+            let before: Vec<f64> = members.iter().map(utilization).collect();
+            self.move_chain(&chain, Movement::Hold(more))?;
+            for (a, before) in chain.iter().zip(before) {
+                let after = utilization(&self.row(*a)?.member(now));
+                self.raise_crossings(*a, before, after)?;
+            }
+            for a in &chain {
+                let m = self.row(*a)?.member(now);
+                let used = m.counters.window_spent.checked_add(m.counters.held);
+                assert!(used.is_some_and(|u| u <= m.limits.spending_cap), "a lease broke a spending cap");
+            }
+            let h = self.holds.get_mut(&hid).ok_or_else(|| corrupt("a lease without its hold"))?;
+            h.amount += more.micros();
+            let amount = h.amount;
+            if let Some(n) = self.new_holds.last_mut() {
+                n.amount = amount;
+            }
+        }
+        let n = extra + 1;
+        let amount = self.holds.get(&hid).map(|h| h.amount).ok_or_else(|| corrupt("a lease without its hold"))?;
+        if let Some(e) = self.events.iter_mut().rev().find(|e| e.reference.as_deref() == Some(hid.as_str())) {
+            e.amount = Some(amount);
+            e.detail = Some(json!({"by": "gateway", "slots": n}).to_string());
+        }
+        let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
+        let row = self.row(id)?;
+        let body = json!({
+            "id": hid,
+            "slots": n,
+            "amount": crate::view::micros(amount),
+            "expires_at": fmt_time(terms.expires_at),
+            "key_expires_at": row.key_expires_at,
+            "room": bulkhead_core::room(&members),
+        });
+        let outcome = reply.outcome.clone();
+        Ok(Reply { status: 201, body: body.to_string(), replayed: false, outcome })
+    }
+
+    /// Settles calls made under a lease (see [`Command::LeaseSettle`]).
+    async fn lease_settle(
+        &mut self,
+        hold_id: &str,
+        unit: Micros,
+        costs: &[Micros],
+        release: u32,
+        close: bool,
+    ) -> R<Reply> {
+        let hold: Option<HoldRow> = match self.holds.get(hold_id) {
+            Some(h) => Some(h.clone()),
+            None => {
+                sqlx::query_as(dsql!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"))
+                    .bind(hold_id)
+                    .fetch_optional(&mut *self.tx)
+                    .await?
+            }
+        };
+        let Some(hold) = hold.filter(|h| h.on_expiry == "capture") else {
+            return Ok(Reply::not_found("lease"));
+        };
+        let ids = path_ids(&hold.path);
+        self.load_ids(&ids).await?;
+        let handle = self.row(hold.agent_id)?.handle.clone();
+        if hold.status != "open" || hold.expires_at <= self.now {
+            let was = if hold.status == "open" { "expired" } else { hold.status.as_str() };
+            return Ok(Reply::error(409, "hold_closed", &format!("The lease was already {was}.")));
+        }
+        let slots = u64::try_from(costs.len()).unwrap_or(u64::MAX).saturating_add(u64::from(release));
+        let held = i64::try_from(slots).ok().and_then(|n| unit.micros().checked_mul(n)).and_then(Micros::from_micros);
+        let captured = costs.iter().try_fold(Micros::ZERO, |a, c| if *c > unit { None } else { a.checked_add(*c) });
+        let (Some(held), Some(captured)) = (held, captured) else {
+            return Ok(Reply::error(400, "invalid_amount", "A call's cost is above its slot."));
+        };
+        if held.micros() > hold.amount {
+            return Ok(Reply::error(400, "invalid_amount", "More slots were settled than the lease holds."));
+        }
+        self.move_chain(&ids, Movement::Settle { held, captured })?;
+        let h = self.holds.entry(hold.id.clone()).or_insert_with(|| hold.clone());
+        h.amount -= held.micros();
+        h.captured += captured.micros();
+        let left = h.clone();
+        self.touched_holds.insert(hold.id.clone());
+        let row = self.row_mut(hold.agent_id)?;
+        row.tx_count += i64::try_from(costs.len()).unwrap_or(i64::MAX);
+        if release > 0
+            && let Some(limit) = row.rate_limit()
+        {
+            row.rate_tat = bulkhead_core::ratelimit::refund(limit, row.rate_tat, u64::from(release));
+        }
+        for c in costs {
+            let e = self.event(&handle, "capture", "allowed");
+            e.amount = Some(c.micros());
+            e.reference = Some(hold.id.clone());
+            e.detail = Some(r#"{"by":"gateway"}"#.to_owned());
+        }
+        let unused = unit.micros().saturating_mul(i64::from(release));
+        let remaining = if close { left.amount } else { 0 };
+        if unused + remaining > 0 {
+            let e = self.event(&handle, "release", "allowed");
+            e.amount = Some(unused + remaining);
+            e.reference = Some(hold.id.clone());
+            e.detail = Some(json!({"by": "gateway", "slots": release}).to_string());
+        }
+        if close {
+            let status = if left.captured > 0 { "captured" } else { "released" };
+            self.close_hold(&left, Micros::ZERO, status, self.now).await?;
+        }
+        let reply = Reply::ok(
+            200,
+            &json!({"id": hold.id, "captured": captured, "released": crate::view::micros(held.micros() - captured.micros() + remaining), "closed": close}),
+        );
         Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent: captured.micros() }))
     }
 
@@ -1826,6 +2069,7 @@ impl Batch {
         if p.enforce == Some(false) && self.row(id)?.parent_id.is_some() {
             return Ok(Reply::error(400, "invalid_request", "Shadow mode (enforce: false) is for root agents only."));
         }
+        self.authz = true;
         let row = self.row_mut(id)?;
         let mut changed = serde_json::Map::new();
         if let Some(e) = p.enforce {
@@ -1930,6 +2174,7 @@ impl Batch {
             if row.status == "revoked" {
                 continue;
             }
+            self.authz = true;
             let r = self.row_mut(*id)?;
             r.status = "revoked".into();
             r.revoked_at = Some(now);
@@ -1942,10 +2187,10 @@ impl Batch {
         // Holds already past their expiry (not swept yet) expired; they are not the revocation's.
         self.expire_holds(Some(&[root_id])).await?;
         self.flush_holds().await?;
-        let open: Vec<HoldRow> = sqlx::query_as(
-            "SELECT id, agent_id, path, amount, status, expires_at, on_expiry FROM holds \
-             WHERE root_id = $1 AND status = 'open' AND path LIKE $2",
-        )
+        let open: Vec<HoldRow> = sqlx::query_as(dsql!(
+            "SELECT {HOLD_COLUMNS} FROM holds \
+             WHERE root_id = $1 AND status = 'open' AND path LIKE $2"
+        ))
         .bind(root_id)
         .bind(&like)
         .fetch_all(&mut *self.tx)

@@ -168,8 +168,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = ?store.backend(), "bulkhead listening");
     println!("bulkhead listening on http://{addr}");
-    let router = match gateway {
-        Some(gw) => app(state).merge(bulkhead_server::gateway_router(gw)),
+    let router = match &gateway {
+        Some(gw) => app(state).merge(bulkhead_server::gateway_router(gw.clone())),
         None => app(state),
     };
     let mut writer = writer;
@@ -181,6 +181,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::error!("the ledger stopped unexpectedly; exiting");
             return Ok(ExitCode::from(70));
         }
+    }
+    // Calls answered before the stop are settled and unused slots given back.
+    if let Some(gw) = gateway {
+        gw.close().await;
     }
     sweeper.abort();
     let _ = sweeper.await;

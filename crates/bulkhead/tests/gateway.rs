@@ -254,6 +254,20 @@ async fn money(api: &Api, handle: &str) -> (i64, i64) {
     (usage(&a, "window_spent"), usage(&a, "window_held"))
 }
 
+/// `(window_spent, window_held)` once every call of the agent is settled: calls are settled a
+/// moment after their answer ends, and idle leases give their unused slots back, so nothing is
+/// held once the agent is quiet.
+async fn settled(api: &Api, handle: &str) -> (i64, i64) {
+    for _ in 0..200 {
+        let m = money(api, handle).await;
+        if m.1 == 0 {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the calls of {handle} were not settled within 10 s: {:?}", money(api, handle).await)
+}
+
 /// A token price per million applied to `n` tokens, rounded up to the micro-unit.
 fn tokens(n: i64, price_per_million: &str) -> i64 {
     (n * micros(price_per_million) + 999_999) / 1_000_000
@@ -306,7 +320,7 @@ async fn agent_loop_stops_at_the_cap(b: Backend) {
         assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error message: {body}");
     }
     assert_eq!(mock.calls_seen().await, 1000, "the upstream saw exactly the allowed calls");
-    let (spent, held) = money(&api, "looping-agent").await;
+    let (spent, held) = settled(&api, "looping-agent").await;
     assert_eq!((spent, held), (micros("10.00"), 0), "spent exactly the cap, nothing left held");
     for r in mock.records().await {
         assert_eq!(r["headers"]["authorization"], format!("Token {SEARCH_SECRET}"), "secret injected: {r}");
@@ -423,7 +437,7 @@ async fn usage_is_metered_exactly() {
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.json()["usage"]["prompt_tokens"], 1234, "the answer is passed on whole");
     expected += tokens(1234, "2.50") + tokens(567, "10.00");
-    assert_eq!(money(&api, "metered").await, (expected, 0), "non-streamed OpenAI usage");
+    assert_eq!(settled(&api, "metered").await, (expected, 0), "non-streamed OpenAI usage");
 
     // OpenAI, streamed without include_usage: 3001 in (7502.5 micro-units, rounded up), 7 out.
     let mut stream = chat.clone();
@@ -457,7 +471,7 @@ async fn usage_is_metered_exactly() {
     assert_eq!(sent["messages"], chat["messages"], "the rest of the request is unchanged");
     expected += tokens(3001, "2.50") + tokens(7, "10.00");
     assert_eq!(tokens(3001, "2.50"), 7503, "token prices round up");
-    assert_eq!(money(&api, "metered").await, (expected, 0), "streamed OpenAI usage");
+    assert_eq!(settled(&api, "metered").await, (expected, 0), "streamed OpenAI usage");
 
     // OpenAI, streamed with include_usage: the agent gets its usage chunk.
     stream["stream_options"] = json!({"include_usage": true});
@@ -473,7 +487,7 @@ async fn usage_is_metered_exactly() {
     .await;
     assert!(a.body.contains("\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20"), "{}", a.body);
     expected += tokens(10, "2.50") + tokens(20, "10.00");
-    assert_eq!(money(&api, "metered").await, (expected, 0), "streamed OpenAI usage, asked for");
+    assert_eq!(settled(&api, "metered").await, (expected, 0), "streamed OpenAI usage, asked for");
 
     // Anthropic, not streamed, with cache tokens at their own prices.
     let a = call(
@@ -488,7 +502,7 @@ async fn usage_is_metered_exactly() {
     .await;
     assert_eq!(a.status, 200);
     expected += tokens(2000, "3.00") + tokens(100, "15.00") + tokens(50, "3.75") + tokens(1000, "0.30");
-    assert_eq!(money(&api, "metered").await, (expected, 0), "non-streamed Anthropic usage");
+    assert_eq!(settled(&api, "metered").await, (expected, 0), "non-streamed Anthropic usage");
 
     // Anthropic, streamed: input from message_start, output from message_delta.
     let mut astream = chat.clone();
@@ -505,26 +519,26 @@ async fn usage_is_metered_exactly() {
     .await;
     assert!(a.body.contains("event: message_delta"), "{}", a.body);
     expected += tokens(11, "3.00") + tokens(13, "15.00");
-    assert_eq!(money(&api, "metered").await, (expected, 0), "streamed Anthropic usage");
+    assert_eq!(settled(&api, "metered").await, (expected, 0), "streamed Anthropic usage");
 
     // A fixed price, and a price header (missing → the whole hold; above the hold → the hold).
     let get = reqwest::Method::GET;
     assert_eq!(call(&c, &srv, get.clone(), "/proxy/search/v1/s", Some(&key), &[], None).await.status, 200);
     expected += micros("0.01");
-    assert_eq!(money(&api, "metered").await, (expected, 0), "per-request price");
+    assert_eq!(settled(&api, "metered").await, (expected, 0), "per-request price");
     for (price, charged) in [(Some("0.25"), "0.25"), (None, "2.00"), (Some("5.00"), "2.00"), (Some("abc"), "2.00")] {
         let h: Vec<(&str, &str)> = price.map(|p| ("x-mock-price", p)).into_iter().collect();
         let a = call(&c, &srv, get.clone(), "/proxy/pay/v1/charge", Some(&key), &h, None).await;
         assert_eq!(a.status, 200);
         expected += micros(charged);
-        assert_eq!(money(&api, "metered").await, (expected, 0), "price header {price:?}");
+        assert_eq!(settled(&api, "metered").await, (expected, 0), "price header {price:?}");
     }
 
     // Usage that cannot be read (an answer without `usage`) is charged as the whole hold.
     let a = call(&c, &srv, get.clone(), "/proxy/openai/v1/models", Some(&key), &[], None).await;
     assert_eq!(a.status, 200);
     expected += micros("0.50");
-    assert_eq!(money(&api, "metered").await, (expected, 0), "unreadable usage costs the hold");
+    assert_eq!(settled(&api, "metered").await, (expected, 0), "unreadable usage costs the hold");
 
     // Every settlement is in the audit trail: one capture per call, amounts summing to the spend.
     let events = api.audit(ADMIN, "metered").await;
@@ -567,7 +581,7 @@ async fn stream_chunks_arrive_before_the_upstream_finishes() {
     }
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
     assert_eq!(mock.stats().await["finished_streams"], 1);
-    assert_eq!(money(&api, "streamer").await, (tokens(400, "2.50") + tokens(100, "10.00"), 0));
+    assert_eq!(settled(&api, "streamer").await, (tokens(400, "2.50") + tokens(100, "10.00"), 0));
 }
 
 /// An agent that hangs up mid-stream is still charged: its usage was never read, so the whole
@@ -671,7 +685,7 @@ async fn path_tricks_never_leave_the_upstream_base() {
             .await;
     assert_eq!(got, 400, "bare CR in a header");
     assert_eq!(mock.calls_seen().await, 0, "no trick reached the upstream");
-    assert_eq!(money(&api, "tricky").await, (0, 0), "nothing was held or charged");
+    assert_eq!(settled(&api, "tricky").await, (0, 0), "nothing was held or charged");
 
     // An ordinary path and query reach the upstream as sent, under its base path.
     let (got, text) = raw(&srv, &req("/proxy/search/v1/files/a%20b.txt?x=1&y=%2e%2e&z")).await;
@@ -762,21 +776,21 @@ async fn upstream_failures_release_the_hold() {
     .await;
     assert_eq!(a.status, 503, "the upstream's answer is passed on");
     assert_eq!(a.json()["error"]["message"], "mock failure");
-    assert_eq!(money(&api, "unlucky").await, (0, 0), "a 5xx captures nothing");
+    assert_eq!(settled(&api, "unlucky").await, (0, 0), "a 5xx captures nothing");
 
     let a = call(&c, &srv, get.clone(), "/proxy/dead/v1/x", Some(&key), &[], None).await;
     assert_eq!((a.status, a.code().as_str()), (502, "upstream_unavailable"), "{}", a.body);
-    assert_eq!(money(&api, "unlucky").await, (0, 0), "a connection failure captures nothing");
+    assert_eq!(settled(&api, "unlucky").await, (0, 0), "a connection failure captures nothing");
 
     let a = call(&c, &srv, get.clone(), "/proxy/slow/v1/x", Some(&key), &[("x-mock-delay-ms", "5000")], None).await;
     assert_eq!((a.status, a.code().as_str()), (504, "upstream_timeout"), "{}", a.body);
-    assert_eq!(money(&api, "unlucky").await, (0, 0), "a timeout releases the hold");
+    assert_eq!(settled(&api, "unlucky").await, (0, 0), "a timeout releases the hold");
 
     // charge_failures = true: the 5xx is charged its price.
     let a =
         call(&c, &srv, get.clone(), "/proxy/search-strict/v1/x", Some(&key), &[("x-mock-status", "500")], None).await;
     assert_eq!(a.status, 500);
-    assert_eq!(money(&api, "unlucky").await, (micros("0.01"), 0), "charge_failures charges the failure");
+    assert_eq!(settled(&api, "unlucky").await, (micros("0.01"), 0), "charge_failures charges the failure");
 
     // Bodies over the limit: declared (never forwarded) and streamed without a length.
     let calls_before = mock.calls_seen().await;
@@ -806,7 +820,7 @@ async fn upstream_failures_release_the_hold() {
     )
     .await;
     assert_eq!(got, 413, "a streamed body over the limit: {text}");
-    assert_eq!(money(&api, "unlucky").await, (micros("0.01"), 0), "413s charge nothing");
+    assert_eq!(settled(&api, "unlucky").await, (micros("0.01"), 0), "413s charge nothing");
     // A body within the limit streams through.
     let a = call(&c, &srv, post.clone(), "/proxy/search/v1/upload", Some(&key), &[], Some(json!({"data": "ok"}))).await;
     assert_eq!(a.status, 200, "{}", a.body);

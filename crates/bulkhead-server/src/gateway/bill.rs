@@ -1,60 +1,362 @@
-//! Settling the hold of a proxied call: capture the cost (at most the hold), release the rest.
+//! Paying for proxied calls: leases of call slots, and the bill each call settles.
 //!
-//! A [`Bill`] is made as soon as the hold is granted and owns the duty to settle it. Settling
-//! always runs in a task of its own, so it completes even when the request that started it is
-//! dropped (the agent hung up). A bill dropped without being settled settles itself for its
-//! `abandoned` amount: the whole hold when the cost is metered from the answer (the usage was
-//! never read), the price for a fixed-price upstream.
+//! A call may go upstream only with a **slot**: `max_cost_per_request` held, under every check
+//! of the contract, by a committed `Command::Lease`. A lease is one durable hold of `n` slots
+//! that the ledger grants as a `MeteredHold` of one slot plus as many more as fit under every cap
+//! of the agent's chain and its rate limit right now. Calls of the same key to the same upstream
+//! take slots from the current lease in memory, so a busy agent's calls do not each wait for a
+//! commit before they are forwarded; the money they may spend is held all the same.
+//!
+//! When a call's answer is over, its [`Bill`] records the cost in its lease (at most the slot;
+//! the rest of the slot is released). A flusher task settles recorded costs in the background
+//! (`Command::LeaseSettle`, one per lease per round, group-committed with everything else), so
+//! the agent never waits for the settlement either. Its audit trail gets one `capture` event
+//! per call.
+//!
+//! A lease stops taking calls when its slots are gone, after [`ACCEPT_FOR`], when the ledger's
+//! authorization epoch moves on (a revocation, suspension, patch or new key committed by this
+//! process), or when its key expires; it is then *retired*: its unused slots are released (and
+//! their rate-limit tokens given back) and it closes once its last call is settled. A new lease
+//! is taken only after the old one's unused slots went back, so an agent near its cap gets
+//! exactly the calls that a hold per call would have given it.
+//!
+//! A lease whose process dies before settling is captured in full when it expires: calls are
+//! never free, and what a crash can overcharge is bounded by the lease, which is sized to cover
+//! about [`TARGET_LIFETIME`] of the agent's calls.
+//!
+//! On PostgreSQL other replicas may revoke a key without this process's epoch moving, so there
+//! every call takes a lease of its own (one slot): it is decided by the shared store, and only
+//! its settlement leaves the request path.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bulkhead_core::Micros;
-use bulkhead_store::{Command, Ledger, StoreError};
-use tokio::task::JoinHandle;
+use bulkhead_core::{KeyHash, Micros, Scope};
+use bulkhead_store::{Backend, Command, Ledger, Reply, StoreError};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::metrics::GATEWAY_COST_CAPPED;
 
+/// How long a lease takes new calls.
+pub const ACCEPT_FOR: Duration = Duration::from_secs(1);
+/// The lifetime a lease's size aims at: a lease used up sooner grows, one that lasts longer shrinks.
+pub const TARGET_LIFETIME: Duration = Duration::from_millis(50);
+/// The most slots one lease asks for.
+pub const SLOTS_MAX: u32 = 4096;
+/// A lease with no new call for this long is retired by the flusher.
+const IDLE_AFTER: Duration = Duration::from_millis(200);
+/// How often the flusher looks for idle, old or outdated leases.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// The attempts at one settlement when the store is unavailable.
 const SETTLE_ATTEMPTS: u32 = 6;
 
-pub struct Bill {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The leases of one gateway, and the flusher that settles their calls. Cheap to clone.
+#[derive(Clone)]
+pub struct Leases {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     ledger: Ledger,
+    /// Leases are shared by the calls of one key (SQLite: this process is the only writer, so
+    /// its epoch sees every revocation); otherwise each call takes its own.
+    reuse: bool,
+    slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
+    /// Leases with something to settle, for the flusher.
+    queue: Mutex<Vec<Arc<Lease>>>,
+    wake: Notify,
+    closing: std::sync::atomic::AtomicBool,
+    stopped: Notify,
+}
+
+/// A key (its hash) and an upstream.
+type SlotKey = (String, Arc<str>);
+
+/// The lease of one key for one upstream.
+struct Slot {
+    current: Mutex<Option<Arc<Lease>>>,
+    /// Held while a new lease is taken; guards the size the next lease asks for.
+    refill: tokio::sync::Mutex<u32>,
+}
+
+struct Lease {
     hold_id: String,
-    held: Micros,
+    unit: Micros,
+    slots: u32,
+    epoch: u64,
+    granted: Instant,
+    accept_until: Instant,
+    key_expires_ms: Option<i64>,
+    /// What every cap of the chain still allowed once the lease was granted.
+    room: Micros,
+    state: Mutex<State>,
+    /// Settlements of one lease go to the ledger one after another, in order.
+    settling: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    free: u32,
+    in_flight: u32,
+    done: Vec<Micros>,
+    retired: bool,
+    closed: bool,
+    queued: bool,
+    last_call: Option<Instant>,
+}
+
+/// What [`Leases::acquire`] got for a call.
+pub enum Acquired {
+    /// A slot: forward the call, then settle its bill.
+    Go(Bill),
+    /// The ledger's denial, to answer as it is.
+    Denied(Reply),
+}
+
+impl Leases {
+    /// Starts the flusher; must be called inside the runtime.
+    pub fn start(ledger: Ledger) -> Leases {
+        let reuse = ledger.store().backend() == Backend::Sqlite;
+        let shared = Arc::new(Shared {
+            ledger,
+            reuse,
+            slots: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            stopped: Notify::new(),
+        });
+        tokio::spawn(flusher(shared.clone()));
+        Leases { shared }
+    }
+
+    /// Retires every lease, settles every recorded call and stops the flusher. Calls still in
+    /// flight settle on their own lease's expiry (captured in full), so call this after the
+    /// server stopped taking and answering requests.
+    pub async fn close(&self) {
+        let stopped = self.shared.stopped.notified();
+        self.shared.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.wake.notify_one();
+        stopped.await;
+    }
+
+    /// A slot for one call of `key` to `upstream`, or the ledger's denial.
+    pub async fn acquire(
+        &self,
+        key: &KeyHash,
+        upstream: &Arc<str>,
+        scope: &Scope,
+        unit: Micros,
+        hold_ms: i64,
+        abandoned: Micros,
+    ) -> Result<Acquired, StoreError> {
+        let sh = &self.shared;
+        let grant = |slots: u32| Command::Lease {
+            key: key.clone(),
+            scope: scope.clone(),
+            unit,
+            slots,
+            expires_ms: i64::try_from(ACCEPT_FOR.as_millis()).unwrap_or(i64::MAX).saturating_add(hold_ms),
+        };
+        if !sh.reuse {
+            let epoch = sh.ledger.authz_epoch();
+            let reply = submit_grant(&sh.ledger, grant(1)).await?;
+            return Ok(match self.lease_from(reply, unit, epoch) {
+                Ok(lease) => {
+                    lock(&lease.state).retired = true;
+                    Acquired::Go(self.bill(lease, abandoned, upstream))
+                }
+                Err(denied) => Acquired::Denied(denied),
+            });
+        }
+        let slot = lock(&sh.slots)
+            .entry((key.as_str().to_owned(), upstream.clone()))
+            .or_insert_with(|| Arc::new(Slot { current: Mutex::new(None), refill: tokio::sync::Mutex::new(1) }))
+            .clone();
+        if let Some(lease) = self.take(&slot) {
+            return Ok(Acquired::Go(self.bill(lease, abandoned, upstream)));
+        }
+        let mut want = slot.refill.lock().await;
+        if let Some(lease) = self.take(&slot) {
+            return Ok(Acquired::Go(self.bill(lease, abandoned, upstream)));
+        }
+        let old = lock(&slot.current).take();
+        if let Some(old) = old {
+            let (used, exhausted) = {
+                let mut st = lock(&old.state);
+                st.retired = true;
+                (old.slots - st.free, st.free == 0)
+            };
+            let age = old.granted.elapsed();
+            *want = if exhausted && age < TARGET_LIFETIME {
+                want.saturating_mul(2).min(SLOTS_MAX)
+            } else if age > TARGET_LIFETIME * 2 || !exhausted {
+                (used / 2).max(1)
+            } else {
+                *want
+            };
+            // Near a cap the old lease's unused slots must be back before the new one is
+            // sized; far from every cap the new lease need not wait for them.
+            let far = unit.micros().checked_mul(i64::from(*want) * 2).is_some_and(|need| old.room.micros() >= need);
+            if far {
+                self.enqueue(&old);
+            } else {
+                settle(sh, &old).await;
+            }
+        }
+        // Read before the grant: a revocation committed after it makes the lease outdated.
+        let epoch = sh.ledger.authz_epoch();
+        let reply = submit_grant(&sh.ledger, grant(*want)).await?;
+        match self.lease_from(reply, unit, epoch) {
+            Ok(lease) => {
+                *lock(&slot.current) = Some(lease.clone());
+                Ok(Acquired::Go(self.bill(lease, abandoned, upstream)))
+            }
+            Err(denied) => Ok(Acquired::Denied(denied)),
+        }
+    }
+
+    /// Takes a slot of the slot's current lease, if it is still good.
+    fn take(&self, slot: &Slot) -> Option<Arc<Lease>> {
+        let current = lock(&slot.current);
+        let lease = current.as_ref()?;
+        if !self.usable(lease) {
+            return None;
+        }
+        let mut st = lock(&lease.state);
+        if st.retired || st.free == 0 {
+            return None;
+        }
+        st.free -= 1;
+        st.in_flight += 1;
+        st.last_call = Some(Instant::now());
+        Some(lease.clone())
+    }
+
+    fn usable(&self, lease: &Lease) -> bool {
+        lease.epoch == self.shared.ledger.authz_epoch()
+            && Instant::now() < lease.accept_until
+            && lease.key_expires_ms.is_none_or(|t| self.shared.ledger.now_ms() < t)
+    }
+
+    /// A granted lease with its first slot taken, or the denial.
+    fn lease_from(&self, reply: Reply, unit: Micros, epoch: u64) -> Result<Arc<Lease>, Reply> {
+        if reply.status != 201 {
+            return Err(reply);
+        }
+        crate::api::record_outcome(&reply);
+        let v: Value = serde_json::from_str(&reply.body).unwrap_or(Value::Null);
+        let (Some(id), Some(slots)) = (v["id"].as_str(), v["slots"].as_u64().and_then(|n| u32::try_from(n).ok()))
+        else {
+            tracing::error!("a lease reply could not be read");
+            return Err(Reply::error(500, "internal_error", "The lease could not be read; nothing was charged."));
+        };
+        let now = Instant::now();
+        Ok(Arc::new(Lease {
+            hold_id: id.to_owned(),
+            unit,
+            slots,
+            epoch,
+            granted: now,
+            accept_until: now + ACCEPT_FOR,
+            key_expires_ms: v["key_expires_at"].as_i64(),
+            room: v["room"].as_str().and_then(|r| Micros::parse(r).ok()).unwrap_or(Micros::ZERO),
+            state: Mutex::new(State {
+                free: slots.saturating_sub(1),
+                in_flight: 1,
+                last_call: Some(now),
+                ..State::default()
+            }),
+            settling: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    fn bill(&self, lease: Arc<Lease>, abandoned: Micros, upstream: &Arc<str>) -> Bill {
+        Bill { leases: self.clone(), lease, abandoned, upstream: upstream.clone(), armed: true }
+    }
+
+    fn enqueue(&self, lease: &Arc<Lease>) {
+        let mut st = lock(&lease.state);
+        if !st.queued {
+            st.queued = true;
+            drop(st);
+            lock(&self.shared.queue).push(lease.clone());
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// Submits a lease in a task of its own: if the call is dropped while the lease commits (the
+/// agent hung up), the task gives the lease back at once instead of leaving it to expire.
+async fn submit_grant(ledger: &Ledger, cmd: Command) -> Result<Reply, StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let l = ledger.clone();
+    let unit = match &cmd {
+        Command::Lease { unit, .. } => *unit,
+        _ => Micros::ZERO,
+    };
+    tokio::spawn(async move {
+        let reply = l.submit(cmd).await;
+        if let Err(Ok(reply)) = tx.send(reply)
+            && reply.status == 201
+            && let Some(id) =
+                serde_json::from_str::<Value>(&reply.body).ok().and_then(|v| v["id"].as_str().map(str::to_owned))
+        {
+            crate::api::record_outcome(&reply);
+            let close = Command::LeaseSettle { hold_id: id, unit, costs: Vec::new(), release: 0, close: true };
+            if let Ok(r) = l.submit(close).await {
+                crate::api::record_outcome(&r);
+            }
+        }
+    });
+    rx.await.unwrap_or(Err(StoreError::ShutDown))
+}
+
+/// The duty to pay for one forwarded call. Dropped without [`Bill::finish`], it pays its
+/// `abandoned` amount: the whole slot when the cost is metered from the answer (the usage was
+/// never read), the price for a fixed-price upstream.
+pub struct Bill {
+    leases: Leases,
+    lease: Arc<Lease>,
     abandoned: Micros,
     upstream: Arc<str>,
-    rt: tokio::runtime::Handle,
     armed: bool,
 }
 
 impl Bill {
-    /// Must be made inside the runtime (it keeps a handle to spawn from `Drop`).
-    pub fn new(ledger: Ledger, hold_id: String, held: Micros, abandoned: Micros, upstream: Arc<str>) -> Bill {
-        Bill { ledger, hold_id, held, abandoned, upstream, rt: tokio::runtime::Handle::current(), armed: true }
-    }
-
+    /// What the call's slot holds (`max_cost_per_request`).
     pub fn held(&self) -> Micros {
-        self.held
+        self.lease.unit
     }
 
-    /// Settles for `cost` and waits until it is committed (or has failed for good).
-    pub async fn settle(self, cost: Micros) {
-        let task = self.spawn(cost);
-        // The settlement runs to its end even if this wait is dropped.
-        let _ = task.await;
-    }
-
-    /// Starts settling for `cost` without waiting.
-    pub fn spawn(mut self, cost: Micros) -> JoinHandle<()> {
+    /// Records the call's cost; the flusher settles it.
+    pub fn finish(mut self, cost: Micros) {
         self.armed = false;
-        self.start(cost)
+        self.record(cost);
     }
 
-    fn start(&self, cost: Micros) -> JoinHandle<()> {
-        let (ledger, hold_id, held, upstream) =
-            (self.ledger.clone(), self.hold_id.clone(), self.held, self.upstream.clone());
-        self.rt.spawn(settle(ledger, hold_id, held, cost, upstream))
+    fn record(&self, cost: Micros) {
+        let unit = self.lease.unit;
+        let cost = if cost > unit {
+            tracing::warn!(upstream = %self.upstream, %cost, held = %unit, "metered cost above max_cost_per_request; captured the slot");
+            metrics::counter!(GATEWAY_COST_CAPPED, "upstream" => self.upstream.to_string()).increment(1);
+            unit
+        } else {
+            cost
+        };
+        {
+            let mut st = lock(&self.lease.state);
+            st.in_flight = st.in_flight.saturating_sub(1);
+            st.done.push(cost);
+        }
+        self.leases.enqueue(&self.lease);
     }
 }
 
@@ -62,47 +364,121 @@ impl Drop for Bill {
     fn drop(&mut self) {
         if self.armed {
             self.armed = false;
-            tracing::debug!(upstream = %self.upstream, hold = %self.hold_id, "gateway call abandoned; settling");
-            drop(self.start(self.abandoned));
+            tracing::debug!(upstream = %self.upstream, "gateway call abandoned; charging it");
+            self.record(self.abandoned);
         }
     }
 }
 
-async fn settle(ledger: Ledger, hold_id: String, held: Micros, cost: Micros, upstream: Arc<str>) {
-    let cost = if cost > held {
-        tracing::warn!(%upstream, hold = %hold_id, %cost, %held, "metered cost above max_cost_per_request; captured the hold");
-        metrics::counter!(GATEWAY_COST_CAPPED, "upstream" => upstream.to_string()).increment(1);
-        held
-    } else {
-        cost
+/// Settles what a lease has recorded: costs, unused slots of a retired lease, and its closing
+/// once its last call is in. Waits until committed (retrying while the store is unavailable).
+async fn settle(sh: &Shared, lease: &Arc<Lease>) {
+    let _order = lease.settling.lock().await;
+    let (costs, release, close) = {
+        let mut st = lock(&lease.state);
+        st.queued = false;
+        if st.closed {
+            return;
+        }
+        let costs = std::mem::take(&mut st.done);
+        let release = if st.retired { std::mem::take(&mut st.free) } else { 0 };
+        let close = st.retired && st.in_flight == 0;
+        st.closed = close;
+        (costs, release, close)
     };
+    if costs.is_empty() && release == 0 && !close {
+        return;
+    }
     let mut wait = Duration::from_millis(50);
     for attempt in 1..=SETTLE_ATTEMPTS {
-        // Settled by hold id, not by key: a key rotated mid-call must not make the call free.
-        let cmd = Command::Settle { hold_id: hold_id.clone(), amount: cost };
-        match ledger.submit(cmd).await {
+        let cmd = Command::LeaseSettle {
+            hold_id: lease.hold_id.clone(),
+            unit: lease.unit,
+            costs: costs.clone(),
+            release,
+            close,
+        };
+        match sh.ledger.submit(cmd).await {
             Ok(reply) => {
                 crate::api::record_outcome(&reply);
-                if reply.status == 200 {
-                    tracing::debug!(%upstream, hold = %hold_id, %cost, "gateway call settled");
-                } else {
-                    // A revoked agent's holds were released by the revocation.
-                    tracing::warn!(%upstream, hold = %hold_id, status = reply.status, code = ?reply.code(), "gateway settlement refused");
+                if reply.status != 200 {
+                    // A revocation releases its agents' leases; what was in flight is not charged.
+                    tracing::warn!(hold = %lease.hold_id, status = reply.status, code = ?reply.code(), calls = costs.len(), "gateway settlement refused");
                 }
                 return;
             }
             Err(StoreError::ShutDown) => {
-                tracing::error!(%upstream, hold = %hold_id, "ledger shut down before a gateway call was settled; the hold will expire");
+                tracing::error!(hold = %lease.hold_id, "ledger shut down before gateway calls were settled; the lease will be captured when it expires");
                 return;
             }
             Err(e) if attempt < SETTLE_ATTEMPTS => {
-                tracing::warn!(%upstream, hold = %hold_id, error = %e, attempt, "gateway settlement failed; retrying");
+                tracing::warn!(hold = %lease.hold_id, error = %e, attempt, "gateway settlement failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                tracing::error!(%upstream, hold = %hold_id, error = %e, "gateway settlement failed; the hold will expire");
+                tracing::error!(hold = %lease.hold_id, error = %e, "gateway settlement failed; the lease will be captured when it expires");
             }
+        }
+    }
+}
+
+/// Settles queued leases round after round, and retires leases that are idle, too old or
+/// outdated. On close: retires them all, settles everything and stops.
+async fn flusher(sh: Arc<Shared>) {
+    let leases = Leases { shared: sh.clone() };
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let closing = sh.closing.load(std::sync::atomic::Ordering::SeqCst);
+        if closing {
+            retire_where(&leases, |_| true);
+        } else {
+            tokio::select! {
+                _ = sh.wake.notified() => {}
+                _ = sweep.tick() => {
+                    let now = Instant::now();
+                    retire_where(&leases, |l| {
+                        !leases.usable(l)
+                            || lock(&l.state).last_call.is_none_or(|t| now.duration_since(t) >= IDLE_AFTER)
+                    });
+                }
+            }
+        }
+        let round = std::mem::take(&mut *lock(&sh.queue));
+        let tasks: Vec<_> = round
+            .into_iter()
+            .map(|l| {
+                let sh = sh.clone();
+                tokio::spawn(async move { settle(&sh, &l).await })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        if closing && lock(&sh.queue).is_empty() {
+            lock(&sh.slots).clear();
+            break;
+        }
+    }
+    sh.stopped.notify_waiters();
+}
+
+/// Retires (and queues for settlement) the current leases that `stale` picks, and forgets
+/// slots left without a lease.
+fn retire_where(leases: &Leases, stale: impl Fn(&Lease) -> bool) {
+    let slots: Vec<Arc<Slot>> = {
+        let mut map = lock(&leases.shared.slots);
+        map.retain(|_, s| lock(&s.current).is_some() || Arc::strong_count(s) > 1);
+        map.values().cloned().collect()
+    };
+    for slot in slots {
+        let mut current = lock(&slot.current);
+        if current.as_ref().is_some_and(|l| stale(l))
+            && let Some(l) = current.take()
+        {
+            lock(&l.state).retired = true;
+            leases.enqueue(&l);
         }
     }
 }

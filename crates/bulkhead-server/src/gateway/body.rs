@@ -3,9 +3,8 @@
 //! [`LimitBody`] passes the agent's request body to the upstream chunk by chunk and fails once
 //! it exceeds the upstream's limit. [`Relay`] passes the upstream's answer to the agent chunk by
 //! chunk, with a read timeout between chunks and a deadline for the whole call, feeding a
-//! [`Meter`] on the way; when the answer ends it settles the bill before it ends the body, so
-//! the agent's last byte arrives after the cost is committed. If the agent hangs up first, the
-//! relay is dropped and its `Drop` settles in a task of its own.
+//! [`Meter`] on the way; when the answer ends (or fails, or the agent hangs up and the relay is
+//! dropped) it records the call's cost in its bill, which the lease flusher settles.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +15,6 @@ use std::time::Duration;
 use bulkhead_core::Micros;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
 use super::bill::Bill;
@@ -89,7 +87,6 @@ impl Metering {
 
 enum Phase {
     Streaming,
-    Settling(JoinHandle<()>),
     Done,
 }
 
@@ -133,7 +130,7 @@ impl Relay {
                 None if m.charge_failures => m.bill.held(),
                 None => Micros::ZERO,
             };
-            drop(m.bill.spawn(cost));
+            m.bill.finish(cost);
         }
         self.phase = Phase::Done;
         Poll::Ready(Some(Err(why.into())))
@@ -149,11 +146,6 @@ impl Body for Relay {
         loop {
             match &mut this.phase {
                 Phase::Done => return Poll::Ready(None),
-                Phase::Settling(task) => {
-                    let _ = ready!(Pin::new(task).poll(cx));
-                    this.phase = Phase::Done;
-                    return Poll::Ready(None);
-                }
                 Phase::Streaming => {}
             }
             if this.deadline.as_mut().poll(cx).is_ready() {
@@ -185,14 +177,12 @@ impl Body for Relay {
                 Poll::Ready(Some(Err(e))) => return this.fail(format!("{e}")),
                 Poll::Ready(None) => {
                     let mut tail = Bytes::new();
-                    this.phase = match this.metering.take() {
-                        Some(mut m) => {
-                            tail = m.meter.finish();
-                            let cost = m.cost();
-                            Phase::Settling(m.bill.spawn(cost))
-                        }
-                        None => Phase::Done,
-                    };
+                    if let Some(mut m) = this.metering.take() {
+                        tail = m.meter.finish();
+                        let cost = m.cost();
+                        m.bill.finish(cost);
+                    }
+                    this.phase = Phase::Done;
                     if !tail.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(tail))));
                     }
@@ -217,7 +207,7 @@ impl Drop for Relay {
             // The agent hung up before the answer ended: charge what was read, else the hold.
             let cost = m.cost();
             tracing::debug!(upstream = %self.upstream, %cost, "agent left mid-answer; settling");
-            drop(m.bill.spawn(cost));
+            m.bill.finish(cost);
         }
     }
 }

@@ -5,15 +5,17 @@
 //!
 //! 1. finds the upstream (404), checks the key's form (401) and the path (400: no dot segments,
 //!    encoded separators or bad escapes), and the declared body size (413);
-//! 2. holds `max_cost_per_request` through the ledger (`Command::Hold`): key, revocation,
-//!    suspension, scope, rate limit and every cap are checked there, in the contract's order, and
-//!    a denial is answered with the ledger's status and body; the upstream never sees it;
+//! 2. takes a slot of `max_cost_per_request` from the key's lease (see [`bill`]): key,
+//!    revocation, suspension, scope, rate limit and every cap are checked by the ledger when the
+//!    lease is granted, in the contract's order, and a denial is answered with the ledger's
+//!    status and body; the upstream never sees it;
 //! 3. forwards the call: path and query kept, the agent's `Authorization` (and any header named
 //!    like the upstream's auth header) removed, hop-by-hop headers dropped, the real secret set;
 //!    the request body streams (only an OpenAI JSON body is read first, to ask for streamed usage);
-//! 4. streams the answer back (SSE chunk by chunk) and settles the hold: the price
-//!    (`per_request`), the price header, or the metered token usage, at most the hold; the rest
-//!    is released. Usage that cannot be read is charged as the whole hold, never as free.
+//! 4. streams the answer back (SSE chunk by chunk) and bills the call: the price
+//!    (`per_request`), the price header, or the metered token usage, at most the slot; the rest
+//!    is released when the flusher settles it, a few milliseconds later. Usage that cannot be
+//!    read is charged as the whole slot, never as free.
 //!
 //! Upstream connection failures, timeouts before the answer, and 5xx answers capture nothing
 //! unless the upstream sets `charge_failures = true`.
@@ -35,7 +37,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version, heade
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use bulkhead_core::Micros;
-use bulkhead_store::{Command, Ledger};
+use bulkhead_store::Ledger;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -44,7 +46,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
 
-use self::bill::Bill;
+use self::bill::{Acquired, Leases};
 use self::body::{LimitBody, Metering, Relay};
 use self::config::{Dialect, Pricing};
 pub use self::config::{PricingSpec, Secret, Upstream, UpstreamSpec, check_upstreams};
@@ -61,27 +63,34 @@ struct Route {
     client: HttpClient,
 }
 
-/// The gateway: the ledger it holds and settles through, and the upstreams. Cheap to clone.
+/// The gateway: its leases (and through them the ledger), and the upstreams. Cheap to clone.
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    ledger: Ledger,
+    leases: Leases,
     routes: HashMap<String, Route>,
 }
 
 impl Gateway {
-    /// Builds the gateway and one connection pool per upstream. Fails when an `https` upstream
-    /// finds no root certificates on the system.
+    /// Builds the gateway, one connection pool per upstream, and starts the lease flusher (so it
+    /// must be called inside the runtime). Fails when an `https` upstream finds no root
+    /// certificates on the system.
     pub fn new(ledger: Ledger, upstreams: Vec<Upstream>) -> Result<Gateway, String> {
         let mut routes = HashMap::new();
         for up in upstreams {
             let client = client(&up)?;
             routes.insert(up.name.clone(), Route { name: Arc::from(up.name.as_str()), up, client });
         }
-        Ok(Gateway { inner: Arc::new(Inner { ledger, routes }) })
+        Ok(Gateway { inner: Arc::new(Inner { leases: Leases::start(ledger), routes }) })
+    }
+
+    /// Settles every call and gives back every unused slot; call it once the server stopped
+    /// answering requests, before the ledger stops.
+    pub async fn close(&self) {
+        self.inner.leases.close().await;
     }
 }
 
@@ -218,27 +227,6 @@ pub fn ask_for_stream_usage(body: Bytes) -> (Bytes, bool) {
     }
 }
 
-/// Submits the hold in a task of its own: if this call is dropped while the hold commits (the
-/// agent hung up), the task releases the hold at once instead of leaving it to expire.
-async fn hold_or_release(ledger: &Ledger, hold: Command) -> Result<bulkhead_store::Reply, bulkhead_store::StoreError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let l = ledger.clone();
-    tokio::spawn(async move {
-        let reply = l.submit(hold).await;
-        if let Err(Ok(reply)) = tx.send(reply)
-            && reply.status == 201
-            && let Some(id) =
-                serde_json::from_str::<Value>(&reply.body).ok().and_then(|v| v["id"].as_str().map(str::to_owned))
-        {
-            crate::api::record_outcome(&reply);
-            if let Ok(r) = l.submit(Command::Settle { hold_id: id, amount: bulkhead_core::Micros::ZERO }).await {
-                crate::api::record_outcome(&r);
-            }
-        }
-    });
-    rx.await.unwrap_or(Err(bulkhead_store::StoreError::ShutDown))
-}
-
 /// Reads a whole body of at most `limit` bytes.
 async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     let over = Arc::new(AtomicBool::new(false));
@@ -302,29 +290,20 @@ impl Gateway {
             Body::new(LimitBody::new(body, up.max_request_bytes, over.clone()))
         };
 
-        // The hold: every check of the contract, in its order, in one committed decision.
-        let ledger = &self.inner.ledger;
-        let hold = Command::MeteredHold {
-            key: key.clone(),
-            scope: up.scope.clone(),
-            amount: up.max_cost,
-            expires_ms: up.hold_ms(),
-        };
-        let reply = hold_or_release(ledger, hold).await?;
-        if reply.status != 201 {
-            count(&route.name, "denied");
-            return Ok(crate::api::respond(reply));
-        }
-        crate::api::record_outcome(&reply);
-        let hold_id = serde_json::from_str::<Value>(&reply.body)
-            .ok()
-            .and_then(|v| v["id"].as_str().map(str::to_owned))
-            .ok_or_else(|| ApiError::new(500, "internal_error", "The hold could not be read; nothing was charged."))?;
+        // The slot: every check of the contract, in its order, decided by a committed lease.
         let abandoned = match up.pricing {
             Pricing::PerRequest(p) => p,
             _ => up.max_cost,
         };
-        let bill = Bill::new(ledger.clone(), hold_id, up.max_cost, abandoned, route.name.clone());
+        let acquired =
+            self.inner.leases.acquire(&key, &route.name, &up.scope, up.max_cost, up.hold_ms(), abandoned).await?;
+        let bill = match acquired {
+            Acquired::Go(bill) => bill,
+            Acquired::Denied(reply) => {
+                count(&route.name, "denied");
+                return Ok(crate::api::respond(reply));
+            }
+        };
 
         // The forwarded request.
         let path = if rest.is_empty() {
@@ -339,7 +318,7 @@ impl Gateway {
         let uri: Uri = match target.parse() {
             Ok(u) => u,
             Err(_) => {
-                bill.settle(Micros::ZERO).await;
+                bill.finish(Micros::ZERO);
                 return Err(ApiError::invalid("The proxied path or query is not valid."));
             }
         };
@@ -371,7 +350,7 @@ impl Gateway {
             Err(_) => {
                 count(&route.name, "timeout");
                 tracing::warn!(upstream = %route.name, "upstream did not answer within read_timeout");
-                bill.settle(Micros::ZERO).await;
+                bill.finish(Micros::ZERO);
                 return Err(ApiError::new(
                     504,
                     "upstream_timeout",
@@ -380,7 +359,7 @@ impl Gateway {
             }
             Ok(Err(_)) if over.load(Ordering::SeqCst) => {
                 count(&route.name, "too_large");
-                bill.settle(Micros::ZERO).await;
+                bill.finish(Micros::ZERO);
                 return Err(too_large(up.max_request_bytes));
             }
             Ok(Err(e)) => {
@@ -394,7 +373,7 @@ impl Gateway {
                 }
                 tracing::warn!(upstream = %route.name, error = %msg, "upstream call failed");
                 let cost = if up.charge_failures { abandoned } else { Micros::ZERO };
-                bill.settle(cost).await;
+                bill.finish(cost);
                 return Err(ApiError::new(502, "upstream_unavailable", "The upstream could not be reached."));
             }
             Ok(Ok(r)) => r,
@@ -406,11 +385,11 @@ impl Gateway {
         let failed = rparts.status.is_server_error() && !up.charge_failures;
         let metering = match &up.pricing {
             _ if failed => {
-                bill.settle(Micros::ZERO).await;
+                bill.finish(Micros::ZERO);
                 None
             }
             Pricing::PerRequest(price) => {
-                bill.settle(*price).await;
+                bill.finish(*price);
                 None
             }
             Pricing::ResponseHeader(h) => {
@@ -420,7 +399,7 @@ impl Gateway {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| Micros::parse(v.trim()).ok())
                     .unwrap_or(up.max_cost);
-                bill.settle(cost).await;
+                bill.finish(cost);
                 None
             }
             Pricing::Tokens { dialect, prices } => {
@@ -429,7 +408,7 @@ impl Gateway {
                     .get(header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
-                // The body now ends only after settlement: its length is no longer announced.
+                // The metered body may lose its usage-only chunk: its length is not announced.
                 rparts.headers.remove(header::CONTENT_LENGTH);
                 Some(Metering {
                     meter: Meter::new(*dialect, sse, strip),
