@@ -2187,9 +2187,12 @@ impl Batch {
         // Holds already past their expiry (not swept yet) expired; they are not the revocation's.
         self.expire_holds(Some(&[root_id])).await?;
         self.flush_holds().await?;
+        // The agents' own holds are released. A gateway lease stays open: it pays for calls
+        // already forwarded, which its gateway settles at once (the revocation retires it), or
+        // it is captured in full at expiry. Releasing it would make those calls free.
         let open: Vec<HoldRow> = sqlx::query_as(dsql!(
             "SELECT {HOLD_COLUMNS} FROM holds \
-             WHERE root_id = $1 AND status = 'open' AND path LIKE $2"
+             WHERE root_id = $1 AND status = 'open' AND path LIKE $2 AND on_expiry = 'release'"
         ))
         .bind(root_id)
         .bind(&like)

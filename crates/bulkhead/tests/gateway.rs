@@ -43,7 +43,7 @@ macro_rules! both_stores {
     )*};
 }
 
-both_stores!(agent_loop_stops_at_the_cap);
+both_stores!(agent_loop_stops_at_the_cap, revocation_is_obeyed_at_once_under_a_lease, a_crash_never_makes_calls_free);
 
 /// The upstream process. Dropping it kills it.
 struct Mock {
@@ -409,6 +409,82 @@ async fn secrets_are_injected_and_never_leak() {
         assert!(!audit.contains(secret), "secret in the audit trail");
         assert!(!metrics_text.contains(secret), "secret in /metrics");
     }
+}
+
+/// A revocation is obeyed by the very next call, even while the key's lease still has unused
+/// slots; every call made before it is charged all the same (its lease is settled, not dropped).
+async fn revocation_is_obeyed_at_once_under_a_lease(b: Backend) {
+    let (b, mock, srv) = setup(b, None).await;
+    let api = srv.api();
+    let key = agent(&api, "leased", "100.00", &["tools:search"]).await;
+    let c = http();
+    let calls = 40;
+    for _ in 0..calls {
+        let a = call(&c, &srv, reqwest::Method::GET, "/proxy/search/v1/search?q=x", Some(&key), &[], None).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let seen = mock.calls_seen().await;
+    assert_eq!(seen, calls);
+    let r = api.post("/v1/agents/leased/revoke", ADMIN, &json!({"reason": "test"})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let a = call(&c, &srv, reqwest::Method::GET, "/proxy/search/v1/search?q=x", Some(&key), &[], None).await;
+    assert_eq!((a.status, a.code().as_str()), (401, "credential_revoked"), "{}", a.body);
+    assert_eq!(mock.calls_seen().await, seen, "the upstream never saw the revoked call");
+    let (spent, held) = settled(&api, "leased").await;
+    assert_eq!((spent, held), (calls as i64 * micros("0.01"), 0), "every call before the revocation is charged");
+    let slots: Vec<u64> = api
+        .audit(ADMIN, "leased")
+        .await
+        .iter()
+        .filter(|e| e["action"] == "hold")
+        .filter_map(|e| e["detail"]["slots"].as_u64())
+        .collect();
+    if b.is_pg() {
+        // Other replicas may revoke: every call is decided by the shared store.
+        assert!(slots.iter().all(|n| *n == 1), "{slots:?}");
+    } else {
+        assert!(slots.iter().any(|n| *n > 1), "calls shared leases of several slots: {slots:?}");
+    }
+    b.assert_audit_intact().await;
+}
+
+/// `kill -9` right after calls were answered: what was not settled yet is still held by its
+/// lease (captured in full when it expires), so no call is free and no cap is broken.
+async fn a_crash_never_makes_calls_free(b: Backend) {
+    let (b, mock, mut srv) = setup(b, None).await;
+    let api = srv.api();
+    let key = agent(&api, "crashy", "5.00", &["tools:search"]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (key, base) = (key.clone(), srv.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = http();
+            let mut ok = 0i64;
+            for _ in 0..40 {
+                let r = c
+                    .get(format!("{base}/proxy/search/v1/search?q=crash"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("gateway call");
+                if r.status().as_u16() == 200 {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0i64;
+    for t in tasks {
+        ok += t.await.expect("worker");
+    }
+    srv.kill9();
+    assert_eq!(mock.calls_seen().await, ok as u64);
+    let srv = Server::start(&b).await;
+    let (spent, held) = money(&srv.api(), "crashy").await;
+    assert!(spent + held >= ok * micros("0.01"), "answered calls are paid or still held: {spent} + {held} for {ok}");
+    assert!(spent + held <= micros("5.00"), "the cap holds: {spent} + {held}");
+    b.assert_audit_intact().await;
 }
 
 /// Non-streamed and streamed usage, OpenAI and Anthropic, a fixed price and a price header are
