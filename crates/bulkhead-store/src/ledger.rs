@@ -1715,7 +1715,9 @@ impl Batch {
                     .await?
             }
         };
-        let Some(hold) = hold.filter(|h| owner.is_none_or(|o| h.agent_id == o)) else {
+        // An agent settles only its own holds, never a gateway's (that would make forwarded
+        // calls free); the gateway settles those by id.
+        let Some(hold) = hold.filter(|h| owner.is_none_or(|o| h.agent_id == o && h.on_expiry != "capture")) else {
             return Ok(Reply::not_found("hold"));
         };
         let ids = path_ids(&hold.path);
@@ -1811,11 +1813,16 @@ impl Batch {
         let amount = self.holds.get(&hid).map(|h| h.amount).ok_or_else(|| corrupt("a lease without its hold"))?;
         if let Some(e) = self.events.iter_mut().rev().find(|e| e.reference.as_deref() == Some(hid.as_str())) {
             e.amount = Some(amount);
-            e.detail = Some(json!({"by": "gateway", "slots": n}).to_string());
+            // Keep what the hold's event says (a shadow agent's would-deny mark).
+            let mut d: serde_json::Value =
+                e.detail.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_else(|| json!({}));
+            d["by"] = json!("gateway");
+            d["slots"] = json!(n);
+            e.detail = Some(d.to_string());
         }
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
         let row = self.row(id)?;
-        let body = json!({
+        let mut body = json!({
             "id": hid,
             "slots": n,
             "amount": crate::view::micros(amount),
@@ -1823,6 +1830,11 @@ impl Batch {
             "key_expires_at": row.key_expires_at,
             "room": bulkhead_core::room(&members),
         });
+        if let Some(d) = serde_json::from_str::<serde_json::Value>(&reply.body).ok().map(|v| v["shadow_denied"].clone())
+            && !d.is_null()
+        {
+            body["shadow_denied"] = d;
+        }
         let outcome = reply.outcome.clone();
         Ok(Reply { status: 201, body: body.to_string(), replayed: false, outcome })
     }
@@ -1870,12 +1882,15 @@ impl Batch {
         h.captured += captured.micros();
         let left = h.clone();
         self.touched_holds.insert(hold.id.clone());
+        // Unused slots give their rate-limit tokens back, those released by `close` too.
+        let closing_slots = if close && !unit.is_zero() { left.amount / unit.micros() } else { 0 };
+        let unused_slots = u64::from(release).saturating_add(u64::try_from(closing_slots).unwrap_or(0));
         let row = self.row_mut(hold.agent_id)?;
         row.tx_count += i64::try_from(costs.len()).unwrap_or(i64::MAX);
-        if release > 0
+        if unused_slots > 0
             && let Some(limit) = row.rate_limit()
         {
-            row.rate_tat = bulkhead_core::ratelimit::refund(limit, row.rate_tat, u64::from(release));
+            row.rate_tat = bulkhead_core::ratelimit::refund(limit, row.rate_tat, unused_slots);
         }
         for c in costs {
             let e = self.event(&handle, "capture", "allowed");

@@ -5,7 +5,7 @@
 mod common;
 
 use bulkhead_core::ratelimit::RateLimit;
-use bulkhead_core::{DenyReason, Micros};
+use bulkhead_core::{DenyReason, KeyHash, Micros};
 use bulkhead_store::{Breaker, BreakerOverride, Caller, Command, Idem, Ledger, LedgerConfig, Patch, Store, fmt_time};
 use common::*;
 
@@ -61,6 +61,15 @@ conformance! {
     audit_every_decision,
     shadow_mode,
     gateway_holds,
+    lease_takes_what_fits,
+    lease_limited_by_ancestors,
+    lease_denials_match_metered_hold,
+    lease_settle_calls_release_close,
+    lease_rate_limit,
+    lease_expiry_captures_what_it_holds,
+    lease_one_slot_when_decided_call_by_call,
+    authz_epoch,
+    concurrent_leases_parent_and_child,
     concurrent_spends_one_agent,
     concurrent_spends_parent_and_child,
 }
@@ -1239,7 +1248,8 @@ async fn gateway_holds(db: Db) {
     assert_eq!(expired.len(), 2);
     assert_eq!(expired.iter().filter(|ev| ev.detail.as_ref().is_some_and(|d| d["captured"] == "3.00")).count(), 1);
 
-    // Zero settles as a release; a revoked agent's hold was released by the revocation.
+    // Zero settles as a release. A revocation leaves a gateway hold open: it pays for a call
+    // already forwarded, which is settled all the same.
     let k3 = e.admin_agent(spec("gw3", &[PAY], "10")).await;
     let r =
         e.submit(Command::MeteredHold { key: k3.clone(), scope: scope(PAY), amount: m("1"), expires_ms: MIN }).await;
@@ -1251,8 +1261,568 @@ async fn gateway_holds(db: Db) {
         e.submit(Command::MeteredHold { key: k3.clone(), scope: scope(PAY), amount: m("1"), expires_ms: MIN }).await;
     let h4 = hold_id(&r);
     ok(&e.revoke(Caller::Admin, "gw3").await, 200);
+    assert_eq!(e.money("gw3").await, (Micros::ZERO, m("1"), Micros::ZERO));
+    ok(&e.submit(Command::Settle { hold_id: h4.clone(), amount: m("0.25") }).await, 200);
+    assert_eq!(e.money("gw3").await, (m("0.25"), Micros::ZERO, m("0.25")));
     err(&e.submit(Command::Settle { hold_id: h4, amount: m("1") }).await, 409, "hold_closed");
-    assert_eq!(e.money("gw3").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
     err(&e.submit(Command::Settle { hold_id: "hold_nope".into(), amount: m("1") }).await, 404, "not_found");
+    e.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway leases: `Command::Lease` and `Command::LeaseSettle`, and the authorization epoch.
+
+fn lease_cmd(key: &KeyHash, unit: &str, slots: u32, expires_ms: i64) -> Command {
+    Command::Lease { key: key.clone(), scope: scope(PAY), unit: m(unit), slots, expires_ms }
+}
+
+fn metered_cmd(key: &KeyHash, amount: &str) -> Command {
+    Command::MeteredHold { key: key.clone(), scope: scope(PAY), amount: m(amount), expires_ms: MIN }
+}
+
+/// `n × unit`, rendered as the ledger renders amounts.
+fn times(unit: &str, n: u64) -> String {
+    Micros::from_micros(m(unit).micros() * i64::try_from(n).unwrap()).unwrap().to_string()
+}
+
+fn lease_settle(hold: &str, unit: &str, costs: &[&str], release: u32, close: bool) -> Command {
+    Command::LeaseSettle {
+        hold_id: hold.to_owned(),
+        unit: m(unit),
+        costs: costs.iter().map(|c| m(c)).collect(),
+        release,
+        close,
+    }
+}
+
+impl Env {
+    /// Takes a lease that must be granted; returns (hold id, slots granted, the reply's body).
+    async fn lease_ok(
+        &self,
+        key: &KeyHash,
+        unit: &str,
+        slots: u32,
+        expires_ms: i64,
+    ) -> (String, u64, serde_json::Value) {
+        let r = self.submit(lease_cmd(key, unit, slots, expires_ms)).await;
+        ok(&r, 201);
+        let v = json(&r);
+        let id = v["id"].as_str().expect("lease id").to_owned();
+        let n = v["slots"].as_u64().expect("slots");
+        assert_eq!(v["amount"], times(unit, n), "the hold carries every slot: {v}");
+        (id, n, v)
+    }
+
+    /// The audit events about one hold, oldest first.
+    async fn events_of(&self, handle: &str, hold: &str) -> Vec<bulkhead_store::AuditEvent> {
+        let ev = self.store.audit_page(Some(handle), 0, 10_000).await.unwrap();
+        ev.into_iter().filter(|x| x.reference.as_deref() == Some(hold)).collect()
+    }
+}
+
+async fn lease_takes_what_fits(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("ls", &[PAY], "10.00")).await;
+    // Fewer slots asked than fit: exactly those.
+    let (h0, n, v) = e.lease_ok(&k, "1", 3, MIN).await;
+    assert_eq!((n, v["room"].as_str()), (3, Some("7.00")), "{v}");
+    assert_eq!(v["expires_at"], fmt_time(T0 + MIN));
+    assert!(v["key_expires_at"].is_null());
+    assert_eq!(e.money("ls").await, (Micros::ZERO, m("3"), Micros::ZERO));
+    ok(&e.submit(lease_settle(&h0, "1", &[], 0, true)).await, 200);
+    assert_eq!(e.money("ls").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+
+    // 7.50 of room: floor(7.50 / 0.70) = 10 slots of the 20 asked, and 0.50 left.
+    ok(&e.spend(&k, "2.50").await, 200);
+    let (hid, n, v) = e.lease_ok(&k, "0.70", 20, MIN).await;
+    assert_eq!((n, v["amount"].as_str(), v["room"].as_str()), (10, Some("7.00"), Some("0.50")), "{v}");
+    let u = e.agent("ls").await.usage;
+    assert_eq!((u.window_spent, u.window_held, u.lifetime_spent), (m("2.5"), m("7"), m("2.5")));
+    assert_eq!(u.tx_count, 1, "a lease is no transaction; its calls are, as they are settled");
+    assert_eq!(u.utilization, 0.95);
+
+    // Not one more unit fits: denied exactly like a metered hold of the unit.
+    let d = e.submit(lease_cmd(&k, "0.70", 5, MIN)).await;
+    err(&d, 402, "spending_cap_exceeded");
+    let mh = e.submit(metered_cmd(&k, "0.70")).await;
+    assert_eq!((d.status, d.code()), (mh.status, mh.code()));
+    // A smaller unit still fits twice.
+    let (h2, n, v) = e.lease_ok(&k, "0.20", 5, MIN).await;
+    assert_eq!((n, v["room"].as_str()), (2, Some("0.10")), "{v}");
+    let u = e.agent("ls").await.usage;
+    assert_eq!((u.window_spent, u.window_held, u.tx_count, u.denied_count), (m("2.5"), m("7.4"), 1, 2));
+
+    // Audit: one `hold` event per lease, for all of its slots.
+    for (h, amount, slots) in [(&hid, "7.00", 10), (&h2, "0.40", 2)] {
+        let ev = e.events_of("ls", h).await;
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        let x = &ev[0];
+        assert_eq!(
+            (x.action.as_str(), x.outcome.as_str(), x.amount.as_deref(), x.scope.as_deref(), x.reason.as_deref()),
+            ("hold", "allowed", Some(amount), Some(PAY), None)
+        );
+        assert_eq!(x.detail, Some(serde_json::json!({"by": "gateway", "slots": slots})));
+    }
+    let ev = e.store.audit_page(Some("ls"), 0, 1000).await.unwrap();
+    let denied: Vec<_> = ev.iter().filter(|x| x.outcome == "denied").collect();
+    assert_eq!(denied.len(), 2);
+    assert!(denied.iter().all(|x| x.action == "hold"
+        && x.reason.as_deref() == Some("spending_cap_exceeded")
+        && x.amount.as_deref() == Some("0.70")));
+
+    // The lifetime cap bounds a lease too.
+    let mut s = spec("ls-life", &[PAY], "10.00");
+    s.lifetime_cap = Some(m("4.50"));
+    let k = e.admin_agent(s).await;
+    let (_, n, v) = e.lease_ok(&k, "1", 10, MIN).await;
+    assert_eq!((n, v["room"].as_str()), (4, Some("0.50")), "{v}");
+    err(&e.submit(lease_cmd(&k, "1", 10, MIN)).await, 402, "lifetime_cap_exceeded");
+    // And the reply says when the key expires.
+    let mut s = spec("ls-ttl", &[PAY], "10.00");
+    s.expires_in = Some(span("1h"));
+    let k = e.admin_agent(s).await;
+    let (_, _, v) = e.lease_ok(&k, "1", 2, MIN).await;
+    assert_eq!(v["key_expires_at"], T0 + HOUR);
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn lease_limited_by_ancestors(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("la-p", PARENT_SCOPES, "10")).await;
+    let ck = e.child_agent(&pk, spec("la-c", &[PAY, "spawn:agents"], "10")).await;
+    let gk = e.child_agent(&ck, spec("la-g", &[PAY], "3")).await;
+    // The grandchild's own cap.
+    let (g0, n, v) = e.lease_ok(&gk, "1", 10, MIN).await;
+    assert_eq!((n, v["room"].as_str()), (3, Some("0.00")), "{v}");
+    assert_eq!(e.money("la-p").await, (Micros::ZERO, m("3"), Micros::ZERO));
+    ok(&e.submit(lease_settle(&g0, "1", &[], 0, true)).await, 200);
+
+    // The root has 4 left: the child gets floor(4 / 1.50) = 2 slots although its own cap has 10.
+    ok(&e.spend(&pk, "6").await, 200);
+    let (c1, n, v) = e.lease_ok(&ck, "1.50", 10, MIN).await;
+    assert_eq!((n, v["amount"].as_str(), v["room"].as_str()), (2, Some("3.00"), Some("1.00")), "{v}");
+    assert_eq!(e.money("la-c").await, (Micros::ZERO, m("3"), Micros::ZERO));
+    assert_eq!(e.money("la-p").await, (m("6"), m("3"), m("6")));
+    // Two levels down: the root's 1.00 left is what counts.
+    let (_, n, v) = e.lease_ok(&gk, "0.60", 10, MIN).await;
+    assert_eq!((n, v["room"].as_str()), (1, Some("0.40")), "{v}");
+    // Not even one slot fits under an ancestor: denied as a metered hold would be.
+    for k in [&gk, &ck] {
+        let d = e.submit(lease_cmd(k, "0.50", 10, MIN)).await;
+        err(&d, 402, "ancestor_cap_exceeded");
+        let mh = e.submit(metered_cmd(k, "0.50")).await;
+        assert_eq!((d.status, d.code()), (mh.status, mh.code()));
+    }
+    assert_eq!(e.money("la-p").await, (m("6"), m("3.6"), m("6")));
+    assert_eq!(e.money("la-c").await, (Micros::ZERO, m("3.6"), Micros::ZERO));
+    assert_eq!(e.money("la-g").await, (Micros::ZERO, m("0.6"), Micros::ZERO));
+    // Settling the child's calls moves every ancestor's figures, and gives room back.
+    ok(&e.submit(lease_settle(&c1, "1.50", &["1.50"], 1, false)).await, 200);
+    assert_eq!(e.money("la-c").await, (m("1.5"), m("0.6"), m("1.5")));
+    assert_eq!(e.money("la-p").await, (m("7.5"), m("0.6"), m("7.5")));
+    let (_, n, v) = e.lease_ok(&gk, "0.50", 10, MIN).await;
+    assert_eq!((n, v["room"].as_str()), (3, Some("0.40")), "{v}");
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn lease_denials_match_metered_hold(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("ld", &[PAY], "5");
+    s.per_tx_limit = Some(m("2"));
+    let k = e.admin_agent(s).await;
+    async fn both(e: &Env, lease: Command, metered: Command, status: u16, code: &str) {
+        let a = e.submit(lease).await;
+        let b = e.submit(metered).await;
+        err(&a, status, code);
+        err(&b, status, code);
+        assert_eq!(json(&a), json(&b), "the same denial");
+    }
+    let lease_in = |k: &KeyHash, sc: &str, unit: &str| Command::Lease {
+        key: k.clone(),
+        scope: scope(sc),
+        unit: m(unit),
+        slots: 10,
+        expires_ms: MIN,
+    };
+    let metered_in = |k: &KeyHash, sc: &str, unit: &str| Command::MeteredHold {
+        key: k.clone(),
+        scope: scope(sc),
+        amount: m(unit),
+        expires_ms: MIN,
+    };
+    both(&e, lease_in(&k, PAY, "2.01"), metered_in(&k, PAY, "2.01"), 402, "per_tx_limit_exceeded").await;
+    both(&e, lease_in(&k, "other:x", "1"), metered_in(&k, "other:x", "1"), 403, "scope_not_granted").await;
+    let nobody = new_key();
+    both(&e, lease_in(&nobody, PAY, "1"), metered_in(&nobody, PAY, "1"), 401, "invalid_credentials").await;
+    ok(&e.spend(&k, "2").await, 200);
+    ok(&e.spend(&k, "2").await, 200);
+    both(&e, lease_in(&k, PAY, "1.01"), metered_in(&k, PAY, "1.01"), 402, "spending_cap_exceeded").await;
+    let u = e.agent("ld").await.usage;
+    assert_eq!((u.window_spent, u.window_held, u.tx_count, u.denied_count), (m("4"), Micros::ZERO, 2, 6));
+    let ev = e.store.audit_page(Some("ld"), 0, 1000).await.unwrap();
+    let denied: Vec<_> =
+        ev.iter().filter(|x| x.outcome == "denied").map(|x| (x.action.as_str(), x.reason.as_deref())).collect();
+    assert_eq!(
+        denied,
+        [
+            ("hold", Some("per_tx_limit_exceeded")),
+            ("hold", Some("per_tx_limit_exceeded")),
+            ("hold", Some("scope_not_granted")),
+            ("hold", Some("scope_not_granted")),
+            ("hold", Some("spending_cap_exceeded")),
+            ("hold", Some("spending_cap_exceeded")),
+        ]
+    );
+
+    // Suspended, revoked, expired.
+    let mut s = spec("ld-s", &[PAY], "5");
+    s.breaker = Some(BreakerOverride { denials: Some(1), window_ms: Some(60 * SEC), ..Default::default() });
+    let ks = e.admin_agent(s).await;
+    err(&e.spend(&ks, "6").await, 402, "per_tx_limit_exceeded");
+    both(&e, lease_in(&ks, PAY, "1"), metered_in(&ks, PAY, "1"), 403, "agent_suspended").await;
+    let kr = e.admin_agent(spec("ld-r", &[PAY], "5")).await;
+    ok(&e.revoke(Caller::Admin, "ld-r").await, 200);
+    both(&e, lease_in(&kr, PAY, "1"), metered_in(&kr, PAY, "1"), 401, "credential_revoked").await;
+    let mut s = spec("ld-x", &[PAY], "5");
+    s.expires_in = Some(span("1h"));
+    let kx = e.admin_agent(s).await;
+    e.advance(HOUR);
+    both(&e, lease_in(&kx, PAY, "1"), metered_in(&kx, PAY, "1"), 401, "credential_expired").await;
+    for h in ["ld-s", "ld-r", "ld-x"] {
+        assert_eq!(e.money(h).await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    }
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn lease_settle_calls_release_close(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("lst", &[PAY], "10")).await;
+    let (hid, n, _) = e.lease_ok(&k, "1", 6, MIN).await;
+    assert_eq!(n, 6);
+    let events = e.intact().await;
+    // Three calls (one of them free) and one slot never used: 4 slots settled, 2 left.
+    let r = e.submit(lease_settle(&hid, "1", &["0.25", "1.00", "0"], 1, false)).await;
+    ok(&r, 200);
+    let v = json(&r);
+    assert_eq!(v, serde_json::json!({"id": hid, "captured": "1.25", "released": "2.75", "closed": false}));
+    assert_eq!(e.money("lst").await, (m("1.25"), m("2"), m("1.25")));
+    assert_eq!(e.agent("lst").await.usage.tx_count, 3, "one transaction per call");
+    let settled = e.intact().await;
+    assert!(settled > events);
+
+    // Refused, and nothing moves: a cost above its slot; more slots than the lease holds
+    // (also when closing); unknown holds and an agent's own (API) hold.
+    let ka = e.admin_agent(spec("lst-api", &[PAY], "10")).await;
+    let api_hold = e.hold_ok(&ka, "1", MIN).await;
+    let settled = e.intact().await;
+    let refusals = [
+        (lease_settle(&hid, "1", &["1.000001"], 0, false), 400, "invalid_amount"),
+        (lease_settle(&hid, "1", &["0.5", "1.000001"], 0, true), 400, "invalid_amount"),
+        (lease_settle(&hid, "1", &["0.5"], 2, false), 400, "invalid_amount"),
+        (lease_settle(&hid, "1", &[], 3, true), 400, "invalid_amount"),
+        (lease_settle(&hid, "1", &["0.1", "0.1", "0.1"], 0, false), 400, "invalid_amount"),
+        (lease_settle("hold_doesnotexist", "1", &["0.5"], 0, false), 404, "not_found"),
+        (lease_settle(&api_hold, "1", &["0.5"], 0, true), 404, "not_found"),
+        // The agent cannot release or capture its gateway lease itself: that would make the
+        // calls forwarded under it free.
+        (Command::Release { key: k.clone(), hold_id: hid.clone(), idem: None }, 404, "not_found"),
+        (Command::Capture { key: k.clone(), hold_id: hid.clone(), amount: m("0"), idem: None }, 404, "not_found"),
+    ];
+    for (cmd, status, code) in refusals {
+        let what = format!("{cmd:?}");
+        let r = e.submit(cmd).await;
+        assert_eq!((r.status, r.code().as_deref()), (status, Some(code)), "{what}: {}", r.body);
+        assert_eq!(e.money("lst").await, (m("1.25"), m("2"), m("1.25")), "{what}");
+        assert_eq!(e.money("lst-api").await.1, m("1"), "{what}");
+        assert_eq!(e.agent("lst").await.usage.tx_count, 3, "{what}");
+        assert_eq!(e.intact().await, settled, "{what}: nothing audited");
+    }
+    ok(&e.release(&ka, &api_hold).await, 200);
+
+    // The last call, and close: the remaining slot is released and the lease is closed.
+    let r = e.submit(lease_settle(&hid, "1", &["0.50"], 0, true)).await;
+    ok(&r, 200);
+    assert_eq!(json(&r), serde_json::json!({"id": hid, "captured": "0.50", "released": "1.50", "closed": true}));
+    let u = e.agent("lst").await.usage;
+    assert_eq!((u.window_spent, u.window_held, u.lifetime_spent, u.tx_count), (m("1.75"), Micros::ZERO, m("1.75"), 4));
+    // Closed: nothing more is settled, through the lease or the hold.
+    err(&e.submit(lease_settle(&hid, "1", &["0.10"], 0, false)).await, 409, "hold_closed");
+    err(&e.submit(lease_settle(&hid, "1", &[], 0, true)).await, 409, "hold_closed");
+    err(&e.submit(Command::Settle { hold_id: hid.clone(), amount: m("0.10") }).await, 409, "hold_closed");
+    // An agent's own capture or release never finds a gateway lease.
+    err(&e.capture(&k, &hid, "0.10").await, 404, "not_found");
+    err(&e.release(&k, &hid).await, 404, "not_found");
+    assert_eq!(e.money("lst").await, (m("1.75"), Micros::ZERO, m("1.75")));
+    // One capture event per call, by the gateway.
+    let ev = e.events_of("lst", &hid).await;
+    let captures: Vec<_> = ev.iter().filter(|x| x.action == "capture").collect();
+    assert_eq!(
+        captures.iter().map(|x| x.amount.as_deref().unwrap()).collect::<Vec<_>>(),
+        ["0.25", "1.00", "0.00", "0.50"]
+    );
+    assert!(captures.iter().all(|x| x.outcome == "allowed" && x.detail == Some(serde_json::json!({"by": "gateway"}))));
+    // The full cap is there again, less what the calls cost.
+    ok(&e.spend(&k, "8.25").await, 200);
+    err(&e.spend(&k, "0.01").await, 402, "spending_cap_exceeded");
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn lease_rate_limit(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("lr", &[PAY], "100");
+    s.rate_limit = Some(RateLimit { requests: 5, per_ms: 60 * SEC });
+    let k = e.admin_agent(s).await;
+    // 5 per minute: 10 slots asked, 5 granted (each slot is a call's token).
+    let (hid, n, _) = e.lease_ok(&k, "1", 10, MIN).await;
+    assert_eq!(n, 5);
+    err(&e.spend(&k, "0.01").await, 429, "rate_limited");
+    let d = e.submit(lease_cmd(&k, "1", 10, MIN)).await;
+    err(&d, 429, "rate_limited");
+    let mh = e.submit(metered_cmd(&k, "1")).await;
+    assert_eq!(json(&d), json(&mh), "the same 429, retry_after included");
+    // Two calls made, three slots never used: their three tokens come back, the calls' do not.
+    ok(&e.submit(lease_settle(&hid, "1", &["1", "0.5"], 3, false)).await, 200);
+    for _ in 0..3 {
+        ok(&e.spend(&k, "0.01").await, 200);
+    }
+    err(&e.spend(&k, "0.01").await, 429, "rate_limited");
+    // And a token comes back every 12 s, as usual.
+    e.advance(12 * SEC);
+    ok(&e.spend(&k, "0.01").await, 200);
+    err(&e.spend(&k, "0.01").await, 429, "rate_limited");
+    assert_eq!(e.money("lr").await, (m("1.54"), Micros::ZERO, m("1.54")));
+    // A lease takes tokens back for a later lease too.
+    e.advance(60 * SEC);
+    let (h2, n, _) = e.lease_ok(&k, "1", 10, MIN).await;
+    assert_eq!(n, 5);
+    ok(&e.submit(lease_settle(&h2, "1", &[], 2, false)).await, 200);
+    let (_, n, _) = e.lease_ok(&k, "1", 10, MIN).await;
+    assert_eq!(n, 2, "exactly the two tokens given back");
+
+    // The caps are applied before the rate limit: slots that do not fit take no token.
+    let mut s = spec("lr-cap", &[PAY], "3");
+    s.per_tx_limit = Some(m("1"));
+    s.rate_limit = Some(RateLimit { requests: 5, per_ms: 60 * SEC });
+    let k = e.admin_agent(s).await;
+    let (_, n, v) = e.lease_ok(&k, "1", 10, MIN).await;
+    assert_eq!((n, v["room"].as_str()), (3, Some("0.00")), "{v}");
+    let p = Patch { spending_cap: Some(m("100")), ..Patch::default() };
+    ok(&e.submit(Command::PatchAgent { handle: "lr-cap".into(), patch: p }).await, 200);
+    ok(&e.spend(&k, "0.01").await, 200);
+    ok(&e.spend(&k, "0.01").await, 200);
+    err(&e.spend(&k, "0.01").await, 429, "rate_limited");
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn lease_expiry_captures_what_it_holds(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("lx", &[PAY], "10")).await;
+    let (hid, n, _) = e.lease_ok(&k, "1", 4, MIN).await;
+    assert_eq!(n, 4);
+    ok(&e.submit(lease_settle(&hid, "1", &["0.30"], 1, false)).await, 200);
+    e.advance(MIN - 1);
+    assert_eq!(e.money("lx").await, (m("0.3"), m("2"), m("0.3")));
+    e.advance(1);
+    // Expired: the gateway can no longer settle it (and that charges nothing)...
+    err(&e.submit(lease_settle(&hid, "1", &["0.10"], 1, true)).await, 409, "hold_closed");
+    // ...and the next decision on the agent finds what the lease still held captured in full.
+    ok(&e.spend(&k, "7.70").await, 200);
+    err(&e.spend(&k, "0.01").await, 402, "spending_cap_exceeded");
+    assert_eq!(e.money("lx").await, (m("10"), Micros::ZERO, m("10")));
+    let ev = e.events_of("lx", &hid).await;
+    let expired: Vec<_> = ev.iter().filter(|x| x.action == "hold.expire").collect();
+    assert_eq!(expired.len(), 1, "{ev:?}");
+    assert_eq!(expired[0].amount.as_deref(), Some("2.00"));
+    assert_eq!(expired[0].detail, Some(serde_json::json!({"captured": "2.00"})));
+    err(&e.submit(lease_settle(&hid, "1", &[], 0, true)).await, 409, "hold_closed");
+
+    // A child's lease, expired and swept: every ancestor is charged, once.
+    let pk = e.admin_agent(spec("lx-p", PARENT_SCOPES, "10")).await;
+    let ck = e.child_agent(&pk, spec("lx-c", &[PAY], "10")).await;
+    let (h2, n, _) = e.lease_ok(&ck, "0.50", 6, 10 * MIN).await;
+    assert_eq!(n, 6);
+    ok(&e.submit(lease_settle(&h2, "0.50", &["0.10", "0.20"], 0, false)).await, 200);
+    assert_eq!(e.money("lx-p").await, (m("0.3"), m("2"), m("0.3")));
+    e.advance(10 * MIN);
+    for _ in 0..2 {
+        ok(&e.submit(Command::SweepExpired).await, 200);
+        assert_eq!(e.money("lx-c").await, (m("2.3"), Micros::ZERO, m("2.3")));
+        assert_eq!(e.money("lx-p").await, (m("2.3"), Micros::ZERO, m("2.3")));
+    }
+    let ev = e.events_of("lx-c", &h2).await;
+    let expired: Vec<_> = ev.iter().filter(|x| x.action == "hold.expire").collect();
+    assert_eq!(expired.len(), 1, "{ev:?}");
+    assert_eq!(expired[0].amount.as_deref(), Some("2.00"));
+    ok(&e.spend(&pk, "7.70").await, 200);
+    err(&e.spend(&ck, "0.01").await, 402, "ancestor_cap_exceeded");
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn lease_one_slot_when_decided_call_by_call(db: Db) {
+    let e = Env::new(db).await;
+    // Without a trigger: every slot asked (the control).
+    let k = e.admin_agent(spec("l1-all", &[PAY], "100")).await;
+    assert_eq!(e.lease_ok(&k, "1", 5, MIN).await.1, 5);
+    // Shadow mode: one slot, also when enforcement would deny it.
+    let mut s = spec("l1-shadow", &[PAY], "10");
+    s.enforce = false;
+    let k = e.admin_agent(s).await;
+    let (_, n, v) = e.lease_ok(&k, "1", 5, MIN).await;
+    assert_eq!((n, v["amount"].as_str()), (1, Some("1.00")), "{v}");
+    ok(&e.spend(&k, "9.5").await, 200);
+    let (h, n, v) = e.lease_ok(&k, "1", 5, MIN).await;
+    assert_eq!((n, v["shadow_denied"].as_str()), (1, Some("spending_cap_exceeded")), "{v}");
+    let ev = e.events_of("l1-shadow", &h).await;
+    assert_eq!(ev.len(), 1);
+    let d = ev[0].detail.clone().unwrap_or_default();
+    assert_eq!((d["shadow"].as_str(), d["slots"].as_u64()), (Some("would_deny"), Some(1)), "{d}");
+    assert_eq!(
+        (ev[0].outcome.as_str(), ev[0].reason.as_deref()),
+        ("allowed", Some("spending_cap_exceeded")),
+        "a would-be denial is marked: {ev:?}"
+    );
+    let u = e.agent("l1-shadow").await.usage;
+    assert_eq!((u.window_held, u.tx_count, u.denied_count), (m("2"), 1, 0));
+    // The breaker's optional triggers, per agent: each call is seen on its own.
+    for (h, b) in [
+        ("l1-rate", BreakerOverride { max_requests: Some(100), ..Default::default() }),
+        ("l1-repeat", BreakerOverride { repeats: Some(5), ..Default::default() }),
+    ] {
+        let mut s = spec(h, &[PAY], "100");
+        s.breaker = Some(b);
+        let k = e.admin_agent(s).await;
+        let (_, n, _) = e.lease_ok(&k, "1", 5, MIN).await;
+        assert_eq!(n, 1, "{h}");
+        assert_eq!(e.money(h).await.1, m("1"), "{h}");
+    }
+    e.intact().await;
+    e.finish().await;
+
+    // The trigger from the config, and an agent that turns it off.
+    let e = Env::with_config(
+        db,
+        LedgerConfig {
+            breaker: Breaker { max_requests: 3, rate_window_ms: 60 * SEC, ..Default::default() },
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut s = spec("l1-off", &[PAY], "100");
+    s.breaker = Some(BreakerOverride { max_requests: Some(0), ..Default::default() });
+    let k = e.admin_agent(s).await;
+    assert_eq!(e.lease_ok(&k, "1", 5, MIN).await.1, 5);
+    let k = e.admin_agent(spec("l1-cfg", &[PAY], "100")).await;
+    for _ in 0..3 {
+        assert_eq!(e.lease_ok(&k, "1", 5, MIN).await.1, 1);
+    }
+    assert_eq!(e.agent("l1-cfg").await.status, "active");
+    // The lease that trips the trigger is answered as usual (one slot); then the agent is suspended.
+    assert_eq!(e.lease_ok(&k, "1", 5, MIN).await.1, 1);
+    assert_eq!(e.agent("l1-cfg").await.status, "suspended");
+    err(&e.submit(lease_cmd(&k, "1", 5, MIN)).await, 403, "agent_suspended");
+    assert_eq!(e.money("l1-cfg").await.1, m("4"));
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn authz_epoch(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("ep", PARENT_SCOPES, "100")).await;
+    let mut cs = spec("ep-c", &[PAY], "10");
+    cs.breaker = Some(BreakerOverride { denials: Some(2), window_ms: Some(60 * SEC), ..Default::default() });
+    let ck = e.child_agent(&pk, cs).await;
+    let start = e.ledger.authz_epoch();
+    // Money moves, allowed or denied, are no authorization changes.
+    ok(&e.spend(&ck, "1").await, 200);
+    err(&e.spend(&ck, "11").await, 402, "per_tx_limit_exceeded");
+    let h = e.hold_ok(&ck, "1", MIN).await;
+    ok(&e.capture(&ck, &h, "0.5").await, 200);
+    let h = e.hold_ok(&pk, "1", MIN).await;
+    ok(&e.release(&pk, &h).await, 200);
+    let r = e.submit(metered_cmd(&ck, "1")).await;
+    ok(&r, 201);
+    let h = json(&r)["id"].as_str().unwrap().to_owned();
+    ok(&e.submit(Command::Settle { hold_id: h, amount: m("0.5") }).await, 200);
+    let (h, _, _) = e.lease_ok(&ck, "1", 3, MIN).await;
+    ok(&e.submit(lease_settle(&h, "1", &["0.5"], 1, true)).await, 200);
+    e.lease_ok(&pk, "1", 3, MIN).await;
+    ok(&e.submit(Command::SweepExpired).await, 200);
+    err(&e.submit(Command::PatchAgent { handle: "nobody".into(), patch: Patch::default() }).await, 404, "not_found");
+    assert_eq!(e.ledger.authz_epoch(), start, "money moves leave the epoch alone");
+
+    // Each authorization change moves it on, before its answer is out.
+    let mut last = start;
+    fn moved(e: &Env, last: &mut u64, why: &str, expect: bool) {
+        let now = e.ledger.authz_epoch();
+        if expect {
+            assert!(now > *last, "the epoch did not move on {why}");
+        } else {
+            assert_eq!(now, *last, "the epoch moved on {why}");
+        }
+        *last = now;
+    }
+    let p = Patch { spending_cap: Some(m("9")), ..Patch::default() };
+    ok(&e.submit(Command::PatchAgent { handle: "ep-c".into(), patch: p }).await, 200);
+    moved(&e, &mut last, "a patch", true);
+    let ck2 = new_key();
+    ok(&e.submit(Command::RotateKey { handle: "ep-c".into(), key_hash: ck2.clone() }).await, 201);
+    moved(&e, &mut last, "a key rotation", true);
+    err(&e.spend(&ck2, "11").await, 402, "per_tx_limit_exceeded");
+    assert_eq!(e.agent("ep-c").await.status, "suspended");
+    moved(&e, &mut last, "a suspension by the breaker", true);
+    ok(&e.submit(Command::Resume { handle: "ep-c".into() }).await, 200);
+    last = e.ledger.authz_epoch();
+    ok(&e.spend(&pk, "1").await, 200);
+    e.lease_ok(&ck2, "1", 2, MIN).await;
+    moved(&e, &mut last, "a spend and a lease", false);
+    ok(&e.revoke(Caller::Admin, "ep-c").await, 200);
+    moved(&e, &mut last, "a revocation", true);
+    e.intact().await;
+    e.finish().await;
+}
+
+async fn concurrent_leases_parent_and_child(db: Db) {
+    let e = Env::new(db).await;
+    let pk = e.admin_agent(spec("lc-p", PARENT_SCOPES, "10.00")).await;
+    let ck = e.child_agent(&pk, spec("lc-c", &[PAY], "10.00")).await;
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let ledger = e.ledger.clone();
+        let key = if i % 2 == 0 { pk.clone() } else { ck.clone() };
+        tasks.push(tokio::spawn(async move {
+            let r = ledger.submit(lease_cmd(&key, "0.30", 4, HOUR)).await.expect("the ledger answered");
+            match r.status {
+                201 => {
+                    let v = json(&r);
+                    Some((v["id"].as_str().unwrap().to_owned(), v["slots"].as_u64().unwrap()))
+                }
+                402 => None,
+                s => panic!("unexpected {s}: {}", r.body),
+            }
+        }));
+    }
+    let mut leases = Vec::new();
+    for t in tasks {
+        leases.extend(t.await.unwrap());
+    }
+    let slots: u64 = leases.iter().map(|(_, n)| n).sum();
+    assert_eq!(slots, 33, "exactly floor(cap / unit) slots in all");
+    let (spent, held, _) = e.money("lc-p").await;
+    assert_eq!((spent, held), (Micros::ZERO, m("9.9")));
+    // Every call costs 0.10: 3.30 spent, nothing held, one transaction each.
+    for (id, n) in &leases {
+        let costs = vec!["0.10"; usize::try_from(*n).unwrap()];
+        ok(&e.submit(lease_settle(id, "0.30", &costs, 0, true)).await, 200);
+    }
+    assert_eq!(e.money("lc-p").await, (m("3.3"), Micros::ZERO, m("3.3")));
+    let tx = e.agent("lc-p").await.usage.tx_count + e.agent("lc-c").await.usage.tx_count;
+    assert_eq!(tx, 33);
+    e.intact().await;
     e.finish().await;
 }

@@ -137,7 +137,8 @@ async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
 }
 
 fn count(upstream: &Arc<str>, result: &'static str) {
-    metrics::counter!(GATEWAY_CALLS, "upstream" => upstream.to_string(), "result" => result).increment(1);
+    metrics::counter!(GATEWAY_CALLS, "upstream" => metrics::SharedString::from(upstream.clone()), "result" => result)
+        .increment(1);
 }
 
 /// Headers never forwarded in either direction (RFC 9110 §7.6.1), besides those the
