@@ -2,9 +2,11 @@
 # Benchmark of the agent gateway, in one run on loopback with wrk -t2 -c32:
 #   1. a static upstream called directly (nginx answering a small JSON body),
 #   2. nginx as a plain reverse proxy to it (keep-alive upstream connections, header set),
-#   3. Bulkhead's gateway to it with full enforcement: key, scope, rate and caps checked by a
-#      durable, audited hold before forwarding, the secret injected, the price captured
-#      (a second durable, audited commit) before the answer ends.
+#   3. Bulkhead's gateway to it with full enforcement: every call forwarded only with a slot of
+#      a durable, audited lease (key, scope, rate and caps checked by the ledger), the secret
+#      injected, each call's price captured by a durable, audited settlement (one event per
+#      call) a few milliseconds after its answer. The run ends by checking that the agent's
+#      spend equals the calls made, to the micro-unit.
 #
 #   bash scripts/bench-gateway.sh                          # SQLite (embedded store)
 #   BENCH_DATABASE_URL=postgres://… bash scripts/bench-gateway.sh   # PostgreSQL (a fresh database!)
@@ -131,12 +133,13 @@ read -r g_rps g_p50 g_p99 g_n <<<"$(run_wrk gateway "$B/proxy/static/v1/ping" "$
 printf '%-48s %10s %9s %9s\n' "target" "req/s" "p50 ms" "p99 ms"
 printf '%-48s %10s %9s %9s\n' "static upstream, direct (nginx)" "$d_rps" "$d_p50" "$d_p99"
 printf '%-48s %10s %9s %9s\n' "nginx reverse proxy -> upstream" "$n_rps" "$n_p50" "$n_p99"
-printf '%-48s %10s %9s %9s\n' "bulkhead gateway -> upstream (hold+capture)" "$g_rps" "$g_p50" "$g_p99"
+printf '%-48s %10s %9s %9s\n' "bulkhead gateway -> upstream (leased, settled)" "$g_rps" "$g_p50" "$g_p99"
 python3 - <<PY
 g, n, d = $g_rps, $n_rps, $d_rps
 print(f"gateway/nginx-proxy throughput: {g/n:.2f}x   gateway/direct: {g/d:.2f}x")
 print(f"added at p50: gateway {($g_p50 - $d_p50):.3f} ms, nginx proxy {($n_p50 - $d_p50):.3f} ms over direct; gateway over nginx proxy {($g_p50 - $n_p50):.3f} ms")
 PY
+sleep 1 # idle leases give their unused slots back
 spent=$(curl -sf "$B/v1/agents/bench-agent" -H "Authorization: Bearer $BENCH_ADMIN" |
   python3 -c 'import json,sys; u=json.load(sys.stdin)["usage"]; print(u["window_spent"], u["window_held"], u["tx_count"])')
 echo "bench agent after the run: window_spent window_held tx_count = $spent (wrk completed $g_n gateway calls + 1 smoke call)"
