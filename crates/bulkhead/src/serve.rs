@@ -103,6 +103,55 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
+/// Binds `workers` listening sockets to one address with `SO_REUSEPORT`, so that the kernel
+/// spreads connections over them (the first one decides the port when `addr` has port 0).
+fn bind_all(addr: std::net::SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    for _ in 0..workers.max(1) {
+        let at = out.first().map(|l| l.local_addr()).transpose()?.unwrap_or(addr);
+        let s = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        #[cfg(unix)]
+        if workers > 1 {
+            s.set_reuse_port(true)?;
+        }
+        s.bind(&at.into()).with_context(|| format!("cannot listen on {at}"))?;
+        s.listen(1024)?;
+        s.set_nonblocking(true)?;
+        out.push(s.into());
+    }
+    Ok(out)
+}
+
+/// One HTTP worker: a thread with an event loop of its own serving `listener` until `stop`.
+/// The returned receiver answers when it has finished its in-flight requests.
+fn spawn_worker(
+    i: usize,
+    listener: std::net::TcpListener,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name(format!("bulkhead-http-{i}")).spawn(move || {
+        let served = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let stopped = async move {
+                    while !*stop.borrow_and_update() {
+                        if stop.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                axum::serve(listener, router).with_graceful_shutdown(stopped).await
+            })
+        });
+        let _ = done_tx.send(served);
+    })?;
+    Ok(done_rx)
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -162,24 +211,40 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics: install_metrics(),
         metrics_open: args.listen.ip().is_loopback(),
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, store = ?store.backend(), "bulkhead listening");
+    let workers = args
+        .workers
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1));
+    let listeners = bind_all(args.listen, workers)?;
+    let addr = listeners[0].local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut served = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let router = match &gateway {
+            Some(gw) => app(state.clone()).merge(bulkhead_server::gateway_router(
+                gw.for_worker().map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?,
+            )),
+            None => app(state.clone()),
+        };
+        served.push(spawn_worker(i, listener, router, stop_rx.clone())?);
+    }
+    drop(state);
+    tracing::info!(%addr, store = ?store.backend(), workers, "bulkhead listening");
     println!("bulkhead listening on http://{addr}");
-    let router = match &gateway {
-        Some(gw) => app(state).merge(bulkhead_server::gateway_router(gw.clone())),
-        None => app(state),
-    };
     let mut writer = writer;
     tokio::select! {
-        r = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()) => r?,
+        _ = shutdown_signal() => {}
         _ = &mut writer => {
             // The ledger stops on its own only when an invariant broke (a balance assertion).
             // Stop the process rather than keep answering without it.
             tracing::error!("the ledger stopped unexpectedly; exiting");
             return Ok(ExitCode::from(70));
+        }
+    }
+    let _ = stop_tx.send(true);
+    for done in served {
+        if let Ok(Err(e)) = done.await {
+            tracing::error!(error = %e, "an HTTP worker failed");
         }
     }
     // Calls answered before the stop are settled and unused slots given back.

@@ -87,6 +87,17 @@ impl Gateway {
         Ok(Gateway { inner: Arc::new(Inner { leases: Leases::start(ledger), routes }) })
     }
 
+    /// The same gateway (same upstreams, same leases) with connection pools of its own: one per
+    /// HTTP worker thread, so that a worker's calls go out on connections its own event loop
+    /// drives.
+    pub fn for_worker(&self) -> Result<Gateway, String> {
+        let mut routes = HashMap::new();
+        for (name, r) in &self.inner.routes {
+            routes.insert(name.clone(), Route { name: r.name.clone(), up: r.up.clone(), client: client(&r.up)? });
+        }
+        Ok(Gateway { inner: Arc::new(Inner { leases: self.inner.leases.clone(), routes }) })
+    }
+
     /// Settles every call and gives back every unused slot; call it once the server stopped
     /// answering requests, before the ledger stops.
     pub async fn close(&self) {
