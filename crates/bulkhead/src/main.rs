@@ -62,7 +62,7 @@ pub struct ServeArgs {
     /// PostgreSQL URL for the shared store (several replicas may use one database).
     #[arg(long, env = "BULKHEAD_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// HTTP worker threads, each with its own listening socket (SO_REUSEPORT) and event loop
+    /// HTTP worker threads, each with its own event loop, accepting from one socket
     /// [default: the number of CPUs].
     #[arg(long, env = "BULKHEAD_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,

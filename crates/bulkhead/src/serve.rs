@@ -103,24 +103,17 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-/// Binds `workers` listening sockets to one address with `SO_REUSEPORT`, so that the kernel
-/// spreads connections over them (the first one decides the port when `addr` has port 0).
+/// Binds the listening socket and gives each of `workers` a handle of its own on it: an idle
+/// worker accepts the next connection, so a busy one is not handed more (as `SO_REUSEPORT`'s
+/// fixed spreading would).
 fn bind_all(addr: std::net::SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    use socket2::{Domain, Socket, Type};
-    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
-    for _ in 0..workers.max(1) {
-        let at = out.first().map(|l| l.local_addr()).transpose()?.unwrap_or(addr);
-        let s = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
-        s.set_reuse_address(true)?;
-        #[cfg(unix)]
-        if workers > 1 {
-            s.set_reuse_port(true)?;
-        }
-        s.bind(&at.into()).with_context(|| format!("cannot listen on {at}"))?;
-        s.listen(1024)?;
-        s.set_nonblocking(true)?;
-        out.push(s.into());
+    let first = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    first.set_nonblocking(true)?;
+    let mut out = Vec::with_capacity(workers.max(1));
+    for _ in 1..workers.max(1) {
+        out.push(first.try_clone()?);
     }
+    out.insert(0, first);
     Ok(out)
 }
 
