@@ -50,8 +50,8 @@ pub const SLOTS_MAX: u32 = 4096;
 const IDLE_AFTER: Duration = Duration::from_millis(200);
 /// How often the flusher looks for idle, old or outdated leases.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
-/// The attempts at one settlement when the store is unavailable.
-const SETTLE_ATTEMPTS: u32 = 6;
+/// The attempts at one settlement while shutting down with the store unavailable.
+const SETTLE_ATTEMPTS_AT_SHUTDOWN: u32 = 6;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -94,8 +94,6 @@ struct Lease {
     granted: Instant,
     accept_until: Instant,
     key_expires_ms: Option<i64>,
-    /// What every cap of the chain still allowed once the lease was granted.
-    room: Micros,
     state: Mutex<State>,
     /// Settlements of one lease go to the ledger one after another, in order.
     settling: tokio::sync::Mutex<()>,
@@ -202,14 +200,10 @@ impl Leases {
             } else {
                 *want
             };
-            // Near a cap the old lease's unused slots must be back before the new one is
-            // sized; far from every cap the new lease need not wait for them.
-            let far = unit.micros().checked_mul(i64::from(*want) * 2).is_some_and(|need| old.room.micros() >= need);
-            if far {
-                self.enqueue(&old);
-            } else {
-                settle(sh, &old).await;
-            }
+            // The old lease's unused slots (and settled calls) are back before the new one is
+            // sized, so that no call is refused that they would have let through. One commit per
+            // new lease, which is sized to last about TARGET_LIFETIME.
+            settle(sh, &old).await;
         }
         // Read before the grant: a revocation committed after it makes the lease outdated.
         let epoch = sh.ledger.authz_epoch();
@@ -267,7 +261,6 @@ impl Leases {
             granted: now,
             accept_until: now + ACCEPT_FOR,
             key_expires_ms: v["key_expires_at"].as_i64(),
-            room: v["room"].as_str().and_then(|r| Micros::parse(r).ok()).unwrap_or(Micros::ZERO),
             state: Mutex::new(State {
                 free: slots.saturating_sub(1),
                 in_flight: 1,
@@ -372,6 +365,7 @@ impl Drop for Bill {
 
 /// Settles what a lease has recorded: costs, unused slots of a retired lease, and its closing
 /// once its last call is in. Waits until committed (retrying while the store is unavailable).
+/// Settlements of one lease are sent one after another, so a close never overtakes a capture.
 async fn settle(sh: &Shared, lease: &Arc<Lease>) {
     let _order = lease.settling.lock().await;
     let (costs, release, close) = {
@@ -390,7 +384,9 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
         return;
     }
     let mut wait = Duration::from_millis(50);
-    for attempt in 1..=SETTLE_ATTEMPTS {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let cmd = Command::LeaseSettle {
             hold_id: lease.hold_id.clone(),
             unit: lease.unit,
@@ -411,13 +407,18 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
                 tracing::error!(hold = %lease.hold_id, "ledger shut down before gateway calls were settled; the lease will be captured when it expires");
                 return;
             }
-            Err(e) if attempt < SETTLE_ATTEMPTS => {
+            // Retried until it lands (a lease past its expiry answers 409 and ends this), except
+            // at shutdown, which waits only so long for a store that does not answer.
+            Err(e)
+                if attempt < SETTLE_ATTEMPTS_AT_SHUTDOWN || !sh.closing.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
                 tracing::warn!(hold = %lease.hold_id, error = %e, attempt, "gateway settlement failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
                 tracing::error!(hold = %lease.hold_id, error = %e, "gateway settlement failed; the lease will be captured when it expires");
+                return;
             }
         }
     }
