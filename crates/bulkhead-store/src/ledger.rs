@@ -578,6 +578,9 @@ impl Writer {
         }
         b.flush().await?;
         b.write_alerts().await?;
+        if b.authz {
+            sqlx::query("UPDATE authz_epoch SET n = n + 1 WHERE id = 1").execute(&mut *b.tx).await?;
+        }
         let events = std::mem::take(&mut b.events);
         let head = append_events(&mut b.tx, b.backend, events, cache.head).await?;
         let authz = b.authz;

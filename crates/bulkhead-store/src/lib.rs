@@ -211,6 +211,14 @@ impl Store {
         self.backend
     }
 
+    /// The store-wide authorization epoch as committed now (see `authz_epoch` in the
+    /// migrations): it moves on with every commit that revokes, suspends or patches an agent or
+    /// gives one a new key, on any replica.
+    pub async fn authz_epoch(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT n FROM authz_epoch WHERE id = 1").fetch_one(&self.pool).await?;
+        Ok(n)
+    }
+
     /// `SELECT 1`: is the store reachable?
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

@@ -1738,6 +1738,7 @@ async fn authz_epoch(db: Db) {
     cs.breaker = Some(BreakerOverride { denials: Some(2), window_ms: Some(60 * SEC), ..Default::default() });
     let ck = e.child_agent(&pk, cs).await;
     let start = e.ledger.authz_epoch();
+    let store_start = e.store.authz_epoch().await.expect("the store's epoch");
     // Money moves, allowed or denied, are no authorization changes.
     ok(&e.spend(&ck, "1").await, 200);
     err(&e.spend(&ck, "11").await, 402, "per_tx_limit_exceeded");
@@ -1755,6 +1756,7 @@ async fn authz_epoch(db: Db) {
     ok(&e.submit(Command::SweepExpired).await, 200);
     err(&e.submit(Command::PatchAgent { handle: "nobody".into(), patch: Patch::default() }).await, 404, "not_found");
     assert_eq!(e.ledger.authz_epoch(), start, "money moves leave the epoch alone");
+    assert_eq!(e.store.authz_epoch().await.expect("epoch"), store_start, "and the store's");
 
     // Each authorization change moves it on, before its answer is out.
     let mut last = start;
@@ -1783,6 +1785,9 @@ async fn authz_epoch(db: Db) {
     moved(&e, &mut last, "a spend and a lease", false);
     ok(&e.revoke(Caller::Admin, "ep-c").await, 200);
     moved(&e, &mut last, "a revocation", true);
+    // The store's epoch, which other replicas read, moved with every one of them: a patch, a
+    // rotation, a suspension and a revocation.
+    assert_eq!(e.store.authz_epoch().await.expect("epoch"), store_start + 4);
     e.intact().await;
     e.finish().await;
 }

@@ -13,9 +13,9 @@
 //! the agent never waits for the settlement either. Its audit trail gets one `capture` event
 //! per call.
 //!
-//! A lease stops taking calls when its slots are gone, after [`ACCEPT_FOR`], when the ledger's
-//! authorization epoch moves on (a revocation, suspension, patch or new key committed by this
-//! process), or when its key expires; it is then *retired*: its unused slots are released (and
+//! A lease stops taking calls when its slots are gone, after [`ACCEPT_FOR`], when the
+//! authorization epoch moves on (a revocation, suspension, patch or new key was committed), or
+//! when its key expires; it is then *retired*: its unused slots are released (and
 //! their rate-limit tokens given back) and it closes once its last call is settled. A new lease
 //! is taken only after the old one's unused slots went back, so an agent near its cap gets
 //! exactly the calls that a hold per call would have given it.
@@ -24,9 +24,10 @@
 //! never free, and what a crash can overcharge is bounded by the lease, which is sized to cover
 //! about [`TARGET_LIFETIME`] of the agent's calls.
 //!
-//! On PostgreSQL other replicas may revoke a key without this process's epoch moving, so there
-//! every call takes a lease of its own (one slot): it is decided by the shared store, and only
-//! its settlement leaves the request path.
+//! The epoch a call is checked against is read after the call arrived: on SQLite from this
+//! process's ledger (the store's only writer, which moves it before answering), on PostgreSQL
+//! from the store itself (one indexed read per call; every replica's revocations move it in the
+//! same transaction), so a revocation answered by any replica stops the next call everywhere.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,9 +66,10 @@ pub struct Leases {
 
 struct Shared {
     ledger: Ledger,
-    /// Leases are shared by the calls of one key (SQLite: this process is the only writer, so
-    /// its epoch sees every revocation); otherwise each call takes its own.
-    reuse: bool,
+    /// Other processes write the store (PostgreSQL): the authorization epoch is read from the
+    /// store for every call, instead of from this process's ledger.
+    shared_store: bool,
+    epoch_reads: Arc<EpochReads>,
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     /// Leases with something to settle, for the flusher.
     queue: Mutex<Vec<Arc<Lease>>>,
@@ -121,10 +123,11 @@ pub enum Acquired {
 impl Leases {
     /// Starts the flusher; must be called inside the runtime.
     pub fn start(ledger: Ledger) -> Leases {
-        let reuse = ledger.store().backend() == Backend::Sqlite;
+        let shared_store = ledger.store().backend() != Backend::Sqlite;
         let shared = Arc::new(Shared {
             ledger,
-            reuse,
+            shared_store,
+            epoch_reads: Arc::default(),
             slots: Mutex::new(HashMap::new()),
             queue: Mutex::new(Vec::new()),
             wake: Notify::new(),
@@ -163,26 +166,18 @@ impl Leases {
             slots,
             expires_ms: i64::try_from(ACCEPT_FOR.as_millis()).unwrap_or(i64::MAX).saturating_add(hold_ms),
         };
-        if !sh.reuse {
-            let epoch = sh.ledger.authz_epoch();
-            let reply = submit_grant(&sh.ledger, grant(1)).await?;
-            return Ok(match self.lease_from(reply, unit, epoch) {
-                Ok(lease) => {
-                    lock(&lease.state).retired = true;
-                    Acquired::Go(self.bill(lease, abandoned, upstream))
-                }
-                Err(denied) => Acquired::Denied(denied),
-            });
-        }
+        // The epoch as it stands now, read after this call arrived: a lease granted under it
+        // has seen every revocation answered before this call.
+        let now_epoch = self.epoch().await?;
         let slot = lock(&sh.slots)
             .entry((key.as_str().to_owned(), upstream.clone()))
             .or_insert_with(|| Arc::new(Slot { current: Mutex::new(None), refill: tokio::sync::Mutex::new(1) }))
             .clone();
-        if let Some(lease) = self.take(&slot) {
+        if let Some(lease) = self.take(&slot, now_epoch) {
             return Ok(Acquired::Go(self.bill(lease, abandoned, upstream)));
         }
         let mut want = slot.refill.lock().await;
-        if let Some(lease) = self.take(&slot) {
+        if let Some(lease) = self.take(&slot, now_epoch) {
             return Ok(Acquired::Go(self.bill(lease, abandoned, upstream)));
         }
         let old = lock(&slot.current).take();
@@ -206,7 +201,7 @@ impl Leases {
             settle(sh, &old).await;
         }
         // Read before the grant: a revocation committed after it makes the lease outdated.
-        let epoch = sh.ledger.authz_epoch();
+        let epoch = self.epoch().await?;
         let reply = submit_grant(&sh.ledger, grant(*want)).await?;
         match self.lease_from(reply, unit, epoch) {
             Ok(lease) => {
@@ -217,11 +212,21 @@ impl Leases {
         }
     }
 
-    /// Takes a slot of the slot's current lease, if it is still good.
-    fn take(&self, slot: &Slot) -> Option<Arc<Lease>> {
+    /// The authorization epoch: this process's ledger's when it is the store's only writer, else
+    /// the store's, read now.
+    async fn epoch(&self) -> Result<u64, StoreError> {
+        if self.shared.shared_store {
+            self.shared.epoch_reads.read(&self.shared.ledger).await
+        } else {
+            Ok(self.shared.ledger.authz_epoch())
+        }
+    }
+
+    /// Takes a slot of the slot's current lease, if it is still good at `epoch`.
+    fn take(&self, slot: &Slot, epoch: u64) -> Option<Arc<Lease>> {
         let current = lock(&slot.current);
         let lease = current.as_ref()?;
-        if !self.usable(lease) {
+        if lease.epoch != epoch || !self.usable(lease) {
             return None;
         }
         let mut st = lock(&lease.state);
@@ -234,8 +239,10 @@ impl Leases {
         Some(lease.clone())
     }
 
+    /// Still taking calls, as far as this process can tell without the store: not too old, the
+    /// key not expired, and (when this process is the store's only writer) the epoch unchanged.
     fn usable(&self, lease: &Lease) -> bool {
-        lease.epoch == self.shared.ledger.authz_epoch()
+        (self.shared.shared_store || lease.epoch == self.shared.ledger.authz_epoch())
             && Instant::now() < lease.accept_until
             && lease.key_expires_ms.is_none_or(|t| self.shared.ledger.now_ms() < t)
     }
@@ -282,6 +289,79 @@ impl Leases {
             drop(st);
             lock(&self.shared.queue).push(lease.clone());
             self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// Reads of the store's epoch, shared by the calls waiting for one: a call is answered by the
+/// first read that *started* after it arrived (one that was already under way might miss a
+/// revocation answered just before the call came), and every call arriving while a read is under
+/// way shares the next one. Under load that is one read per round trip, not one per call.
+#[derive(Default)]
+struct EpochReads {
+    state: Mutex<ReadState>,
+    done: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct ReadState {
+    /// Generation of the last read started, and whether it is still under way.
+    started: u64,
+    running: bool,
+    /// The highest generation some call waits for.
+    wanted: u64,
+    /// The last read finished: its generation and what it read.
+    last: Option<(u64, Result<u64, String>)>,
+}
+
+impl EpochReads {
+    async fn read(self: &Arc<Self>, ledger: &Ledger) -> Result<u64, StoreError> {
+        let target = {
+            let mut st = lock(&self.state);
+            // Under way or not, the read this call needs is the next one to start.
+            let target = st.started + 1;
+            st.wanted = st.wanted.max(target);
+            if !st.running {
+                st.running = true;
+                st.started = target;
+                tokio::spawn(Self::rounds(self.clone(), ledger.clone(), target));
+            }
+            target
+        };
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some((g, r)) = &lock(&self.state).last
+                && *g >= target
+            {
+                return r.clone().map_err(StoreError::Failed);
+            }
+            notified.await;
+        }
+    }
+
+    /// Reads `first`, then one more round at a time while calls wait for a later one.
+    async fn rounds(me: Arc<Self>, ledger: Ledger, first: u64) {
+        let mut g = first;
+        loop {
+            let r = ledger.store().authz_epoch().await.map(i64::cast_unsigned).map_err(|e| e.to_string());
+            let more = {
+                let mut st = lock(&me.state);
+                st.last = Some((g, r));
+                if st.wanted > g {
+                    g += 1;
+                    st.started = g;
+                    true
+                } else {
+                    st.running = false;
+                    false
+                }
+            };
+            me.done.notify_waiters();
+            if !more {
+                break;
+            }
         }
     }
 }
