@@ -43,7 +43,12 @@ macro_rules! both_stores {
     )*};
 }
 
-both_stores!(agent_loop_stops_at_the_cap, revocation_is_obeyed_at_once_under_a_lease, a_crash_never_makes_calls_free);
+both_stores!(
+    agent_loop_stops_at_the_cap,
+    revocation_is_obeyed_at_once_under_a_lease,
+    a_crash_never_makes_calls_free,
+    a_graceful_stop_settles_every_call
+);
 
 /// The upstream process. Dropping it kills it.
 struct Mock {
@@ -502,6 +507,38 @@ async fn a_crash_never_makes_calls_free(b: Backend) {
     let (spent, held) = money(&srv.api(), "crashy").await;
     assert!(spent + held >= ok * micros("0.01"), "answered calls are paid or still held: {spent} + {held} for {ok}");
     assert!(spent + held <= micros("5.00"), "the cap holds: {spent} + {held}");
+    b.assert_audit_intact().await;
+}
+
+/// SIGTERM right after a burst of calls: the server settles every call and gives back every
+/// unused slot before it exits, so after a restart the ledger is exact at once (no lease left to
+/// expire).
+async fn a_graceful_stop_settles_every_call(b: Backend) {
+    let (b, _mock, mut srv) = setup(b, None).await;
+    let key = agent(&srv.api(), "stopping", "100.00", &["tools:search"]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (key, base) = (key.clone(), srv.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = http();
+            for _ in 0..30 {
+                let r = c
+                    .get(format!("{base}/proxy/search/v1/search?q=stop"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("gateway call");
+                assert_eq!(r.status().as_u16(), 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    srv.sigterm();
+    assert!(srv.wait_exit().await.success(), "clean exit");
+    let srv = Server::start(&b).await;
+    assert_eq!(money(&srv.api(), "stopping").await, (240 * micros("0.01"), 0), "settled before the exit");
     b.assert_audit_intact().await;
 }
 
