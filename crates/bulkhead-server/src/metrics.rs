@@ -14,6 +14,12 @@ pub const REQUEST_DURATION: &str = "bulkhead_request_duration_seconds";
 pub const GATEWAY_CALLS: &str = "bulkhead_gateway_calls_total";
 /// Gateway calls whose metered cost was above the hold (only the hold was captured).
 pub const GATEWAY_COST_CAPPED: &str = "bulkhead_gateway_cost_capped_total";
+/// Gateway leases granted, and the call slots they carried (slots / leases: calls per commit).
+pub const GATEWAY_LEASES: &str = "bulkhead_gateway_leases_total";
+pub const GATEWAY_LEASE_SLOTS: &str = "bulkhead_gateway_lease_slots_total";
+/// Background settlements of gateway calls by result (`settled`, `refused`, `retried`,
+/// `abandoned`: given up at shutdown, the lease is captured when it expires).
+pub const GATEWAY_SETTLEMENTS: &str = "bulkhead_gateway_settlements_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -400,6 +400,8 @@ async fn secrets_are_injected_and_never_leak() {
     let metrics_text =
         c.get(format!("{}/metrics", srv.base)).send().await.expect("metrics").text().await.expect("text");
     assert!(metrics_text.contains("bulkhead_gateway_calls_total"), "gateway metrics exported");
+    assert!(metrics_text.contains("bulkhead_gateway_leases_total"), "lease metrics exported");
+    assert!(metrics_text.contains("bulkhead_gateway_lease_slots_total"), "lease metrics exported");
     let audit = b.offline(&["audit", "export"]).await;
     assert!(audit.status.success());
     let audit = String::from_utf8_lossy(&audit.stdout).into_owned();

@@ -39,7 +39,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::GATEWAY_COST_CAPPED;
+use crate::metrics::{GATEWAY_COST_CAPPED, GATEWAY_LEASE_SLOTS, GATEWAY_LEASES, GATEWAY_SETTLEMENTS};
 
 /// How long a lease takes new calls.
 pub const ACCEPT_FOR: Duration = Duration::from_secs(1);
@@ -259,6 +259,8 @@ impl Leases {
             tracing::error!("a lease reply could not be read");
             return Err(Reply::error(500, "internal_error", "The lease could not be read; nothing was charged."));
         };
+        metrics::counter!(GATEWAY_LEASES).increment(1);
+        metrics::counter!(GATEWAY_LEASE_SLOTS).increment(u64::from(slots));
         let now = Instant::now();
         Ok(Arc::new(Lease {
             hold_id: id.to_owned(),
@@ -477,6 +479,8 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
         match sh.ledger.submit(cmd).await {
             Ok(reply) => {
                 crate::api::record_outcome(&reply);
+                let result = if reply.status == 200 { "settled" } else { "refused" };
+                metrics::counter!(GATEWAY_SETTLEMENTS, "result" => result).increment(1);
                 if reply.status != 200 {
                     // A revocation releases its agents' leases; what was in flight is not charged.
                     tracing::warn!(hold = %lease.hold_id, status = reply.status, code = ?reply.code(), calls = costs.len(), "gateway settlement refused");
@@ -493,11 +497,13 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
                 if attempt < SETTLE_ATTEMPTS_AT_SHUTDOWN || !sh.closing.load(std::sync::atomic::Ordering::SeqCst) =>
             {
                 tracing::warn!(hold = %lease.hold_id, error = %e, attempt, "gateway settlement failed; retrying");
+                metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "retried").increment(1);
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
                 tracing::error!(hold = %lease.hold_id, error = %e, "gateway settlement failed; the lease will be captured when it expires");
+                metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "abandoned").increment(1);
                 return;
             }
         }
