@@ -229,6 +229,9 @@ pub enum Command {
     /// rate-limit tokens given back); `close` releases what is left and closes the lease.
     LeaseSettle {
         hold_id: String,
+        /// The settlement's number, from 1 up, per lease: one already applied (a retry after a
+        /// commit whose outcome was unknown) is answered without being applied again.
+        seq: i64,
         unit: Micros,
         costs: Vec<Micros>,
         release: u32,
@@ -643,6 +646,8 @@ struct HoldRow {
     amount: i64,
     /// What was captured of it so far (a lease is captured call by call while open).
     captured: i64,
+    /// The last `LeaseSettle` applied to it (its gateway numbers them 1, 2, …).
+    settled_seq: i64,
     status: String,
     expires_at: i64,
     on_expiry: String,
@@ -650,7 +655,7 @@ struct HoldRow {
 
 /// The columns of a [`HoldRow`].
 const HOLD_COLUMNS: &str =
-    "id, agent_id, path, amount, COALESCE(captured, 0) AS captured, status, expires_at, on_expiry";
+    "id, agent_id, path, amount, COALESCE(captured, 0) AS captured, status, expires_at, on_expiry, settled_seq";
 
 fn path_ids(path: &str) -> Vec<i64> {
     path.split(',').filter_map(|s| s.parse().ok()).collect()
@@ -1051,22 +1056,25 @@ impl Batch {
             }
             sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
         }
-        let touched: Vec<(String, i64, i64)> = std::mem::take(&mut self.touched_holds)
+        let touched: Vec<(String, i64, i64, i64)> = std::mem::take(&mut self.touched_holds)
             .into_iter()
-            .filter_map(|id| self.holds.get(&id).map(|h| (id, h.amount, h.captured)))
+            .filter_map(|id| self.holds.get(&id).map(|h| (id, h.amount, h.captured, h.settled_seq)))
             .collect();
         for chunk in touched.chunks(CHUNK) {
-            let mut sql = String::from("UPDATE holds SET amount = v.column2, captured = v.column3 FROM (VALUES ");
+            let mut sql = String::from(
+                "UPDATE holds SET amount = v.column2, captured = v.column3, settled_seq = v.column4 FROM (VALUES ",
+            );
             let mut args = AnyArguments::default();
-            for (k, (id, amount, captured)) in chunk.iter().enumerate() {
+            for (k, (id, amount, captured, seq)) in chunk.iter().enumerate() {
                 if k > 0 {
                     sql.push_str(", ");
                 }
-                let types = [Some("TEXT"), Some("BIGINT"), Some("BIGINT")];
-                sql.push_str(&self.backend.values_row(k * 3 + 1, &types));
+                let types = [Some("TEXT"), Some("BIGINT"), Some("BIGINT"), Some("BIGINT")];
+                sql.push_str(&self.backend.values_row(k * 4 + 1, &types));
                 args.add(id.clone()).map_err(bad)?;
                 args.add(*amount).map_err(bad)?;
                 args.add(*captured).map_err(bad)?;
+                args.add(*seq).map_err(bad)?;
             }
             sql.push_str(") AS v WHERE holds.id = v.column1 AND holds.status = 'open'");
             let done = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
@@ -1316,8 +1324,8 @@ impl Batch {
             Command::Settle { hold_id, amount } => {
                 self.settle_hold(None, hold_id, if amount.is_zero() { None } else { Some(*amount) }).await
             }
-            Command::LeaseSettle { hold_id, unit, costs, release, close } => {
-                self.lease_settle(hold_id, *unit, costs, *release, *close).await
+            Command::LeaseSettle { hold_id, seq, unit, costs, release, close } => {
+                self.lease_settle(hold_id, *seq, *unit, costs, *release, *close).await
             }
             Command::Spend { .. }
             | Command::Hold { .. }
@@ -1650,6 +1658,7 @@ impl Batch {
                         path: path.clone(),
                         amount: amount.micros(),
                         captured: 0,
+                        settled_seq: 0,
                         status: "open".into(),
                         expires_at,
                         on_expiry: on_expiry.into(),
@@ -1846,6 +1855,7 @@ impl Batch {
     async fn lease_settle(
         &mut self,
         hold_id: &str,
+        seq: i64,
         unit: Micros,
         costs: &[Micros],
         release: u32,
@@ -1866,6 +1876,9 @@ impl Batch {
         let ids = path_ids(&hold.path);
         self.load_ids(&ids).await?;
         let handle = self.row(hold.agent_id)?.handle.clone();
+        if seq <= hold.settled_seq {
+            return Ok(Reply::ok(200, &json!({"id": hold.id, "seq": seq, "applied": "before"})));
+        }
         if hold.status != "open" || hold.expires_at <= self.now {
             let was = if hold.status == "open" { "expired" } else { hold.status.as_str() };
             return Ok(Reply::error(409, "hold_closed", &format!("The lease was already {was}.")));
@@ -1883,6 +1896,7 @@ impl Batch {
         let h = self.holds.entry(hold.id.clone()).or_insert_with(|| hold.clone());
         h.amount -= held.micros();
         h.captured += captured.micros();
+        h.settled_seq = seq;
         let left = h.clone();
         self.touched_holds.insert(hold.id.clone());
         // Unused slots give their rate-limit tokens back, those released by `close` too.

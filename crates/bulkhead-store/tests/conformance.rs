@@ -1285,9 +1285,13 @@ fn times(unit: &str, n: u64) -> String {
     Micros::from_micros(m(unit).micros() * i64::try_from(n).unwrap()).unwrap().to_string()
 }
 
+/// Settlement numbers only grow (as a gateway's do for each lease).
+static SETTLE_SEQ: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+
 fn lease_settle(hold: &str, unit: &str, costs: &[&str], release: u32, close: bool) -> Command {
     Command::LeaseSettle {
         hold_id: hold.to_owned(),
+        seq: SETTLE_SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
         unit: m(unit),
         costs: costs.iter().map(|c| m(c)).collect(),
         release,
@@ -1504,7 +1508,10 @@ async fn lease_settle_calls_release_close(db: Db) {
     assert_eq!(n, 6);
     let events = e.intact().await;
     // Three calls (one of them free) and one slot never used: 4 slots settled, 2 left.
-    let r = e.submit(lease_settle(&hid, "1", &["0.25", "1.00", "0"], 1, false)).await;
+    let first = lease_settle(&hid, "1", &["0.25", "1.00", "0"], 1, false);
+    let Command::LeaseSettle { seq: first_seq, .. } = &first else { unreachable!() };
+    let first_seq = *first_seq;
+    let r = e.submit(first).await;
     ok(&r, 200);
     let v = json(&r);
     assert_eq!(v, serde_json::json!({"id": hid, "captured": "1.25", "released": "2.75", "closed": false}));
@@ -1512,6 +1519,22 @@ async fn lease_settle_calls_release_close(db: Db) {
     assert_eq!(e.agent("lst").await.usage.tx_count, 3, "one transaction per call");
     let settled = e.intact().await;
     assert!(settled > events);
+    // The same settlement again (a retry after a commit whose outcome was unknown): answered,
+    // not applied twice.
+    let again = Command::LeaseSettle {
+        hold_id: hid.clone(),
+        seq: first_seq,
+        unit: m("1"),
+        costs: vec![m("0.25"), m("1.00"), m("0")],
+        release: 1,
+        close: false,
+    };
+    let r = e.submit(again).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["applied"], "before", "{}", r.body);
+    assert_eq!(e.money("lst").await, (m("1.25"), m("2"), m("1.25")), "nothing applied twice");
+    assert_eq!(e.agent("lst").await.usage.tx_count, 3);
+    assert_eq!(e.intact().await, settled, "nothing audited twice");
 
     // Refused, and nothing moves: a cost above its slot; more slots than the lease holds
     // (also when closing); unknown holds and an agent's own (API) hold.

@@ -168,6 +168,15 @@ pricing = {{ kind = "openai_usage", input_per_million = "2.50", output_per_milli
 read_timeout = "1s"
 
 [[upstream]]
+name = "slow-strict"
+base_url = "{m}"
+scope = "tools:search"
+max_cost_per_request = "0.01"
+pricing = {{ kind = "per_request", price = "0.01" }}
+read_timeout = "1s"
+charge_failures = true
+
+[[upstream]]
 name = "dead"
 base_url = "http://127.0.0.1:{dead}"
 scope = "tools:search"
@@ -918,6 +927,11 @@ async fn upstream_failures_release_the_hold() {
     let a = call(&c, &srv, get.clone(), "/proxy/slow/v1/x", Some(&key), &[("x-mock-delay-ms", "5000")], None).await;
     assert_eq!((a.status, a.code().as_str()), (504, "upstream_timeout"), "{}", a.body);
     assert_eq!(settled(&api, "unlucky").await, (0, 0), "a timeout releases the hold");
+    let strict = agent(&api, "unlucky-strict", "10.00", &["tools:*"]).await;
+    let a = call(&c, &srv, get.clone(), "/proxy/slow-strict/v1/x", Some(&strict), &[("x-mock-delay-ms", "5000")], None)
+        .await;
+    assert_eq!((a.status, a.code().as_str()), (504, "upstream_timeout"), "{}", a.body);
+    assert_eq!(settled(&api, "unlucky-strict").await, (micros("0.01"), 0), "charge_failures charges a timeout");
 
     // charge_failures = true: the 5xx is charged its price.
     let a =

@@ -49,6 +49,9 @@ pub const TARGET_LIFETIME: Duration = Duration::from_millis(50);
 pub const SLOTS_MAX: u32 = 4096;
 /// A lease with no new call for this long is retired by the flusher.
 const IDLE_AFTER: Duration = Duration::from_millis(200);
+/// How long a call that needs a new lease waits for the old one's unused slots to go back
+/// before it asks anyway (the store is then in trouble, and the grant fails fast or fits).
+const REFILL_WAIT: Duration = Duration::from_secs(2);
 /// How long the flusher gathers recorded calls before it settles them: a call is settled about
 /// this long (plus a commit) after its answer ended.
 const GATHER_FOR: Duration = Duration::from_millis(10);
@@ -69,6 +72,9 @@ pub struct Leases {
 
 struct Shared {
     ledger: Ledger,
+    /// The runtime that outlives every HTTP worker: background work (settlements, epoch reads,
+    /// giving back a lease nobody waits for) runs there, so that no worker's end cuts it short.
+    rt: tokio::runtime::Handle,
     /// Other processes write the store (PostgreSQL): the authorization epoch is read from the
     /// store for every call, instead of from this process's ledger.
     shared_store: bool,
@@ -113,6 +119,11 @@ struct State {
     closed: bool,
     queued: bool,
     last_call: Option<Instant>,
+    /// The number of the last settlement sent (the ledger applies each number once).
+    seq: i64,
+    /// A settlement was given up or refused: its calls' slots are still held, so the lease must
+    /// never be closed (a close would release them); it is captured in full when it expires.
+    lost: bool,
 }
 
 /// What [`Leases::acquire`] got for a call.
@@ -129,6 +140,7 @@ impl Leases {
         let shared_store = ledger.store().backend() != Backend::Sqlite;
         let shared = Arc::new(Shared {
             ledger,
+            rt: tokio::runtime::Handle::current(),
             shared_store,
             epoch_reads: Arc::default(),
             slots: Mutex::new(HashMap::new()),
@@ -137,7 +149,7 @@ impl Leases {
             closing: std::sync::atomic::AtomicBool::new(false),
             stopped: Notify::new(),
         });
-        tokio::spawn(flusher(shared.clone()));
+        shared.rt.spawn(flusher(shared.clone()));
         Leases { shared }
     }
 
@@ -188,7 +200,7 @@ impl Leases {
             let (used, exhausted) = {
                 let mut st = lock(&old.state);
                 st.retired = true;
-                (old.slots - st.free, st.free == 0)
+                (old.slots.saturating_sub(st.free), st.free == 0)
             };
             let age = old.granted.elapsed();
             *want = if exhausted && age < TARGET_LIFETIME {
@@ -200,12 +212,18 @@ impl Leases {
             };
             // The old lease's unused slots (and settled calls) are back before the new one is
             // sized, so that no call is refused that they would have let through. One commit per
-            // new lease, which is sized to last about TARGET_LIFETIME.
-            settle(sh, &old).await;
+            // new lease, which is sized to last about TARGET_LIFETIME. It runs in a task of its
+            // own, which finishes even if this call is dropped; while the store does not answer,
+            // the call goes on after a while (its grant then fails fast) rather than wait.
+            let task = sh.rt.spawn({
+                let (sh, old) = (sh.clone(), old.clone());
+                async move { settle(&sh, &old).await }
+            });
+            let _ = tokio::time::timeout(REFILL_WAIT, task).await;
         }
         // Read before the grant: a revocation committed after it makes the lease outdated.
         let epoch = self.epoch().await?;
-        let reply = submit_grant(&sh.ledger, grant(*want)).await?;
+        let reply = submit_grant(sh, grant(*want)).await?;
         match self.lease_from(reply, unit, epoch) {
             Ok(lease) => {
                 *lock(&slot.current) = Some(lease.clone());
@@ -219,7 +237,7 @@ impl Leases {
     /// the store's, read now.
     async fn epoch(&self) -> Result<u64, StoreError> {
         if self.shared.shared_store {
-            self.shared.epoch_reads.read(&self.shared.ledger).await
+            self.shared.epoch_reads.read(&self.shared.ledger, &self.shared.rt).await
         } else {
             Ok(self.shared.ledger.authz_epoch())
         }
@@ -229,7 +247,9 @@ impl Leases {
     fn take(&self, slot: &Slot, epoch: u64) -> Option<Arc<Lease>> {
         let current = lock(&slot.current);
         let lease = current.as_ref()?;
-        if lease.epoch != epoch || !self.usable(lease) {
+        // A lease granted after a read at least as new as the call's own has seen everything
+        // the call must see (the epoch only grows).
+        if lease.epoch < epoch || !self.usable(lease) {
             return None;
         }
         let mut st = lock(&lease.state);
@@ -320,7 +340,7 @@ struct ReadState {
 }
 
 impl EpochReads {
-    async fn read(self: &Arc<Self>, ledger: &Ledger) -> Result<u64, StoreError> {
+    async fn read(self: &Arc<Self>, ledger: &Ledger, rt: &tokio::runtime::Handle) -> Result<u64, StoreError> {
         let target = {
             let mut st = lock(&self.state);
             // Under way or not, the read this call needs is the next one to start.
@@ -329,7 +349,7 @@ impl EpochReads {
             if !st.running {
                 st.running = true;
                 st.started = target;
-                tokio::spawn(Self::rounds(self.clone(), ledger.clone(), target));
+                rt.spawn(Self::rounds(self.clone(), ledger.clone(), target));
             }
             target
         };
@@ -373,14 +393,14 @@ impl EpochReads {
 
 /// Submits a lease in a task of its own: if the call is dropped while the lease commits (the
 /// agent hung up), the task gives the lease back at once instead of leaving it to expire.
-async fn submit_grant(ledger: &Ledger, cmd: Command) -> Result<Reply, StoreError> {
+async fn submit_grant(sh: &Shared, cmd: Command) -> Result<Reply, StoreError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let l = ledger.clone();
+    let l = sh.ledger.clone();
     let unit = match &cmd {
         Command::Lease { unit, .. } => *unit,
         _ => Micros::ZERO,
     };
-    tokio::spawn(async move {
+    sh.rt.spawn(async move {
         let reply = l.submit(cmd).await;
         if let Err(Ok(reply)) = tx.send(reply)
             && reply.status == 201
@@ -388,7 +408,7 @@ async fn submit_grant(ledger: &Ledger, cmd: Command) -> Result<Reply, StoreError
                 serde_json::from_str::<Value>(&reply.body).ok().and_then(|v| v["id"].as_str().map(str::to_owned))
         {
             crate::api::record_outcome(&reply);
-            let close = Command::LeaseSettle { hold_id: id, unit, costs: Vec::new(), release: 0, close: true };
+            let close = Command::LeaseSettle { hold_id: id, seq: 1, unit, costs: Vec::new(), release: 0, close: true };
             if let Ok(r) = l.submit(close).await {
                 crate::api::record_outcome(&r);
             }
@@ -453,7 +473,7 @@ impl Drop for Bill {
 /// Settlements of one lease are sent one after another, so a close never overtakes a capture.
 async fn settle(sh: &Shared, lease: &Arc<Lease>) {
     let _order = lease.settling.lock().await;
-    let (costs, release, close) = {
+    let (seq, costs, release, close) = {
         let mut st = lock(&lease.state);
         st.queued = false;
         if st.closed {
@@ -461,37 +481,51 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
         }
         let costs = std::mem::take(&mut st.done);
         let release = if st.retired { std::mem::take(&mut st.free) } else { 0 };
-        let close = st.retired && st.in_flight == 0;
+        let close = st.retired && st.in_flight == 0 && !st.lost;
+        if costs.is_empty() && release == 0 && !close {
+            return;
+        }
         st.closed = close;
-        (costs, release, close)
+        st.seq += 1;
+        (st.seq, costs, release, close)
     };
-    if costs.is_empty() && release == 0 && !close {
-        return;
-    }
+    // The calls of a settlement that does not land stay held by the lease: it must then never be
+    // closed (that would release them) and is captured in full when it expires.
+    let lost = |why: &str| {
+        let mut st = lock(&lease.state);
+        st.lost = true;
+        st.closed = false;
+        tracing::error!(hold = %lease.hold_id, calls = costs.len(), "{why}; the lease will be captured in full when it expires");
+        metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "abandoned").increment(1);
+    };
     let mut wait = Duration::from_millis(50);
     let mut attempt = 0;
     loop {
         attempt += 1;
+        // The same number on every attempt: one that landed although its answer was lost is
+        // not applied twice.
         let cmd = Command::LeaseSettle {
             hold_id: lease.hold_id.clone(),
+            seq,
             unit: lease.unit,
             costs: costs.clone(),
             release,
             close,
         };
         match sh.ledger.submit(cmd).await {
-            Ok(reply) => {
+            Ok(reply) if reply.status == 200 => {
                 crate::api::record_outcome(&reply);
-                let result = if reply.status == 200 { "settled" } else { "refused" };
-                metrics::counter!(GATEWAY_SETTLEMENTS, "result" => result).increment(1);
-                if reply.status != 200 {
-                    // A revocation releases its agents' leases; what was in flight is not charged.
-                    tracing::warn!(hold = %lease.hold_id, status = reply.status, code = ?reply.code(), calls = costs.len(), "gateway settlement refused");
-                }
+                metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "settled").increment(1);
+                return;
+            }
+            Ok(reply) => {
+                tracing::warn!(hold = %lease.hold_id, status = reply.status, code = ?reply.code(), "gateway settlement refused");
+                metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "refused").increment(1);
+                lost("gateway settlement refused");
                 return;
             }
             Err(StoreError::ShutDown) => {
-                tracing::error!(hold = %lease.hold_id, "ledger shut down before gateway calls were settled; the lease will be captured when it expires");
+                lost("the ledger shut down before gateway calls were settled");
                 return;
             }
             // Retried until it lands (a lease past its expiry answers 409 and ends this), except
@@ -505,8 +539,8 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                tracing::error!(hold = %lease.hold_id, error = %e, "gateway settlement failed; the lease will be captured when it expires");
-                metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "abandoned").increment(1);
+                tracing::warn!(hold = %lease.hold_id, error = %e, attempt, "gateway settlement failed at shutdown");
+                lost("gateway settlement failed");
                 return;
             }
         }
@@ -514,11 +548,14 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
 }
 
 /// Settles queued leases round after round, and retires leases that are idle, too old or
-/// outdated. On close: retires them all, settles everything and stops.
+/// outdated. Settlements run as tasks of their own (one lease whose store trouble lasts does not
+/// hold up the others); those of one lease still go one after another. On close: retires every
+/// lease, settles everything and stops.
 async fn flusher(sh: Arc<Shared>) {
     let leases = Leases { shared: sh.clone() };
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running = tokio::task::JoinSet::new();
     loop {
         let closing = sh.closing.load(std::sync::atomic::Ordering::SeqCst);
         if closing {
@@ -538,27 +575,25 @@ async fn flusher(sh: Arc<Shared>) {
                 }
             }
         }
-        let round = std::mem::take(&mut *lock(&sh.queue));
-        let tasks: Vec<_> = round
-            .into_iter()
-            .map(|l| {
-                let sh = sh.clone();
-                tokio::spawn(async move { settle(&sh, &l).await })
-            })
-            .collect();
-        for t in tasks {
-            let _ = t.await;
+        while running.try_join_next().is_some() {}
+        for l in std::mem::take(&mut *lock(&sh.queue)) {
+            let sh = sh.clone();
+            running.spawn(async move { settle(&sh, &l).await });
         }
-        if closing && lock(&sh.queue).is_empty() {
-            lock(&sh.slots).clear();
-            break;
+        if closing {
+            while running.join_next().await.is_some() {}
+            if lock(&sh.queue).is_empty() {
+                lock(&sh.slots).clear();
+                break;
+            }
         }
     }
     sh.stopped.notify_waiters();
 }
 
-/// Retires (and queues for settlement) the current leases that `stale` picks, and forgets
-/// slots left without a lease.
+/// Retires (and queues for settlement) the current leases that `stale` picks. A retired lease
+/// stays on its slot until it is settled, so that the next lease of its key is sized only after
+/// its unused slots went back; then it is dropped, and slots left without a lease are forgotten.
 fn retire_where(leases: &Leases, stale: impl Fn(&Lease) -> bool) {
     let slots: Vec<Arc<Slot>> = {
         let mut map = lock(&leases.shared.slots);
@@ -567,11 +602,18 @@ fn retire_where(leases: &Leases, stale: impl Fn(&Lease) -> bool) {
     };
     for slot in slots {
         let mut current = lock(&slot.current);
-        if current.as_ref().is_some_and(|l| stale(l))
-            && let Some(l) = current.take()
-        {
+        let Some(l) = current.as_ref() else { continue };
+        let (retired, settled) = {
+            let st = lock(&l.state);
+            (st.retired, st.closed || (st.lost && st.in_flight == 0 && st.done.is_empty() && st.free == 0))
+        };
+        if retired {
+            if settled {
+                *current = None;
+            }
+        } else if stale(l) {
             lock(&l.state).retired = true;
-            leases.enqueue(&l);
+            leases.enqueue(l);
         }
     }
 }

@@ -358,16 +358,21 @@ impl Gateway {
         *ureq.version_mut() = Version::HTTP_11;
         *ureq.headers_mut() = headers;
 
-        let resp = match tokio::time::timeout(up.read_timeout, route.client.request(ureq)).await {
+        // The answer's headers within read_timeout, and never past the call's max_duration (which
+        // the hold outlives).
+        let wait = up.read_timeout.min(up.max_duration);
+        let resp = match tokio::time::timeout(wait, route.client.request(ureq)).await {
             Err(_) => {
                 count(&route.name, "timeout");
                 tracing::warn!(upstream = %route.name, "upstream did not answer within read_timeout");
-                bill.finish(Micros::ZERO);
-                return Err(ApiError::new(
-                    504,
-                    "upstream_timeout",
-                    "The upstream did not answer in time; the hold was released.",
-                ));
+                let message = if up.charge_failures {
+                    bill.finish(abandoned);
+                    "The upstream did not answer in time; the call was charged (charge_failures)."
+                } else {
+                    bill.finish(Micros::ZERO);
+                    "The upstream did not answer in time; the hold was released."
+                };
+                return Err(ApiError::new(504, "upstream_timeout", message));
             }
             Ok(Err(_)) if over.load(Ordering::SeqCst) => {
                 count(&route.name, "too_large");
