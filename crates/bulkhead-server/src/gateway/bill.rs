@@ -113,6 +113,8 @@ struct Lease {
 #[derive(Default)]
 struct State {
     free: u32,
+    /// Slots taken by calls so far (what the next lease's size is judged by).
+    taken: u32,
     in_flight: u32,
     done: Vec<Micros>,
     retired: bool,
@@ -200,7 +202,7 @@ impl Leases {
             let (used, exhausted) = {
                 let mut st = lock(&old.state);
                 st.retired = true;
-                (old.slots.saturating_sub(st.free), st.free == 0)
+                (st.taken, st.taken >= old.slots)
             };
             let age = old.granted.elapsed();
             *want = if exhausted && age < TARGET_LIFETIME {
@@ -257,6 +259,7 @@ impl Leases {
             return None;
         }
         st.free -= 1;
+        st.taken += 1;
         st.in_flight += 1;
         st.last_call = Some(Instant::now());
         Some(lease.clone())
@@ -280,7 +283,11 @@ impl Leases {
         let (Some(id), Some(slots)) = (v["id"].as_str(), v["slots"].as_u64().and_then(|n| u32::try_from(n).ok()))
         else {
             tracing::error!("a lease reply could not be read");
-            return Err(Reply::error(500, "internal_error", "The lease could not be read; nothing was charged."));
+            return Err(Reply::error(
+                500,
+                "internal_error",
+                "The lease could not be read; it is captured when it expires.",
+            ));
         };
         metrics::counter!(GATEWAY_LEASES).increment(1);
         metrics::counter!(GATEWAY_LEASE_SLOTS).increment(u64::from(slots));
@@ -295,6 +302,7 @@ impl Leases {
             key_expires_ms: v["key_expires_at"].as_i64(),
             state: Mutex::new(State {
                 free: slots.saturating_sub(1),
+                taken: 1,
                 in_flight: 1,
                 last_call: Some(now),
                 ..State::default()
