@@ -871,6 +871,31 @@ impl Batch {
         Ok(())
     }
 
+    /// Applies an allowed movement to `chain` (whose `members` are as they stood before it) and
+    /// raises the alerts of the thresholds it crosses. Unless `may_break` (a shadow agent's spend),
+    /// asserts, TigerBeetle-style, that it left no cap of the chain broken.
+    fn move_allowed(
+        &mut self,
+        chain: &[i64],
+        members: &[bulkhead_core::ChainMember],
+        m: Movement,
+        may_break: bool,
+    ) -> R<()> {
+        let now = self.now;
+        let before: Vec<f64> = members.iter().map(utilization).collect();
+        self.move_chain(chain, m)?;
+        for (a, before) in chain.iter().zip(before) {
+            let after = utilization(&self.row(*a)?.member(now));
+            self.raise_crossings(*a, before, after)?;
+        }
+        for a in chain.iter().filter(|_| !may_break) {
+            let m = self.row(*a)?.member(now);
+            let used = m.counters.window_spent.checked_add(m.counters.held);
+            assert!(used.is_some_and(|u| u <= m.limits.spending_cap), "allowed movement broke a spending cap");
+        }
+        Ok(())
+    }
+
     /// Before a decision on `id`'s chain: if any member has money held, close the tree's holds
     /// that are past their expiry, so that they stop counting exactly at `expires_at`. With
     /// nothing held anywhere on the chain there is nothing that could have expired.
@@ -1060,49 +1085,65 @@ impl Batch {
             .into_iter()
             .filter_map(|id| self.holds.get(&id).map(|h| (id, h.amount, h.captured, h.settled_seq)))
             .collect();
-        for chunk in touched.chunks(CHUNK) {
-            let mut sql = String::from(
-                "UPDATE holds SET amount = v.column2, captured = v.column3, settled_seq = v.column4 FROM (VALUES ",
-            );
-            let mut args = AnyArguments::default();
-            for (k, (id, amount, captured, seq)) in chunk.iter().enumerate() {
-                if k > 0 {
-                    sql.push_str(", ");
-                }
-                let types = [Some("TEXT"), Some("BIGINT"), Some("BIGINT"), Some("BIGINT")];
-                sql.push_str(&self.backend.values_row(k * 4 + 1, &types));
-                args.add(id.clone()).map_err(bad)?;
-                args.add(*amount).map_err(bad)?;
-                args.add(*captured).map_err(bad)?;
-                args.add(*seq).map_err(bad)?;
-            }
-            sql.push_str(") AS v WHERE holds.id = v.column1 AND holds.status = 'open'");
-            let done = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
-            if done.rows_affected() != chunk.len() as u64 {
-                return Err(corrupt("a lease was settled after it closed"));
-            }
-        }
+        let types = [Some("TEXT"), Some("BIGINT"), Some("BIGINT"), Some("BIGINT")];
+        self.update_open_holds(
+            "amount = v.column2, captured = v.column3, settled_seq = v.column4",
+            &types,
+            &touched,
+            |args, (id, amount, captured, seq)| {
+                args.add(id.clone())?;
+                args.add(*amount)?;
+                args.add(*captured)?;
+                args.add(*seq)
+            },
+            "a lease was settled after it closed",
+        )
+        .await?;
         let closed = std::mem::take(&mut self.closed_holds);
-        for chunk in closed.chunks(CHUNK) {
-            let mut sql = String::from(
-                "UPDATE holds SET status = v.column2, captured = v.column3, closed_at = v.column4 FROM (VALUES ",
-            );
+        let types = [Some("TEXT"), Some("TEXT"), Some("BIGINT"), Some("BIGINT")];
+        self.update_open_holds(
+            "status = v.column2, captured = v.column3, closed_at = v.column4",
+            &types,
+            &closed,
+            |args, (id, status, captured, at)| {
+                args.add(id.clone())?;
+                args.add(status.clone())?;
+                args.add(*captured)?;
+                args.add(*at)
+            },
+            "a hold was closed twice",
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `UPDATE holds SET {set} FROM (VALUES …) AS v WHERE holds.id = v.column1 AND holds.status =
+    /// 'open'`, one multi-row statement per chunk of `rows` (the id first, then the columns `set`
+    /// names, typed as `types`); every row must find its hold still open, else `why` is corrupt.
+    async fn update_open_holds<T>(
+        &mut self,
+        set: &str,
+        types: &[Option<&str>],
+        rows: &[T],
+        add: impl Fn(&mut AnyArguments, &T) -> Result<(), sqlx::error::BoxDynError>,
+        why: &str,
+    ) -> R<()> {
+        const CHUNK: usize = 100;
+        let n = types.len();
+        for chunk in rows.chunks(CHUNK) {
+            let mut sql = format!("UPDATE holds SET {set} FROM (VALUES ");
             let mut args = AnyArguments::default();
-            for (k, (id, status, captured, at)) in chunk.iter().enumerate() {
+            for (k, row) in chunk.iter().enumerate() {
                 if k > 0 {
                     sql.push_str(", ");
                 }
-                let types = [Some("TEXT"), Some("TEXT"), Some("BIGINT"), Some("BIGINT")];
-                sql.push_str(&self.backend.values_row(k * 4 + 1, &types));
-                args.add(id.clone()).map_err(bad)?;
-                args.add(status.clone()).map_err(bad)?;
-                args.add(*captured).map_err(bad)?;
-                args.add(*at).map_err(bad)?;
+                sql.push_str(&self.backend.values_row(k * n + 1, types));
+                add(&mut args, row).map_err(|e| corrupt(&e.to_string()))?;
             }
             sql.push_str(") AS v WHERE holds.id = v.column1 AND holds.status = 'open'");
             let done = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
             if done.rows_affected() != chunk.len() as u64 {
-                return Err(corrupt("a hold was closed twice"));
+                return Err(corrupt(why));
             }
         }
         Ok(())
@@ -1601,19 +1642,8 @@ impl Batch {
             would_deny = Some(reason);
         }
         let movement = if hold_expires.is_some() { Movement::Hold(amount) } else { Movement::Spend(amount) };
-        let before: Vec<f64> = members.iter().map(utilization).collect();
-        self.move_chain(&chain, movement)?;
-        for (a, before) in chain.iter().zip(before) {
-            let after = utilization(&self.row(*a)?.member(now));
-            self.raise_crossings(*a, before, after)?;
-        }
-        // TigerBeetle-style assertion: an allowed movement never leaves a cap broken (a shadow
-        // agent's over-cap spend is the one movement that may, by design).
-        for a in chain.iter().filter(|_| would_deny.is_none()) {
-            let m = self.row(*a)?.member(now);
-            let used = m.counters.window_spent.checked_add(m.counters.held);
-            assert!(used.is_some_and(|u| u <= m.limits.spending_cap), "allowed movement broke a spending cap");
-        }
+        // A shadow agent's over-cap spend is the one movement that may break a cap, by design.
+        self.move_allowed(&chain, &members, movement, would_deny.is_some())?;
         let shadow_mark = |e: &mut NewEvent| {
             if let Some(r) = would_deny {
                 e.reason = Some(r.code().to_owned());
@@ -1803,17 +1833,7 @@ impl Batch {
                 .and_then(|n| unit.micros().checked_mul(n))
                 .and_then(Micros::from_micros)
                 .ok_or_else(|| corrupt("lease arithmetic out of range"))?;
-            let before: Vec<f64> = members.iter().map(utilization).collect();
-            self.move_chain(&chain, Movement::Hold(more))?;
-            for (a, before) in chain.iter().zip(before) {
-                let after = utilization(&self.row(*a)?.member(now));
-                self.raise_crossings(*a, before, after)?;
-            }
-            for a in &chain {
-                let m = self.row(*a)?.member(now);
-                let used = m.counters.window_spent.checked_add(m.counters.held);
-                assert!(used.is_some_and(|u| u <= m.limits.spending_cap), "a lease broke a spending cap");
-            }
+            self.move_allowed(&chain, &members, Movement::Hold(more), false)?;
             let h = self.holds.get_mut(&hid).ok_or_else(|| corrupt("a lease without its hold"))?;
             h.amount += more.micros();
             let amount = h.amount;
