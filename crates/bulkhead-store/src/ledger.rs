@@ -1929,11 +1929,12 @@ impl Batch {
         {
             row.rate_tat = bulkhead_core::ratelimit::refund(limit, row.rate_tat, unused_slots);
         }
-        for c in costs {
+        if !costs.is_empty() {
+            // One event for the calls settled together, each call's cost in its detail.
             let e = self.event(&handle, "capture", "allowed");
-            e.amount = Some(c.micros());
+            e.amount = Some(captured.micros());
             e.reference = Some(hold.id.clone());
-            e.detail = Some(r#"{"by":"gateway"}"#.to_owned());
+            e.detail = Some(settled_calls(costs));
         }
         let unused = unit.micros().saturating_mul(i64::from(release));
         let remaining = if close { left.amount } else { 0 };
@@ -2262,4 +2263,24 @@ impl Batch {
         let handles: Vec<String> = ids.into_iter().map(|(_, _, h)| h).collect();
         Ok(Reply::ok(200, &json!({"revoked": handles, "revoked_at": fmt_time(revoked_at)})))
     }
+}
+
+/// The detail of a gateway `capture` event: how many calls it settles and what each cost
+/// (`each` when they all cost the same, else `costs` in call order).
+fn settled_calls(costs: &[Micros]) -> String {
+    use std::fmt::Write;
+    let mut out = format!(r#"{{"by":"gateway","calls":{}"#, costs.len());
+    match costs.first() {
+        Some(first) if costs.iter().all(|c| c == first) => {
+            let _ = write!(out, r#","each":"{first}"}}"#);
+        }
+        _ => {
+            out.push_str(r#","costs":["#);
+            for (i, c) in costs.iter().enumerate() {
+                let _ = write!(out, r#"{}"{c}""#, if i == 0 { "" } else { "," });
+            }
+            out.push_str("]}");
+        }
+    }
+    out
 }

@@ -1579,14 +1579,18 @@ async fn lease_settle_calls_release_close(db: Db) {
     err(&e.capture(&k, &hid, "0.10").await, 404, "not_found");
     err(&e.release(&k, &hid).await, 404, "not_found");
     assert_eq!(e.money("lst").await, (m("1.75"), Micros::ZERO, m("1.75")));
-    // One capture event per call, by the gateway.
+    // One capture event per settlement, by the gateway, with each call's cost.
     let ev = e.events_of("lst", &hid).await;
     let captures: Vec<_> = ev.iter().filter(|x| x.action == "capture").collect();
+    assert_eq!(captures.iter().map(|x| x.amount.as_deref().unwrap()).collect::<Vec<_>>(), ["1.25", "0.50"]);
+    assert!(captures.iter().all(|x| x.outcome == "allowed"));
     assert_eq!(
-        captures.iter().map(|x| x.amount.as_deref().unwrap()).collect::<Vec<_>>(),
-        ["0.25", "1.00", "0.00", "0.50"]
+        captures.iter().map(|x| x.detail.clone().unwrap()).collect::<Vec<_>>(),
+        [
+            serde_json::json!({"by": "gateway", "calls": 3, "costs": ["0.25", "1.00", "0.00"]}),
+            serde_json::json!({"by": "gateway", "calls": 1, "each": "0.50"}),
+        ]
     );
-    assert!(captures.iter().all(|x| x.outcome == "allowed" && x.detail == Some(serde_json::json!({"by": "gateway"}))));
     // The full cap is there again, less what the calls cost.
     ok(&e.spend(&k, "8.25").await, 200);
     err(&e.spend(&k, "0.01").await, 402, "spending_cap_exceeded");

@@ -682,14 +682,24 @@ async fn usage_is_metered_exactly() {
     expected += micros("0.50");
     assert_eq!(settled(&api, "metered").await, (expected, 0), "unreadable usage costs the hold");
 
-    // Every settlement is in the audit trail: one capture per call, amounts summing to the spend.
+    // Every settlement is in the audit trail: one capture per settlement, amounts summing to the
+    // spend, each call's cost in its detail.
     let events = api.audit(ADMIN, "metered").await;
-    let captured: i64 = events
-        .iter()
-        .filter(|e| e["action"] == "capture" && e["outcome"] == "allowed")
-        .map(|e| micros_of(&e["amount"]))
-        .sum();
+    let captures: Vec<&Value> =
+        events.iter().filter(|e| e["action"] == "capture" && e["outcome"] == "allowed").collect();
+    let captured: i64 = captures.iter().map(|e| micros_of(&e["amount"])).sum();
     assert_eq!(captured, expected, "captures in the audit trail add up to the spend");
+    let calls: u64 = captures.iter().map(|e| e["detail"]["calls"].as_u64().expect("calls")).sum();
+    let tx_count = api.agent(ADMIN, "metered").await["usage"]["tx_count"].as_u64().expect("tx_count");
+    assert_eq!(calls, tx_count, "every call is in a capture event");
+    for e in &captures {
+        let d = &e["detail"];
+        let sum = match d.get("each") {
+            Some(each) => micros_of(each) * d["calls"].as_i64().expect("calls"),
+            None => d["costs"].as_array().expect("costs").iter().map(micros_of).sum(),
+        };
+        assert_eq!(sum, micros_of(&e["amount"]), "{e}");
+    }
     b.assert_audit_intact().await;
 }
 
