@@ -8,10 +8,11 @@ pub mod alerts;
 mod api;
 mod error;
 pub mod gateway;
+pub mod http;
 mod input;
 mod metrics;
 
 pub use api::{AppState, app};
 pub use error::ApiError;
-pub use gateway::{Gateway, gateway_router};
-pub use metrics::install_metrics;
+pub use gateway::Gateway;
+pub use metrics::{install_metrics, spawn_metrics_upkeep};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bulkhead_core::Clock;
-use bulkhead_server::{AppState, app, install_metrics};
+use bulkhead_server::{AppState, Gateway, app, install_metrics, spawn_metrics_upkeep};
 use bulkhead_store::{Ledger, LedgerConfig, Store};
 
 use crate::ServeArgs;
@@ -103,33 +103,19 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-/// Binds the listening socket and gives each of `workers` a handle of its own on it: an idle
-/// worker accepts the next connection, so a busy one is not handed more (as `SO_REUSEPORT`'s
-/// fixed spreading would).
-fn bind_all(addr: std::net::SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let first = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    first.set_nonblocking(true)?;
-    let mut out = Vec::with_capacity(workers.max(1));
-    for _ in 1..workers.max(1) {
-        out.push(first.try_clone()?);
-    }
-    out.insert(0, first);
-    Ok(out)
-}
-
-/// One HTTP worker: a thread with an event loop of its own serving `listener` until `stop`.
-/// The returned receiver answers when it has finished its in-flight requests.
+/// One HTTP worker: a thread with an event loop of its own serving the connections it is handed
+/// until `stop`. The returned receiver answers when it has finished its in-flight requests.
 fn spawn_worker(
     i: usize,
-    listener: std::net::TcpListener,
+    conns: bulkhead_server::http::Connections,
     router: axum::Router,
+    gateway: Option<Gateway>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name(format!("bulkhead-http-{i}")).spawn(move || {
         let served = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
                 let stopped = async move {
                     while !*stop.borrow_and_update() {
                         if stop.changed().await.is_err() {
@@ -137,7 +123,7 @@ fn spawn_worker(
                         }
                     }
                 };
-                axum::serve(listener, router).with_graceful_shutdown(stopped).await
+                bulkhead_server::http::serve(conns, router, gateway, stopped).await
             })
         });
         let _ = done_tx.send(served);
@@ -188,39 +174,45 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             alert_secret.map(bulkhead_server::alerts::SigningSecret::new),
         )
     });
+    // Installed before the gateway, which makes its series when it is built.
+    let metrics = install_metrics();
+    let upkeep = spawn_metrics_upkeep(metrics.clone());
     let gateway = if upstreams.is_empty() {
         None
     } else {
         let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
         tracing::info!(upstreams = ?names, "agent gateway on /proxy/{{upstream}}/…");
-        Some(
-            bulkhead_server::Gateway::new(ledger.clone(), upstreams)
-                .map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?,
-        )
+        Some(Gateway::new(ledger.clone(), upstreams).map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?)
     };
-    let state = AppState {
-        ledger,
-        admin_token: Arc::from(token),
-        metrics: install_metrics(),
-        metrics_open: args.listen.ip().is_loopback(),
-    };
+    let state =
+        AppState { ledger, admin_token: Arc::from(token), metrics, metrics_open: args.listen.ip().is_loopback() };
     let workers = args
         .workers
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1));
-    let listeners = bind_all(args.listen, workers)?;
-    let addr = listeners[0].local_addr()?;
+    let workers = workers.max(1);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut served = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let router = match &gateway {
-            Some(gw) => app(state.clone()).merge(bulkhead_server::gateway_router(
-                gw.for_worker().map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?,
-            )),
-            None => app(state.clone()),
+    let mut queues = Vec::new();
+    for i in 0..workers {
+        let (queue, conns) = bulkhead_server::http::worker_queue();
+        queues.push(queue);
+        let worker_gateway = match &gateway {
+            Some(gw) => Some(gw.for_worker().map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?),
+            None => None,
         };
-        served.push(spawn_worker(i, listener, router, stop_rx.clone())?);
+        served.push(spawn_worker(i, conns, app(state.clone()), worker_gateway, stop_rx.clone())?);
     }
+    let acceptor = tokio::spawn(bulkhead_server::http::accept(listener, queues, {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    }));
     drop(state);
     tracing::info!(%addr, store = ?store.backend(), workers, "bulkhead listening");
     println!("bulkhead listening on http://{addr}");
@@ -235,6 +227,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let _ = stop_tx.send(true);
+    let _ = acceptor.await;
     for done in served {
         if let Ok(Err(e)) = done.await {
             tracing::error!(error = %e, "an HTTP worker failed");
@@ -246,6 +239,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     sweeper.abort();
     let _ = sweeper.await;
+    upkeep.abort();
     if let Some(d) = delivery {
         d.abort();
         let _ = d.await;

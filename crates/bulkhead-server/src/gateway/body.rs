@@ -20,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 use super::bill::Bill;
 use super::config::TokenPrices;
 use super::meter::Meter;
+use super::pool::Conn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -95,10 +96,20 @@ pub struct Relay {
     inner: hyper::body::Incoming,
     metering: Option<Metering>,
     read_timeout: Duration,
-    idle: Pin<Box<Sleep>>,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// The timers, set the first time the upstream makes the relay wait (an answer that is
+    /// there at once never needs them).
+    timers: Option<Timers>,
     phase: Phase,
     upstream: Arc<str>,
+    /// The connection the answer comes on, given back to its pool after the body (declared
+    /// after `inner`, so dropped after it).
+    _conn: Option<Conn>,
+}
+
+struct Timers {
+    idle: Pin<Box<Sleep>>,
+    deadline: Pin<Box<Sleep>>,
 }
 
 impl Relay {
@@ -108,16 +119,9 @@ impl Relay {
         read_timeout: Duration,
         deadline: Instant,
         upstream: Arc<str>,
+        conn: Option<Conn>,
     ) -> Relay {
-        Relay {
-            inner,
-            metering,
-            read_timeout,
-            idle: Box::pin(tokio::time::sleep(read_timeout)),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            phase: Phase::Streaming,
-            upstream,
-        }
+        Relay { inner, metering, read_timeout, deadline, timers: None, phase: Phase::Streaming, upstream, _conn: conn }
     }
 
     /// The upstream failed mid-answer: settle (usage if read, else per the failure policy) and
@@ -148,18 +152,32 @@ impl Body for Relay {
                 Phase::Done => return Poll::Ready(None),
                 Phase::Streaming => {}
             }
-            if this.deadline.as_mut().poll(cx).is_ready() {
+            let late = match &mut this.timers {
+                Some(t) => t.deadline.as_mut().poll(cx).is_ready(),
+                None => Instant::now() >= this.deadline,
+            };
+            if late {
                 return this.fail("the call took longer than the upstream's max_duration".into());
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
+                    let (read_timeout, deadline) = (this.read_timeout, this.deadline);
+                    let t = this.timers.get_or_insert_with(|| Timers {
+                        idle: Box::pin(tokio::time::sleep(read_timeout)),
+                        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                    });
+                    if t.deadline.as_mut().poll(cx).is_ready() {
+                        return this.fail("the call took longer than the upstream's max_duration".into());
+                    }
+                    if t.idle.as_mut().poll(cx).is_ready() {
                         return this.fail("no data from the upstream within its read_timeout".into());
                     }
                     return Poll::Pending;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    this.idle.as_mut().reset(Instant::now() + this.read_timeout);
+                    if let Some(t) = &mut this.timers {
+                        t.idle.as_mut().reset(Instant::now() + this.read_timeout);
+                    }
                     match frame.into_data() {
                         Ok(data) => {
                             let out = match &mut this.metering {

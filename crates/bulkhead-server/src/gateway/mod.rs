@@ -25,25 +25,22 @@ pub mod body;
 pub mod config;
 pub mod meter;
 pub mod path;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
 use bulkhead_core::Micros;
 use bulkhead_store::Ledger;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
 
 use self::bill::{Acquired, Leases};
@@ -51,16 +48,43 @@ use self::body::{LimitBody, Metering, Relay};
 use self::config::{Dialect, Pricing};
 pub use self::config::{PricingSpec, Secret, Upstream, UpstreamSpec, check_upstreams};
 use self::meter::Meter;
+use self::pool::Pool;
 use crate::error::ApiError;
-use crate::metrics::GATEWAY_CALLS;
+use crate::metrics::{GATEWAY_CALLS, RouteTimers};
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// The path prefix of proxied calls.
+pub const PREFIX: &str = "/proxy/";
 
-/// One configured upstream and its connection pool.
+/// One configured upstream, its connection pool and its counters.
 struct Route {
     up: Upstream,
     name: Arc<str>,
-    client: HttpClient,
+    /// The `Host` the upstream is called with.
+    host: HeaderValue,
+    pool: Arc<Pool>,
+    calls: Calls,
+}
+
+/// `bulkhead_gateway_calls_total` of one upstream, one counter per result.
+struct Calls {
+    forwarded: metrics::Counter,
+    denied: metrics::Counter,
+    timeout: metrics::Counter,
+    upstream_error: metrics::Counter,
+    too_large: metrics::Counter,
+}
+
+impl Calls {
+    fn new(upstream: &str) -> Calls {
+        let c = |result: &'static str| metrics::counter!(GATEWAY_CALLS, "upstream" => upstream.to_owned(), "result" => result);
+        Calls {
+            forwarded: c("forwarded"),
+            denied: c("denied"),
+            timeout: c("timeout"),
+            upstream_error: c("upstream_error"),
+            too_large: c("too_large"),
+        }
+    }
 }
 
 /// The gateway: its leases (and through them the ledger), and the upstreams. Cheap to clone.
@@ -72,30 +96,43 @@ pub struct Gateway {
 struct Inner {
     leases: Leases,
     routes: HashMap<String, Route>,
+    timers: RouteTimers,
 }
 
 impl Gateway {
     /// Builds the gateway, one connection pool per upstream, and starts the lease flusher (so it
-    /// must be called inside the runtime). Fails when an `https` upstream finds no root
-    /// certificates on the system.
+    /// must be called inside the runtime, after the metrics recorder is installed). Fails when an
+    /// `https` upstream finds no root certificates on the system.
     pub fn new(ledger: Ledger, upstreams: Vec<Upstream>) -> Result<Gateway, String> {
+        Gateway::build(Leases::start(ledger), upstreams.iter())
+    }
+
+    fn build<'a>(leases: Leases, upstreams: impl Iterator<Item = &'a Upstream>) -> Result<Gateway, String> {
         let mut routes = HashMap::new();
         for up in upstreams {
-            let client = client(&up)?;
-            routes.insert(up.name.clone(), Route { name: Arc::from(up.name.as_str()), up, client });
+            let target: Uri = format!("{}://{}/", up.scheme, up.authority)
+                .parse()
+                .map_err(|e| format!("upstream {:?}: {e}", up.name))?;
+            let host = HeaderValue::from_str(&up.authority).map_err(|e| format!("upstream {:?}: {e}", up.name))?;
+            routes.insert(
+                up.name.clone(),
+                Route {
+                    name: Arc::from(up.name.as_str()),
+                    host,
+                    pool: Pool::new(connector(up)?, target),
+                    calls: Calls::new(&up.name),
+                    up: up.clone(),
+                },
+            );
         }
-        Ok(Gateway { inner: Arc::new(Inner { leases: Leases::start(ledger), routes }) })
+        Ok(Gateway { inner: Arc::new(Inner { leases, routes, timers: RouteTimers::new("/proxy/{*rest}") }) })
     }
 
     /// The same gateway (same upstreams, same leases) with connection pools of its own: one per
     /// HTTP worker thread, so that a worker's calls go out on connections its own event loop
     /// drives.
     pub fn for_worker(&self) -> Result<Gateway, String> {
-        let mut routes = HashMap::new();
-        for (name, r) in &self.inner.routes {
-            routes.insert(name.clone(), Route { name: r.name.clone(), up: r.up.clone(), client: client(&r.up)? });
-        }
-        Ok(Gateway { inner: Arc::new(Inner { leases: self.inner.leases.clone(), routes }) })
+        Gateway::build(self.inner.leases.clone(), self.inner.routes.values().map(|r| &r.up))
     }
 
     /// Settles every call and gives back every unused slot; call it once the server stopped
@@ -103,9 +140,21 @@ impl Gateway {
     pub async fn close(&self) {
         self.inner.leases.close().await;
     }
+
+    /// Answers one proxied call (a request under [`PREFIX`]), timed like every other route.
+    pub async fn handle(&self, req: Request) -> Response {
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let resp = match self.forward(req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        self.inner.timers.record(&method, resp.status(), started.elapsed());
+        resp
+    }
 }
 
-fn client(up: &Upstream) -> Result<HttpClient, String> {
+fn connector(up: &Upstream) -> Result<HttpsConnector<HttpConnector>, String> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(up.connect_timeout));
     http.set_nodelay(true);
@@ -124,61 +173,38 @@ fn client(up: &Upstream) -> Result<HttpClient, String> {
             .with_no_client_auth();
         hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
     };
-    let https = tls.https_or_http().enable_http1().wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .build(https))
-}
-
-/// The gateway's routes, to merge into `app(state)`.
-pub fn gateway_router(gw: Gateway) -> Router {
-    Router::new()
-        .route("/proxy/{*rest}", any(proxy))
-        .layer(axum::middleware::from_fn(crate::metrics::track_requests))
-        .with_state(gw)
-}
-
-async fn proxy(State(gw): State<Gateway>, req: Request) -> Response {
-    match gw.forward(req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-fn count(upstream: &Arc<str>, result: &'static str) {
-    metrics::counter!(GATEWAY_CALLS, "upstream" => metrics::SharedString::from(upstream.clone()), "result" => result)
-        .increment(1);
+    Ok(tls.https_or_http().enable_http1().wrap_connector(http))
 }
 
 /// Headers never forwarded in either direction (RFC 9110 §7.6.1), besides those the
 /// `Connection` header names.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers and those listed in `Connection`.
 fn drop_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
 }
@@ -279,7 +305,7 @@ impl Gateway {
             ApiError::invalid(format!("The proxied path has {why}; it is refused."))
         })?;
         if content_length(&parts.headers).is_some_and(|n| n > up.max_request_bytes) {
-            count(&route.name, "too_large");
+            route.calls.too_large.increment(1);
             return Err(too_large(up.max_request_bytes));
         }
 
@@ -291,7 +317,7 @@ impl Gateway {
         let body = if openai && parts.method == Method::POST && is_json(&parts.headers) {
             let bytes = read_limited(body, up.max_request_bytes).await.inspect_err(|e| {
                 if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    count(&route.name, "too_large");
+                    route.calls.too_large.increment(1);
                 }
             })?;
             let (bytes, s) = ask_for_stream_usage(bytes);
@@ -312,22 +338,24 @@ impl Gateway {
         let bill = match acquired {
             Acquired::Go(bill) => bill,
             Acquired::Denied(reply) => {
-                count(&route.name, "denied");
+                route.calls.denied.increment(1);
                 return Ok(crate::api::respond(reply));
             }
         };
 
-        // The forwarded request.
-        let path = if rest.is_empty() {
-            if up.base_path.is_empty() { "/".to_owned() } else { up.base_path.clone() }
-        } else {
-            format!("{}/{rest}", up.base_path)
-        };
-        let target = match parts.uri.query() {
-            Some(q) => format!("{}://{}{path}?{q}", up.scheme, up.authority),
-            None => format!("{}://{}{path}", up.scheme, up.authority),
-        };
-        let uri: Uri = match target.parse() {
+        // The forwarded request, its URI in origin form.
+        let query = parts.uri.query();
+        let mut target = String::with_capacity(up.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 2);
+        target.push_str(&up.base_path);
+        if !rest.is_empty() || up.base_path.is_empty() {
+            target.push('/');
+        }
+        target.push_str(rest);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        let uri = match Uri::try_from(target) {
             Ok(u) => u,
             Err(_) => {
                 bill.finish(Micros::ZERO);
@@ -336,12 +364,12 @@ impl Gateway {
         };
         let mut headers = parts.headers;
         drop_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
         headers.remove(header::AUTHORIZATION);
         headers.remove(header::EXPECT);
         if let Some(auth) = &up.auth {
             headers.remove(&auth.name);
         }
+        headers.insert(header::HOST, route.host.clone());
         if tokens {
             // The answer is read for its usage: it must not come compressed.
             headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
@@ -361,9 +389,9 @@ impl Gateway {
         // The answer's headers within read_timeout, and never past the call's max_duration (which
         // the hold outlives).
         let wait = up.read_timeout.min(up.max_duration);
-        let resp = match tokio::time::timeout(wait, route.client.request(ureq)).await {
+        let (resp, conn) = match tokio::time::timeout(wait, route.pool.send(ureq)).await {
             Err(_) => {
-                count(&route.name, "timeout");
+                route.calls.timeout.increment(1);
                 tracing::warn!(upstream = %route.name, "upstream did not answer within read_timeout");
                 let message = if up.charge_failures {
                     bill.finish(abandoned);
@@ -375,14 +403,14 @@ impl Gateway {
                 return Err(ApiError::new(504, "upstream_timeout", message));
             }
             Ok(Err(_)) if over.load(Ordering::SeqCst) => {
-                count(&route.name, "too_large");
+                route.calls.too_large.increment(1);
                 bill.finish(Micros::ZERO);
                 return Err(too_large(up.max_request_bytes));
             }
             Ok(Err(e)) => {
-                count(&route.name, "upstream_error");
+                route.calls.upstream_error.increment(1);
                 let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
+                let mut src = e.source();
                 while let Some(s) = src {
                     msg.push_str(": ");
                     msg.push_str(&s.to_string());
@@ -395,7 +423,7 @@ impl Gateway {
             }
             Ok(Ok(r)) => r,
         };
-        count(&route.name, "forwarded");
+        route.calls.forwarded.increment(1);
 
         let (mut rparts, rbody) = resp.into_parts();
         drop_hop_by_hop(&mut rparts.headers);
@@ -435,7 +463,8 @@ impl Gateway {
                 })
             }
         };
-        let relay = Relay::new(rbody, metering, up.read_timeout, started + up.max_duration, route.name.clone());
+        let relay =
+            Relay::new(rbody, metering, up.read_timeout, started + up.max_duration, route.name.clone(), Some(conn));
         Ok(Response::from_parts(rparts, Body::new(relay)))
     }
 }

@@ -1,0 +1,114 @@
+//! Connections to one upstream, kept open between calls: one pool per upstream per HTTP worker.
+//!
+//! A call checks out an idle connection (the most recently used first) or opens one, sends its
+//! request on it, and gives it back when the answer's body is dropped (see [`Conn`]). A request
+//! that a reused connection gave back unsent (the upstream closed it as the call began) is sent
+//! again on another connection; nothing that reached the upstream is ever sent twice.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::time::Instant;
+use tower::Service;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Idle connections kept per pool; more are closed when given back.
+const IDLE_MAX: usize = 256;
+/// An idle connection unused for this long is closed rather than reused.
+const IDLE_FOR: Duration = Duration::from_secs(60);
+
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// Where connections go (scheme and authority; the path is not used).
+    target: Uri,
+    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+}
+
+/// A checked-out connection; dropping it gives it back to its pool (once its answer is over).
+pub struct Conn {
+    tx: Option<SendRequest<Body>>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(mut tx) = self.tx.take() else { return };
+        if tx.is_closed() {
+            return;
+        }
+        if tx.is_ready() {
+            self.pool.put(tx);
+            return;
+        }
+        // The connection still finishes the answer (its end is read by its own task): give it
+        // back once it can take the next request, if it survives.
+        let pool = self.pool.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if tokio::time::timeout(Duration::from_secs(5), tx.ready()).await.is_ok_and(|r| r.is_ok()) {
+                    pool.put(tx);
+                }
+            });
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(connector: HttpsConnector<HttpConnector>, target: Uri) -> Arc<Pool> {
+        Arc::new(Pool { connector, target, idle: Mutex::new(Vec::new()) })
+    }
+
+    fn put(&self, tx: SendRequest<Body>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_MAX {
+            idle.push((tx, Instant::now()));
+        }
+    }
+
+    fn checkout(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((tx, since)) = idle.pop() {
+            if tx.is_ready() && since.elapsed() < IDLE_FOR {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, BoxError> {
+        let io = self.connector.clone().call(self.target.clone()).await?;
+        let (tx, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Sends `req` (its URI in origin form, its `Host` set) and returns the answer's head, its
+    /// body, and the connection to give back when the body is done.
+    pub async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<(Response<Incoming>, Conn), BoxError> {
+        loop {
+            let (mut tx, reused) = match self.checkout() {
+                Some(tx) => (tx, true),
+                None => (self.connect().await?, false),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Conn { tx: Some(tx), pool: self.clone() })),
+                Err(mut e) => match e.take_message() {
+                    // Never sent: the idle connection was closed under it. Another one.
+                    Some(r) if reused => req = r,
+                    _ => return Err(Box::new(e.into_error())),
+                },
+            }
+        }
+    }
+}

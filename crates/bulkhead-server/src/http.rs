@@ -1,0 +1,137 @@
+//! Serving HTTP/1.1: one acceptor hands each connection to the HTTP worker with the fewest open
+//! ones (so that a burst of new connections is not all taken by whichever worker woke first);
+//! each worker serves its connections on its own event loop, sending the gateway's calls straight
+//! to it and everything else to the router. Stopping closes idle connections and lets in-flight
+//! requests finish.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tower::ServiceExt;
+
+use crate::gateway::{self, Gateway};
+
+/// Where the acceptor sends one worker its connections, and how many it has open.
+#[derive(Clone)]
+pub struct WorkerQueue {
+    tx: tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>,
+    open: Arc<AtomicUsize>,
+}
+
+/// A worker's end of its [`WorkerQueue`].
+pub struct Connections {
+    rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    open: Arc<AtomicUsize>,
+}
+
+/// A queue of connections for one worker.
+pub fn worker_queue() -> (WorkerQueue, Connections) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let open = Arc::new(AtomicUsize::new(0));
+    (WorkerQueue { tx, open: open.clone() }, Connections { rx, open })
+}
+
+/// Accepts connections until `stopped`, giving each to the worker with the fewest open.
+pub async fn accept(listener: tokio::net::TcpListener, workers: Vec<WorkerQueue>, stopped: impl Future<Output = ()>) {
+    tokio::pin!(stopped);
+    loop {
+        let tcp = tokio::select! {
+            biased;
+            () = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    if !is_connection_error(&e) {
+                        // Out of file descriptors or the like: wait, rather than spin.
+                        tracing::error!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(w) = workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed)) else { break };
+        let Ok(tcp) = tcp.into_std() else { continue };
+        w.open.fetch_add(1, Ordering::Relaxed);
+        if w.tx.send(tcp).is_err() {
+            w.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Serves the connections handed to this worker until `stopped` resolves, then waits for the
+/// open requests to finish.
+pub async fn serve(
+    mut conns: Connections,
+    router: Router,
+    gateway: Option<Gateway>,
+    stopped: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer bounds how long a client may take to send a request's head.
+    http.timer(TokioTimer::new());
+    tokio::pin!(stopped);
+    loop {
+        let tcp = tokio::select! {
+            biased;
+            () = &mut stopped => break,
+            tcp = conns.rx.recv() => match tcp {
+                Some(tcp) => tcp,
+                None => break,
+            },
+        };
+        let open = conns.open.clone();
+        let tcp = match tcp.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(tcp)) {
+            Ok(t) => t,
+            Err(e) => {
+                open.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "a connection could not be served");
+                continue;
+            }
+        };
+        // Streamed answers (SSE) go out chunk by chunk, not held back for coalescing.
+        let _ = tcp.set_nodelay(true);
+        let (router, gateway) = (router.clone(), gateway.clone());
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let (router, gateway) = (router.clone(), gateway.clone());
+            async move {
+                let req = req.map(Body::new);
+                Ok::<_, std::convert::Infallible>(match gateway {
+                    Some(gw) if req.uri().path().starts_with(gateway::PREFIX) => gw.handle(req).await,
+                    _ => router.oneshot(req).await?,
+                })
+            }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    // Connections handed over but not yet taken are closed.
+    conns.rx.close();
+    while let Ok(tcp) = conns.rx.try_recv() {
+        drop(tcp);
+        conns.open.fetch_sub(1, Ordering::Relaxed);
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
