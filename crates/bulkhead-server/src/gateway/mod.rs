@@ -204,8 +204,11 @@ fn drop_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
+    // Most messages carry none of them: look before removing.
+    if h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for n in &HOP_BY_HOP {
+            h.remove(n);
+        }
     }
 }
 
