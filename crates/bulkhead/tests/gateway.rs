@@ -1009,3 +1009,72 @@ async fn missing_secret_env_is_a_startup_error() {
     assert!(err.contains("GW_TEST_ANTHROPIC_KEY") && err.contains("not set"), "stderr: {err}");
     assert!(!err.contains(OPENAI_SECRET), "the secrets it did read are not printed");
 }
+
+/// A keep-alive upstream that closes a connection once it has been idle for `idle`; counts the
+/// connections it accepted and the requests it answered.
+async fn closing_upstream(idle: Duration) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (conns, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (conns.clone(), requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    match tokio::time::timeout(idle, s.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        // Idle for too long, or the peer left: close.
+                        _ => return,
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, conns, requests)
+}
+
+/// Upstream connections are kept open and reused between calls; one the upstream closed while
+/// idle is replaced, and the call on it still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_connections_are_reused_and_closed_ones_replaced() {
+    let (port, conns, requests) = closing_upstream(Duration::from_millis(300)).await;
+    let mut b = Backend::sqlite();
+    let path = b.scratch("gateway.toml");
+    let toml = format!(
+        "[[upstream]]\nname = \"kept\"\nbase_url = \"http://127.0.0.1:{port}\"\nscope = \"tools:kept\"\n\
+         max_cost_per_request = \"0.01\"\npricing = {{ kind = \"per_request\", price = \"0.01\" }}\n"
+    );
+    std::fs::write(&path, toml).expect("write config");
+    b.config = Some(path);
+    let srv = Server::start(&b).await;
+    let api = srv.api();
+    let key = agent(&api, "kept", "10.00", &["tools:*"]).await;
+    let c = http();
+    for i in 0..5 {
+        let a = call(&c, &srv, reqwest::Method::GET, "/proxy/kept/v1/x", Some(&key), &[], None).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "ok"), "call {i}");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1, "five calls in a row share one upstream connection");
+    // The upstream closes the idle connection; the next calls open a new one, none fails.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for i in 0..3 {
+        let a = call(&c, &srv, reqwest::Method::GET, "/proxy/kept/v1/x", Some(&key), &[], None).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "ok"), "call {i} after the upstream closed");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 2, "a closed connection is replaced once");
+    assert_eq!(requests.load(Ordering::SeqCst), 8, "every call reached the upstream once");
+    assert_eq!(settled(&api, "kept").await, (micros("0.08"), 0));
+}
