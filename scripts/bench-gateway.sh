@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # Benchmark of the agent gateway, in one run on loopback with wrk -t2 -c32:
 #   1. a static upstream called directly (nginx answering a small JSON body),
-#   2. nginx as a plain reverse proxy to it (keep-alive upstream connections, header set),
-#   3. Bulkhead's gateway to it with full enforcement: every call forwarded only with a slot of
+#   2. nginx as a plain reverse proxy to it (keep-alive upstream connections, header set), in
+#      processes of its own, as Bulkhead is: the comparison the goal is judged by;
+#   3. the same nginx proxy served by the upstream's own worker processes (a setup that saves
+#      nginx the switch between proxy and upstream; shown for reference);
+#   4. Bulkhead's gateway to it with full enforcement: every call forwarded only with a slot of
 #      a durable, audited lease (key, scope, rate and caps checked by the ledger), the secret
-#      injected, each call's price captured by a durable, audited settlement (one event per
-#      call) a few milliseconds after its answer. The run ends by checking that the agent's
-#      spend equals the calls made, to the micro-unit.
+#      injected, each call's price captured by a durable, audited settlement (one capture event
+#      per settlement, each call's cost in it) a few milliseconds after its answer. The run ends
+#      by checking that the agent's spend equals the calls made, to the micro-unit.
+# The targets take turns, ROUNDS times; the table shows each one's median round.
 #
 #   bash scripts/bench-gateway.sh                          # SQLite (embedded store)
 #   BENCH_DATABASE_URL=postgres://… bash scripts/bench-gateway.sh   # PostgreSQL (a fresh database!)
-#   DURATION=20 CONNS=32 bash scripts/bench-gateway.sh
+#   DURATION=20 CONNS=32 ROUNDS=5 bash scripts/bench-gateway.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-32}
+ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-18950}       # Bulkhead
 UP_PORT=$((PORT + 1))     # the static upstream (nginx)
-PROXY_PORT=$((PORT + 2))  # nginx as a reverse proxy
+PROXY_PORT=$((PORT + 2))  # nginx as a reverse proxy, in its own processes
+SHARED_PORT=$((PORT + 3)) # nginx as a reverse proxy, in the upstream's processes
 need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
 need curl curl
@@ -34,32 +40,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- nginx: the static upstream and the plain reverse proxy (one master, two servers) ---
-mkdir -p "$DIR/nginx"
-cat >"$DIR/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes auto;
-error_log $DIR/nginx/error.log warn;
-pid $DIR/nginx/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $DIR/nginx/body;
-  proxy_temp_path $DIR/nginx/proxy;
-  fastcgi_temp_path $DIR/nginx/fastcgi;
-  uwsgi_temp_path $DIR/nginx/uwsgi;
-  scgi_temp_path $DIR/nginx/scgi;
-  keepalive_requests 1000000;
+# --- nginx: the static upstream (with a proxy server in the same processes), and the reverse
+# proxy in processes of its own ---
+proxy_server() { # port
+  cat <<EOC
   upstream static_upstream { server 127.0.0.1:$UP_PORT; keepalive 64; }
   server {
-    listen 127.0.0.1:$UP_PORT;
-    location / {
-      default_type application/json;
-      return 200 '{"id":"bench","object":"result","data":[1,2,3],"ok":true}';
-    }
-  }
-  server {
-    listen 127.0.0.1:$PROXY_PORT;
+    listen 127.0.0.1:$1;
     location / {
       proxy_pass http://static_upstream;
       proxy_http_version 1.1;
@@ -67,9 +54,40 @@ http {
       proxy_set_header Authorization "Bearer bench-upstream-secret";
     }
   }
+EOC
 }
-EOF
+nginx_conf() { # dir servers
+  cat <<EOC
+daemon off;
+worker_processes auto;
+error_log $1/error.log warn;
+pid $1/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
+  keepalive_requests 1000000;
+$2
+}
+EOC
+}
+mkdir -p "$DIR/nginx" "$DIR/nginx-proxy"
+nginx_conf "$DIR/nginx" "  server {
+    listen 127.0.0.1:$UP_PORT;
+    location / {
+      default_type application/json;
+      return 200 '{\"id\":\"bench\",\"object\":\"result\",\"data\":[1,2,3],\"ok\":true}';
+    }
+  }
+$(proxy_server "$SHARED_PORT")" >"$DIR/nginx/nginx.conf"
+nginx_conf "$DIR/nginx-proxy" "$(proxy_server "$PROXY_PORT")" >"$DIR/nginx-proxy/nginx.conf"
 nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" &
+PIDS+=($!)
+nginx -p "$DIR/nginx-proxy" -c "$DIR/nginx-proxy/nginx.conf" &
 PIDS+=($!)
 
 # --- Bulkhead with one upstream: the same static server ---
@@ -91,7 +109,7 @@ BENCH_UPSTREAM_SECRET=bench-upstream-secret BULKHEAD_ADMIN_TOKEN=$BENCH_ADMIN RU
 PIDS+=($!)
 for _ in $(seq 1 100); do
   curl -sf "$B/healthz" >/dev/null && curl -sf "http://127.0.0.1:$UP_PORT/" >/dev/null &&
-    curl -sf "http://127.0.0.1:$PROXY_PORT/" >/dev/null && break
+    curl -sf "http://127.0.0.1:$PROXY_PORT/" >/dev/null && curl -sf "http://127.0.0.1:$SHARED_PORT/" >/dev/null && break
   sleep 0.1
 done
 store=${BENCH_DATABASE_URL:+PostgreSQL}; store=${store:-SQLite}
@@ -126,20 +144,36 @@ print(f"{rps:.0f} {ms('50%'):.3f} {ms('99%'):.3f} {n}")
 PY
 }
 
-echo "== $store store, wrk -t2 -c$CONNS -d${DURATION}s on loopback, $(nproc) cores shared by wrk, nginx and bulkhead"
-read -r d_rps d_p50 d_p99 _ <<<"$(run_wrk direct "http://127.0.0.1:$UP_PORT/v1/ping")"
-read -r n_rps n_p50 n_p99 _ <<<"$(run_wrk nginx "http://127.0.0.1:$PROXY_PORT/v1/ping")"
-read -r g_rps g_p50 g_p99 g_n <<<"$(run_wrk gateway "$B/proxy/static/v1/ping" "$DIR/gateway.lua")"
-printf '%-48s %10s %9s %9s\n' "target" "req/s" "p50 ms" "p99 ms"
-printf '%-48s %10s %9s %9s\n' "static upstream, direct (nginx)" "$d_rps" "$d_p50" "$d_p99"
-printf '%-48s %10s %9s %9s\n' "nginx reverse proxy -> upstream" "$n_rps" "$n_p50" "$n_p99"
-printf '%-48s %10s %9s %9s\n' "bulkhead gateway -> upstream (leased, settled)" "$g_rps" "$g_p50" "$g_p99"
-python3 - <<PY
-g, n, d = $g_rps, $n_rps, $d_rps
-print(f"gateway/nginx-proxy throughput: {g/n:.2f}x   gateway/direct: {g/d:.2f}x")
-print(f"added at p50: gateway {($g_p50 - $d_p50):.3f} ms, nginx proxy {($n_p50 - $d_p50):.3f} ms over direct; gateway over nginx proxy {($g_p50 - $n_p50):.3f} ms")
+echo "== $store store, wrk -t2 -c$CONNS -d${DURATION}s on loopback, $ROUNDS rounds, $(nproc) cores shared by wrk, nginx and bulkhead"
+: >"$DIR/rounds.txt"
+g_total=0
+for r in $(seq 1 "$ROUNDS"); do
+  read -r d_rps d_p50 d_p99 _ <<<"$(run_wrk direct "http://127.0.0.1:$UP_PORT/v1/ping")"
+  read -r n_rps n_p50 n_p99 _ <<<"$(run_wrk nginx "http://127.0.0.1:$PROXY_PORT/v1/ping")"
+  read -r s_rps s_p50 s_p99 _ <<<"$(run_wrk shared "http://127.0.0.1:$SHARED_PORT/v1/ping")"
+  read -r g_rps g_p50 g_p99 g_n <<<"$(run_wrk gateway "$B/proxy/static/v1/ping" "$DIR/gateway.lua")"
+  g_total=$((g_total + g_n))
+  echo "$r $d_rps $d_p50 $d_p99 $n_rps $n_p50 $n_p99 $s_rps $s_p50 $s_p99 $g_rps $g_p50 $g_p99" >>"$DIR/rounds.txt"
+  echo "   round $r: direct $d_rps, nginx proxy $n_rps, shared $s_rps, gateway $g_rps req/s"
+done
+python3 - "$DIR/rounds.txt" <<'PY'
+import statistics, sys
+rows = [list(map(float, l.split()))[1:] for l in open(sys.argv[1]) if l.strip()]
+def col(i): return [r[i] for r in rows]
+med = lambda i: statistics.median(col(i))
+names = ["static upstream, direct (nginx)", "nginx reverse proxy (own processes)",
+         "nginx reverse proxy (upstream's processes)", "bulkhead gateway (leased, settled)"]
+print(f"{'target (median of rounds)':<48} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
+for k, name in enumerate(names):
+    print(f"{name:<48} {med(3*k):>10.0f} {med(3*k+1):>9.3f} {med(3*k+2):>9.3f}")
+ratios = [r[9] / r[3] for r in rows]
+shared = [r[9] / r[6] for r in rows]
+added = [r[10] - r[4] for r in rows]
+print(f"gateway / nginx proxy throughput, per round: {', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}x)")
+print(f"gateway / nginx proxy in the upstream's processes: median {statistics.median(shared):.2f}x")
+print(f"gateway p50 over nginx proxy p50, per round: {', '.join(f'{x:+.3f}' for x in added)} ms (median {statistics.median(added):+.3f} ms)")
 PY
 sleep 1 # idle leases give their unused slots back
 spent=$(curl -sf "$B/v1/agents/bench-agent" -H "Authorization: Bearer $BENCH_ADMIN" |
   python3 -c 'import json,sys; u=json.load(sys.stdin)["usage"]; print(u["window_spent"], u["window_held"], u["tx_count"])')
-echo "bench agent after the run: window_spent window_held tx_count = $spent (wrk completed $g_n gateway calls + 1 smoke call)"
+echo "bench agent after the run: window_spent window_held tx_count = $spent (wrk completed $g_total gateway calls + 1 smoke call)"
