@@ -38,7 +38,11 @@ pub fn worker_queue() -> (WorkerQueue, Connections) {
 }
 
 /// Accepts connections until `stopped`, giving each to the worker with the fewest open.
-pub async fn accept(listener: tokio::net::TcpListener, workers: Vec<WorkerQueue>, stopped: impl Future<Output = ()>) {
+pub async fn accept(
+    listener: tokio::net::TcpListener,
+    mut workers: Vec<WorkerQueue>,
+    stopped: impl Future<Output = ()>,
+) {
     tokio::pin!(stopped);
     loop {
         let tcp = tokio::select! {
@@ -56,12 +60,32 @@ pub async fn accept(listener: tokio::net::TcpListener, workers: Vec<WorkerQueue>
                 }
             },
         };
-        let Some(w) = workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed)) else { break };
-        let Ok(tcp) = tcp.into_std() else { continue };
-        w.open.fetch_add(1, Ordering::Relaxed);
-        if w.tx.send(tcp).is_err() {
-            w.open.fetch_sub(1, Ordering::Relaxed);
+        let Ok(mut tcp) = tcp.into_std() else { continue };
+        loop {
+            let Some((i, w)) = workers.iter().enumerate().min_by_key(|(_, w)| w.open.load(Ordering::Relaxed)) else {
+                tracing::error!("no HTTP worker is left to serve connections");
+                return;
+            };
+            w.open.fetch_add(1, Ordering::Relaxed);
+            match w.tx.send(tcp) {
+                Ok(()) => break,
+                Err(back) => {
+                    // That worker has stopped: the others take its share.
+                    tracing::error!(worker = i, "an HTTP worker stopped; serving with the others");
+                    tcp = back.0;
+                    workers.swap_remove(i);
+                }
+            }
         }
+    }
+}
+
+/// Counts a connection as open for as long as it lives (also when its task unwinds).
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -87,11 +111,10 @@ pub async fn serve(
                 None => break,
             },
         };
-        let open = conns.open.clone();
+        let open = Open(conns.open.clone());
         let tcp = match tcp.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(tcp)) {
             Ok(t) => t,
             Err(e) => {
-                open.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "a connection could not be served");
                 continue;
             }
@@ -111,10 +134,10 @@ pub async fn serve(
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
         tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
     // Connections handed over but not yet taken are closed.

@@ -113,7 +113,7 @@ impl Gateway {
             let target: Uri = format!("{}://{}/", up.scheme, up.authority)
                 .parse()
                 .map_err(|e| format!("upstream {:?}: {e}", up.name))?;
-            let host = HeaderValue::from_str(&up.authority).map_err(|e| format!("upstream {:?}: {e}", up.name))?;
+            let host = host_header(&target).map_err(|e| format!("upstream {:?}: {e}", up.name))?;
             routes.insert(
                 up.name.clone(),
                 Route {
@@ -152,6 +152,21 @@ impl Gateway {
         self.inner.timers.record(&method, resp.status(), started.elapsed());
         resp
     }
+}
+
+/// The `Host` for calls to `target`: its host, with the port only when it is not the scheme's
+/// default (as clients send it; some hosts and request signatures compare it exactly).
+fn host_header(target: &Uri) -> Result<HeaderValue, String> {
+    let auth = target.authority().ok_or("no host")?;
+    let default = match target.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let host = match auth.port_u16() {
+        Some(p) if p != default => format!("{}:{p}", auth.host()),
+        _ => auth.host().to_owned(),
+    };
+    HeaderValue::from_str(&host).map_err(|e| e.to_string())
 }
 
 fn connector(up: &Upstream) -> Result<HttpsConnector<HttpConnector>, String> {
@@ -502,6 +517,21 @@ mod tests {
             let (b, strip) = ask_for_stream_usage(Bytes::copy_from_slice(same));
             assert!(!strip, "{}", String::from_utf8_lossy(same));
             assert_eq!(&b[..], same);
+        }
+    }
+
+    #[test]
+    fn host_leaves_out_the_default_port() {
+        for (target, host) in [
+            ("https://api.example.com:443/", "api.example.com"),
+            ("https://api.example.com/", "api.example.com"),
+            ("https://api.example.com:8443/", "api.example.com:8443"),
+            ("http://127.0.0.1:80/", "127.0.0.1"),
+            ("http://127.0.0.1:8080/", "127.0.0.1:8080"),
+            ("http://[::1]:9000/", "[::1]:9000"),
+        ] {
+            let uri: Uri = target.parse().expect("uri");
+            assert_eq!(host_header(&uri).expect("host"), host, "{target}");
         }
     }
 

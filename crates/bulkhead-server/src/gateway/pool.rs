@@ -5,6 +5,7 @@
 //! that a reused connection gave back unsent (the upstream closed it as the call began) is sent
 //! again on another connection; nothing that reached the upstream is ever sent twice.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
     /// Where connections go (scheme and authority; the path is not used).
     target: Uri,
-    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+    /// Oldest first; calls take the most recently used.
+    idle: Mutex<VecDeque<(SendRequest<Body>, Instant)>>,
 }
 
 /// A checked-out connection; dropping it gives it back to its pool (once its answer is over).
@@ -62,19 +64,24 @@ impl Drop for Conn {
 
 impl Pool {
     pub fn new(connector: HttpsConnector<HttpConnector>, target: Uri) -> Arc<Pool> {
-        Arc::new(Pool { connector, target, idle: Mutex::new(Vec::new()) })
+        Arc::new(Pool { connector, target, idle: Mutex::new(VecDeque::new()) })
     }
 
     fn put(&self, tx: SendRequest<Body>) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Connections left over from a busier moment are closed once idle for IDLE_FOR.
+        while idle.front().is_some_and(|(tx, since)| tx.is_closed() || now.duration_since(*since) >= IDLE_FOR) {
+            idle.pop_front();
+        }
         if idle.len() < IDLE_MAX {
-            idle.push((tx, Instant::now()));
+            idle.push_back((tx, now));
         }
     }
 
     fn checkout(&self) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((tx, since)) = idle.pop() {
+        while let Some((tx, since)) = idle.pop_back() {
             if tx.is_ready() && since.elapsed() < IDLE_FOR {
                 return Some(tx);
             }
