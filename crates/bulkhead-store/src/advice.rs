@@ -43,6 +43,16 @@ fn observation<'a>(r: &'a EventRow, agent: &str, own: bool) -> Observation<'a> {
         amount: r.amount.map(micros),
         shadow: r.outcome == "allowed" && r.detail.as_deref().is_some_and(|d| d.contains("\"shadow\":\"would_deny\"")),
     };
+    // A gateway lease holds many calls' slots at once; the largest single request it stands for
+    // is one slot.
+    if r.action == "hold"
+        && let (Some(amount), Some(d)) = (r.amount, r.detail.as_deref())
+        && d.contains("\"by\":\"gateway\"")
+        && let Some(slots) = serde_json::from_str::<serde_json::Value>(d).ok().and_then(|v| v["slots"].as_i64())
+        && slots > 0
+    {
+        o.amount = Some(micros(amount / slots));
+    }
     if !own && o.allowed && r.action == "agent.create" {
         let by = r.detail.as_deref().and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());
         if by.as_ref().and_then(|d| d["by"].as_str()) == Some(agent) {
@@ -104,5 +114,38 @@ impl Store {
             descendants: descendants.len() as u64,
             advice,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(action: &str, amount: i64, detail: Option<&str>) -> EventRow {
+        EventRow {
+            seq: 1,
+            at: 1_000,
+            agent: "a".into(),
+            action: action.into(),
+            outcome: "allowed".into(),
+            reason: None,
+            scope: Some("llm:x".into()),
+            amount: Some(amount),
+            reference: Some("hold_1".into()),
+            detail: detail.map(str::to_owned),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_gateway_lease_stands_for_one_slot_per_request() {
+        let lease = row("hold", 50_000, Some(r#"{"by":"gateway","slots":5}"#));
+        assert_eq!(observation(&lease, "a", true).amount, Some(micros(10_000)));
+        // An agent's own hold is one request, whatever it holds.
+        let own = row("hold", 50_000, None);
+        assert_eq!(observation(&own, "a", true).amount, Some(micros(50_000)));
+        let capture = row("capture", 30_000, Some(r#"{"by":"gateway","calls":3,"each":"0.01"}"#));
+        assert_eq!(observation(&capture, "a", true).amount, Some(micros(30_000)));
     }
 }
