@@ -143,9 +143,9 @@ impl Gateway {
 
     /// Answers one proxied call (a request under [`PREFIX`]), timed like every other route.
     pub async fn handle(&self, req: Request) -> Response {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let method = req.method().clone();
-        let resp = match self.forward(req).await {
+        let resp = match self.forward(req, started).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -303,8 +303,8 @@ async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
 }
 
 impl Gateway {
-    async fn forward(&self, req: Request) -> Result<Response, ApiError> {
-        let started = tokio::time::Instant::now();
+    /// Forwards one call that arrived at `started` (its `max_duration` counts from then).
+    async fn forward(&self, req: Request, started: tokio::time::Instant) -> Result<Response, ApiError> {
         let (parts, body) = req.into_parts();
         let (name, rest) = path::split(parts.uri.path())
             .map_err(|_| ApiError::not_found("No upstream with that name is configured."))?;
