@@ -45,7 +45,8 @@ pub struct BlastRadius {
     pub fleet_max_spend_per_day: Micros,
     pub revocation_ms: f64,
     /// Where `revocation_ms` comes from: "measured" (p99 of real revocations) or "expected"
-    /// (one store commit, timed now).
+    /// (one store commit, timed now, plus, on PostgreSQL, the wait that lets every replica
+    /// see it: `EPOCH_SETTLE`).
     pub revocation_source: &'static str,
 }
 
@@ -66,7 +67,13 @@ impl Store {
             sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY handle")).fetch_all(&self.pool).await?;
         let (revocation_ms, revocation_source) = match measured_revocation_ms {
             Some(ms) => (ms, "measured"),
-            None => (self.probe_commit_ms().await?, "expected"),
+            None => {
+                let settle = match self.backend {
+                    crate::Backend::Postgres => crate::EPOCH_SETTLE.as_secs_f64() * 1000.0,
+                    crate::Backend::Sqlite => 0.0,
+                };
+                (self.probe_commit_ms().await? + settle, "expected")
+            }
         };
         let by_id: HashMap<i64, &AgentRow> = rows.iter().map(|r| (r.id, r)).collect();
         let mut children: HashMap<i64, i64> = HashMap::new();

@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulkhead_core::decision::{Movement, SpendCheck, authorize, precheck};
 use bulkhead_core::key::random_base62;
@@ -353,6 +353,16 @@ impl Reply {
     }
 }
 
+/// How long a process may go on trusting an authorization epoch it read from a shared store
+/// (PostgreSQL), counted from when the read was sent. See [`EPOCH_SETTLE`].
+pub const EPOCH_TRUSTED_FOR: Duration = Duration::from_millis(20);
+
+/// On a shared store, an answer to a command that moved the authorization epoch (a revocation,
+/// suspension, patch or new key) goes out this long after its commit: by then every read of the
+/// older epoch, by any replica, is older than [`EPOCH_TRUSTED_FOR`], so once the answer is out no
+/// replica lets a call through on what was decided before it.
+pub const EPOCH_SETTLE: Duration = EPOCH_TRUSTED_FOR.saturating_add(Duration::from_millis(5));
+
 struct Job {
     cmd: Command,
     reply: oneshot::Sender<Result<Reply, StoreError>>,
@@ -500,8 +510,9 @@ impl Writer {
             let cmds: Vec<&Command> = batch.iter().map(|j| &j.cmd).collect();
             match self.exec(&cmds).await {
                 Ok(replies) => {
-                    for (job, reply) in batch.into_iter().zip(replies) {
-                        let _ = job.reply.send(Ok(reply));
+                    let committed = Instant::now();
+                    for (job, (reply, moved)) in batch.into_iter().zip(replies) {
+                        self.answer(job, Ok(reply), moved, committed);
                     }
                 }
                 // A statement the database refused may be one command's fault: retry each alone so
@@ -510,11 +521,15 @@ impl Writer {
                 Err(BatchError::Before(e)) if batch.len() > 1 && e.is_statement_error() => {
                     tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its commands one by one");
                     for job in batch {
-                        let r = match self.exec(&[&job.cmd]).await {
-                            Ok(mut v) => Ok(v.remove(0)),
-                            Err(BatchError::Before(e) | BatchError::AtCommit(e)) => Err(e),
-                        };
-                        let _ = job.reply.send(r);
+                        match self.exec(&[&job.cmd]).await {
+                            Ok(mut v) => {
+                                let (reply, moved) = v.remove(0);
+                                self.answer(job, Ok(reply), moved, Instant::now());
+                            }
+                            Err(BatchError::Before(e) | BatchError::AtCommit(e)) => {
+                                let _ = job.reply.send(Err(e));
+                            }
+                        }
                     }
                 }
                 Err(BatchError::Before(e) | BatchError::AtCommit(e)) => {
@@ -528,7 +543,22 @@ impl Writer {
         }
     }
 
-    async fn exec(&mut self, cmds: &[&Command]) -> Result<Vec<Reply>, BatchError> {
+    /// Sends a committed command's answer: at once, or, when it moved the authorization epoch of
+    /// a shared store, [`EPOCH_SETTLE`] after `committed` (without holding up the writer).
+    fn answer(&self, job: Job, reply: Result<Reply, StoreError>, moved_epoch: bool, committed: Instant) {
+        if moved_epoch && self.store.backend == Backend::Postgres {
+            tokio::spawn(async move {
+                tokio::time::sleep_until((committed + EPOCH_SETTLE).into()).await;
+                let _ = job.reply.send(reply);
+            });
+        } else {
+            let _ = job.reply.send(reply);
+        }
+    }
+
+    /// Runs a batch in one transaction: each command's reply, and whether it moved the
+    /// authorization epoch.
+    async fn exec(&mut self, cmds: &[&Command]) -> Result<Vec<(Reply, bool)>, BatchError> {
         let mut cache = std::mem::take(&mut self.cache);
         if self.store.backend != Backend::Sqlite || cache.agents.len() > CACHE_AGENTS_MAX {
             cache = Cache::default();
@@ -544,7 +574,7 @@ impl Writer {
         }
     }
 
-    async fn exec_with(&self, cmds: &[&Command], cache: Cache) -> Result<(Vec<Reply>, Cache), BatchError> {
+    async fn exec_with(&self, cmds: &[&Command], cache: Cache) -> Result<(Vec<(Reply, bool)>, Cache), BatchError> {
         let now = self.clock.now_ms();
         let tx = self.store.pool.begin().await?;
         let mut b = Batch {
@@ -577,7 +607,10 @@ impl Writer {
         b.prefetch(cmds).await?;
         let mut replies = Vec::with_capacity(cmds.len());
         for cmd in cmds {
-            replies.push(b.apply(cmd).await?);
+            let before = std::mem::take(&mut b.authz);
+            let reply = b.apply(cmd).await?;
+            replies.push((reply, b.authz));
+            b.authz |= before;
         }
         b.flush().await?;
         b.write_alerts().await?;

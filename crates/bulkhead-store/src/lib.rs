@@ -37,7 +37,8 @@ pub use alerts::{AlertRules, OutboxRow, retry_delay_ms};
 pub use audit::{AuditEvent, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
 pub use ledger::{
-    AgentSpec, Breaker, BreakerOverride, Caller, Command, Idem, Ledger, LedgerConfig, Outcome, Patch, Reply,
+    AgentSpec, Breaker, BreakerOverride, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig,
+    Outcome, Patch, Reply,
 };
 pub use view::{AgentView, Usage, fmt_time};
 

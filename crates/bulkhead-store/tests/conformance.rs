@@ -1147,7 +1147,13 @@ async fn postgres_two_replicas_share_caps_and_revocations() {
     assert_eq!(e.money("shared").await.0.micros(), allowed * 300_000);
     assert_eq!(e.intact().await, 2 + 128);
 
+    // The revocation moves the store's authorization epoch, and its answer waits until every
+    // replica's trusted read of the older epoch has gone stale.
+    let epoch = other.authz_epoch().await.unwrap();
+    let t = std::time::Instant::now();
     ok(&e.revoke(Caller::Admin, "shared").await, 200);
+    assert!(t.elapsed() >= bulkhead_store::EPOCH_SETTLE, "answered after {:?}", t.elapsed());
+    assert!(other.authz_epoch().await.unwrap() > epoch, "the epoch moved on");
     let r = ledger_b
         .submit(Command::Spend { key: ck.clone(), scope: scope(PAY), amount: m("0.01"), memo: None, idem: None })
         .await

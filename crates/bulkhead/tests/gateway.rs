@@ -460,25 +460,62 @@ async fn revocation_is_obeyed_at_once_under_a_lease(b: Backend) {
 }
 
 /// Two replicas on one PostgreSQL store: a revocation answered by one stops the very next call
-/// through the other, although that one holds a lease with unused slots for the key.
+/// through the other, although that one holds a lease with unused slots for the key and, busy
+/// with a caller that never pauses, trusts a recent read of the store's authorization epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revocation_on_one_replica_stops_the_other_replicas_gateway() {
     let (b, mock, a) = setup(Backend::pg().await, None).await;
     let other = Server::start(&b).await;
     let api = a.api();
-    let key = agent(&api, "two-sided", "100.00", &["tools:search"]).await;
     let c = http();
-    for _ in 0..40 {
+    // Three times, as the race it guards against is a matter of milliseconds.
+    for handle in ["two-sided-1", "two-sided-2", "two-sided-3"] {
+        let key = agent(&api, handle, "100.00", &["tools:search"]).await;
+        let before = mock.calls_seen().await;
+        for _ in 0..40 {
+            let r = call(&c, &a, reqwest::Method::GET, "/proxy/search/v1/search?q=x", Some(&key), &[], None).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        // A caller that goes on until it is refused: (when each call was sent, its status, its code).
+        let busy = tokio::spawn({
+            let (c, base, key) = (c.clone(), a.base.clone(), key.clone());
+            async move {
+                let mut seen = Vec::new();
+                loop {
+                    let sent = std::time::Instant::now();
+                    let r = c.get(format!("{base}/proxy/search/v1/search?q=busy")).bearer_auth(&key).send().await;
+                    let r = r.expect("gateway call");
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    seen.push((sent, status, v["error"]["code"].as_str().unwrap_or_default().to_owned()));
+                    if status != 200 {
+                        return seen;
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = other.api().post(&format!("/v1/agents/{handle}/revoke"), ADMIN, &json!({})).await;
+        let answered = std::time::Instant::now();
+        assert_eq!(r.status, 200, "{:?}", r.body);
         let r = call(&c, &a, reqwest::Method::GET, "/proxy/search/v1/search?q=x", Some(&key), &[], None).await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!((r.status, r.code().as_str()), (401, "credential_revoked"), "{}", r.body);
+        let busy = busy.await.expect("busy caller");
+        let ok = busy.iter().filter(|(_, s, _)| *s == 200).count();
+        assert!(ok > 10, "the busy caller kept the gateway busy: {ok} calls");
+        let (_, status, code) = busy.last().expect("calls");
+        assert_eq!(
+            (*status, code.as_str()),
+            (401, "credential_revoked"),
+            "the busy caller was stopped by the revocation"
+        );
+        for (sent, status, _) in &busy {
+            assert!(*sent < answered || *status == 401, "a call sent after the revocation was answered went through");
+        }
+        let calls = 40 + ok as u64;
+        assert_eq!(mock.calls_seen().await - before, calls, "the upstream saw exactly the allowed calls");
+        assert_eq!(settled(&api, handle).await, (calls as i64 * micros("0.01"), 0), "every allowed call is charged");
     }
-    let seen = mock.calls_seen().await;
-    let r = other.api().post("/v1/agents/two-sided/revoke", ADMIN, &json!({})).await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let r = call(&c, &a, reqwest::Method::GET, "/proxy/search/v1/search?q=x", Some(&key), &[], None).await;
-    assert_eq!((r.status, r.code().as_str()), (401, "credential_revoked"), "{}", r.body);
-    assert_eq!(mock.calls_seen().await, seen, "the upstream never saw the revoked call");
-    assert_eq!(settled(&api, "two-sided").await, (40 * micros("0.01"), 0), "every earlier call is charged");
     b.assert_audit_intact().await;
 }
 

@@ -10,8 +10,8 @@
 //! When a call's answer is over, its [`Bill`] records the cost in its lease (at most the slot;
 //! the rest of the slot is released). A flusher task settles recorded costs in the background
 //! (`Command::LeaseSettle`, one per lease per round, every [`GATHER_FOR`] or so, group-committed
-//! with everything else), so the agent never waits for the settlement either. Its audit trail gets one `capture` event
-//! per call.
+//! with everything else), so the agent never waits for the settlement either. Its audit trail
+//! gets one `capture` event per settlement, with each call's cost in it.
 //!
 //! A lease stops taking calls when its slots are gone, after [`ACCEPT_FOR`], when the
 //! authorization epoch moves on (a revocation, suspension, patch or new key was committed), or
@@ -24,17 +24,20 @@
 //! never free, and what a crash can overcharge is bounded by the lease, which is sized to cover
 //! about [`TARGET_LIFETIME`] of the agent's calls.
 //!
-//! The epoch a call is checked against is read after the call arrived: on SQLite from this
-//! process's ledger (the store's only writer, which moves it before answering), on PostgreSQL
-//! from the store itself (one indexed read per call; every replica's revocations move it in the
-//! same transaction), so a revocation answered by any replica stops the next call everywhere.
+//! The epoch a call is checked against is one that was current after the call arrived: on
+//! SQLite this process's ledger's (the store's only writer, which moves it before answering); on
+//! PostgreSQL the store's own (every replica's revocations move it in the same transaction),
+//! read at most `EPOCH_TRUSTED_FOR` before the call, while every command that moves it is
+//! answered `EPOCH_SETTLE` after its commit. So a revocation answered by any replica stops the
+//! next call everywhere, and a busy gateway reads the epoch about once every 10 ms, not once
+//! per call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bulkhead_core::{KeyHash, Micros, Scope};
-use bulkhead_store::{Backend, Command, Ledger, Reply, StoreError};
+use bulkhead_store::{Backend, Command, EPOCH_TRUSTED_FOR, Ledger, Reply, StoreError};
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -326,10 +329,15 @@ impl Leases {
     }
 }
 
-/// Reads of the store's epoch, shared by the calls waiting for one: a call is answered by the
-/// first read that *started* after it arrived (one that was already under way might miss a
-/// revocation answered just before the call came), and every call arriving while a read is under
-/// way shares the next one. Under load that is one read per round trip, not one per call.
+/// Reads of the store's epoch, shared by the calls that need one.
+///
+/// A read sent at `t` is trusted until `t + EPOCH_TRUSTED_FOR`: a command that moves the epoch
+/// is answered `EPOCH_SETTLE` (more than that) after its commit, so a read trusted when a call
+/// arrives after such an answer was sent after that commit, and saw it. Under load a read is
+/// sent in the background once the last one is half-way through its trust, so calls do not
+/// wait for one; a call that finds no trusted read (the first after a quiet spell) waits for
+/// the first read that *starts* after it arrived, and every call arriving while that read is
+/// under way shares the next one.
 #[derive(Default)]
 struct EpochReads {
     state: Mutex<ReadState>,
@@ -345,12 +353,26 @@ struct ReadState {
     wanted: u64,
     /// The last read finished: its generation and what it read.
     last: Option<(u64, Result<u64, String>)>,
+    /// The latest successful read: when it was sent and what it read.
+    trusted: Option<(std::time::Instant, u64)>,
 }
 
 impl EpochReads {
     async fn read(self: &Arc<Self>, ledger: &Ledger, rt: &tokio::runtime::Handle) -> Result<u64, StoreError> {
         let target = {
             let mut st = lock(&self.state);
+            if let Some((sent, epoch)) = st.trusted {
+                let age = sent.elapsed();
+                if age < EPOCH_TRUSTED_FOR {
+                    if age >= EPOCH_TRUSTED_FOR / 2 && !st.running {
+                        st.started += 1;
+                        st.wanted = st.wanted.max(st.started);
+                        st.running = true;
+                        rt.spawn(Self::rounds(self.clone(), ledger.clone(), st.started));
+                    }
+                    return Ok(epoch);
+                }
+            }
             // Under way or not, the read this call needs is the next one to start.
             let target = st.started + 1;
             st.wanted = st.wanted.max(target);
@@ -378,9 +400,13 @@ impl EpochReads {
     async fn rounds(me: Arc<Self>, ledger: Ledger, first: u64) {
         let mut g = first;
         loop {
+            let sent = std::time::Instant::now();
             let r = ledger.store().authz_epoch().await.map(i64::cast_unsigned).map_err(|e| e.to_string());
             let more = {
                 let mut st = lock(&me.state);
+                if let Ok(epoch) = r {
+                    st.trusted = Some((sent, epoch));
+                }
                 st.last = Some((g, r));
                 if st.wanted > g {
                     g += 1;
