@@ -85,8 +85,17 @@ impl ApiKey {
     }
 
     pub fn hash(&self) -> KeyHash {
-        KeyHash(hex::encode(Sha256::digest(self.0.as_bytes())))
+        KeyHash(hex_lower(&Sha256::digest(self.0.as_bytes())))
     }
+}
+
+/// Lower-case hex of `bytes`, as `hex::encode` writes it, without its character-by-character
+/// collection (this runs for every request that carries a key).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    // The buffer is exactly twice as long as the input and hex digits are ASCII: neither fails.
+    let _ = hex::encode_to_slice(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 impl KeyHash {
@@ -114,6 +123,13 @@ pub fn secret_eq(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_lower_matches_hex_encode() {
+        for bytes in [&b""[..], &[0u8, 1, 0x7f, 0x80, 0xab, 0xff][..], &Sha256::digest(b"bh_key")[..]] {
+            assert_eq!(hex_lower(bytes), hex::encode(bytes));
+        }
+    }
 
     #[test]
     fn generated_keys_parse_and_tampering_is_caught() {

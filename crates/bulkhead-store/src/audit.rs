@@ -67,7 +67,7 @@ fn event_hash(seq: i64, e: &NewEvent, prev_hash: &str) -> String {
         e.detail,
         prev_hash
     ]);
-    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    bulkhead_core::key::hex_lower(&Sha256::digest(canonical.to_string().as_bytes()))
 }
 
 impl EventRow {
