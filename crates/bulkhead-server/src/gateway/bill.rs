@@ -228,13 +228,48 @@ impl Leases {
         }
         // Read before the grant: a revocation committed after it makes the lease outdated.
         let epoch = self.epoch().await?;
-        let reply = submit_grant(sh, grant(*want)).await?;
-        match self.lease_from(reply, unit, epoch) {
-            Ok(lease) => {
-                *lock(&slot.current) = Some(lease.clone());
-                Ok(Acquired::Go(self.bill(lease, abandoned, upstream)))
-            }
+        match self.grant(&slot, grant(*want), unit, epoch).await? {
+            Ok(mut taken) => match taken.lease.take() {
+                Some(lease) => Ok(Acquired::Go(self.bill(lease, abandoned, upstream))),
+                None => Err(StoreError::Failed("a granted lease went missing".into())),
+            },
             Err(denied) => Ok(Acquired::Denied(denied)),
+        }
+    }
+
+    /// Asks the ledger for a lease in a task of its own, which also puts the lease on its slot.
+    /// A lease granted after its call was dropped (the agent hung up meanwhile) is on its slot
+    /// all the same, for the next calls (or retired when idle), and the dropped call's slot
+    /// goes back to it.
+    async fn grant(
+        &self,
+        slot: &Arc<Slot>,
+        cmd: Command,
+        unit: Micros,
+        epoch: u64,
+    ) -> Result<Result<Taken, Reply>, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (me, slot) = (self.clone(), slot.clone());
+        self.shared.rt.spawn(async move {
+            let granted = me.shared.ledger.submit(cmd).await.map(|reply| {
+                me.lease_from(reply, unit, epoch).map(|lease| {
+                    me.install(&slot, lease.clone());
+                    Taken { leases: me.clone(), lease: Some(lease) }
+                })
+            });
+            // Unsent (the call is gone), the slot goes back as the answer is dropped.
+            let _ = tx.send(granted);
+        });
+        rx.await.unwrap_or(Err(StoreError::ShutDown))
+    }
+
+    /// Makes `lease` its slot's current lease; one still there (taken while a dropped call's
+    /// grant was under way) is retired.
+    fn install(&self, slot: &Slot, lease: Arc<Lease>) {
+        let replaced = lock(&slot.current).replace(lease);
+        if let Some(old) = replaced {
+            lock(&old.state).retired = true;
+            self.enqueue(&old);
         }
     }
 
@@ -425,30 +460,26 @@ impl EpochReads {
     }
 }
 
-/// Submits a lease in a task of its own: if the call is dropped while the lease commits (the
-/// agent hung up), the task gives the lease back at once instead of leaving it to expire.
-async fn submit_grant(sh: &Shared, cmd: Command) -> Result<Reply, StoreError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let l = sh.ledger.clone();
-    let unit = match &cmd {
-        Command::Lease { unit, .. } => *unit,
-        _ => Micros::ZERO,
-    };
-    sh.rt.spawn(async move {
-        let reply = l.submit(cmd).await;
-        if let Err(Ok(reply)) = tx.send(reply)
-            && reply.status == 201
-            && let Some(id) =
-                serde_json::from_str::<Value>(&reply.body).ok().and_then(|v| v["id"].as_str().map(str::to_owned))
-        {
-            crate::api::record_outcome(&reply);
-            let close = Command::LeaseSettle { hold_id: id, seq: 1, unit, costs: Vec::new(), release: 0, close: true };
-            if let Ok(r) = l.submit(close).await {
-                crate::api::record_outcome(&r);
+/// The first slot of a new lease on its way to the call that asked for it: if the call is gone
+/// before it takes it, the slot goes back to the lease.
+struct Taken {
+    leases: Leases,
+    lease: Option<Arc<Lease>>,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            {
+                let mut st = lock(&lease.state);
+                st.free += 1;
+                st.taken = st.taken.saturating_sub(1);
+                st.in_flight = st.in_flight.saturating_sub(1);
             }
+            // A lease retired meanwhile is settled (and closed) by the flusher.
+            self.leases.enqueue(&lease);
         }
-    });
-    rx.await.unwrap_or(Err(StoreError::ShutDown))
+    }
 }
 
 /// The duty to pay for one forwarded call. Dropped without [`Bill::finish`], it pays its

@@ -79,6 +79,7 @@ impl Resp {
 
 pub struct Srv {
     pub router: Router,
+    pub ledger: Ledger,
     pub clock: Arc<ManualClock>,
     pub dir: tempfile::TempDir,
     /// Every response body seen, in order.
@@ -92,9 +93,13 @@ impl Srv {
         let store = Store::open(&url).await.expect("open store");
         let clock = Arc::new(ManualClock::new(T0));
         let (ledger, _writer) = Ledger::start(store, clock.clone(), Default::default());
-        let router =
-            app(AppState { ledger, admin_token: Arc::from(ADMIN), metrics: install_metrics(), metrics_open: true });
-        Srv { router, clock, dir, seen: Mutex::new(Vec::new()) }
+        let router = app(AppState {
+            ledger: ledger.clone(),
+            admin_token: Arc::from(ADMIN),
+            metrics: install_metrics(),
+            metrics_open: true,
+        });
+        Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()) }
     }
 
     pub fn now(&self) -> i64 {

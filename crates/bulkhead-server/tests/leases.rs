@@ -1,0 +1,75 @@
+//! Gateway leases when the call that asked for one is gone before it could use it.
+
+mod common;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_core::key::ApiKey;
+use bulkhead_core::{Micros, Scope};
+use bulkhead_server::gateway::bill::{Acquired, Leases};
+use common::Srv;
+
+/// Polls `fut` once; it must not be ready (it waits for the ledger).
+async fn poll_once<F: Future + Unpin>(fut: &mut F) {
+    let ready = tokio::time::timeout(Duration::from_micros(1), fut).await.is_ok();
+    assert!(!ready, "a new lease needs a commit first");
+}
+
+fn micros_of(v: &serde_json::Value) -> i64 {
+    Micros::parse(v.as_str().expect("an amount")).expect("amount").micros()
+}
+
+async fn held(srv: &Srv, handle: &str) -> i64 {
+    micros_of(&srv.usage(handle).await["window_held"])
+}
+
+/// The agent hangs up while its first call's lease is being granted, once before the grant
+/// commits and once after it committed but before the call took it: either way the lease is
+/// on its slot for later calls, its unused slots (the dropped call's too) go back, and nothing
+/// is charged for a call that was never made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_for_a_dropped_call_is_given_back() {
+    let srv = Srv::new().await;
+    let leases = Leases::start(srv.ledger.clone());
+    let upstream: Arc<str> = Arc::from("search");
+    let scope = Scope::parse("tools:search").expect("scope");
+    let unit = Micros::parse("0.01").expect("amount");
+    for (handle, after_commit) in [("gone-early", false), ("gone-late", true)] {
+        let key = ApiKey::parse(&srv.agent(handle, &["tools:*"], "10.00").await).expect("key").hash();
+        let mut call = Box::pin(leases.acquire(&key, &upstream, &scope, unit, 60_000, unit));
+        poll_once(&mut call).await;
+        if after_commit {
+            // The grant committed (its slots are held) and was handed over; nobody takes it.
+            for _ in 0..200 {
+                if held(&srv, handle).await > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(held(&srv, handle).await > 0, "the lease was granted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(call);
+        // The lease is there for the next call, which takes a slot of it without a new grant.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let grants_before = srv.audit(handle).await.iter().filter(|e| e["action"] == "hold").count();
+        match leases.acquire(&key, &upstream, &scope, unit, 60_000, unit).await.expect("acquire") {
+            Acquired::Go(bill) => bill.finish(unit),
+            Acquired::Denied(r) => panic!("denied: {}", r.body),
+        }
+        let grants = srv.audit(handle).await.iter().filter(|e| e["action"] == "hold").count();
+        assert_eq!(grants, grants_before, "{handle}: the second call used the lease granted for the first");
+        assert_eq!(grants, 1, "{handle}: one lease");
+    }
+    leases.close().await;
+    for handle in ["gone-early", "gone-late"] {
+        let u = srv.usage(handle).await;
+        assert_eq!(
+            (micros_of(&u["window_spent"]), micros_of(&u["window_held"]), u["tx_count"].as_i64()),
+            (10_000, 0, Some(1)),
+            "{handle}: only the call that was made is charged, every other slot went back: {u}"
+        );
+    }
+}
