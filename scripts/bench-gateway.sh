@@ -173,7 +173,24 @@ print(f"gateway / nginx proxy throughput, per round: {', '.join(f'{x:.2f}' for x
 print(f"gateway / nginx proxy in the upstream's processes: median {statistics.median(shared):.2f}x")
 print(f"gateway p50 over nginx proxy p50, per round: {', '.join(f'{x:+.3f}' for x in added)} ms (median {statistics.median(added):+.3f} ms)")
 PY
-sleep 1 # idle leases give their unused slots back
-spent=$(curl -sf "$B/v1/agents/bench-agent" -H "Authorization: Bearer $BENCH_ADMIN" |
-  python3 -c 'import json,sys; u=json.load(sys.stdin)["usage"]; print(u["window_spent"], u["window_held"], u["tx_count"])')
-echo "bench agent after the run: window_spent window_held tx_count = $spent (wrk completed $g_total gateway calls + 1 smoke call)"
+# Idle leases give their unused slots back within a few hundred milliseconds; then the agent's
+# spend must be its calls times the price, to the micro-unit. Calls that wrk cut off when it
+# stopped were forwarded (or at least given a slot) and are charged too, so tx_count may exceed
+# what wrk counted by up to the connections in flight at each stop.
+for _ in $(seq 1 50); do
+  usage=$(curl -sf "$B/v1/agents/bench-agent" -H "Authorization: Bearer $BENCH_ADMIN")
+  python3 -c 'import json,sys,decimal; sys.exit(decimal.Decimal(json.loads(sys.argv[1])["usage"]["window_held"]) != 0)' "$usage" && break
+  sleep 0.2
+done
+python3 - "$usage" "$g_total" "$ROUNDS" "$CONNS" <<'PY'
+import json, sys
+from decimal import Decimal
+u = json.loads(sys.argv[1])["usage"]
+completed, rounds, conns = int(sys.argv[2]) + 1, int(sys.argv[3]), int(sys.argv[4])
+spent, held, tx = Decimal(u["window_spent"]), Decimal(u["window_held"]), u["tx_count"]
+exact = spent == tx * Decimal("0.000001") and held == 0
+print(f"bench agent after the run: spent {spent}, held {held}, tx_count {tx}; wrk completed {completed} "
+      f"(with the smoke call), {tx - completed} cut off in flight; spend = calls x price exactly: {'yes' if exact else 'NO'}")
+if not exact or not 0 <= tx - completed <= rounds * conns:
+    sys.exit("the ledger does not match the calls")
+PY
