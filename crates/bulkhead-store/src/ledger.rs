@@ -544,9 +544,10 @@ impl Writer {
     }
 
     /// Sends a committed command's answer: at once, or, when it moved the authorization epoch of
-    /// a shared store, [`EPOCH_SETTLE`] after `committed` (without holding up the writer).
-    fn answer(&self, job: Job, reply: Result<Reply, StoreError>, moved_epoch: bool, committed: Instant) {
-        if moved_epoch && self.store.backend == Backend::Postgres {
+    /// a shared store (or is a revocation), [`EPOCH_SETTLE`] after `committed` (without holding
+    /// up the writer).
+    fn answer(&self, job: Job, reply: Result<Reply, StoreError>, settle: bool, committed: Instant) {
+        if settle && self.store.backend == Backend::Postgres {
             tokio::spawn(async move {
                 tokio::time::sleep_until((committed + EPOCH_SETTLE).into()).await;
                 let _ = job.reply.send(reply);
@@ -556,8 +557,8 @@ impl Writer {
         }
     }
 
-    /// Runs a batch in one transaction: each command's reply, and whether it moved the
-    /// authorization epoch.
+    /// Runs a batch in one transaction: each command's reply, and whether its answer must wait
+    /// for the authorization epoch to settle (it moved the epoch, or it is a revocation).
     async fn exec(&mut self, cmds: &[&Command]) -> Result<Vec<(Reply, bool)>, BatchError> {
         let mut cache = std::mem::take(&mut self.cache);
         if self.store.backend != Backend::Sqlite || cache.agents.len() > CACHE_AGENTS_MAX {
@@ -609,7 +610,9 @@ impl Writer {
         for cmd in cmds {
             let before = std::mem::take(&mut b.authz);
             let reply = b.apply(cmd).await?;
-            replies.push((reply, b.authz));
+            // A revocation that found the agents already revoked waits too: the one that revoked
+            // them may not have answered yet.
+            replies.push((reply, b.authz || matches!(cmd, Command::Revoke { .. })));
             b.authz |= before;
         }
         b.flush().await?;

@@ -1154,6 +1154,11 @@ async fn postgres_two_replicas_share_caps_and_revocations() {
     ok(&e.revoke(Caller::Admin, "shared").await, 200);
     assert!(t.elapsed() >= bulkhead_store::EPOCH_SETTLE, "answered after {:?}", t.elapsed());
     assert!(other.authz_epoch().await.unwrap() > epoch, "the epoch moved on");
+    // Said again (the first may not have answered yet when a retry comes): it waits as well.
+    let t = std::time::Instant::now();
+    let r = ledger_b.submit(Command::Revoke { caller: Caller::Admin, handle: "shared".into(), reason: None }).await;
+    ok(&r.unwrap(), 200);
+    assert!(t.elapsed() >= bulkhead_store::EPOCH_SETTLE, "answered after {:?}", t.elapsed());
     let r = ledger_b
         .submit(Command::Spend { key: ck.clone(), scope: scope(PAY), amount: m("0.01"), memo: None, idem: None })
         .await
