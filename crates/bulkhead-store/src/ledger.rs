@@ -390,6 +390,7 @@ impl Ledger {
             rules,
             cache: Cache::default(),
             epoch: epoch.clone(),
+            settling: tokio::task::JoinSet::new(),
         };
         // The writer gets a thread and a runtime of its own: the commit path never waits in the
         // queue behind request handlers.
@@ -466,6 +467,8 @@ struct Writer {
     rules: Arc<AlertRules>,
     cache: Cache,
     epoch: Arc<AtomicU64>,
+    /// Answers waiting for the authorization epoch to settle; the writer ends only after them.
+    settling: tokio::task::JoinSet<()>,
 }
 
 /// Rows the SQLite writer keeps between batches. It is the only writer of its file, so what it
@@ -540,15 +543,18 @@ impl Writer {
                     }
                 }
             }
+            while self.settling.try_join_next().is_some() {}
         }
+        // Committed answers still waiting go out before the writer (and its runtime) ends.
+        while self.settling.join_next().await.is_some() {}
     }
 
     /// Sends a committed command's answer: at once, or, when it moved the authorization epoch of
     /// a shared store (or is a revocation), [`EPOCH_SETTLE`] after `committed` (without holding
     /// up the writer).
-    fn answer(&self, job: Job, reply: Result<Reply, StoreError>, settle: bool, committed: Instant) {
+    fn answer(&mut self, job: Job, reply: Result<Reply, StoreError>, settle: bool, committed: Instant) {
         if settle && self.store.backend == Backend::Postgres {
-            tokio::spawn(async move {
+            self.settling.spawn(async move {
                 tokio::time::sleep_until((committed + EPOCH_SETTLE).into()).await;
                 let _ = job.reply.send(reply);
             });

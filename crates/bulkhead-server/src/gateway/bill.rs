@@ -79,7 +79,7 @@ struct Shared {
     /// giving back a lease nobody waits for) runs there, so that no worker's end cuts it short.
     rt: tokio::runtime::Handle,
     /// Other processes write the store (PostgreSQL): the authorization epoch is read from the
-    /// store for every call, instead of from this process's ledger.
+    /// store (see [`EpochReads`]), not taken from this process's ledger.
     shared_store: bool,
     epoch_reads: Arc<EpochReads>,
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
@@ -87,6 +87,8 @@ struct Shared {
     queue: Mutex<Vec<Arc<Lease>>>,
     wake: Notify,
     closing: std::sync::atomic::AtomicBool,
+    /// Grants under way: closing waits for them, as each may put a lease on a slot.
+    granting: std::sync::atomic::AtomicUsize,
     stopped: Notify,
 }
 
@@ -96,8 +98,9 @@ type SlotKey = (String, Arc<str>);
 /// The lease of one key for one upstream.
 struct Slot {
     current: Mutex<Option<Arc<Lease>>>,
-    /// Held while a new lease is taken; guards the size the next lease asks for.
-    refill: tokio::sync::Mutex<u32>,
+    /// Held while a new lease is taken (until it is on the slot, even if the call that asked
+    /// for it is gone); guards the size the next lease asks for.
+    refill: Arc<tokio::sync::Mutex<u32>>,
 }
 
 struct Lease {
@@ -152,6 +155,7 @@ impl Leases {
             queue: Mutex::new(Vec::new()),
             wake: Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            granting: std::sync::atomic::AtomicUsize::new(0),
             stopped: Notify::new(),
         });
         shared.rt.spawn(flusher(shared.clone()));
@@ -191,12 +195,14 @@ impl Leases {
         let now_epoch = self.epoch().await?;
         let slot = lock(&sh.slots)
             .entry((key.as_str().to_owned(), upstream.clone()))
-            .or_insert_with(|| Arc::new(Slot { current: Mutex::new(None), refill: tokio::sync::Mutex::new(1) }))
+            .or_insert_with(|| {
+                Arc::new(Slot { current: Mutex::new(None), refill: Arc::new(tokio::sync::Mutex::new(1)) })
+            })
             .clone();
         if let Some(lease) = self.take(&slot, now_epoch) {
             return Ok(Acquired::Go(self.bill(lease, abandoned, upstream)));
         }
-        let mut want = slot.refill.lock().await;
+        let mut want = slot.refill.clone().lock_owned().await;
         if let Some(lease) = self.take(&slot, now_epoch) {
             return Ok(Acquired::Go(self.bill(lease, abandoned, upstream)));
         }
@@ -228,7 +234,8 @@ impl Leases {
         }
         // Read before the grant: a revocation committed after it makes the lease outdated.
         let epoch = self.epoch().await?;
-        match self.grant(&slot, grant(*want), unit, epoch).await? {
+        let cmd = grant(*want);
+        match self.grant(&slot, want, cmd, unit, epoch).await? {
             Ok(mut taken) => match taken.lease.take() {
                 Some(lease) => Ok(Acquired::Go(self.bill(lease, abandoned, upstream))),
                 None => Err(StoreError::Failed("a granted lease went missing".into())),
@@ -244,12 +251,14 @@ impl Leases {
     async fn grant(
         &self,
         slot: &Arc<Slot>,
+        refill: tokio::sync::OwnedMutexGuard<u32>,
         cmd: Command,
         unit: Micros,
         epoch: u64,
     ) -> Result<Result<Taken, Reply>, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (me, slot) = (self.clone(), slot.clone());
+        me.shared.granting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.shared.rt.spawn(async move {
             let granted = me.shared.ledger.submit(cmd).await.map(|reply| {
                 me.lease_from(reply, unit, epoch).map(|lease| {
@@ -257,8 +266,10 @@ impl Leases {
                     Taken { leases: me.clone(), lease: Some(lease) }
                 })
             });
+            drop(refill);
             // Unsent (the call is gone), the slot goes back as the answer is dropped.
             let _ = tx.send(granted);
+            me.shared.granting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
         rx.await.unwrap_or(Err(StoreError::ShutDown))
     }
@@ -648,8 +659,12 @@ async fn flusher(sh: Arc<Shared>) {
         if closing {
             while running.join_next().await.is_some() {}
             if lock(&sh.queue).is_empty() {
-                lock(&sh.slots).clear();
-                break;
+                if sh.granting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    lock(&sh.slots).clear();
+                    break;
+                }
+                // A grant still under way puts its lease on a slot; the next round retires it.
+                tokio::time::sleep(GATHER_FOR).await;
             }
         }
     }
