@@ -57,7 +57,7 @@ const IDLE_AFTER: Duration = Duration::from_millis(200);
 const REFILL_WAIT: Duration = Duration::from_secs(2);
 /// How long the flusher gathers recorded calls before it settles them: a call is settled about
 /// this long (plus a commit) after its answer ended.
-const GATHER_FOR: Duration = Duration::from_millis(10);
+const GATHER_FOR: Duration = Duration::from_millis(25);
 /// How often the flusher looks for idle, old or outdated leases.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// The attempts at one settlement while shutting down with the store unavailable.

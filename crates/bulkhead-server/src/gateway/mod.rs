@@ -14,7 +14,7 @@
 //!    the request body streams (only an OpenAI JSON body is read first, to ask for streamed usage);
 //! 4. streams the answer back (SSE chunk by chunk) and bills the call: the price
 //!    (`per_request`), the price header, or the metered token usage, at most the slot; the rest
-//!    is released when the flusher settles it, about 10 ms later. Usage that cannot be
+//!    is released when the flusher settles it, about 25 ms later. Usage that cannot be
 //!    read is charged as the whole slot, never as free.
 //!
 //! Upstream connection failures, timeouts before the answer, and 5xx answers capture nothing
