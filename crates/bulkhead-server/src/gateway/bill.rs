@@ -266,9 +266,10 @@ impl Leases {
                     Taken { leases: me.clone(), lease: Some(lease) }
                 })
             });
-            drop(refill);
-            // Unsent (the call is gone), the slot goes back as the answer is dropped.
+            // Unsent (the call is gone), the slot goes back as the answer is dropped, before the
+            // next call of the key may look at the lease.
             let _ = tx.send(granted);
+            drop(refill);
             me.shared.granting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
         rx.await.unwrap_or(Err(StoreError::ShutDown))
