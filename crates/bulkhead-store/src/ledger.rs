@@ -604,11 +604,20 @@ impl Writer {
             authz: false,
         };
         if b.backend == Backend::Postgres {
-            // Lock every touched tree's root, in id order, before reading anything of it.
+            // Lock every touched tree's root, in id order, before reading anything of it; the
+            // roots' rows come with their locks (read under them, so current).
             let roots = b.resolve_roots(cmds).await?;
             if !roots.is_empty() {
-                let (sql, args) = in_list("SELECT id FROM agents WHERE id IN ", &roots, " ORDER BY id FOR UPDATE")?;
-                sqlx::query_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *b.tx).await?;
+                let (sql, args) = in_list(
+                    &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN "),
+                    &roots,
+                    " ORDER BY id FOR UPDATE",
+                )?;
+                let rows: Vec<AgentRow> =
+                    sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *b.tx).await?;
+                for r in rows {
+                    b.cache(r);
+                }
             }
         }
         b.prefetch(cmds).await?;
