@@ -275,8 +275,8 @@ impl Leases {
         rx.await.unwrap_or(Err(StoreError::ShutDown))
     }
 
-    /// Makes `lease` its slot's current lease; one still there (taken while a dropped call's
-    /// grant was under way) is retired.
+    /// Makes `lease` its slot's current lease. The grant held the slot's refill lock and the
+    /// old lease was taken off first, so none should be there; one that is, is retired.
     fn install(&self, slot: &Slot, lease: Arc<Lease>) {
         let replaced = lock(&slot.current).replace(lease);
         if let Some(old) = replaced {
@@ -286,7 +286,7 @@ impl Leases {
     }
 
     /// The authorization epoch: this process's ledger's when it is the store's only writer, else
-    /// the store's, read now.
+    /// the store's, as read at most `EPOCH_TRUSTED_FOR` ago (see [`EpochReads`]).
     async fn epoch(&self) -> Result<u64, StoreError> {
         if self.shared.shared_store {
             self.shared.epoch_reads.read(&self.shared.ledger, &self.shared.rt).await
