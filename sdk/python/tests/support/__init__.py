@@ -1,0 +1,1 @@
+"""Test support shared by the SDK's and the framework integrations' tests."""
