@@ -151,8 +151,8 @@ def plan(body: dict[str, Any]) -> Turn:
             return Turn(text=f"Stopped after {done} tool calls: {result}", step=done)
     script: list[tuple[str, str]] = []  # (tool, arguments), one per call
     loop: tuple[str, str] | None = None
-    for kind, tool, rest in _DIRECTIVE.findall(text):
-        rest = rest[1:] if rest.startswith(":") else rest
+    for kind, tool, tail in _DIRECTIVE.findall(text):
+        rest = tail[1:] if tail.startswith(":") else tail
         if kind == "loop":
             loop = (tool, _arguments(rest))
             break
@@ -331,13 +331,13 @@ def response_events(body: dict[str, Any], turn: Turn) -> Iterator[str]:
     yield event("response.in_progress", response=_response_object(body, digest, "in_progress", []))
     item = _output_item(digest, turn, "completed")
     at = {"output_index": 0, "item_id": item["id"]}
-    yield event("response.output_item.added", output_index=0, item=_output_item(digest, turn, "in_progress", ""))
+    yield event(
+        "response.output_item.added", output_index=0, item=_output_item(digest, turn, "in_progress", "")
+    )
     if turn.tool is not None:
         for piece in _pieces(turn.arguments):
             yield event("response.function_call_arguments.delta", **at, delta=piece)
-        yield event(
-            "response.function_call_arguments.done", **at, name=turn.tool, arguments=turn.arguments
-        )
+        yield event("response.function_call_arguments.done", **at, name=turn.tool, arguments=turn.arguments)
     else:
         part = {**at, "content_index": 0}
         yield event("response.content_part.added", **part, part=_text_part(""))
@@ -377,7 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: tests read the recorded calls instead
 
     def _body(self) -> bytes:
@@ -452,9 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "GET" and path.endswith("/models"):
             self._json(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
             return
-        if self.command != "POST" or not (
-            path.endswith("/chat/completions") or path.endswith("/responses")
-        ):
+        if self.command != "POST" or not (path.endswith("/chat/completions") or path.endswith("/responses")):
             self._error(404, f"no route for {self.command} {path}", "not_found")
             return
         if not isinstance(body, dict):
@@ -468,6 +466,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, chat_completion(body, turn) if chat else response(body, turn))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+
+def _url(server: _Server) -> str:
+    host, port = server.server_address[:2]
+    return f"http://{host!s}:{port}"
 
 
 def start(port: int = 0, host: str = "127.0.0.1") -> tuple[str, Callable[[], None], list[Call]]:
@@ -485,8 +488,7 @@ def start(port: int = 0, host: str = "127.0.0.1") -> tuple[str, Callable[[], Non
         server.server_close()
         thread.join(timeout=5)
 
-    bound_host, bound_port = server.server_address[:2]
-    return f"http://{bound_host}:{bound_port}", stop, server.calls
+    return _url(server), stop, server.calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     host, _, port = str(args.listen).rpartition(":")
     server = _Server((host or "127.0.0.1", int(port)))
-    bound_host, bound_port = server.server_address[:2]
-    print(f"scripted LLM upstream listening on http://{bound_host}:{bound_port}", flush=True)
+    print(f"scripted LLM upstream listening on {_url(server)}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
