@@ -1,0 +1,275 @@
+"""LangChain: the agent's key goes in per tool, at tool initialisation.
+
+```python
+from bulkhead.integrations.langchain import chat_model, guard
+
+search = guard(search_tool, client, scope="tools:search", cost="0.01")
+model = chat_model(client, "gpt-4o-mini")      # ChatOpenAI through the gateway, with the agent's key
+agent = create_agent(model, tools=[search])
+```
+
+`guard` returns a LangChain tool (a `BaseTool` with the wrapped tool's name, description and
+argument schema) that spends with the client's key before the wrapped tool runs. A denied spend
+never runs the tool: it becomes a `ToolException` that the tool handles, so the agent loop gets
+a tool message with status `error` and content such as
+`spending_cap_exceeded: The spend would exceed … (tool 'search' did not run)` instead of crashing.
+`metered` is the same for tools whose cost is known only afterwards: it holds `max_cost`, runs the
+tool, captures what `cost_of(result)` says and releases the rest (all of it if the tool failed).
+
+A guard made with an `AsyncAgentClient` spends with `await` on the tool's async path (`ainvoke`,
+async agent loops); one made with an `AgentClient` works on both paths (the async one runs the
+spend in a worker thread).
+
+LangChain (`langchain-core`, and `langchain-openai` for `chat_model`) is imported when these
+functions are called, not when this module is imported.
+"""
+
+# LangChain's tool objects are untyped here (it is an optional dependency, imported lazily).
+# ruff: noqa: ANN401, PLC0415
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from bulkhead._amounts import Amount, amount_text
+from bulkhead.errors import BulkheadError
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from collections.abc import Callable
+
+    from langchain_core.tools import BaseTool  # type: ignore[import-not-found,unused-ignore]
+    from langchain_openai import ChatOpenAI  # type: ignore[import-not-found,unused-ignore]
+
+    from bulkhead.aio import AsyncAgentClient
+    from bulkhead.client import AgentClient
+
+    AnyClient = AgentClient | AsyncAgentClient
+
+__all__ = ["chat_model", "guard", "metered"]
+
+_INSTALL = "pip install langchain-core langchain-openai"
+
+
+def guard(
+    tool: BaseTool,
+    client: AnyClient,
+    *,
+    scope: str,
+    cost: Amount,
+    memo: str | None = None,
+) -> BaseTool:
+    """Return a tool that spends `cost` under `scope` with `client`'s key, then runs `tool`.
+
+    Args:
+        tool: any LangChain tool (`@tool` functions, `StructuredTool`, `BaseTool` subclasses).
+        client: the agent's `AgentClient` or `AsyncAgentClient`; its key is the only one used.
+        scope: the scope the spend is made under, e.g. `"tools:search"`.
+        cost: what one call of the tool costs (`"0.01"`, `Decimal`, `int` or `float`).
+        memo: the spend's memo; default `tool:<name>`.
+
+    Returns:
+        A `BaseTool` with the same name, description and argument schema. When the spend is
+        denied the tool does not run and the call answers a tool error naming the code.
+
+    """
+    amount_text(cost, name="cost")
+    return _make(tool, client, scope=scope, cost=cost, memo=memo)
+
+
+def metered(
+    tool: BaseTool,
+    client: AnyClient,
+    *,
+    scope: str,
+    max_cost: Amount,
+    cost_of: Callable[[Any], Amount],
+    memo: str | None = None,
+) -> BaseTool:
+    """Return a tool whose cost is known only after it ran: hold `max_cost`, run, capture the cost.
+
+    `cost_of(result)` gives the actual cost from the wrapped tool's result; more than `max_cost`
+    is captured as `max_cost` (a hold never charges more than it reserved). If the tool or
+    `cost_of` raises, the hold is released and nothing is charged. A denied hold never runs the
+    tool and answers a tool error naming the code, as `guard` does.
+    """
+    amount_text(max_cost, name="max_cost")
+    return _make(tool, client, scope=scope, max_cost=max_cost, cost_of=cost_of, memo=memo)
+
+
+def chat_model(client: AnyClient, model: str, upstream: str = "openai", **kwargs: Any) -> ChatOpenAI:
+    """Return LangChain's `ChatOpenAI` calling `model` through the gateway with `client`'s key.
+
+    The base URL is `client.base_url(upstream) + "/v1"` and the API key is the agent's own, so
+    every model call is checked, capped and metered for this agent. `kwargs` go to `ChatOpenAI`
+    (`temperature`, `streaming`, `max_retries`, …).
+    """
+    try:
+        from langchain_openai import ChatOpenAI  # type: ignore[import-not-found,unused-ignore]
+        from pydantic import SecretStr  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"bulkhead.integrations.langchain.chat_model needs {_INSTALL}") from e
+    return ChatOpenAI(model=model, base_url=f"{client.base_url(upstream)}/v1", api_key=SecretStr(client.key), **kwargs)
+
+
+def _make(
+    tool: BaseTool,
+    client: AnyClient,
+    *,
+    scope: str,
+    cost: Amount | None = None,
+    max_cost: Amount | None = None,
+    cost_of: Callable[[Any], Amount] | None = None,
+    memo: str | None = None,
+) -> BaseTool:
+    guarded_class = _guarded_tool_class()
+    guarded: BaseTool = guarded_class(
+        name=tool.name,
+        description=tool.description,
+        args_schema=tool.args_schema,
+        return_direct=tool.return_direct,
+        response_format=tool.response_format,
+        tags=tool.tags,
+        metadata=tool.metadata,
+        handle_validation_error=tool.handle_validation_error,
+        handle_tool_error=_handle_tool_error,
+        inner=tool,
+        bulkhead_client=client,
+        bulkhead_scope=scope,
+        bulkhead_cost=cost,
+        bulkhead_max_cost=max_cost,
+        bulkhead_cost_of=cost_of,
+        bulkhead_memo=memo if memo is not None else f"tool:{tool.name}",
+    )
+    return guarded
+
+
+def _denial_text(error: BulkheadError, tool_name: str) -> str:
+    """Say what the model reads when a spend is denied: the code first, then the server's sentence."""
+    return f"{error.code}: {error.message} (tool '{tool_name}' did not run)"
+
+
+def _handle_tool_error(error: Exception) -> str:
+    """Answer a denial (or a wrapped tool's handled failure) as the tool's content; raise the rest.
+
+    The wrapped tool's own `ToolException`s reach here only when the wrapped tool does not
+    handle them itself, so they keep propagating as they would without the guard.
+    """
+    if getattr(error, "bulkhead_handled", False):
+        return str(error.args[0])
+    raise error
+
+
+def _capped(amount: Amount, most: Amount) -> Amount:
+    return most if Decimal(amount_text(amount)) > Decimal(amount_text(most)) else amount
+
+
+@functools.cache
+def _guarded_tool_class() -> type[Any]:
+    """Build the guarded tool class once LangChain is importable (it is imported only here)."""
+    try:
+        from langchain_core.tools import BaseTool, ToolException  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"bulkhead.integrations.langchain needs {_INSTALL}") from e
+
+    class SpendDenied(ToolException):  # type: ignore[misc,unused-ignore]
+        """The guard's spend or hold was refused: the wrapped tool did not run."""
+
+        bulkhead_handled = True
+
+    class ToolFailed(ToolException):  # type: ignore[misc,unused-ignore]
+        """The wrapped tool failed and handled its failure itself: its answer stays an error."""
+
+        bulkhead_handled = True
+
+    class GuardedTool(BaseTool):  # type: ignore[misc,unused-ignore]
+        """A LangChain tool that pays with one agent's key before its wrapped tool runs."""
+
+        inner: BaseTool
+        bulkhead_client: Any
+        bulkhead_scope: str
+        bulkhead_cost: Any = None
+        bulkhead_max_cost: Any = None
+        bulkhead_cost_of: Any = None
+        bulkhead_memo: str | None = None
+
+        def _run(self, *args: Any, run_manager: Any = None, **kwargs: Any) -> Any:
+            client = self.bulkhead_client
+            if inspect.iscoroutinefunction(client.spend):
+                raise TypeError(
+                    f"tool '{self.name}' was guarded with an async client: call it with ainvoke, "
+                    "or guard it with a sync AgentClient"
+                )
+            config: Any = {"callbacks": run_manager.get_child()} if run_manager is not None else None
+            tool_input = self._call(args, kwargs)
+            if self.bulkhead_cost_of is None:
+                try:
+                    client.spend(self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
+                except BulkheadError as e:
+                    raise SpendDenied(_denial_text(e, self.name)) from e
+                return self._unwrap(self.inner.invoke(tool_input, config=config))
+            try:
+                hold = client.hold(self.bulkhead_max_cost, scope=self.bulkhead_scope)
+            except BulkheadError as e:
+                raise SpendDenied(_denial_text(e, self.name)) from e
+            try:
+                result = self._unwrap(self.inner.invoke(tool_input, config=config))
+                cost = _capped(self.bulkhead_cost_of(result), self.bulkhead_max_cost)
+            except BaseException:
+                with contextlib.suppress(BulkheadError):  # the hold expires by itself
+                    hold.release()
+                raise
+            hold.capture(cost)
+            return result
+
+        async def _arun(self, *args: Any, run_manager: Any = None, **kwargs: Any) -> Any:
+            client = self.bulkhead_client
+            is_async = inspect.iscoroutinefunction(client.spend)
+
+            async def do(method: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+                if is_async:
+                    return await method(*a, **kw)
+                return await asyncio.to_thread(method, *a, **kw)
+
+            config: Any = {"callbacks": run_manager.get_child()} if run_manager is not None else None
+            tool_input = self._call(args, kwargs)
+            if self.bulkhead_cost_of is None:
+                try:
+                    await do(client.spend, self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
+                except BulkheadError as e:
+                    raise SpendDenied(_denial_text(e, self.name)) from e
+                return self._unwrap(await self.inner.ainvoke(tool_input, config=config))
+            try:
+                hold = await do(client.hold, self.bulkhead_max_cost, scope=self.bulkhead_scope)
+            except BulkheadError as e:
+                raise SpendDenied(_denial_text(e, self.name)) from e
+            try:
+                result = self._unwrap(await self.inner.ainvoke(tool_input, config=config))
+                cost = _capped(self.bulkhead_cost_of(result), self.bulkhead_max_cost)
+            except BaseException:
+                with contextlib.suppress(BulkheadError):  # the hold expires by itself
+                    await do(hold.release)
+                raise
+            await do(hold.capture, cost)
+            return result
+
+        def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            """Make the wrapped tool's input; a tool call when it answers content and an artifact."""
+            tool_input: Any = args[0] if args and not kwargs else kwargs
+            if self.inner.response_format == "content_and_artifact" and isinstance(tool_input, dict):
+                return {"type": "tool_call", "name": self.inner.name, "args": tool_input, "id": "guarded"}
+            return tool_input
+
+        def _unwrap(self, output: Any) -> Any:
+            """Turn the wrapped tool's answer into what this tool's `_run` returns."""
+            if self.inner.response_format == "content_and_artifact" and hasattr(output, "artifact"):
+                if getattr(output, "status", "success") == "error":
+                    raise ToolFailed(output.content)
+                return output.content, output.artifact
+            return output
+
+    return GuardedTool

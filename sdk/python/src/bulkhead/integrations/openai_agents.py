@@ -1,0 +1,208 @@
+"""OpenAI Agents SDK: the agent's key goes in per assistant, in the tool-call handler.
+
+```python
+from agents import Agent, Runner, function_tool
+from bulkhead.integrations.openai_agents import guard, model
+
+agent = Agent(
+    name="researcher",
+    model=model(client, "gpt-4o-mini"),          # the SDK's own model object, through the gateway
+    tools=[guard(search, client, scope="tools:search", cost="0.01")],
+)
+result = await Runner.run(agent, "…")
+```
+
+`guard` returns an `agents.FunctionTool` with the wrapped tool's name, description and schema
+whose `on_invoke_tool` handler spends with the client's key before it hands the call to the
+wrapped tool. A denied spend never runs the tool: the handler answers the model a tool error
+naming the code (`spending_cap_exceeded: … (tool 'search' did not run)`), the way the Agents SDK
+reports a tool failure to the model, and the run goes on. `metered` holds `max_cost` instead,
+runs the tool, captures what `cost_of(output)` says and releases the rest.
+
+The model factory `model` returns the Agents SDK's `OpenAIResponsesModel` (its default API) or,
+with `api="chat"`, its `OpenAIChatCompletionsModel`, on an `AsyncOpenAI` client whose base URL is
+the gateway and whose API key is the agent's own.
+
+The Agents SDK (`openai-agents`) is imported when these functions are called, not when this
+module is imported.
+"""
+
+# The Agents SDK's objects are untyped here (it is an optional dependency, imported lazily).
+# ruff: noqa: ANN401, PLC0415
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import inspect
+import logging
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+
+from bulkhead._amounts import Amount, amount_text
+from bulkhead.errors import BulkheadError
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from collections.abc import Callable
+
+    from agents import FunctionTool  # type: ignore[import-not-found,unused-ignore]
+    from agents.models.interface import Model  # type: ignore[import-not-found,unused-ignore]
+
+    from bulkhead.aio import AsyncAgentClient
+    from bulkhead.client import AgentClient
+
+    AnyClient = AgentClient | AsyncAgentClient
+
+__all__ = ["guard", "metered", "model"]
+
+_INSTALL = "pip install openai-agents"
+_log = logging.getLogger(__name__)
+
+
+def guard(
+    tool: FunctionTool,
+    client: AnyClient,
+    *,
+    scope: str,
+    cost: Amount,
+    memo: str | None = None,
+) -> FunctionTool:
+    """Return a `FunctionTool` that spends `cost` under `scope` with `client`'s key, then runs `tool`.
+
+    Args:
+        tool: an `agents.FunctionTool` (e.g. made by `@function_tool`).
+        client: the agent's `AsyncAgentClient` (awaited) or `AgentClient` (run in a worker thread).
+        scope: the scope the spend is made under, e.g. `"tools:search"`.
+        cost: what one call of the tool costs (`"0.01"`, `Decimal`, `int` or `float`).
+        memo: the spend's memo; default `tool:<name>`.
+
+    Returns:
+        A copy of `tool` (same name, description, schema, guardrails and timeouts) whose handler
+        pays first. When the spend is denied the tool does not run and the model reads a tool
+        error naming the code.
+
+    """
+    amount_text(cost, name="cost")
+    return _make(tool, client, scope=scope, cost=cost, memo=memo)
+
+
+def metered(
+    tool: FunctionTool,
+    client: AnyClient,
+    *,
+    scope: str,
+    max_cost: Amount,
+    cost_of: Callable[[Any], Amount],
+    memo: str | None = None,
+) -> FunctionTool:
+    """Return a `FunctionTool` that holds `max_cost`, runs `tool` and captures its actual cost.
+
+    `cost_of(output)` gives the cost from the wrapped tool's output (what the model will read);
+    more than `max_cost` is captured as `max_cost`. If the tool or `cost_of` raises, the hold is
+    released and nothing is charged. A denied hold never runs the tool and answers a tool error
+    naming the code, as `guard` does.
+    """
+    amount_text(max_cost, name="max_cost")
+    return _make(tool, client, scope=scope, max_cost=max_cost, cost_of=cost_of, memo=memo)
+
+
+def model(
+    client: AnyClient,
+    model: str,
+    upstream: str = "openai",
+    *,
+    api: Literal["responses", "chat"] = "responses",
+    **kwargs: Any,
+) -> Model:
+    """Return the Agents SDK's OpenAI model object calling `model` through the gateway.
+
+    Args:
+        client: the agent's client; its key is the API key and nothing else is.
+        model: the model name sent upstream, e.g. `"gpt-4o-mini"`.
+        upstream: the gateway upstream's name (`/proxy/{upstream}`).
+        api: `"responses"` (the Agents SDK's default) for `OpenAIResponsesModel`, or `"chat"`
+            for `OpenAIChatCompletionsModel`.
+        **kwargs: passed to `openai.AsyncOpenAI` (`max_retries`, `timeout`, …).
+
+    Returns:
+        An `agents.Model` to pass as `Agent(model=…)`.
+
+    """
+    try:
+        from agents import (  # type: ignore[import-not-found,unused-ignore]
+            OpenAIChatCompletionsModel,
+            OpenAIResponsesModel,
+        )
+        from openai import AsyncOpenAI  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"bulkhead.integrations.openai_agents.model needs {_INSTALL}") from e
+    openai_client = AsyncOpenAI(base_url=f"{client.base_url(upstream)}/v1", api_key=client.key, **kwargs)
+    if api == "responses":
+        made: Model = OpenAIResponsesModel(model=model, openai_client=openai_client)
+    elif api == "chat":
+        made = OpenAIChatCompletionsModel(model=model, openai_client=openai_client)
+    else:
+        raise ValueError(f"api must be 'responses' or 'chat', not {api!r}")
+    return made
+
+
+def _make(
+    tool: FunctionTool,
+    client: AnyClient,
+    *,
+    scope: str,
+    cost: Amount | None = None,
+    max_cost: Amount | None = None,
+    cost_of: Callable[[Any], Amount] | None = None,
+    memo: str | None = None,
+) -> FunctionTool:
+    try:
+        from agents import FunctionTool
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"bulkhead.integrations.openai_agents needs {_INSTALL}") from e
+    if not isinstance(tool, FunctionTool):
+        raise TypeError(f"guard wraps an agents.FunctionTool, not {type(tool).__name__}")
+    invoke_inner = tool.on_invoke_tool
+    name = tool.name
+    spend_memo = memo if memo is not None else f"tool:{name}"
+    is_async = inspect.iscoroutinefunction(client.spend)
+
+    async def do(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if is_async:
+            return await method(*args, **kwargs)
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    async def on_invoke_tool(ctx: Any, arguments: str) -> Any:
+        """Pay with this assistant's key, then run the wrapped tool; a denial is the answer."""
+        if cost_of is None or max_cost is None:
+            try:
+                await do(client.spend, cost, scope=scope, memo=spend_memo)
+            except BulkheadError as e:
+                return _denied(e, name)
+            return await invoke_inner(ctx, arguments)
+        try:
+            hold = await do(client.hold, max_cost, scope=scope)
+        except BulkheadError as e:
+            return _denied(e, name)
+        try:
+            output = await invoke_inner(ctx, arguments)
+            actual = cost_of(output)
+            if Decimal(amount_text(actual)) > Decimal(amount_text(max_cost)):
+                actual = max_cost
+        except BaseException:
+            with contextlib.suppress(BulkheadError):  # the hold expires by itself
+                await do(hold.release)
+            raise
+        await do(hold.capture, actual)
+        return output
+
+    guarded: FunctionTool = copy.copy(tool)
+    guarded.on_invoke_tool = on_invoke_tool
+    return guarded
+
+
+def _denied(error: BulkheadError, tool_name: str) -> str:
+    """Answer a refused spend as the tool's output: the code first, then the server's sentence."""
+    _log.warning("tool %s not run: %s", tool_name, error.code)
+    return f"{error.code}: {error.message} (tool '{tool_name}' did not run)"
