@@ -26,13 +26,15 @@ when `stream_options.include_usage` is set; streamed Responses answers in `respo
 Every request (method, path, headers with lower-cased names, body) is recorded: `GET /__calls`
 returns them as JSON and `DELETE /__calls` clears them; `start()` also hands back the live list.
 
-From tests: `url, stop, calls = start()`. From a shell:
+From tests: `url, stop, calls = start()`, and `gateway_config(url)` for a `bulkhead serve` in
+front of it (run with `SECRET_ENV=SECRET`). From a shell:
 `python llm_upstream.py --listen 127.0.0.1:9100`.
 """
 
 from __future__ import annotations
 
 import argparse
+import decimal
 import hashlib
 import json
 import re
@@ -45,6 +47,12 @@ from typing import Any
 
 PROMPT_TOKENS = 100
 COMPLETION_TOKENS = 20
+SECRET = "sk-scripted-upstream-0123456789"
+"""The upstream's own credential in `gateway_config`: what the gateway must send, never an agent key."""
+SECRET_ENV = "SCRIPTED_LLM_API_KEY"
+INPUT_PER_MILLION = "10.00"
+OUTPUT_PER_MILLION = "50.00"
+MAX_COST_PER_REQUEST = "0.01"
 LOOP_MAX = 200
 """The most tool calls a `loop` script makes before it gives up with a final text."""
 
@@ -75,9 +83,7 @@ Call = dict[str, Any]
 class Turn:
     """The model's next move: a tool call (`tool`, `arguments`) or a final `text`."""
 
-    def __init__(
-        self, *, tool: str | None = None, arguments: str = "{}", text: str = "", step: int = 0
-    ) -> None:
+    def __init__(self, *, tool: str | None = None, arguments: str = "{}", text: str = "", step: int = 0) -> None:
         self.tool = tool
         self.arguments = arguments
         self.text = text
@@ -259,9 +265,7 @@ def chat_chunks(body: dict[str, Any], turn: Turn) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _response_object(
-    body: dict[str, Any], digest: str, status: str, output: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _response_object(body: dict[str, Any], digest: str, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": f"resp_{digest}",
         "object": "response",
@@ -331,9 +335,7 @@ def response_events(body: dict[str, Any], turn: Turn) -> Iterator[str]:
     yield event("response.in_progress", response=_response_object(body, digest, "in_progress", []))
     item = _output_item(digest, turn, "completed")
     at = {"output_index": 0, "item_id": item["id"]}
-    yield event(
-        "response.output_item.added", output_index=0, item=_output_item(digest, turn, "in_progress", "")
-    )
+    yield event("response.output_item.added", output_index=0, item=_output_item(digest, turn, "in_progress", ""))
     if turn.tool is not None:
         for piece in _pieces(turn.arguments):
             yield event("response.function_call_arguments.delta", **at, delta=piece)
@@ -357,6 +359,42 @@ def _pieces(text: str, size: int = 8) -> list[str]:
 def _sse(data: dict[str, Any], event: str | None = None) -> str:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# A gateway in front of it
+
+
+def gateway_config(url: str, name: str = "openai", scope: str = "llm:openai") -> str:
+    """The `bulkhead serve` TOML putting upstream `name` (agents need `scope`) in front of `url`.
+
+    The server must run with `SECRET_ENV=SECRET` in its environment. Each call holds
+    `MAX_COST_PER_REQUEST` and costs `cost_per_call()`.
+    """
+    return (
+        "[[upstream]]\n"
+        f'name = "{name}"\n'
+        f'base_url = "{url}"\n'
+        f'scope = "{scope}"\n'
+        f'secret_env = "{SECRET_ENV}"\n'
+        f'max_cost_per_request = "{MAX_COST_PER_REQUEST}"\n'
+        f'pricing = {{ kind = "openai_usage", input_per_million = "{INPUT_PER_MILLION}", '
+        f'output_per_million = "{OUTPUT_PER_MILLION}" }}\n'
+    )
+
+
+def cost_per_call() -> decimal.Decimal:
+    """What the gateway charges for one answer: its tokens at `gateway_config`'s prices.
+
+    Each kind of token is priced per million and rounded up to the micro-unit, as the gateway does.
+    """
+    micro = decimal.Decimal("0.000001")
+
+    def priced(tokens: int, per_million: str) -> decimal.Decimal:
+        exact = decimal.Decimal(tokens) * decimal.Decimal(per_million) / 1_000_000
+        return exact.quantize(micro, rounding=decimal.ROUND_CEILING)
+
+    return priced(PROMPT_TOKENS, INPUT_PER_MILLION) + priced(COMPLETION_TOKENS, OUTPUT_PER_MILLION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,9 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = raw.decode(errors="replace")
         headers = {k.lower(): v for k, v in self.headers.items()}
         with self.server.lock:
-            self.server.calls.append(
-                {"method": self.command, "path": self.path, "headers": headers, "body": body}
-            )
+            self.server.calls.append({"method": self.command, "path": self.path, "headers": headers, "body": body})
         if self.command == "GET" and path.endswith("/models"):
             self._json(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
             return
