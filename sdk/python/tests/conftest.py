@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from support import server as support_server
-from support.util import unique_handle
 
 from bulkhead import AgentAccount
+from support import server as support_server
+from support.util import unique_handle
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MakeAccount
-from support.server import Server
-from support.util import unique_handle
 
 from bulkhead import AgentAccount, AgentClient
 from bulkhead._amounts import amount_text
+from conftest import MakeAccount
+from support.server import Server
+from support.util import unique_handle
 
 W = "payments:write"
 
@@ -148,9 +148,7 @@ def test_seven_decimals_are_refused_and_nothing_is_sent(make_account: MakeAccoun
         client.spend(-1, scope=W)
     assert recorder.requests == []
     with pytest.raises(ValueError, match="more than 6 decimal places"):
-        AgentAccount.create(
-            unique_handle(), [W], "1.0000001", url=server.url, admin_token=server.admin_token
-        )
+        AgentAccount.create(unique_handle(), [W], "1.0000001", url=server.url, admin_token=server.admin_token)
     # The server saw nothing: no decision, no audit event.
     assert account.usage().tx_count == 0
     assert account.usage().denied_count == 0

@@ -5,14 +5,11 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from conftest import MakeAccount
-from support.server import Server
-from support.util import unique_handle
 
 from bulkhead import (
     AgentAccount,
-    AgentSuspended,
     AgentClient,
+    AgentSuspended,
     CredentialRevoked,
     HoldClosed,
     InvalidAmount,
@@ -22,6 +19,9 @@ from bulkhead import (
     Receipt,
     Settlement,
 )
+from conftest import MakeAccount
+from support.server import Server
+from support.util import unique_handle
 
 
 def test_create_takes_every_field(make_account: MakeAccount) -> None:
@@ -152,9 +152,16 @@ def test_leaving_the_block_without_capture_releases(make_account: MakeAccount) -
 def test_an_exception_in_the_block_releases(make_account: MakeAccount) -> None:
     account = make_account(spending_cap="10.00")
     client = account.client()
-    with pytest.raises(RuntimeError, match="tool failed"), client.hold("4.00", scope="payments:write"):
-        assert account.usage().window_held == Decimal("4.00")
-        raise RuntimeError("tool failed")
+    held = []
+
+    def tool() -> None:
+        with client.hold("4.00", scope="payments:write"):
+            held.append(account.usage().window_held)
+            raise RuntimeError("tool failed")
+
+    with pytest.raises(RuntimeError, match="tool failed"):
+        tool()
+    assert held == [Decimal("4.00")]
     usage = account.usage()
     assert (usage.window_spent, usage.window_held) == (Decimal("0.00"), Decimal("0.00"))
     assert [e.action for e in account.audit()][-2:] == ["hold", "release"]

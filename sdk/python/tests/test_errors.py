@@ -7,9 +7,6 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
-from conftest import MakeAccount
-from support.server import Server
-from support.util import unique_handle, wait_until
 
 import bulkhead
 from bulkhead import (
@@ -56,6 +53,9 @@ from bulkhead import (
     error_class,
 )
 from bulkhead.errors import error_from_response
+from conftest import MakeAccount
+from support.server import Server
+from support.util import unique_handle, wait_until
 
 W = "payments:write"
 
@@ -303,9 +303,11 @@ def test_an_agent_key_is_no_admin_token(make_account: MakeAccount, server: Serve
 
 
 def test_no_server_is_a_connection_error() -> None:
-    with AgentClient("bk_x", url="http://127.0.0.1:9", max_retries=1) as client:
-        with pytest.raises(BulkheadConnectionError) as caught:
-            client.spend("1.00", scope=W)
+    with (
+        AgentClient("bk_x", url="http://127.0.0.1:9", max_retries=1) as client,
+        pytest.raises(BulkheadConnectionError) as caught,
+    ):
+        client.spend("1.00", scope=W)
     assert caught.value.status is None
     assert caught.value.code == "connection_error"
     assert isinstance(caught.value, BulkheadError)

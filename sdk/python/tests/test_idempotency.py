@@ -6,10 +6,10 @@ from decimal import Decimal
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import MakeAccount
-from support.proxy import DroppingProxy
 
 from bulkhead import AgentClient, BulkheadConnectionError
+from conftest import MakeAccount
+from support.proxy import DroppingProxy
 
 W = "payments:write"
 
@@ -22,7 +22,10 @@ def _port(url: str) -> int:
 
 def test_a_spend_whose_answer_was_lost_is_retried_and_charged_once(make_account: MakeAccount) -> None:
     account = make_account(spending_cap="10.00")
-    with DroppingProxy(_port(account.url), drop=["^POST /v1/spend "]) as proxy, AgentClient(account.key, url=proxy.url) as client:
+    with (
+        DroppingProxy(_port(account.url), drop=["^POST /v1/spend "]) as proxy,
+        AgentClient(account.key, url=proxy.url) as client,
+    ):
         receipt = client.spend("2.50", scope=W, memo="once")
         # The server answered the first attempt; the client never saw that answer.
         assert len(proxy.dropped) == 1
@@ -45,7 +48,10 @@ def test_a_spend_whose_answer_was_lost_is_retried_and_charged_once(make_account:
 
 def test_hold_and_capture_whose_answers_were_lost(make_account: MakeAccount) -> None:
     account = make_account(spending_cap="10.00")
-    with DroppingProxy(_port(account.url), drop=["^POST /v1/holds ", "/capture "]) as proxy, AgentClient(account.key, url=proxy.url) as client:
+    with (
+        DroppingProxy(_port(account.url), drop=["^POST /v1/holds ", "/capture "]) as proxy,
+        AgentClient(account.key, url=proxy.url) as client,
+    ):
         hold = client.hold("1.00", scope=W)
         settlement = hold.capture("0.40")
         assert len(proxy.dropped) == 2

@@ -6,6 +6,7 @@ outcome is unknown, and only an idempotent retry is safe.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -106,10 +107,8 @@ class DroppingProxy:
         self._listener.close()
         with self._lock:
             for s in self._sockets:
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
 
     def __enter__(self) -> DroppingProxy:
         return self
