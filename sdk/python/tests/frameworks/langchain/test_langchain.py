@@ -1,0 +1,256 @@
+"""LangChain agents (`create_agent` loops) with a Bulkhead key each, through a real gateway.
+
+The only stand-in is the LLM: `llm_upstream` answers with tool calls as its prompt scripts them.
+Everything else is real: LangChain's agent loop and `ChatOpenAI`, the SDK, `bulkhead serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.tools import BaseTool, tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from bulkhead.integrations.langchain import chat_model, guard, metered
+from support import llm_upstream
+
+MODEL = "gpt-4o-mini"
+TOOL_SCOPE = "tools:search"
+TOOL_COST = Decimal("0.10")
+# A cap of 0.35 pays for three searches and the model calls around them (0.002 each, with room
+# for the gateway's 0.01 hold per call): the fourth search is refused.
+LOOPER_CAP = "0.35"
+LOOPER_RUNS = 3
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def search_tool(runs: list[str], on_run: Any = None) -> BaseTool:
+    """A LangChain tool whose body records each run in `runs`."""
+
+    @tool
+    def search(query: str = "") -> str:
+        """Search the web for `query`."""
+        runs.append(query)
+        if on_run is not None:
+            on_run(len(runs))
+        return f"result {len(runs)} for {query!r}"
+
+    return search
+
+
+def task(handle: str) -> dict[str, Any]:
+    """The user's message to an agent; it names the agent so its model calls can be told apart."""
+    return {"messages": [{"role": "user", "content": f"You are {handle}. Search for what you need."}]}
+
+
+def tool_messages(out: dict[str, Any]) -> list[ToolMessage]:
+    return [m for m in out["messages"] if isinstance(m, ToolMessage)]
+
+
+def model_calls(out: dict[str, Any]) -> int:
+    return sum(isinstance(m, AIMessage) for m in out["messages"])
+
+
+def check_audit(harness, handle: str, *, allowed: int, denied: int, model_calls: int) -> None:
+    """The agent's own trail has its spends and its gateway leases and settlements, nobody else's."""
+    events = harness.audit(handle)
+    assert {e["agent"] for e in events} == {handle}
+    spends = [e for e in events if e["action"] == "spend"]
+    assert [e["outcome"] for e in spends] == ["allowed"] * allowed + ["denied"] * denied
+    assert {e["scope"] for e in spends} == {TOOL_SCOPE}
+    assert all(Decimal(e["amount"]) == TOOL_COST for e in spends)
+    assert {e["reason"] for e in spends if e["outcome"] == "denied"} <= {"spending_cap_exceeded"}
+    by_gateway = [e for e in events if (e.get("detail") or {}).get("by") == "gateway"]
+    leases = [e for e in by_gateway if e["action"] == "hold"]
+    assert leases
+    assert {e["scope"] for e in leases} == {"llm:openai"}
+    settlements = [e for e in by_gateway if e["action"] == "capture"]
+    assert sum(e["detail"]["calls"] for e in settlements) == model_calls
+    assert sum(Decimal(e["amount"]) for e in settlements) == model_calls * llm_upstream.cost_per_call()
+
+
+def check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs, finish_runs) -> None:
+    """The looping agent was stopped at its cap, the other finished, each paid for its own."""
+    # The looper: three searches ran, the fourth was refused and never ran, the model read why.
+    messages = tool_messages(loop_out)
+    assert [m.status for m in messages] == ["success"] * LOOPER_RUNS + ["error"]
+    assert messages[-1].content.startswith("spending_cap_exceeded: ")
+    assert len(loop_runs) == LOOPER_RUNS
+    assert "spending_cap_exceeded" in loop_out["messages"][-1].content
+    # The finisher: its two searches, then its answer.
+    assert [m.status for m in tool_messages(finish_out)] == ["success", "success"]
+    assert finish_out["messages"][-1].content == "Done after 2 tool calls."
+    assert len(finish_runs) == 2
+    for account, out, runs in ((looper, loop_out, loop_runs), (finisher, finish_out, finish_runs)):
+        calls = model_calls(out)
+        assert len(harness.llm_calls(account.handle)) == calls  # every model call went upstream once
+        usage = harness.settled(account, calls, TOOL_COST * len(runs))
+        assert usage.denied_count == (1 if account is looper else 0)
+    check_audit(harness, looper.handle, allowed=LOOPER_RUNS, denied=1, model_calls=model_calls(loop_out))
+    check_audit(harness, finisher.handle, allowed=2, denied=0, model_calls=model_calls(finish_out))
+    harness.assert_upstream_saw_only_the_secret()
+
+
+def test_guard_keeps_the_tools_interface_and_chat_model_uses_the_agents_key(harness):
+    account = harness.account("lc-iface", "1.00", scopes=["llm:openai"])  # no tool scope
+    client = account.client()
+    runs: list[str] = []
+    search = search_tool(runs)
+    guarded = guard(search, client, scope=TOOL_SCOPE, cost="0.10")
+    assert isinstance(guarded, BaseTool)
+    assert (guarded.name, guarded.description) == (search.name, search.description)
+    assert convert_to_openai_tool(guarded) == convert_to_openai_tool(search)
+
+    # A refused spend is the tool's answer, with status error, and the body never runs.
+    answer = guarded.invoke({"type": "tool_call", "name": "search", "args": {"query": "x"}, "id": "c1"})
+    assert isinstance(answer, ToolMessage)
+    assert answer.status == "error"
+    assert answer.content.startswith("scope_not_granted: ")
+    assert "did not run" in answer.content
+    assert runs == []
+
+    model = chat_model(client, MODEL, max_retries=0)
+    assert model.openai_api_base == f"{account.client().base_url('openai')}/v1"
+    assert model.openai_api_key.get_secret_value() == account.key
+    with pytest.raises(ValueError, match="decimal"):
+        guard(search, client, scope=TOOL_SCOPE, cost="0.1234567")
+
+
+def test_two_agents_one_loops_into_its_cap_and_is_stopped_the_other_finishes(harness):
+    looper = harness.account("lc-looper", LOOPER_CAP)
+    finisher = harness.account("lc-finisher", "1.00")
+    loop_runs: list[str] = []
+    finish_runs: list[str] = []
+    agents = []
+    for account, runs, script in ((looper, loop_runs, "[[loop:search]]"), (finisher, finish_runs, "[[call:search:2]]")):
+        client = account.client()  # the key goes in here, per tool and per model
+        agents.append(
+            create_agent(
+                chat_model(client, MODEL, max_retries=0),
+                tools=[guard(search_tool(runs), client, scope=TOOL_SCOPE, cost=TOOL_COST)],
+                system_prompt=f"You research things. {script}",
+            )
+        )
+    with ThreadPoolExecutor(2) as pool:
+        loop_future = pool.submit(agents[0].invoke, task(looper.handle))
+        finish_future = pool.submit(agents[1].invoke, task(finisher.handle))
+        loop_out, finish_out = loop_future.result(), finish_future.result()
+    check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs, finish_runs)
+    assert not any(c["body"].get("stream") for c in harness.llm_calls(looper.handle))
+
+
+def test_two_async_agents_streaming_through_the_gateway(harness):
+    looper = harness.account("lc-async-looper", LOOPER_CAP)
+    finisher = harness.account("lc-async-finisher", "1.00")
+    loop_runs: list[str] = []
+    finish_runs: list[str] = []
+
+    async def run(account, runs: list[str], script: str) -> dict[str, Any]:
+        async with account.async_client() as client:
+            agent = create_agent(
+                chat_model(client, MODEL, streaming=True, max_retries=0),
+                tools=[guard(search_tool(runs), client, scope=TOOL_SCOPE, cost=TOOL_COST)],
+                system_prompt=f"You research things. {script}",
+            )
+            result: dict[str, Any] = await agent.ainvoke(task(account.handle))
+            return result
+
+    async def both() -> list[dict[str, Any]]:
+        return await asyncio.gather(
+            run(looper, loop_runs, "[[loop:search]]"), run(finisher, finish_runs, "[[call:search:2]]")
+        )
+
+    loop_out, finish_out = asyncio.run(both())
+    check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs, finish_runs)
+    for account in (looper, finisher):
+        assert all(c["body"].get("stream") is True for c in harness.llm_calls(account.handle))
+
+
+def test_an_agent_revoked_mid_run_stops_at_its_next_call_the_other_goes_on(harness):
+    victim = harness.account("lc-victim", "1.00")
+    other = harness.account("lc-other", "1.00")
+    runs: list[str] = []
+
+    def revoke_on_second_run(count: int) -> None:
+        if count == 2:
+            assert victim.revoke(reason="compromised") == [victim.handle]
+
+    client = victim.client()
+    guarded = guard(search_tool(runs, revoke_on_second_run), client, scope=TOOL_SCOPE, cost=TOOL_COST)
+    agent = create_agent(chat_model(client, MODEL, max_retries=0), tools=[guarded], system_prompt="[[loop:search]]")
+    with pytest.raises(openai.AuthenticationError) as refused:
+        agent.invoke(task(victim.handle))
+    assert refused.value.status_code == 401
+    assert refused.value.code == "credential_revoked"
+    assert len(runs) == 2
+    assert len(harness.llm_calls(victim.handle)) == 2  # the call after the revocation never went upstream
+
+    # Its next spend is refused too: the guard answers the code and the tool does not run.
+    answer = guarded.invoke({"type": "tool_call", "name": "search", "args": {"query": "again"}, "id": "c9"})
+    assert answer.status == "error"
+    assert answer.content.startswith("credential_revoked: ")
+    assert len(runs) == 2
+    events = harness.audit(victim.handle)
+    assert [e["action"] for e in events].count("agent.revoke") == 1
+    spends = [(e["outcome"], e["reason"]) for e in events if e["action"] == "spend"]
+    assert spends == [("allowed", None), ("allowed", None), ("denied", "credential_revoked")]
+
+    # The other agent, on the same gateway, is untouched.
+    other_runs: list[str] = []
+    other_client = other.client()
+    other_agent = create_agent(
+        chat_model(other_client, MODEL, max_retries=0),
+        tools=[guard(search_tool(other_runs), other_client, scope=TOOL_SCOPE, cost=TOOL_COST)],
+        system_prompt="[[call:search:1]]",
+    )
+    out = other_agent.invoke(task(other.handle))
+    assert out["messages"][-1].content == "Done after 1 tool calls."
+    harness.settled(other, model_calls(out), TOOL_COST)
+    harness.assert_upstream_saw_only_the_secret()
+
+
+def test_metered_tool_holds_the_most_and_captures_what_the_call_cost(harness):
+    account = harness.account("lc-metered", "0.30")
+    client = account.client()
+    runs: list[str] = []
+    search = search_tool(runs)
+
+    def cost_of(result: str) -> Decimal:
+        return Decimal("0.04")  # e.g. what the search API billed for the pages it returned
+
+    tool_ = metered(search, client, scope=TOOL_SCOPE, max_cost="0.10", cost_of=cost_of)
+    agent = create_agent(chat_model(client, MODEL, max_retries=0), tools=[tool_], system_prompt="[[loop:search]]")
+    out = agent.invoke(task(account.handle))
+    # Holds of 0.10 fit under 0.30 five times (each run keeps 0.04); the sixth is refused.
+    messages = tool_messages(out)
+    assert [m.status for m in messages] == ["success"] * 5 + ["error"]
+    assert messages[-1].content.startswith("spending_cap_exceeded: ")
+    assert len(runs) == 5
+    harness.settled(account, model_calls(out), Decimal("0.04") * 5)
+    events = harness.audit(account.handle)
+    holds = [e for e in events if e["action"] == "hold" and e["scope"] == TOOL_SCOPE]
+    assert [e["outcome"] for e in holds] == ["allowed"] * 5 + ["denied"]
+    hold_ids = {e["ref"] for e in holds if e["outcome"] == "allowed"}
+    captures = [e for e in events if e["action"] == "capture" and e["ref"] in hold_ids]
+    assert [Decimal(e["amount"]) for e in captures] == [Decimal("0.04")] * 5
+
+    # A tool that fails is charged nothing: its hold is released.
+    def broken(query: str = "") -> str:
+        """Search the web for `query`."""
+        raise RuntimeError("search backend down")
+
+    before = account.usage().window_spent
+    failing = metered(tool(broken), client, scope=TOOL_SCOPE, max_cost="0.01", cost_of=cost_of)
+    with pytest.raises(RuntimeError, match="backend down"):
+        failing.invoke({"query": "x"})
+    usage = account.usage()
+    assert (usage.window_spent, usage.window_held) == (before, 0)
+    assert harness.audit(account.handle)[-1]["action"] == "release"
