@@ -1,0 +1,13 @@
+"""AutoGen tests: a real `bulkhead serve` whose gateway forwards to the scripted LLM upstream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from autogen_support import Gateway, start_gateway
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    yield from start_gateway()

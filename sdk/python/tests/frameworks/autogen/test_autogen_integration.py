@@ -1,0 +1,307 @@
+"""`bulkhead.integrations.autogen` driving real AutoGen agents through a real gateway.
+
+Each agent gets its own account and key at instantiation: its model client (made by
+`model_client`) calls the scripted LLM through `/proxy/openai`, and its tools are wrapped by
+`guard`. The scripted model loops (`[[loop:TOOL]]`) or calls a tool N times (`[[call:TOOL:N]]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.base import TaskResult
+from autogen_agentchat.messages import TextMessage, ToolCallExecutionEvent
+from autogen_core import CancellationToken
+from autogen_core.tools import FunctionTool
+from autogen_support import PRICE_PER_CALL, UPSTREAM_SECRET, Gateway, wait_for
+
+from bulkhead import AgentAccount
+from bulkhead.integrations.autogen import DEFAULT_MODEL_INFO, ToolDenied, guard, model_client
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    # The scripted upstream echoes the model name it was sent; AutoGen expected its dated alias.
+    pytest.mark.filterwarnings("ignore:Resolved model mismatch:UserWarning"),
+]
+
+
+def assistant(account: AgentAccount, client: Any, directive: str, tools: list[Any]) -> AssistantAgent:
+    """An AutoGen agent built with its own key: model client and tools both carry it."""
+    return AssistantAgent(
+        name=account.handle.replace("-", "_"),
+        model_client=model_client(client, "gpt-4o-mini"),
+        tools=tools,
+        system_message=f"You are agent {account.handle}. {directive}",
+        max_tool_iterations=20,
+    )
+
+
+async def run_all(*runs: tuple[AssistantAgent, str]) -> list[TaskResult | BaseException]:
+    """Runs agents side by side, each on its own task; closes their model clients afterwards."""
+    try:
+        return await asyncio.gather(*(agent.run(task=task) for agent, task in runs), return_exceptions=True)
+    finally:
+        for agent, _ in runs:
+            await agent._model_client.close()
+
+
+def settled(gateway: Gateway, account: AgentAccount, calls: int) -> bool:
+    """Whether the gateway has settled `calls` LLM calls of the agent and holds nothing more for it."""
+    return gateway_calls_settled(gateway.audit(account.handle)) == calls and account.usage().window_held == 0
+
+
+def tool_results(result: TaskResult) -> list[Any]:
+    return [r for m in result.messages if isinstance(m, ToolCallExecutionEvent) for r in m.content]
+
+
+def spends(events: list[dict[str, Any]], scope: str) -> list[tuple[str, str | None, str | None]]:
+    return [(e["outcome"], e["reason"], e["amount"]) for e in events if e["action"] == "spend" and e["scope"] == scope]
+
+
+def gateway_calls_settled(events: list[dict[str, Any]]) -> int:
+    return sum(
+        int(e["detail"]["calls"])
+        for e in events
+        if e["action"] == "capture" and (e.get("detail") or {}).get("by") == "gateway"
+    )
+
+
+def assert_upstream_saw_only_the_secret(calls: list[dict[str, Any]]) -> None:
+    assert calls
+    for call in calls:
+        assert call["headers"]["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+        assert "bk_" not in json.dumps(call["headers"]) + json.dumps(call["body"])
+
+
+def test_looping_agent_stops_at_its_cap_while_the_other_finishes(gateway: Gateway) -> None:
+    # The cap is four searches' worth: with the metered LLM calls on top, the fourth search is
+    # refused whatever LLM slots the gateway holds at that moment; the third fits beside them.
+    researcher = gateway.account("ag-research", ["llm:openai", "tools:search"], "4.00")
+    writer = gateway.account("ag-writer", ["llm:openai", "tools:draft"], "1.00")
+    runs = {"search": 0, "draft": 0}
+
+    async def search(query: str) -> str:
+        """Search the web."""
+        runs["search"] += 1
+        return f"result {runs['search']} for {query}"
+
+    def draft(topic: str) -> str:
+        """Draft a paragraph."""
+        runs["draft"] += 1
+        return f"draft {runs['draft']} about {topic}"
+
+    async def main() -> tuple[TaskResult, TaskResult]:
+        r_client, w_client = researcher.async_client(), writer.async_client()
+        try:
+            r_agent = assistant(
+                researcher,
+                r_client,
+                '[[loop:search:{"query": "bulkheads"}]]',
+                [guard(search, r_client, scope="tools:search", cost="1.00")],
+            )
+            w_agent = assistant(
+                writer,
+                w_client,
+                '[[call:draft:2:{"topic": "caps"}]]',
+                [guard(FunctionTool(draft, "Draft a paragraph."), w_client, scope="tools:draft", cost="0.10")],
+            )
+            r_out, w_out = await run_all((r_agent, "Research bulkheads."), (w_agent, "Write about caps."))
+            assert isinstance(r_out, TaskResult), r_out
+            assert isinstance(w_out, TaskResult), w_out
+            return r_out, w_out
+        finally:
+            await r_client.aclose()
+            await w_client.aclose()
+
+    r_result, w_result = asyncio.run(main())
+
+    # The looping agent: three paid searches, then a refusal naming the code; the tool never ran again.
+    assert runs["search"] == 3
+    results = tool_results(r_result)
+    assert [r.is_error for r in results] == [False, False, False, True]
+    assert results[-1].content.startswith("spending_cap_exceeded:")
+    assert "did not run" in results[-1].content
+    final = r_result.messages[-1]
+    assert isinstance(final, TextMessage)
+    assert "spending_cap_exceeded" in final.content
+
+    # The other agent finished its script untouched.
+    assert runs["draft"] == 2
+    assert [r.is_error for r in tool_results(w_result)] == [False, False]
+    assert isinstance(w_result.messages[-1], TextMessage)
+    assert w_result.messages[-1].content == "Done after 2 tool calls."
+
+    # Each agent's own audit trail holds its own decisions, and only those.
+    r_events, w_events = gateway.audit(researcher.handle), gateway.audit(writer.handle)
+    assert spends(r_events, "tools:search") == [("allowed", None, "1.00")] * 3 + [
+        ("denied", "spending_cap_exceeded", "1.00")
+    ]
+    assert spends(w_events, "tools:draft") == [("allowed", None, "0.10")] * 2
+    assert spends(r_events, "tools:draft") == []
+    assert spends(w_events, "tools:search") == []
+
+    # Every LLM call went through the gateway with the agent's own key and is metered to it.
+    r_calls, w_calls = gateway.calls_of(researcher.handle), gateway.calls_of(writer.handle)
+    assert len(r_calls) == 5  # one before each of the 4 tool calls, one for the final answer
+    assert len(w_calls) == 3
+    assert_upstream_saw_only_the_secret(r_calls + w_calls)
+    wait_for(lambda: settled(gateway, researcher, 5) and settled(gateway, writer, 3))
+    assert researcher.usage().window_spent == 3 * Decimal("1.00") + 5 * PRICE_PER_CALL
+    assert writer.usage().window_spent == 2 * Decimal("0.10") + 3 * PRICE_PER_CALL
+
+
+def test_an_agent_revoked_mid_run_stops_at_its_next_call(gateway: Gateway) -> None:
+    doomed = gateway.account("ag-doomed", ["llm:openai", "tools:fetch"], "10.00")
+    steady = gateway.account("ag-steady", ["llm:openai", "tools:fetch"], "10.00")
+    runs = {"doomed": 0, "steady": 0}
+
+    def fetch_doomed(url: str) -> str:
+        """Fetch a page."""
+        runs["doomed"] += 1
+        if runs["doomed"] == 2:
+            doomed.revoke(reason="operator pulled the plug mid-run")
+        return f"page {runs['doomed']}"
+
+    def fetch_steady(url: str) -> str:
+        """Fetch a page."""
+        runs["steady"] += 1
+        return f"page {runs['steady']}"
+
+    async def main() -> tuple[BaseException | TaskResult, BaseException | TaskResult]:
+        d_client, s_client = doomed.client(), steady.client()  # sync clients: spends run in threads
+        d_agent = assistant(
+            doomed,
+            d_client,
+            '[[loop:fetch:{"url": "https://example.com"}]]',
+            [
+                guard(
+                    FunctionTool(fetch_doomed, "Fetch a page.", name="fetch"),
+                    d_client,
+                    scope="tools:fetch",
+                    cost="0.01",
+                )
+            ],
+        )
+        s_agent = assistant(
+            steady,
+            s_client,
+            '[[call:fetch:3:{"url": "https://example.com"}]]',
+            [
+                guard(
+                    FunctionTool(fetch_steady, "Fetch a page.", name="fetch"),
+                    s_client,
+                    scope="tools:fetch",
+                    cost="0.01",
+                )
+            ],
+        )
+        outcomes = await run_all((d_agent, "Fetch pages."), (s_agent, "Fetch pages."))
+        return outcomes[0], outcomes[1]
+
+    d_outcome, s_outcome = asyncio.run(main())
+
+    # The revoked agent's next call, to the model through the gateway, was refused.
+    assert isinstance(d_outcome, openai.AuthenticationError), d_outcome
+    assert d_outcome.status_code == 401
+    assert d_outcome.code == "credential_revoked"
+    assert runs["doomed"] == 2
+    assert len(gateway.calls_of(doomed.handle)) == 2  # the refused third call never reached upstream
+    assert doomed.refresh().status == "revoked"
+
+    # The other agent, on its own key, finished.
+    assert isinstance(s_outcome, TaskResult)
+    assert runs["steady"] == 3
+    assert s_outcome.messages[-1].content == "Done after 3 tool calls."
+
+    # And a guarded tool with the revoked key refuses before running.
+    denied = guard(fetch_doomed, doomed.client(), scope="tools:fetch", cost="0.01")
+    with pytest.raises(ToolDenied) as info:
+        asyncio.run(denied.run_json({"url": "x"}, CancellationToken()))
+    assert info.value.code == "credential_revoked"
+    assert runs["doomed"] == 2
+
+
+def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gateway) -> None:
+    account = gateway.account("ag-quote", ["llm:openai", "tools:quote"], "5.00")
+    runs = {"quote": 0}
+
+    def quote(item: str) -> dict[str, str]:
+        """Quote a price."""
+        runs["quote"] += 1
+        if runs["quote"] == 2:
+            raise RuntimeError("quote service error")
+        return {"item": item, "cost": "0.12"}
+
+    async def main() -> TaskResult:
+        client = account.async_client()
+        try:
+            agent = AssistantAgent(
+                name="quoter",
+                model_client=model_client(client, "house-model-v1"),  # a name AutoGen does not know
+                tools=[guard(quote, client, scope="tools:quote", hold="0.50", cost_of=lambda r: r["cost"])],
+                system_message=f'You are agent {account.handle}. [[call:quote:2:{{"item": "disk"}}]]',
+                max_tool_iterations=5,
+            )
+            (outcome,) = await run_all((agent, "Get quotes."))
+            assert isinstance(outcome, TaskResult), outcome
+            return outcome
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(main())
+
+    assert runs["quote"] == 2
+    assert [r.is_error for r in tool_results(result)] == [False, True]
+    events = gateway.audit(account.handle)
+    tool_events = [(e["action"], e["outcome"], e["amount"]) for e in events if e.get("scope") == "tools:quote"]
+    assert tool_events == [("hold", "allowed", "0.50"), ("hold", "allowed", "0.50")]
+    own = [e for e in events if (e.get("detail") or {}).get("by") != "gateway"]
+    assert [(e["action"], e["amount"]) for e in own if e["action"] in ("capture", "release")] == [
+        ("capture", "0.12"),
+        ("release", "0.50"),
+    ]
+    calls = gateway.calls_of(account.handle)
+    assert {c["body"]["model"] for c in calls} == {"house-model-v1"}
+    assert len(calls) == 3  # before each quote, and the final answer after the failed one
+    wait_for(lambda: settled(gateway, account, 3))
+    assert account.usage().window_spent == Decimal("0.12") + 3 * PRICE_PER_CALL
+
+
+def test_guard_keeps_the_tool_schema_and_refuses_an_ungranted_scope(gateway: Gateway) -> None:
+    account = gateway.account("ag-scope", ["tools:read"], "1.00")
+    ran: list[str] = []
+
+    def lookup(city: str, days: int = 1) -> str:
+        """Look up the weather."""
+        ran.append(city)
+        return "sunny"
+
+    inner = FunctionTool(lookup, "Look up the weather.")
+    client = account.client()
+    guarded = guard(inner, client, scope="tools:write", cost="0.01")
+    assert guarded.name == inner.name == "lookup"
+    assert guarded.description == inner.description
+    assert guarded.schema == inner.schema
+    with pytest.raises(ToolDenied) as info:
+        asyncio.run(guarded.run_json({"city": "Oslo"}, CancellationToken()))
+    assert info.value.code == "scope_not_granted"
+    assert str(info.value).startswith("scope_not_granted:")
+    assert ran == []
+
+    allowed = guard(inner, client, scope="tools:read", cost="0.01")
+    assert asyncio.run(allowed.run_json({"city": "Oslo"}, CancellationToken())) == "sunny"
+    assert ran == ["Oslo"]
+    assert account.usage().window_spent == Decimal("0.01")
+
+    with pytest.raises(ValueError, match="exactly one"):
+        guard(inner, client, scope="tools:read")
+    made = model_client(client, "house-model-v2")
+    assert made.model_info["function_calling"] is DEFAULT_MODEL_INFO["function_calling"]
+    known = model_client(client, "gpt-4o-mini")
+    assert known.model_info["family"] != "unknown"
