@@ -740,6 +740,66 @@ async fn usage_is_metered_exactly() {
     b.assert_audit_intact().await;
 }
 
+/// The OpenAI Responses API (`POST /v1/responses`, the OpenAI Agents SDK's default): usage is
+/// read from the answer's `usage`, and from a stream's `response.completed` event; the gateway
+/// adds no `stream_options` (only the completions APIs take it) and passes the stream on whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn responses_api_is_metered_exactly() {
+    let (b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "responses", "100.00", &["llm:openai"]).await;
+    let c = http();
+    let post = reqwest::Method::POST;
+    let req = json!({"model": "m", "input": "hi"});
+    let mut expected = 0i64;
+
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/openai/v1/responses",
+        Some(&key),
+        &[("x-mock-usage", "1234,567")],
+        Some(req.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["usage"]["input_tokens"], 1234, "the answer is passed on whole");
+    expected += tokens(1234, "2.50") + tokens(567, "10.00");
+    assert_eq!(settled(&api, "responses").await, (expected, 0), "non-streamed Responses usage");
+
+    let mut stream = req.clone();
+    stream["stream"] = json!(true);
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/openai/v1/responses",
+        Some(&key),
+        &[("x-mock-usage", "3001,7")],
+        Some(stream.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(a.headers.contains("text/event-stream"), "{}", a.headers);
+    let events: Vec<Value> = a
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("event is JSON"))
+        .collect();
+    assert_eq!(events.len(), 5, "created, three deltas, completed: {}", a.body);
+    assert_eq!(events[4]["type"], "response.completed");
+    assert_eq!(events[4]["response"]["usage"]["output_tokens"], 7, "the agent gets the usage event");
+    let sent: Value =
+        serde_json::from_str(mock.records().await.last().expect("record")["body"].as_str().expect("body"))
+            .expect("forwarded body is JSON");
+    assert_eq!(sent, stream, "a Responses request is forwarded as sent, without stream_options");
+    expected += tokens(3001, "2.50") + tokens(7, "10.00");
+    assert_eq!(settled(&api, "responses").await, (expected, 0), "streamed Responses usage");
+    b.assert_audit_intact().await;
+}
+
 /// SSE chunks reach the agent as they arrive: the first chunk is read while the upstream is
 /// still held at a gate (it cannot have finished), and the call settles once it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -222,7 +222,10 @@ impl Meter {
             Dialect::OpenAi => {
                 if let Some(u) = v.get("usage").and_then(usage_object) {
                     self.usage = Some(u);
-                } else if v.get("type").and_then(Value::as_str) == Some("response.completed")
+                } else if v
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| matches!(t, "response.completed" | "response.incomplete" | "response.failed"))
                     && let Some(u) = v.get("response").and_then(|r| r.get("usage")).and_then(usage_object)
                 {
                     self.usage = Some(u);
@@ -392,6 +395,33 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         assert_eq!(m.feed(Bytes::from("data: [DONE]\n\n")), Bytes::from("data: [DONE]\n\n"));
         assert_eq!(m.finish(), Bytes::new());
         assert_eq!(m.usage(), Some(Usage { input: 1, output: 2, ..Usage::default() }));
+    }
+
+    /// The Responses API: usage arrives in the final `response.completed` (or
+    /// `response.incomplete`, when `max_output_tokens` cut the answer short) event, nested in the
+    /// response object; events before it carry `"usage": null`.
+    #[test]
+    fn responses_stream_usage_at_every_split() {
+        for last in ["response.completed", "response.incomplete"] {
+            let body = format!(
+                "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"id\":\"r\",\"usage\":null}}}}\n\n\
+event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"usage \"}}\n\n\
+event: {last}\ndata: {{\"type\":\"{last}\",\"response\":{{\"id\":\"r\",\"usage\":{{\"input_tokens\":321,\"input_tokens_details\":{{\"cached_tokens\":0}},\"output_tokens\":45,\"output_tokens_details\":{{\"reasoning_tokens\":5}},\"total_tokens\":366}}}}}}\n\n"
+            );
+            let body = body.as_bytes();
+            for cut in 0..=body.len() {
+                let mut m = Meter::new(Dialect::OpenAi, true, false);
+                let (out, usage) = run(&mut m, body, &[cut]);
+                assert_eq!(out, body, "passed on unchanged");
+                assert_eq!(usage, Some(Usage { input: 321, output: 45, ..Usage::default() }), "{last} cut {cut}");
+            }
+            let cut = body.len() - 40;
+            let mut m = Meter::new(Dialect::OpenAi, true, false);
+            assert_eq!(run(&mut m, &body[..cut], &[]).1, None, "a stream cut before its usage has none");
+        }
+        let plain = br#"{"id":"r","object":"response","output":[],"usage":{"input_tokens":7,"output_tokens":8,"total_tokens":15}}"#;
+        let mut m = Meter::new(Dialect::OpenAi, false, false);
+        assert_eq!(run(&mut m, plain, &[9]).1, Some(Usage { input: 7, output: 8, ..Usage::default() }));
     }
 
     #[test]

@@ -332,7 +332,10 @@ impl Gateway {
         let over = Arc::new(AtomicBool::new(false));
         let mut strip = false;
         let mut replaced_len = None;
-        let body = if openai && parts.method == Method::POST && is_json(&parts.headers) {
+        // Only the completions APIs take `stream_options`; the Responses API always reports a
+        // stream's usage in its `response.completed` event and refuses fields it does not know.
+        let completions = rest.ends_with("completions");
+        let body = if openai && completions && parts.method == Method::POST && is_json(&parts.headers) {
             let bytes = read_limited(body, up.max_request_bytes).await.inspect_err(|e| {
                 if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                     route.calls.too_large.increment(1);

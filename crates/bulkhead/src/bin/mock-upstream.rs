@@ -8,6 +8,8 @@
 //!   stream whose final chunk carries `usage` when `stream_options.include_usage` is set.
 //! - `POST …/messages` — Anthropic messages: JSON with `usage`, or an SSE stream with
 //!   `message_start` and `message_delta` usage.
+//! - `POST …/responses` — OpenAI Responses: JSON with `usage` (`input_tokens`/`output_tokens`),
+//!   or an SSE stream whose `response.completed` event carries it.
 //! - anything else — echoes method, path and query as JSON.
 //! - `GET /__stats` — `{"calls", "finished_streams", "aborted_streams"}`;
 //!   `GET /__calls` — every recorded call (method, path, headers, body);
@@ -178,6 +180,8 @@ async fn serve(State(m): State<M>, req: Request) -> Response {
         openai(&m, &h, &req)
     } else if path.ends_with("/messages") {
         anthropic(&m, &h, &req)
+    } else if path.ends_with("/responses") {
+        responses(&m, &h, &req)
     } else {
         axum::Json(json!({"method": parts.method.as_str(), "path": path, "query": query, "echo": true})).into_response()
     };
@@ -278,5 +282,44 @@ fn anthropic(m: &M, h: &HeaderMap, req: &Value) -> Response {
         json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": c}}),
     ));
     events.push(ev("message_stop", json!({"type": "message_stop"})));
+    stream(m, h, events)
+}
+
+fn responses(m: &M, h: &HeaderMap, req: &Value) -> Response {
+    let [p, c, _, cr] = usage(h);
+    let usage = json!({"input_tokens": p, "input_tokens_details": {"cached_tokens": cr},
+        "output_tokens": c, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c});
+    let message = |text: &str| {
+        json!({"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    };
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": "resp_mock", "object": "response", "created_at": 0, "status": status, "model": "mock",
+            "output": output, "usage": usage})
+    };
+    if req["stream"] != true {
+        return axum::Json(response("completed", json!([message("Hello from the mock.")]), usage)).into_response();
+    }
+    let ev = |name: &str, seq: usize, mut v: Value| {
+        v["type"] = json!(name);
+        v["sequence_number"] = json!(seq);
+        format!("event: {name}\ndata: {v}\n\n")
+    };
+    let mut events =
+        vec![ev("response.created", 0, json!({"response": response("in_progress", json!([]), Value::Null)}))];
+    let n = num(h, "x-mock-chunks", 3) as usize;
+    for i in 0..n {
+        events.push(ev(
+            "response.output_text.delta",
+            i + 1,
+            json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": format!("tok{i} ")}),
+        ));
+    }
+    let text: String = (0..n).map(|i| format!("tok{i} ")).collect();
+    events.push(ev(
+        "response.completed",
+        n + 1,
+        json!({"response": response("completed", json!([message(&text)]), usage)}),
+    ));
     stream(m, h, events)
 }
