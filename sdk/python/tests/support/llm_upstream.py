@@ -71,7 +71,7 @@ ERROR_CODES = (
     "rate_limited",
 )
 _ERROR = re.compile(r"\berror\b|" + "|".join(ERROR_CODES), re.IGNORECASE)
-_DIRECTIVE = re.compile(r"\[\[(call|loop):([A-Za-z0-9_.\-]+)((?::[^\]]*)?)\]\]")
+_DIRECTIVE = re.compile(r"\[\[(call|loop):([A-Za-z0-9_.\-]+)((?::.*?)?)\]\]", re.DOTALL)
 
 Call = dict[str, Any]
 

@@ -28,6 +28,10 @@ TOOL_COST = Decimal("0.10")
 # for the gateway's 0.01 hold per call): the fourth search is refused.
 LOOPER_CAP = "0.35"
 LOOPER_RUNS = 3
+# The scripted model's plans (see llm_upstream): search until refused, or search N times.
+LOOP = '[[loop:search:{"query": "bulkhead"}]]'
+CALL_TWICE = '[[call:search:2:{"query": "bulkhead"}]]'
+CALL_ONCE = '[[call:search:1:{"query": "bulkhead"}]]'
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,7 +87,7 @@ def check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs,
     messages = tool_messages(loop_out)
     assert [m.status for m in messages] == ["success"] * LOOPER_RUNS + ["error"]
     assert messages[-1].content.startswith("spending_cap_exceeded: ")
-    assert len(loop_runs) == LOOPER_RUNS
+    assert loop_runs == ["bulkhead"] * LOOPER_RUNS  # the arguments reached the body through the guard
     assert "spending_cap_exceeded" in loop_out["messages"][-1].content
     # The finisher: its two searches, then its answer.
     assert [m.status for m in tool_messages(finish_out)] == ["success", "success"]
@@ -130,7 +134,7 @@ def test_two_agents_one_loops_into_its_cap_and_is_stopped_the_other_finishes(har
     loop_runs: list[str] = []
     finish_runs: list[str] = []
     agents = []
-    for account, runs, script in ((looper, loop_runs, "[[loop:search]]"), (finisher, finish_runs, "[[call:search:2]]")):
+    for account, runs, script in ((looper, loop_runs, LOOP), (finisher, finish_runs, CALL_TWICE)):
         client = account.client()  # the key goes in here, per tool and per model
         agents.append(
             create_agent(
@@ -164,9 +168,7 @@ def test_two_async_agents_streaming_through_the_gateway(harness):
             return result
 
     async def both() -> list[dict[str, Any]]:
-        return await asyncio.gather(
-            run(looper, loop_runs, "[[loop:search]]"), run(finisher, finish_runs, "[[call:search:2]]")
-        )
+        return await asyncio.gather(run(looper, loop_runs, LOOP), run(finisher, finish_runs, CALL_TWICE))
 
     loop_out, finish_out = asyncio.run(both())
     check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs, finish_runs)
@@ -185,7 +187,7 @@ def test_an_agent_revoked_mid_run_stops_at_its_next_call_the_other_goes_on(harne
 
     client = victim.client()
     guarded = guard(search_tool(runs, revoke_on_second_run), client, scope=TOOL_SCOPE, cost=TOOL_COST)
-    agent = create_agent(chat_model(client, MODEL, max_retries=0), tools=[guarded], system_prompt="[[loop:search]]")
+    agent = create_agent(chat_model(client, MODEL, max_retries=0), tools=[guarded], system_prompt=LOOP)
     with pytest.raises(openai.AuthenticationError) as refused:
         agent.invoke(task(victim.handle))
     assert refused.value.status_code == 401
@@ -209,7 +211,7 @@ def test_an_agent_revoked_mid_run_stops_at_its_next_call_the_other_goes_on(harne
     other_agent = create_agent(
         chat_model(other_client, MODEL, max_retries=0),
         tools=[guard(search_tool(other_runs), other_client, scope=TOOL_SCOPE, cost=TOOL_COST)],
-        system_prompt="[[call:search:1]]",
+        system_prompt=CALL_ONCE,
     )
     out = other_agent.invoke(task(other.handle))
     assert out["messages"][-1].content == "Done after 1 tool calls."
@@ -227,7 +229,7 @@ def test_metered_tool_holds_the_most_and_captures_what_the_call_cost(harness):
         return Decimal("0.04")  # e.g. what the search API billed for the pages it returned
 
     tool_ = metered(search, client, scope=TOOL_SCOPE, max_cost="0.10", cost_of=cost_of)
-    agent = create_agent(chat_model(client, MODEL, max_retries=0), tools=[tool_], system_prompt="[[loop:search]]")
+    agent = create_agent(chat_model(client, MODEL, max_retries=0), tools=[tool_], system_prompt=LOOP)
     out = agent.invoke(task(account.handle))
     # Holds of 0.10 fit under 0.30 five times (each run keeps 0.04); the sixth is refused.
     messages = tool_messages(out)
