@@ -1,0 +1,286 @@
+"""`bulkhead.integrations.crewai` driving real CrewAI crews through a real gateway.
+
+Each crew member gets its own account and key in its `Agent(...)` constructor: its LLM (made by
+`llm`) calls the scripted model through `/proxy/openai`, and its tools are wrapped by `guard`.
+The scripted model loops (`[[loop:TOOL]]`) or calls a tool N times (`[[call:TOOL:N]]`).
+
+CrewAI stops a run that makes the same call with the same result five times, so every tool here
+answers something new each time.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+from crewai import Agent, Crew, Process, Task
+from crewai.llms.providers.openai.completion import OpenAICompletion
+from crewai.tools import BaseTool, tool
+from crewai_support import PRICE_PER_CALL, UPSTREAM_SECRET, Gateway, wait_for
+from pydantic import BaseModel, Field
+
+from bulkhead import AgentAccount, AgentClient
+from bulkhead.integrations.crewai import guard, llm
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # raised inside CrewAI 1.15 itself
+]
+
+
+def member(account: AgentAccount, client: AgentClient, role: str, tools: list[Any]) -> Agent:
+    """A crew member built with its own key: its LLM and its tools both carry it."""
+    return Agent(
+        role=role,
+        goal=f"Do the {role.lower()}'s part of the job.",
+        backstory=f"You are agent {account.handle}.",
+        tools=tools,
+        llm=llm(client, "gpt-4o-mini"),
+        max_iter=20,
+        verbose=False,
+    )
+
+
+def spends(events: list[dict[str, Any]], scope: str) -> list[tuple[str, str | None, str | None]]:
+    return [(e["outcome"], e["reason"], e["amount"]) for e in events if e["action"] == "spend" and e["scope"] == scope]
+
+
+def gateway_calls_settled(events: list[dict[str, Any]]) -> int:
+    return sum(
+        int(e["detail"]["calls"])
+        for e in events
+        if e["action"] == "capture" and (e.get("detail") or {}).get("by") == "gateway"
+    )
+
+
+def settled(gateway: Gateway, account: AgentAccount, calls: int) -> bool:
+    """Whether the gateway has settled `calls` LLM calls of the agent and holds nothing more for it."""
+    return gateway_calls_settled(gateway.audit(account.handle)) == calls and account.usage().window_held == 0
+
+
+def assert_upstream_saw_only_the_secret(calls: list[dict[str, Any]]) -> None:
+    assert calls
+    for call in calls:
+        assert call["headers"]["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+        assert "bk_" not in json.dumps(call["headers"]) + json.dumps(call["body"])
+
+
+def counting_tool(name: str, runs: dict[str, int]) -> BaseTool:
+    """A CrewAI tool made with `@tool` that counts its runs and answers something new each time."""
+
+    @tool(name)
+    def run(query: str) -> str:
+        """Look something up."""
+        runs[name] += 1
+        return f"{name} result {runs[name]} for {query}"
+
+    return run
+
+
+def test_crew_member_looping_into_its_cap_is_stopped_while_the_other_finishes(gateway: Gateway) -> None:
+    # The cap is four searches' worth: with the metered LLM calls on top, the fourth search is
+    # refused whatever LLM slots the gateway holds at that moment; the third fits beside them.
+    researcher = gateway.account("cr-research", ["llm:openai", "tools:search"], "4.00")
+    writer = gateway.account("cr-writer", ["llm:openai", "tools:draft"], "1.00")
+    r_client, w_client = researcher.client(), writer.client()
+    runs = {"search": 0, "draft": 0}
+
+    r_agent = member(
+        researcher,
+        r_client,
+        "Researcher",
+        [guard(counting_tool("search", runs), r_client, scope="tools:search", cost="1.00")],
+    )
+    w_agent = member(
+        writer, w_client, "Writer", [guard(counting_tool("draft", runs), w_client, scope="tools:draft", cost="0.10")]
+    )
+    research = Task(
+        description='Research bulkheads. [[loop:search:{"query": "bulkheads"}]]',
+        expected_output="What you found.",
+        agent=r_agent,
+    )
+    write = Task(
+        description='Write about caps. [[call:draft:2:{"query": "caps"}]]',
+        expected_output="A paragraph.",
+        agent=w_agent,
+    )
+    output = Crew(agents=[r_agent, w_agent], tasks=[research, write], process=Process.sequential).kickoff()
+
+    # The looping member: three paid searches, then a refusal naming the code; the tool never ran again.
+    assert runs["search"] == 3
+    r_out, w_out = output.tasks_output
+    assert [f.failure.code for f in r_out.tool_failures] == ["spending_cap_exceeded"]
+    assert "did not run" in r_out.tool_failures[0].failure.message
+    assert "spending_cap_exceeded" in r_out.raw  # the model read the refusal and quoted it
+
+    # The other member finished its script untouched.
+    assert runs["draft"] == 2
+    assert w_out.tool_failures == []
+    assert w_out.raw == "Done after 2 tool calls."
+
+    # Each member's own audit trail holds its own decisions, and only those.
+    r_events, w_events = gateway.audit(researcher.handle), gateway.audit(writer.handle)
+    assert spends(r_events, "tools:search") == [("allowed", None, "1.00")] * 3 + [
+        ("denied", "spending_cap_exceeded", "1.00")
+    ]
+    assert spends(w_events, "tools:draft") == [("allowed", None, "0.10")] * 2
+    assert spends(r_events, "tools:draft") == []
+    assert spends(w_events, "tools:search") == []
+
+    # Every LLM call went through the gateway with the member's own key and is metered to it.
+    r_calls, w_calls = gateway.calls_of(researcher.handle), gateway.calls_of(writer.handle)
+    assert len(r_calls) == 5  # one before each of the 4 tool calls, one for the final answer
+    assert len(w_calls) == 3
+    assert_upstream_saw_only_the_secret(r_calls + w_calls)
+    wait_for(lambda: settled(gateway, researcher, 5) and settled(gateway, writer, 3))
+    assert researcher.usage().window_spent == 3 * Decimal("1.00") + 5 * PRICE_PER_CALL
+    assert writer.usage().window_spent == 2 * Decimal("0.10") + 3 * PRICE_PER_CALL
+
+
+def test_crew_member_revoked_mid_run_stops_at_its_next_call(gateway: Gateway) -> None:
+    steady = gateway.account("cr-steady", ["llm:openai", "tools:fetch"], "10.00")
+    doomed = gateway.account("cr-doomed", ["llm:openai", "tools:fetch"], "10.00")
+    s_client, d_client = steady.client(), doomed.client()
+    runs = {"steady": 0, "doomed": 0}
+
+    @tool("fetch")
+    def fetch_steady(url: str) -> str:
+        """Fetch a page."""
+        runs["steady"] += 1
+        return f"page {runs['steady']}"
+
+    @tool("fetch")
+    def fetch_doomed(url: str) -> str:
+        """Fetch a page."""
+        runs["doomed"] += 1
+        if runs["doomed"] == 2:
+            doomed.revoke(reason="operator pulled the plug mid-run")
+        return f"page {runs['doomed']}"
+
+    s_agent = member(steady, s_client, "Collector", [guard(fetch_steady, s_client, scope="tools:fetch", cost="0.01")])
+    d_agent = member(doomed, d_client, "Crawler", [guard(fetch_doomed, d_client, scope="tools:fetch", cost="0.01")])
+    collect = Task(
+        description='Collect pages. [[call:fetch:3:{"url": "https://example.com/a"}]]',
+        expected_output="The pages.",
+        agent=s_agent,
+    )
+    crawl = Task(
+        description='Crawl pages. [[loop:fetch:{"url": "https://example.com/b"}]]',
+        expected_output="The pages.",
+        agent=d_agent,
+    )
+    crew = Crew(agents=[s_agent, d_agent], tasks=[collect, crawl], process=Process.sequential)
+
+    with pytest.raises(openai.AuthenticationError) as info:
+        crew.kickoff()
+
+    # The revoked member's next call, to the model through the gateway, was refused.
+    assert info.value.status_code == 401
+    assert info.value.code == "credential_revoked"
+    assert runs["doomed"] == 2
+    assert len(gateway.calls_of(doomed.handle)) == 2  # its later calls never reached the upstream
+    assert doomed.refresh().status == "revoked"
+
+    # The member that ran first, on its own key, had finished.
+    assert runs["steady"] == 3
+    assert collect.output is not None
+    assert collect.output.raw == "Done after 3 tool calls."
+    assert len(gateway.calls_of(steady.handle)) == 4
+
+    # And the revoked member's guarded tool refuses before running.
+    failure = guard(fetch_doomed, doomed.client(), scope="tools:fetch", cost="0.01").run(url="x")
+    assert failure.code == "credential_revoked"
+    assert runs["doomed"] == 2
+
+
+class Quote(BaseModel):
+    item: str = Field(description="What to price.")
+
+
+class QuoteTool(BaseTool):
+    """A tool subclass whose price is known only after it ran."""
+
+    name: str = "quote"
+    description: str = "Quote a price."
+    args_schema: type[BaseModel] = Quote
+    runs: int = 0
+
+    def _run(self, item: str) -> dict[str, str]:
+        self.runs += 1
+        if self.runs == 2:
+            raise RuntimeError("quote service error")
+        return {"item": item, "cost": "0.12"}
+
+
+def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gateway) -> None:
+    account = gateway.account("cr-quote", ["llm:openai", "tools:quote"], "5.00")
+    client = account.client()
+    inner = QuoteTool()
+    agent = Agent(
+        role="Buyer",
+        goal="Price things.",
+        backstory=f"You are agent {account.handle}.",
+        tools=[guard(inner, client, scope="tools:quote", hold="0.50", cost_of=lambda r: r["cost"])],
+        llm=llm(client, "house-model-v1"),  # a name CrewAI does not know stays on the gateway
+        verbose=False,
+    )
+    task = Task(description='Get quotes. [[call:quote:2:{"item": "disk"}]]', expected_output="The quotes.", agent=agent)
+    Crew(agents=[agent], tasks=[task]).kickoff()
+
+    assert inner.runs == 2
+    events = gateway.audit(account.handle)
+    holds = [(e["action"], e["outcome"], e["amount"]) for e in events if e.get("scope") == "tools:quote"]
+    assert holds == [("hold", "allowed", "0.50")] * 2
+    own = [e for e in events if (e.get("detail") or {}).get("by") != "gateway"]
+    assert [(e["action"], e["amount"]) for e in own if e["action"] in ("capture", "release")] == [
+        ("capture", "0.12"),
+        ("release", "0.50"),
+    ]
+    calls = gateway.calls_of(account.handle)
+    assert {c["body"]["model"] for c in calls} == {"house-model-v1"}
+    assert len(calls) == 3  # before each quote, and the final answer after the failed one
+    assert_upstream_saw_only_the_secret(calls)
+    wait_for(lambda: settled(gateway, account, 3))
+    assert account.usage().window_spent == Decimal("0.12") + 3 * PRICE_PER_CALL
+
+
+def test_guard_keeps_the_tool_and_refuses_an_ungranted_scope(gateway: Gateway) -> None:
+    account = gateway.account("cr-scope", ["tools:read"], "1.00")
+    client = account.client()
+    ran: list[str] = []
+
+    @tool("weather", max_usage_count=5)
+    def weather(city: str) -> str:
+        """Look up the weather."""
+        ran.append(city)
+        return "sunny"
+
+    denied = guard(weather, client, scope="tools:write", cost="0.01")
+    assert isinstance(denied, BaseTool)
+    assert (denied.name, denied.description) == (weather.name, weather.description)
+    assert denied.args_schema is weather.args_schema
+    assert denied.max_usage_count == 5
+    failure = denied.run(city="Oslo")
+    assert failure.code == "scope_not_granted"
+    assert "(code: scope_not_granted)" in failure.as_agent_message()
+    assert ran == []
+
+    allowed = guard(weather, client, scope="tools:read", cost="0.01")
+    assert allowed.run(city="Oslo") == "sunny"
+    assert ran == ["Oslo"]
+    assert account.usage().window_spent == Decimal("0.01")
+    assert allowed.cache_function({"city": "Oslo"}, "sunny") is False  # CrewAI's cache never answers
+
+    with pytest.raises(ValueError, match="exactly one"):
+        guard(weather, client, scope="tools:read")
+
+    for name in ("gpt-4o-mini", "openai/gpt-4o-mini", "house-model-v2"):
+        made = llm(client, name, temperature=0)
+        assert isinstance(made, OpenAICompletion)  # CrewAI's native OpenAI provider, not LiteLLM
+        assert made.base_url == f"{account.client().url}/proxy/openai/v1"
+        assert made.api_key == client.key
+        assert made.model == name.removeprefix("openai/")
+        assert made.temperature == 0
