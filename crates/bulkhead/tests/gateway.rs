@@ -945,6 +945,39 @@ async fn path_tricks_never_leave_the_upstream_base() {
     assert_eq!(r[0]["query"], "x=1&y=%2e%2e&z");
 }
 
+/// Hardening finding 7: `..;`, `%2e%2e;`, `.;` and overlong UTF-8 escapes (`%C0%AE`) were
+/// forwarded as they were, and Tomcat/Spring/Jetty upstreams read `..;` as `..`. They are
+/// refused before any hold, and never reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn path_parameters_and_overlong_utf8_never_reach_the_upstream() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "tricky-params", "10.00", &["tools:search"]).await;
+    let req = |target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+    };
+    for target in [
+        "/proxy/search/..;/v1/agents",
+        "/proxy/search/v1/..;jsessionid=1/admin",
+        "/proxy/search/%2e%2e;/admin",
+        "/proxy/search/.;/admin",
+        "/proxy/search/v1/;x/admin",
+        "/proxy/search/v1/%C0%AE%C0%AE/admin",
+        "/proxy/search/v1%C0%AFadmin",
+        "/proxy/search/v1/%E0%80%AE%E0%80%AE/admin",
+    ] {
+        let (got, text) = raw(&srv, &req(target)).await;
+        assert_eq!(got, 400, "{target}: {text}");
+        assert!(text.contains("\"code\":\"invalid_request\""), "{target}: {text}");
+    }
+    assert_eq!(mock.calls_seen().await, 0, "no trick reached the upstream");
+    assert_eq!(settled(&api, "tricky-params").await, (0, 0), "nothing was held or charged");
+    // Path parameters on an ordinary segment are passed on as sent.
+    let (got, text) = raw(&srv, &req("/proxy/search/v1/files;v=2")).await;
+    assert_eq!(got, 200, "{text}");
+    assert_eq!(mock.records().await[0]["path"], "/base/v1/files;v=2");
+}
+
 /// A denied call never reaches the upstream and gets the contract's status and error body, in
 /// the contract's order of checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
