@@ -204,5 +204,5 @@ def _make(
 
 def _denied(error: BulkheadError, tool_name: str) -> str:
     """Answer a refused spend as the tool's output: the code first, then the server's sentence."""
-    _log.warning("tool %s not run: %s", tool_name, error.code)
+    _log.info("tool %s not run: %s", tool_name, error.code)
     return f"{error.code}: {error.message} (tool '{tool_name}' did not run)"
