@@ -268,7 +268,9 @@ export function errorFromResponse(status: number, headers: Headers, text: string
     remaining: remainingObj ? optionalAmount(remainingObj["window"]) : null,
     remainingLifetime: remainingObj ? optionalAmount(remainingObj["lifetime"]) : null,
     windowResetsAt: typeof resets === "string" ? resets : null,
-    retryAfter: parseRetryAfter(headers.get("retry-after")),
+    retryAfter:
+      parseRetryAfter(headers.get("retry-after")) ??
+      (typeof error["retry_after"] === "number" ? Math.max(0, error["retry_after"]) : null),
     body,
     raw: text,
   });
