@@ -72,7 +72,7 @@ def _denial(tool: str, error: BulkheadError) -> ToolFailure:
     """Build the `ToolFailure` a refused payment returns, naming the error code."""
     failure: Any = _module("crewai.tools.tool_failure")
     return failure.ToolFailure(
-        message=f"Bulkhead refused to pay for tool `{tool}`: {error}. The tool did not run.",
+        message=f"Bulkhead refused to pay for tool `{tool}` ({error.message}); the tool did not run",
         reason=failure.ToolFailureReason.TOOL_REPORTED,
         code=error.code,
         retryable=error.code in _RETRYABLE,

@@ -8,7 +8,6 @@ Each agent gets its own account and key at instantiation: its model client (made
 from __future__ import annotations
 
 import asyncio
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +18,14 @@ from autogen_agentchat.base import TaskResult
 from autogen_agentchat.messages import TextMessage, ToolCallExecutionEvent
 from autogen_core import CancellationToken
 from autogen_core.tools import FunctionTool
-from autogen_support import PRICE_PER_CALL, UPSTREAM_SECRET, Gateway, wait_for
+from autogen_support import (
+    PRICE_PER_CALL,
+    Gateway,
+    assert_upstream_saw_only_the_secret,
+    settled,
+    spends,
+    wait_for,
+)
 
 from bulkhead import AgentAccount
 from bulkhead.integrations.autogen import DEFAULT_MODEL_INFO, ToolDenied, guard, model_client
@@ -51,32 +57,8 @@ async def run_all(*runs: tuple[AssistantAgent, str]) -> list[TaskResult | BaseEx
             await agent._model_client.close()
 
 
-def settled(gateway: Gateway, account: AgentAccount, calls: int) -> bool:
-    """Whether the gateway has settled `calls` LLM calls of the agent and holds nothing more for it."""
-    return gateway_calls_settled(gateway.audit(account.handle)) == calls and account.usage().window_held == 0
-
-
 def tool_results(result: TaskResult) -> list[Any]:
     return [r for m in result.messages if isinstance(m, ToolCallExecutionEvent) for r in m.content]
-
-
-def spends(events: list[dict[str, Any]], scope: str) -> list[tuple[str, str | None, str | None]]:
-    return [(e["outcome"], e["reason"], e["amount"]) for e in events if e["action"] == "spend" and e["scope"] == scope]
-
-
-def gateway_calls_settled(events: list[dict[str, Any]]) -> int:
-    return sum(
-        int(e["detail"]["calls"])
-        for e in events
-        if e["action"] == "capture" and (e.get("detail") or {}).get("by") == "gateway"
-    )
-
-
-def assert_upstream_saw_only_the_secret(calls: list[dict[str, Any]]) -> None:
-    assert calls
-    for call in calls:
-        assert call["headers"]["authorization"] == f"Bearer {UPSTREAM_SECRET}"
-        assert "bk_" not in json.dumps(call["headers"]) + json.dumps(call["body"])
 
 
 def test_looping_agent_stops_at_its_cap_while_the_other_finishes(gateway: Gateway) -> None:

@@ -7,6 +7,7 @@ the server are the real ones, talking real HTTP.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -101,12 +102,48 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
         time.sleep(0.02)
 
 
-def start_gateway() -> Iterator[Gateway]:
-    """Runs the scripted upstream and a server whose `openai` upstream forwards to it."""
+def spends(events: list[dict[str, Any]], scope: str) -> list[tuple[str, str | None, str | None]]:
+    return [(e["outcome"], e["reason"], e["amount"]) for e in events if e["action"] == "spend" and e["scope"] == scope]
+
+
+def gateway_calls_settled(events: list[dict[str, Any]]) -> int:
+    return sum(
+        int(e["detail"]["calls"])
+        for e in events
+        if e["action"] == "capture" and (e.get("detail") or {}).get("by") == "gateway"
+    )
+
+
+def settled(gateway: Gateway, account: AgentAccount, calls: int) -> bool:
+    """Whether the gateway has settled `calls` LLM calls of the agent and holds nothing more for it."""
+    return gateway_calls_settled(gateway.audit(account.handle)) == calls and account.usage().window_held == 0
+
+
+def assert_upstream_saw_only_the_secret(calls: list[dict[str, Any]]) -> None:
+    assert calls
+    for call in calls:
+        assert call["headers"]["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+        assert "bk_" not in json.dumps(call["headers"]) + json.dumps(call["body"])
+
+
+def start_gateway(config: Callable[[str], str] = gateway_config) -> Iterator[Gateway]:
+    """Runs the scripted upstream and a server whose `openai` upstream forwards to it.
+
+    `config(llm_url)` is the server's TOML; its `secret_env` is `UPSTREAM_OPENAI_SECRET` or
+    `OPENAI_API_KEY`, both set to `UPSTREAM_SECRET`.
+    """
     llm_url, stop_llm, calls = llm_upstream.start()
     try:
-        server = support_server.start(config=gateway_config(llm_url), env={"UPSTREAM_OPENAI_SECRET": UPSTREAM_SECRET})
-        with server:
+        env = {"UPSTREAM_OPENAI_SECRET": UPSTREAM_SECRET, "OPENAI_API_KEY": UPSTREAM_SECRET}
+        with support_server.start(config=config(llm_url), env=env) as server:
             yield Gateway(server, llm_url, calls)
     finally:
         stop_llm()
+
+
+def example_config(llm_url: str) -> str:
+    """The examples' own `examples/python/bulkhead.toml`, its upstream moved to `llm_url`."""
+    text = (support_server.REPO / "examples" / "python" / "bulkhead.toml").read_text()
+    moved = re.sub(r'(?m)^base_url = "http://127\.0\.0\.1:9100"$', f'base_url = "{llm_url}"', text)
+    assert moved != text, "examples/python/bulkhead.toml no longer points at the scripted upstream"
+    return moved

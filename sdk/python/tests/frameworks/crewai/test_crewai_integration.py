@@ -10,7 +10,6 @@ answers something new each time.
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +18,14 @@ import pytest
 from crewai import Agent, Crew, Process, Task
 from crewai.llms.providers.openai.completion import OpenAICompletion
 from crewai.tools import BaseTool, tool
-from crewai_support import PRICE_PER_CALL, UPSTREAM_SECRET, Gateway, wait_for
+from crewai_support import (
+    PRICE_PER_CALL,
+    Gateway,
+    assert_upstream_saw_only_the_secret,
+    settled,
+    spends,
+    wait_for,
+)
 from pydantic import BaseModel, Field
 
 from bulkhead import AgentAccount, AgentClient
@@ -42,30 +48,6 @@ def member(account: AgentAccount, client: AgentClient, role: str, tools: list[An
         max_iter=20,
         verbose=False,
     )
-
-
-def spends(events: list[dict[str, Any]], scope: str) -> list[tuple[str, str | None, str | None]]:
-    return [(e["outcome"], e["reason"], e["amount"]) for e in events if e["action"] == "spend" and e["scope"] == scope]
-
-
-def gateway_calls_settled(events: list[dict[str, Any]]) -> int:
-    return sum(
-        int(e["detail"]["calls"])
-        for e in events
-        if e["action"] == "capture" and (e.get("detail") or {}).get("by") == "gateway"
-    )
-
-
-def settled(gateway: Gateway, account: AgentAccount, calls: int) -> bool:
-    """Whether the gateway has settled `calls` LLM calls of the agent and holds nothing more for it."""
-    return gateway_calls_settled(gateway.audit(account.handle)) == calls and account.usage().window_held == 0
-
-
-def assert_upstream_saw_only_the_secret(calls: list[dict[str, Any]]) -> None:
-    assert calls
-    for call in calls:
-        assert call["headers"]["authorization"] == f"Bearer {UPSTREAM_SECRET}"
-        assert "bk_" not in json.dumps(call["headers"]) + json.dumps(call["body"])
 
 
 def counting_tool(name: str, runs: dict[str, int]) -> BaseTool:
