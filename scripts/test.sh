@@ -39,3 +39,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (SQLite and PostgreSQL)"
 cargo test --workspace --locked
+echo "== Python SDK and framework integrations"
+bash scripts/test-python.sh
