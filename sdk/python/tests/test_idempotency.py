@@ -46,6 +46,21 @@ def test_a_spend_whose_answer_was_lost_is_retried_and_charged_once(make_account:
     assert [e.action for e in account.audit() if e.action == "spend"] == ["spend"]
 
 
+def test_a_read_timeout_is_retried_with_the_same_key(make_account: MakeAccount) -> None:
+    account = make_account(spending_cap="10.00")
+    with (
+        DroppingProxy(_port(account.url), drop=["^POST /v1/spend "], hang=True) as proxy,
+        AgentClient(account.key, url=proxy.url, timeout=0.5) as client,
+    ):
+        receipt = client.spend("1.25", scope=W)
+        spends = [r for r in proxy.requests if r[0].startswith("POST /v1/spend")]
+        assert len(spends) == 2
+        assert spends[0][1] == spends[1][1]
+    assert receipt.replayed
+    assert account.usage().window_spent == Decimal("1.25")
+    assert account.usage().tx_count == 1
+
+
 def test_hold_and_capture_whose_answers_were_lost(make_account: MakeAccount) -> None:
     account = make_account(spending_cap="10.00")
     with (

@@ -40,14 +40,15 @@ class DroppingProxy:
 
     `drop` lists regular expressions: the first request whose request line matches one of them
     (each pattern is used once) is forwarded, the server's whole answer is read, and the client's
-    connection is closed without it. Every other request is answered as usual. `requests` lists
-    every request forwarded (its request line and idempotency key); `dropped` the answers the
-    client never saw.
+    connection is closed without it (with `hang`, kept open and silent until the client gives
+    up). Every other request is answered as usual. `requests` lists every request forwarded (its
+    request line and idempotency key); `dropped` the answers the client never saw.
     """
 
-    def __init__(self, target_port: int, drop: list[str] | None = None) -> None:
+    def __init__(self, target_port: int, drop: list[str] | None = None, *, hang: bool = False) -> None:
         self.target_port = target_port
         self._drop = [re.compile(p) for p in drop or []]
+        self._hang = hang
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str | None]] = []
         self.dropped: list[bytes] = []
@@ -93,6 +94,8 @@ class DroppingProxy:
                 if drop:
                     with self._lock:
                         self.dropped.append(answer)
+                    while self._hang and client.recv(65536):
+                        pass  # say nothing until the client hangs up
                     break
                 client.sendall(answer)
         except OSError:
