@@ -92,8 +92,10 @@ def metered(
 ) -> BaseTool:
     """Return a tool whose cost is known only after it ran: hold `max_cost`, run, capture the cost.
 
-    `cost_of(result)` gives the actual cost from the wrapped tool's result; more than `max_cost`
-    is captured as `max_cost` (a hold never charges more than it reserved). If the tool or
+    `cost_of(result)` gives the actual cost from the wrapped tool's result (for a tool with
+    `response_format="content_and_artifact"`, the `(content, artifact)` pair, so the artifact
+    can carry the cost); more than `max_cost` is captured as `max_cost` (a hold never charges
+    more than it reserved). If the tool or
     `cost_of` raises, the hold is released and nothing is charged. A denied hold never runs the
     tool and answers a tool error naming the code, as `guard` does.
     """
