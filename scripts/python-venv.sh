@@ -2,7 +2,7 @@
 # venvs for the Python SDK and the framework integrations' tests.
 #
 # A venv lives under ${XDG_CACHE_HOME:-~/.cache}/bulkhead/venvs, named by a hash of its
-# requirements file, the SDK's pyproject.toml and the Python version; it is built only when
+# requirements file, the SDK's dependencies (from its pyproject.toml) and the Python version; it is built only when
 # missing (a .complete file marks a finished build; a lock keeps two runs from building it at once).
 
 SDK=$PWD/sdk/python
@@ -14,8 +14,10 @@ mkdir -p "$CACHE"
 PYVER=$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')
 DEV_REQS=$SDK/requirements-dev.txt
 
-key_of() { # files... -> a short hash of their contents, the SDK's pyproject.toml and the Python version
-  { echo "$PYVER"; cat "$@" "$SDK/pyproject.toml"; } | sha256sum | cut -c1-12
+key_of() { # files... -> a short hash of their contents, the SDK's dependencies and the Python version
+  # Only the pyproject lines that decide what gets installed (not, say, the linters' settings).
+  { echo "$PYVER"; cat "$@"; grep -E '^(requires|dependencies|requires-python) *=' "$SDK/pyproject.toml"; } |
+    sha256sum | cut -c1-12
 }
 
 pin_of() { # package -> its pinned line in requirements-dev.txt

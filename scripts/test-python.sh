@@ -4,7 +4,7 @@
 #   bash scripts/test-python.sh
 #
 # Venvs live under ${XDG_CACHE_HOME:-~/.cache}/bulkhead/venvs, one per requirements file (keyed by
-# a hash of it, the SDK's pyproject.toml and the Python version) and are built only when missing.
+# a hash of it, the SDK's dependencies and the Python version) and are built only when missing.
 # The SDK is reinstalled (non-editable) into each of them on every run.
 #   - sdk-<hash>: sdk/python/requirements-dev.txt (pytest, ruff, mypy, the build backend): ruff,
 #     mypy --strict and the SDK's tests (sdk/python/tests, without tests/frameworks).
