@@ -38,7 +38,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         self.ledger.store()
     }
 }
@@ -61,6 +61,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/blast-radius", get(blast_radius))
         .route("/v1/me", get(me))
         .route("/v1/me/audit", get(me_audit))
+        .route("/v1/agents/{handle}/usage", get(crate::history::usage))
+        .route("/v1/audit", get(crate::history::audit))
+        .route("/v1/alerts", get(crate::history::alerts))
+        .merge(crate::console::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -108,7 +112,7 @@ fn who(state: &AppState, headers: &HeaderMap) -> Result<Who, ApiError> {
     }
 }
 
-fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match who(state, headers)? {
         Who::Admin => Ok(()),
         Who::Agent(_) => Err(ApiError::admin_required()),
@@ -179,8 +183,12 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError>
     Ok(Json(json!({"status": "ok"})))
 }
 
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if !state.metrics_open {
+async fn metrics(
+    State(state): State<AppState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !(state.metrics_open && loopback_request(peer.map(|p| p.0.0), &headers)) {
         admin(&state, &headers)?;
     }
     // Utilization is read from the store at scrape time, so it is right for every agent
@@ -189,6 +197,33 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Re
         metrics::gauge!(crate::metrics::UTILIZATION, "agent" => agent).set(u);
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response())
+}
+
+/// Whether a request without credentials may read `/metrics` on a loopback listener: its peer is
+/// on loopback, and it addressed a loopback host (`Host` names `localhost` or a loopback IP), so a
+/// web page whose DNS name was rebound to 127.0.0.1 cannot read it through a local browser. A
+/// request that came in without a connection (in-process, as embedding tests do) has no peer; it
+/// passes if any `Host` it names is a loopback one.
+fn loopback_request(peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> bool {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let host_ok = match host {
+        Some(h) => is_loopback_host(h),
+        None => peer.is_none(),
+    };
+    host_ok && peer.is_none_or(|p| p.ip().is_loopback() || p.ip().to_canonical().is_loopback())
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name =
+        match host.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').map_or("", |(ip, _)| ip),
+            None => host
+                .rsplit_once(':')
+                .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }),
+        };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.to_canonical().is_loopback())
 }
 
 async fn create_agent(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
@@ -398,4 +433,27 @@ async fn blast_radius(
     b.agents.retain(|a| a.handle > after);
     b.agents.truncate(limit);
     Ok(Json(json!(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn loopback_hosts() {
+        for h in ["localhost", "LOCALHOST:8080", "127.0.0.1", "127.0.0.1:8080", "127.9.9.9:1", "[::1]", "[::1]:8080"] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
 }

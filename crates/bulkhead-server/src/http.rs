@@ -112,6 +112,7 @@ pub async fn serve(
             },
         };
         let open = Open(conns.open.clone());
+        let peer = tcp.peer_addr().ok();
         let tcp = match tcp.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(tcp)) {
             Ok(t) => t,
             Err(e) => {
@@ -125,7 +126,11 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let (router, gateway) = (router.clone(), gateway.clone());
             async move {
-                let req = req.map(Body::new);
+                let mut req = req.map(Body::new);
+                if let Some(peer) = peer {
+                    // Who is on the other end: `/metrics` is open only to a loopback peer.
+                    req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                }
                 Ok::<_, std::convert::Infallible>(match gateway {
                     Some(gw) if req.uri().path().starts_with(gateway::PREFIX) => gw.handle(req).await,
                     _ => router.oneshot(req).await?,

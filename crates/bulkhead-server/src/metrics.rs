@@ -90,7 +90,7 @@ pub async fn track_requests(req: axum::extract::Request, next: axum::middleware:
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
     let status = STATUS_CLASSES[status_class(resp.status())];
@@ -118,6 +118,24 @@ const TIMED_METHODS: [axum::http::Method; 7] = [
 ];
 const STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
 
+/// A method as a metric label: the standard methods by name, anything else `other`, so that a
+/// client cannot create series by inventing methods (labels come only from bounded sets).
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 fn status_class(status: axum::http::StatusCode) -> usize {
     match status.as_u16() {
         200..=299 => 0,
@@ -144,7 +162,7 @@ impl RouteTimers {
         let class = status_class(status);
         match TIMED_METHODS.iter().position(|m| m == method) {
             Some(i) => self.cells[i][class].record(took.as_secs_f64()),
-            None => metrics::histogram!(REQUEST_DURATION, "route" => self.route, "method" => method.as_str().to_owned(), "status" => STATUS_CLASSES[class])
+            None => metrics::histogram!(REQUEST_DURATION, "route" => self.route, "method" => method_label(method), "status" => STATUS_CLASSES[class])
                 .record(took.as_secs_f64()),
         }
     }
