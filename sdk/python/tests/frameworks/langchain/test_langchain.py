@@ -256,3 +256,30 @@ def test_metered_tool_holds_the_most_and_captures_what_the_call_cost(harness):
     usage = account.usage()
     assert (usage.window_spent, usage.window_held) == (before, 0)
     assert harness.audit(account.handle)[-1]["action"] == "release"
+
+
+def test_async_metered_tool_and_an_async_guard_called_synchronously(harness):
+    account = harness.account("lc-async-metered", "1.00")
+    runs: list[str] = []
+
+    async def once() -> Any:
+        async with account.async_client() as client:
+            metered_search = metered(
+                search_tool(runs), client, scope=TOOL_SCOPE, max_cost="0.10", cost_of=lambda result: "0.03"
+            )
+            call = {"type": "tool_call", "name": "search", "args": {"query": "q"}, "id": "c1"}
+            answer = await metered_search.ainvoke(call)
+            # An async client pays with `await`: the synchronous path says so instead of blocking.
+            guarded = guard(search_tool(runs), client, scope=TOOL_SCOPE, cost="0.01")
+            with pytest.raises(TypeError, match="ainvoke"):
+                guarded.invoke({"query": "q"})
+            return answer
+
+    answer = asyncio.run(once())
+    assert answer.status == "success"
+    assert answer.content == "result 1 for 'q'"
+    assert runs == ["q"]
+    usage = account.usage()
+    assert (usage.window_spent, usage.window_held) == (Decimal("0.03"), 0)
+    events = harness.audit(account.handle)
+    assert [(e["action"], e["amount"]) for e in events[1:]] == [("hold", "0.10"), ("capture", "0.03")]
