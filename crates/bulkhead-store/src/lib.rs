@@ -26,6 +26,7 @@ mod advice;
 mod alerts;
 mod audit;
 mod blast;
+mod history;
 mod ledger;
 mod read;
 #[cfg(any(test, feature = "testkit"))]
@@ -36,6 +37,7 @@ pub use advice::AgentAdvice;
 pub use alerts::{AlertRules, OutboxRow, retry_delay_ms};
 pub use audit::{AuditEvent, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
+pub use history::{AlertRecord, AuditQuery, UsageBucket};
 pub use ledger::{
     AgentSpec, Breaker, BreakerOverride, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig,
     Outcome, Patch, Reply,
