@@ -6,7 +6,8 @@
 #
 # @mastra/core needs Node >= 22.13. When the machine's node is older, Node 22 is installed from
 # the npm registry (the node-linux-<arch> package) into ${XDG_CACHE_HOME:-~/.cache}/bulkhead/node22
-# and reused from there. `npm ci` uses npm's own cache. Tests run against target/debug/bulkhead
+# and reused from there. `npm ci` uses npm's own cache, and is skipped when node_modules already
+# matches package-lock.json. Tests run against target/debug/bulkhead
 # ($BULKHEAD_BIN overrides); build it first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,8 +71,17 @@ stage_done
 NODE22_DIR=$(dirname "$NODE22")
 
 cd "$SDK"
+# npm ci empties node_modules and unpacks everything again (~45 s here, @mastra/core is large):
+# skip it when node_modules was installed by this script from the same package-lock.json.
 stage "npm ci (sdk/typescript, with Node 22)"
-PATH="$NODE22_DIR:$PATH" npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+STAMP=node_modules/.bulkhead-installed
+WANT="$(sha256sum package-lock.json | cut -d' ' -f1) $("$NODE22" --version)"
+if [ "${FORCE_NPM_CI:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  echo "   node_modules is up to date with package-lock.json (FORCE_NPM_CI=1 reinstalls)"
+else
+  PATH="$NODE22_DIR:$PATH" npm ci --no-audit --no-fund --ignore-scripts --prefer-offline --loglevel=error
+  echo "$WANT" > "$STAMP"
+fi
 stage_done
 
 stage "npm run build (tsc --strict)"
@@ -80,14 +90,14 @@ stage_done
 
 if [ "$SYS_MAJOR" -lt 22 ]; then
   stage "SDK tests on the machine's Node $("$SYSTEM_NODE" --version) (node --test test/sdk)"
-  "$SYSTEM_NODE" --test test/sdk/*.test.mjs
+  "$SYSTEM_NODE" --test --test-reporter=spec test/sdk/*.test.mjs
   stage_done
 fi
 
 stage "SDK tests on Node $("$NODE22" --version) (node --test test/sdk)"
-"$NODE22" --test test/sdk/*.test.mjs
+"$NODE22" --test --test-reporter=spec test/sdk/*.test.mjs
 stage_done
 
 stage "Mastra tests on Node $("$NODE22" --version) (node --test test/mastra)"
-"$NODE22" --test test/mastra/*.test.mjs
+"$NODE22" --test --test-reporter=spec test/mastra/*.test.mjs
 stage_done
