@@ -71,15 +71,17 @@ def _never_cache(_args: object = None, _result: object = None) -> bool:
 def _denial(tool: str, error: BulkheadError) -> ToolFailure:
     """Build the `ToolFailure` a refused payment returns, naming the error code."""
     failure: Any = _module("crewai.tools.tool_failure")
+    details: dict[str, object] = {"status": error.status}
+    if error.remaining is not None:
+        details["remaining"] = str(error.remaining)
+    if error.retry_after is not None:
+        details["retry_after"] = error.retry_after
     return failure.ToolFailure(
         message=f"Bulkhead refused to pay for tool `{tool}` ({error.message}); the tool did not run",
         reason=failure.ToolFailureReason.TOOL_REPORTED,
         code=error.code,
         retryable=error.code in _RETRYABLE,
-        details={
-            "status": error.status,
-            "remaining": None if error.remaining is None else str(error.remaining),
-        },
+        details=details,
     )
 
 

@@ -15,7 +15,9 @@ import openai
 import pytest
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import TaskResult
+from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.messages import TextMessage, ToolCallExecutionEvent
+from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core import CancellationToken
 from autogen_core.tools import FunctionTool
 from autogen_support import (
@@ -37,10 +39,15 @@ pytestmark = [
 ]
 
 
+def agent_name(account: AgentAccount) -> str:
+    """The agent's name in AutoGen: its handle as an identifier."""
+    return account.handle.replace("-", "_")
+
+
 def assistant(account: AgentAccount, client: Any, directive: str, tools: list[Any]) -> AssistantAgent:
     """An AutoGen agent built with its own key: model client and tools both carry it."""
     return AssistantAgent(
-        name=account.handle.replace("-", "_"),
+        name=agent_name(account),
         model_client=model_client(client, "gpt-4o-mini"),
         tools=tools,
         system_message=f"You are agent {account.handle}. {directive}",
@@ -135,6 +142,65 @@ def test_looping_agent_stops_at_its_cap_while_the_other_finishes(gateway: Gatewa
     assert_upstream_saw_only_the_secret(r_calls + w_calls)
     wait_for(lambda: settled(gateway, researcher, 5) and settled(gateway, writer, 3))
     assert researcher.usage().window_spent == 3 * Decimal("1.00") + 5 * PRICE_PER_CALL
+    assert writer.usage().window_spent == 2 * Decimal("0.10") + 3 * PRICE_PER_CALL
+
+
+def test_keys_stay_per_agent_inside_a_team(gateway: Gateway) -> None:
+    """A group chat gets no key of its own: each member keeps the one it was built with."""
+    researcher = gateway.account("ag-team-research", ["llm:openai", "tools:search"], "2.00")
+    writer = gateway.account("ag-team-writer", ["llm:openai", "tools:draft"], "1.00")
+    runs = {"search": 0, "draft": 0}
+
+    def search(query: str) -> str:
+        """Search the web."""
+        runs["search"] += 1
+        return f"result {runs['search']} for {query}"
+
+    def draft(topic: str) -> str:
+        """Draft a paragraph."""
+        runs["draft"] += 1
+        return f"draft {runs['draft']} about {topic}"
+
+    async def main() -> TaskResult:
+        r_client, w_client = researcher.async_client(), writer.async_client()
+        r_agent = assistant(
+            researcher,
+            r_client,
+            '[[loop:search:{"query": "bulkheads"}]]',
+            [guard(search, r_client, scope="tools:search", cost="1.00")],
+        )
+        w_agent = assistant(
+            writer,
+            w_client,
+            '[[call:draft:2:{"topic": "caps"}]]',
+            [guard(draft, w_client, scope="tools:draft", cost="0.10")],
+        )
+        team = RoundRobinGroupChat([r_agent, w_agent], termination_condition=MaxMessageTermination(3))
+        try:
+            return await team.run(task="Research bulkheads, then write about caps.")
+        finally:
+            for agent in (r_agent, w_agent):
+                await agent._model_client.close()
+            await r_client.aclose()
+            await w_client.aclose()
+
+    result = asyncio.run(main())
+
+    texts = [m for m in result.messages if isinstance(m, TextMessage)]
+    assert [m.source for m in texts] == ["user", agent_name(researcher), agent_name(writer)]
+    assert "spending_cap_exceeded" in texts[1].content
+    assert texts[2].content == "Done after 2 tool calls."
+    assert (runs["search"], runs["draft"]) == (1, 2)  # the second search was refused at the cap
+    assert spends(gateway.audit(researcher.handle), "tools:search") == [
+        ("allowed", None, "1.00"),
+        ("denied", "spending_cap_exceeded", "1.00"),
+    ]
+    assert spends(gateway.audit(writer.handle), "tools:draft") == [("allowed", None, "0.10")] * 2
+    r_calls, w_calls = gateway.calls_of(researcher.handle), gateway.calls_of(writer.handle)
+    assert (len(r_calls), len(w_calls)) == (3, 3)
+    assert_upstream_saw_only_the_secret(r_calls + w_calls)
+    wait_for(lambda: settled(gateway, researcher, 3) and settled(gateway, writer, 3))
+    assert researcher.usage().window_spent == Decimal("1.00") + 3 * PRICE_PER_CALL
     assert writer.usage().window_spent == 2 * Decimal("0.10") + 3 * PRICE_PER_CALL
 
 

@@ -10,6 +10,7 @@ answers something new each time.
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -252,8 +253,11 @@ def test_guard_keeps_the_tool_and_refuses_an_ungranted_scope(gateway: Gateway) -
 
     allowed = guard(weather, client, scope="tools:read", cost="0.01")
     assert allowed.run(city="Oslo") == "sunny"
-    assert ran == ["Oslo"]
-    assert account.usage().window_spent == Decimal("0.01")
+    assert asyncio.run(allowed.arun(city="Bergen")) == "sunny"  # the async path pays the same way
+    assert ran == ["Oslo", "Bergen"]
+    assert account.usage().window_spent == Decimal("0.02")
+    assert asyncio.run(denied.arun(city="Oslo")).code == "scope_not_granted"
+    assert ran == ["Oslo", "Bergen"]
     assert allowed.cache_function({"city": "Oslo"}, "sunny") is False  # CrewAI's cache never answers
 
     with pytest.raises(ValueError, match="exactly one"):
