@@ -153,7 +153,7 @@ def test_guard_keeps_the_tools_interface_and_model_uses_the_agents_key(harness):
     assert str(openai_client.base_url).rstrip("/") == f"{account.client().base_url('openai')}/v1"
     assert openai_client.api_key == account.key
     with pytest.raises(ValueError, match="api"):
-        model(client, MODEL, api="assistants")  # type: ignore[arg-type]
+        model(client, MODEL, api="assistants")
 
 
 @pytest.mark.parametrize(
