@@ -88,6 +88,10 @@ stage "npm run build (tsc --strict)"
 PATH="$NODE22_DIR:$PATH" npm run --silent build
 stage_done
 
+stage "the published types in a strict TypeScript consumer (tsc -p test/types)"
+PATH="$NODE22_DIR:$PATH" npm run --silent typecheck:consumer
+stage_done
+
 if [ "$SYS_MAJOR" -lt 22 ]; then
   stage "SDK tests on the machine's Node $("$SYSTEM_NODE" --version) (node --test test/sdk)"
   "$SYSTEM_NODE" --test --test-reporter=spec test/sdk/*.test.mjs

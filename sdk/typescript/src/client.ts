@@ -219,7 +219,7 @@ export class Hold {
   }
 
   /** For `await using hold = await client.hold(...)`: releases the hold unless it was closed. */
-  async [Symbol.asyncDispose ?? Symbol.for("Symbol.asyncDispose")](): Promise<void> {
+  async [Symbol.asyncDispose](): Promise<void> {
     if (this.closed) return;
     try {
       await this.release();

@@ -166,9 +166,9 @@ export function runAccountHooks(options: RunAccountOptions): Required<Pick<Workf
  * The config's own `options.onStart`/`onFinish`/`onError` still run: yours after the account
  * was created, and before it is revoked.
  */
-export function withRunAccount<C extends { options?: WorkflowOptions }>(config: C, options: RunAccountOptions): C {
+export function withRunAccount<C extends object>(config: C, options: RunAccountOptions): NoInfer<C> {
   const hooks = runAccountHooks(options);
-  const own = config.options ?? {};
+  const own: WorkflowOptions = (config as { options?: WorkflowOptions }).options ?? {};
   const merged: WorkflowOptions = {
     ...own,
     async onStart(info: WorkflowStartCallbackInfo) {
