@@ -50,7 +50,7 @@ stage "ruff format --check"
 stage_done
 
 stage "mypy --strict"
-"$SDK_VENV/bin/mypy" --strict --cache-dir=/dev/null src/bulkhead
+"$SDK_VENV/bin/mypy" --strict --cache-dir="$SDK_VENV/.mypy_cache" src/bulkhead
 stage_done
 
 stage "pytest sdk/python/tests (the SDK against a real bulkhead serve)"
