@@ -34,10 +34,11 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from types import ModuleType
 from typing import Any, TypeAlias
 
-from bulkhead._amounts import Amount
+from bulkhead._amounts import Amount, amount_text
 from bulkhead.aio import AsyncAgentClient, AsyncHold
 from bulkhead.client import AgentClient, Hold
 from bulkhead.errors import BulkheadError
@@ -105,12 +106,36 @@ async def _hold(client: Client, amount: Amount, scope: str) -> Hold | AsyncHold:
     return await asyncio.to_thread(functools.partial(client.hold, amount, scope=scope))
 
 
+def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, result: object) -> Decimal:
+    """What a call that ran is charged: `cost_of(result)`, at most the hold (all of it without `cost_of`)."""
+    if cost_of is None:
+        return held
+    return min(Decimal(amount_text(cost_of(result), name="cost_of(result)")), held)
+
+
 async def _capture(held: Hold | AsyncHold, amount: Amount) -> None:
     """Capture `amount` of a hold made by either kind of client."""
     if isinstance(held, AsyncHold):
         await held.capture(amount)
     else:
         await asyncio.to_thread(held.capture, amount)
+
+
+async def _settle(held: Hold | AsyncHold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
+    """Capture what the call cost, and release the rest (all of it for a call that cost nothing).
+
+    When `cost_of` fails, the whole hold is captured: the tool ran, and the hold is the most a
+    call may cost.
+    """
+    try:
+        cost = _charge(held.amount, cost_of, result)
+    except Exception:
+        await _capture(held, held.amount)
+        raise
+    if cost > 0:
+        await _capture(held, cost)
+    else:
+        await _release(held)
 
 
 async def _release(held: Hold | AsyncHold) -> None:
@@ -174,10 +199,10 @@ def _guarded_class() -> type:
                 raise ToolDenied(self.name, error) from error
             try:
                 result = await self.inner.run(args, cancellation_token)
-                await _capture(held, self.cost_of(result) if self.cost_of is not None else self.amount)
             except BaseException:
-                await _release(held)
+                await _release(held)  # the tool failed: nothing is charged
                 raise
+            await _settle(held, self.cost_of, result)
             return result
 
         def return_value_as_string(self, value: object) -> str:
@@ -218,7 +243,8 @@ def guard(
         hold: instead of `cost`, for tools whose price is known only afterwards: this amount
             is held before the tool runs, `cost_of(result)` of it is captured after it returned
             (the whole hold without `cost_of`), and all of it is released if the tool raised.
-        cost_of: the actual price of a call, from the tool's result (with `hold`); at most `hold`.
+        cost_of: the actual price of a call, from the tool's result (with `hold`). A price above
+            the hold is charged as the hold; if `cost_of` raises, the whole hold is charged.
         memo: the memo of each spend (default `"tool <name>"`).
         description: the description of a plain function (ignored for a tool).
 

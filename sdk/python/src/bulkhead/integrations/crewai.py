@@ -34,10 +34,11 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
+from decimal import Decimal
 from types import ModuleType
 from typing import Any, TypeAlias
 
-from bulkhead._amounts import Amount
+from bulkhead._amounts import Amount, amount_text
 from bulkhead.client import AgentClient, Hold
 from bulkhead.errors import BulkheadError
 
@@ -85,9 +86,28 @@ def _denial(tool: str, error: BulkheadError) -> ToolFailure:
     )
 
 
+def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, result: object) -> Decimal:
+    """What a call that ran is charged: `cost_of(result)`, at most the hold (all of it without `cost_of`)."""
+    if cost_of is None:
+        return held
+    return min(Decimal(amount_text(cost_of(result), name="cost_of(result)")), held)
+
+
 def _settle(held: Hold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
-    """Capture what the call cost (the whole hold without `cost_of`)."""
-    held.capture(cost_of(result) if cost_of is not None else held.amount)
+    """Capture what the call cost, and release the rest (all of it for a call that cost nothing).
+
+    When `cost_of` fails, the whole hold is captured: the tool ran, and the hold is the most a
+    call may cost.
+    """
+    try:
+        cost = _charge(held.amount, cost_of, result)
+    except Exception:
+        held.capture(held.amount)
+        raise
+    if cost > 0:
+        held.capture(cost)
+    else:
+        held.release()
 
 
 async def _run_inner_async(inner: CrewAITool, *args: object, **kwargs: object) -> object:
@@ -140,12 +160,12 @@ def _guarded_class() -> type:
                 result = self.inner._run(*args, **kwargs)
                 if inspect.isawaitable(result):
                     result = asyncio.run(_awaited(result))
-                if held is not None:
-                    _settle(held, self.cost_of, result)
             except BaseException:
-                if held is not None and not held.closed:
-                    held.release()
+                if held is not None:
+                    held.release()  # the tool failed: nothing is charged
                 raise
+            if held is not None:
+                _settle(held, self.cost_of, result)
             return result
 
         async def _arun(self, *args: object, **kwargs: object) -> object:
@@ -155,12 +175,12 @@ def _guarded_class() -> type:
                 return _denial(self.name, error)
             try:
                 result = await _run_inner_async(self.inner, *args, **kwargs)
-                if held is not None:
-                    await asyncio.to_thread(_settle, held, self.cost_of, result)
             except BaseException:
-                if held is not None and not held.closed:
-                    await asyncio.to_thread(held.release)
+                if held is not None:
+                    await asyncio.to_thread(held.release)  # the tool failed: nothing is charged
                 raise
+            if held is not None:
+                await asyncio.to_thread(_settle, held, self.cost_of, result)
             return result
 
         def format_output_for_agent(self, raw_result: object) -> str:
@@ -195,7 +215,8 @@ def guard(
         hold: instead of `cost`, for tools whose price is known only afterwards: this amount
             is held before the tool runs, `cost_of(result)` of it is captured after it returned
             (the whole hold without `cost_of`), and all of it is released if the tool raised.
-        cost_of: the actual price of a call, from the tool's result (with `hold`); at most `hold`.
+        cost_of: the actual price of a call, from the tool's result (with `hold`). A price above
+            the hold is charged as the hold; if `cost_of` raises, the whole hold is charged.
         memo: the memo of each spend (default `"tool <name>"`).
 
     Returns:

@@ -282,9 +282,9 @@ def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gatew
     def quote(item: str) -> dict[str, str]:
         """Quote a price."""
         runs["quote"] += 1
-        if runs["quote"] == 2:
+        if runs["quote"] == 3:
             raise RuntimeError("quote service error")
-        return {"item": item, "cost": "0.12"}
+        return {"item": item, "cost": ["0.12", "0.90"][runs["quote"] - 1]}
 
     async def main() -> TaskResult:
         client = account.async_client()
@@ -293,7 +293,7 @@ def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gatew
                 name="quoter",
                 model_client=model_client(client, "house-model-v1"),  # a name AutoGen does not know
                 tools=[guard(quote, client, scope="tools:quote", hold="0.50", cost_of=lambda r: r["cost"])],
-                system_message=f'You are agent {account.handle}. [[call:quote:2:{{"item": "disk"}}]]',
+                system_message=f'You are agent {account.handle}. [[call:quote:3:{{"item": "disk"}}]]',
                 max_tool_iterations=5,
             )
             (outcome,) = await run_all((agent, "Get quotes."))
@@ -304,21 +304,22 @@ def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gatew
 
     result = asyncio.run(main())
 
-    assert runs["quote"] == 2
-    assert [r.is_error for r in tool_results(result)] == [False, True]
+    assert runs["quote"] == 3
+    assert [r.is_error for r in tool_results(result)] == [False, False, True]
     events = gateway.audit(account.handle)
     tool_events = [(e["action"], e["outcome"], e["amount"]) for e in events if e.get("scope") == "tools:quote"]
-    assert tool_events == [("hold", "allowed", "0.50"), ("hold", "allowed", "0.50")]
+    assert tool_events == [("hold", "allowed", "0.50")] * 3
     own = [e for e in events if (e.get("detail") or {}).get("by") != "gateway"]
     assert [(e["action"], e["amount"]) for e in own if e["action"] in ("capture", "release")] == [
         ("capture", "0.12"),
-        ("release", "0.50"),
+        ("capture", "0.50"),  # it said 0.90: a call costs at most its hold
+        ("release", "0.50"),  # the tool failed: nothing charged
     ]
     calls = gateway.calls_of(account.handle)
     assert {c["body"]["model"] for c in calls} == {"house-model-v1"}
-    assert len(calls) == 3  # before each quote, and the final answer after the failed one
-    wait_for(lambda: settled(gateway, account, 3))
-    assert account.usage().window_spent == Decimal("0.12") + 3 * PRICE_PER_CALL
+    assert len(calls) == 4  # before each quote, and the final answer after the failed one
+    wait_for(lambda: settled(gateway, account, 4))
+    assert account.usage().window_spent == Decimal("0.62") + 4 * PRICE_PER_CALL
 
 
 def test_guard_keeps_the_tool_schema_and_refuses_an_ungranted_scope(gateway: Gateway) -> None:

@@ -193,9 +193,9 @@ class QuoteTool(BaseTool):
 
     def _run(self, item: str) -> dict[str, str]:
         self.runs += 1
-        if self.runs == 2:
+        if self.runs == 3:
             raise RuntimeError("quote service error")
-        return {"item": item, "cost": "0.12"}
+        return {"item": item, "cost": ["0.12", "0.90"][self.runs - 1]}
 
 
 def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gateway) -> None:
@@ -210,24 +210,25 @@ def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gatew
         llm=llm(client, "house-model-v1"),  # a name CrewAI does not know stays on the gateway
         verbose=False,
     )
-    task = Task(description='Get quotes. [[call:quote:2:{"item": "disk"}]]', expected_output="The quotes.", agent=agent)
+    task = Task(description='Get quotes. [[call:quote:3:{"item": "disk"}]]', expected_output="The quotes.", agent=agent)
     Crew(agents=[agent], tasks=[task]).kickoff()
 
-    assert inner.runs == 2
+    assert inner.runs == 3
     events = gateway.audit(account.handle)
     holds = [(e["action"], e["outcome"], e["amount"]) for e in events if e.get("scope") == "tools:quote"]
-    assert holds == [("hold", "allowed", "0.50")] * 2
+    assert holds == [("hold", "allowed", "0.50")] * 3
     own = [e for e in events if (e.get("detail") or {}).get("by") != "gateway"]
     assert [(e["action"], e["amount"]) for e in own if e["action"] in ("capture", "release")] == [
         ("capture", "0.12"),
-        ("release", "0.50"),
+        ("capture", "0.50"),  # it said 0.90: a call costs at most its hold
+        ("release", "0.50"),  # the tool failed: nothing charged
     ]
     calls = gateway.calls_of(account.handle)
     assert {c["body"]["model"] for c in calls} == {"house-model-v1"}
-    assert len(calls) == 3  # before each quote, and the final answer after the failed one
+    assert len(calls) == 4  # before each quote, and the final answer after the failed one
     assert_upstream_saw_only_the_secret(calls)
-    wait_for(lambda: settled(gateway, account, 3))
-    assert account.usage().window_spent == Decimal("0.12") + 3 * PRICE_PER_CALL
+    wait_for(lambda: settled(gateway, account, 4))
+    assert account.usage().window_spent == Decimal("0.62") + 4 * PRICE_PER_CALL
 
 
 def test_guard_keeps_the_tool_and_refuses_an_ungranted_scope(gateway: Gateway) -> None:
