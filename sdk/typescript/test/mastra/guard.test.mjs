@@ -1,0 +1,77 @@
+// guard(): a Mastra tool that pays before it runs, with a fixed client or the run's.
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { createTool } from "@mastra/core/tools";
+import { z } from "zod";
+import { AgentAccount } from "bulkhead";
+import { guard, runClient } from "bulkhead/mastra";
+import { startServer, uniqueHandle } from "../support/server.mjs";
+
+let server;
+let conn;
+before(async () => {
+  server = await startServer();
+  conn = { url: server.url, adminToken: server.adminToken };
+});
+after(async () => {
+  await server?.stop();
+});
+
+function countingTool() {
+  const tool = createTool({
+    id: "lookup",
+    description: "Looks something up.",
+    inputSchema: z.object({ q: z.string().min(1) }),
+    outputSchema: z.object({ answer: z.string() }),
+    execute: async ({ q }) => {
+      tool.runs += 1;
+      return { answer: `about ${q}` };
+    },
+  });
+  tool.runs = 0;
+  return tool;
+}
+
+test("each call is paid first; a refused spend never runs the tool and names the code", async () => {
+  const account = await AgentAccount.create({ handle: uniqueHandle("guard"), scopes: ["tools:lookup"], spendingCap: "0.25", ...conn });
+  const inner = countingTool();
+  const tool = guard(inner, account.client(), { scope: "tools:lookup", cost: 0.1 });
+  assert.equal(tool.id, "lookup");
+  assert.equal(tool.description, "Looks something up.");
+  assert.ok(tool.inputSchema && tool.outputSchema);
+
+  assert.deepEqual(await tool.execute({ q: "one" }, {}), { answer: "about one" });
+  assert.deepEqual(await tool.execute({ q: "two" }, {}), { answer: "about two" });
+  const denied = await tool.execute({ q: "three" }, {}).catch((e) => e);
+  assert.ok(denied instanceof Error);
+  assert.match(denied.message, /^spending_cap_exceeded: .*\(tool 'lookup' did not run\)$/);
+  assert.equal(denied.cause.code, "spending_cap_exceeded");
+  assert.equal(inner.runs, 2);
+
+  const usage = await account.usage();
+  assert.equal(usage.windowSpent, "0.20");
+  const trail = await account.audit();
+  const paid = trail.filter((e) => e.scope === "tools:lookup" && e.amount === "0.10");
+  assert.deepEqual(paid.map((e) => e.outcome), ["allowed", "allowed", "denied"]);
+});
+
+test("input the tool's schema refuses is neither paid nor run", async () => {
+  const account = await AgentAccount.create({ handle: uniqueHandle("guard-schema"), scopes: ["tools:lookup"], spendingCap: "1.00", ...conn });
+  const inner = countingTool();
+  const tool = guard(inner, account.client(), { scope: "tools:lookup", cost: "0.10" });
+  const result = await tool.execute({ q: "" }, {});
+  assert.equal(result.error, true, JSON.stringify(result));
+  assert.equal(inner.runs, 0);
+  assert.equal((await account.usage()).txCount, 0);
+});
+
+test("a scope the key lacks, and no run to pay with, are tool errors too", async () => {
+  const account = await AgentAccount.create({ handle: uniqueHandle("guard-scope"), scopes: ["tools:other"], spendingCap: "1.00", ...conn });
+  const inner = countingTool();
+  const wrongScope = guard(inner, account.client(), { scope: "tools:lookup", cost: "0.10" });
+  await assert.rejects(wrongScope.execute({ q: "x" }, {}), /^BulkheadDenied: scope_not_granted: /);
+  const noRun = guard(inner, runClient, { scope: "tools:lookup", cost: "0.10" });
+  await assert.rejects(noRun.execute({ q: "x" }, {}), /^BulkheadDenied: no_run_account: /);
+  assert.equal(inner.runs, 0);
+  assert.throws(() => guard(inner, account.client(), { scope: "tools:lookup", cost: "0.1234567" }), RangeError);
+});
