@@ -238,3 +238,42 @@ test("run handles fit the server's alphabet", () => {
   assert.equal(runHandle("run-" + "x".repeat(100)).length, 64);
   assert.throws(() => runHandle("---"), RangeError);
 });
+
+test("runs started with stream() and startAsync() get and lose their accounts the same way", async () => {
+  const parent = await makeParent("1.00");
+  const step = createStep({
+    id: "pay",
+    inputSchema: z.object({}),
+    outputSchema: z.object({ handle: z.string() }),
+    execute: async (params) => {
+      const client = runClient(params);
+      await client.spend({ amount: "0.10", scope: SEARCH });
+      return { handle: (await client.me()).handle };
+    },
+  });
+  const workflow = createWorkflow(
+    withRunAccount({ id: "paying", inputSchema: z.object({}), outputSchema: z.object({ handle: z.string() }) }, { parent: parent.client(), scopes: [SEARCH], spendingCap: "0.20" }),
+  )
+    .then(step)
+    .commit();
+  const streamed = await workflow.createRun();
+  const output = streamed.stream({ inputData: {} });
+  for await (const _ of output.fullStream) {
+    // drain
+  }
+  const result = await output.result;
+  assert.equal(result.status, "success");
+  assert.equal(result.result.handle, `run-${streamed.runId}`);
+
+  const background = await workflow.createRun();
+  const { runId } = await background.startAsync({ inputData: {} });
+  assert.equal(runId, background.runId);
+  await waitFor(
+    async () => {
+      const children = await childrenOf(parent);
+      return children.length === 2 && children.every((c) => c.status === "revoked");
+    },
+    { what: "both runs' accounts to be revoked" },
+  );
+  assert.equal((await parent.usage()).windowSpent, "0.20");
+});
