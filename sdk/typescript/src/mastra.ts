@@ -44,8 +44,8 @@ import type {
   WorkflowOptions,
   WorkflowStartCallbackInfo,
 } from "@mastra/core/workflows";
-import { type Amount, amountText } from "./amounts.js";
-import { type AgentAccount, type AgentClient, type AgentSpec } from "./client.js";
+import { type Amount, amountText, toMicros } from "./amounts.js";
+import type { AgentAccount, AgentClient, AgentSpec, Hold, HoldRequest } from "./client.js";
 import { BulkheadError } from "./errors.js";
 import type { Json, RateLimit } from "./models.js";
 
@@ -279,17 +279,67 @@ export function guard<T extends ToolLike>(tool: T, client: ClientSource, options
       const payer = typeof client === "function" ? await client(ctx) : client;
       await payer.spend({ amount: cost, scope: options.scope, memo });
     } catch (e) {
-      if (e instanceof BulkheadError) {
-        const error = new Error(`${e.code}: ${e.message} (tool '${tool.id}' did not run)`, { cause: e });
-        error.name = "BulkheadDenied";
-        throw error;
-      }
-      throw e;
+      throw denied(e, tool.id);
     }
     return inner.call(tool, input, context);
   };
   // createTool validates the input against the same schemas, then calls `execute`.
   return createTool({ ...(tool as object), id: tool.id, execute } as unknown as Parameters<typeof createTool>[0]) as unknown as T;
+}
+
+/** `metered(tool, client, {scope, maxCost, costOf})`. */
+export interface MeteredOptions {
+  /** The scope the hold and its capture are made under. */
+  scope: string;
+  /** What one call may cost at most: held before the tool runs. */
+  maxCost: Amount;
+  /** The call's actual cost, from the tool's result (more than `maxCost` is charged as `maxCost`). */
+  costOf: (result: any) => Amount | Promise<Amount>;
+  /** When an unsettled hold releases itself (default `"5m"`). */
+  expiresIn?: string;
+}
+
+/**
+ * A Mastra tool whose cost is known only after it ran: it holds `maxCost` under `scope`, runs
+ * `tool`, captures what `costOf(result)` says and releases the rest. If the tool (or `costOf`)
+ * throws, the whole hold is released and nothing is charged. A refused hold never runs the tool
+ * and fails like {@link guard}: `spending_cap_exceeded: … (tool 'x' did not run)`.
+ */
+export function metered<T extends ToolLike>(tool: T, client: ClientSource, options: MeteredOptions): T {
+  const maxCost = amountText(options.maxCost, "maxCost");
+  const inner = tool.execute;
+  if (typeof inner !== "function") throw new TypeError(`tool '${tool.id}' has no execute function`);
+  const execute = async (input: unknown, context: RunContextLike | undefined): Promise<unknown> => {
+    const ctx = context ?? {};
+    let hold: Hold;
+    try {
+      const payer = typeof client === "function" ? await client(ctx) : client;
+      const request: HoldRequest = { amount: maxCost, scope: options.scope };
+      if (options.expiresIn !== undefined) request.expiresIn = options.expiresIn;
+      hold = await payer.hold(request);
+    } catch (e) {
+      throw denied(e, tool.id);
+    }
+    let result: unknown;
+    let cost: string;
+    try {
+      result = await inner.call(tool, input, context);
+      cost = amountText(await options.costOf(result), "cost");
+    } catch (e) {
+      await hold.release().catch(() => undefined); // the hold expires by itself if this fails
+      throw e;
+    }
+    await hold.capture(toMicros(cost) > toMicros(maxCost) ? maxCost : cost);
+    return result;
+  };
+  return createTool({ ...(tool as object), id: tool.id, execute } as unknown as Parameters<typeof createTool>[0]) as unknown as T;
+}
+
+function denied(e: unknown, toolId: string): unknown {
+  if (!(e instanceof BulkheadError)) return e;
+  const error = new Error(`${e.code}: ${e.message} (tool '${toolId}' did not run)`, { cause: e });
+  error.name = "BulkheadDenied";
+  return error;
 }
 
 /** `model(client, modelId, {upstream})`. */

@@ -75,3 +75,40 @@ test("a scope the key lacks, and no run to pay with, are tool errors too", async
   assert.equal(inner.runs, 0);
   assert.throws(() => guard(inner, account.client(), { scope: "tools:lookup", cost: "0.1234567" }), RangeError);
 });
+
+test("metered(): holds the most a call may cost, captures what it did cost, releases on failure", async () => {
+  const { metered } = await import("bulkhead/mastra");
+  const account = await AgentAccount.create({ handle: uniqueHandle("metered"), scopes: ["tools:fetch"], spendingCap: "1.00", ...conn });
+  let runs = 0;
+  const fetchTool = createTool({
+    id: "fetch",
+    description: "Fetches a page; its price depends on the page.",
+    inputSchema: z.object({ bytes: z.number() }),
+    outputSchema: z.object({ cost: z.string() }),
+    execute: async ({ bytes }) => {
+      runs += 1;
+      if (bytes < 0) throw new Error("the fetch failed");
+      return { cost: (bytes / 1000).toFixed(3) };
+    },
+  });
+  const tool = metered(fetchTool, account.client(), { scope: "tools:fetch", maxCost: "0.40", costOf: (r) => r.cost });
+  assert.deepEqual(await tool.execute({ bytes: 120 }, {}), { cost: "0.120" });
+  let usage = await account.usage();
+  assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.12", "0.00"]);
+  // More than the hold is charged as the hold.
+  await tool.execute({ bytes: 900 }, {});
+  usage = await account.usage();
+  assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.52", "0.00"]);
+  // A failing tool is charged nothing.
+  await assert.rejects(tool.execute({ bytes: -1 }, {}), /the fetch failed/);
+  usage = await account.usage();
+  assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.52", "0.00"]);
+  // 0.48 left: a hold of 0.40 fits once more, then it is refused and the tool does not run.
+  await tool.execute({ bytes: 400 }, {});
+  const before = runs;
+  const refused = await tool.execute({ bytes: 1 }, {}).catch((e) => e);
+  assert.match(String(refused), /^BulkheadDenied: spending_cap_exceeded: .*\(tool 'fetch' did not run\)/);
+  assert.equal(runs, before);
+  usage = await account.usage();
+  assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.92", "0.00"]);
+});
