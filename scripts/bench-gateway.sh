@@ -100,7 +100,7 @@ secret_env = "BENCH_UPSTREAM_SECRET"
 max_cost_per_request = "0.000001"
 pricing = { kind = "per_request", price = "0.000001" }
 EOF
-export BENCH_ADMIN="bench-admin-$RANDOM$RANDOM"
+export BENCH_ADMIN="bench-admin-$RANDOM$RANDOM-0123456789abcdefghijklmnop"
 B="http://127.0.0.1:$PORT"
 args=(serve --listen "127.0.0.1:$PORT" --data "$DIR/data" --config "$DIR/bulkhead.toml")
 [ -n "${BENCH_DATABASE_URL:-}" ] && args+=(--database-url "$BENCH_DATABASE_URL")

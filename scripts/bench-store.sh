@@ -20,7 +20,7 @@ WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-export BENCH_ADMIN="bench-admin-$RANDOM$RANDOM"
+export BENCH_ADMIN="bench-admin-$RANDOM$RANDOM-0123456789abcdefghijklmnop"
 
 start() { # port data [db_url]
   local args=(serve --listen "127.0.0.1:$1" --data "$2")

@@ -17,7 +17,7 @@ echo "== building release binary"
 cargo build --release --locked -q -p bulkhead
 
 DIR=$(mktemp -d)
-export BENCH_ADMIN="bench-admin-$RANDOM$RANDOM"
+export BENCH_ADMIN="bench-admin-$RANDOM$RANDOM-0123456789abcdefghijklmnop"
 B="http://127.0.0.1:$PORT"
 args=(serve --listen "127.0.0.1:$PORT" --data "$DIR")
 [ -n "${BENCH_DATABASE_URL:-}" ] && args+=(--database-url "$BENCH_DATABASE_URL")

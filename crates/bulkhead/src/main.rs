@@ -5,6 +5,7 @@
 
 mod client;
 mod config;
+mod datadir;
 mod demo;
 mod offline;
 mod report;
@@ -101,6 +102,7 @@ impl StoreArgs {
                     .or_else(|| std::env::var_os("BULKHEAD_DATA").map(PathBuf::from))
                     .unwrap_or_else(|| PathBuf::from("./bulkhead-data"));
                 if migrate {
+                    datadir::make_private(&dir)?;
                     return Ok(bulkhead_store::Store::open_dir(&dir).await?);
                 }
                 bulkhead_store::Store::open_existing_dir(&dir).await?

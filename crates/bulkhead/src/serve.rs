@@ -22,20 +22,40 @@ impl Clock for SystemClock {
     }
 }
 
+/// The shortest admin token accepted (contract §12).
+pub const ADMIN_TOKEN_CHARS_MIN: usize = 32;
+
+/// Refuses an admin token that is short enough to guess or shaped like an agent key (a `bk_`
+/// token would be read as an agent's credential). The message never contains the token.
+fn check_admin_token(token: &str, from: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        token.chars().count() >= ADMIN_TOKEN_CHARS_MIN,
+        "the admin token from {from} is too short: it needs at least {ADMIN_TOKEN_CHARS_MIN} characters \
+         (unset it to have one generated)"
+    );
+    anyhow::ensure!(!token.starts_with("bk_"), "the admin token from {from} starts with `bk_`, which marks agent keys");
+    anyhow::ensure!(
+        token.bytes().all(|b| b.is_ascii_graphic()),
+        "the admin token from {from} must be printable ASCII without spaces"
+    );
+    Ok(())
+}
+
 /// The admin token: from the environment, else from `DIR/admin-token`, generated on first start.
 pub fn admin_token(data: &Path) -> anyhow::Result<String> {
     if let Ok(t) = std::env::var("BULKHEAD_ADMIN_TOKEN")
         && !t.is_empty()
     {
+        check_admin_token(&t, "BULKHEAD_ADMIN_TOKEN")?;
         return Ok(t);
     }
     let path = data.join("admin-token");
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
         anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
+        check_admin_token(&t, &path.display().to_string())?;
         return Ok(t);
     }
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
     let token = format!("bha_{}", bulkhead_core::key::random_base62(&mut rand::rng(), 40));
     write_secret(&path, &token)?;
     eprintln!("generated an admin token; it is in {} (mode 0600)", path.display());
@@ -64,14 +84,12 @@ fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
 
 /// Takes an exclusive lock on `DIR/serve.lock` for the life of the process.
 fn lock_data_dir(data: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
     let path = data.join("serve.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut open = std::fs::OpenOptions::new();
+    open.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    let f = open.open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -147,6 +165,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // TLS (https webhooks and upstreams) uses rustls on the ring provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::datadir::make_private(&args.data)?;
     let token = admin_token(&args.data)?;
     // One server per embedded store: its writer is the file's only writer (it caches what it
     // committed), so a second `serve` on the same data dir must not start.

@@ -75,3 +75,65 @@ async fn metrics_refuse_a_rebound_host_without_the_admin_token() {
     let (status, _) = raw(&srv, "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").await;
     assert!(status == 401 || status == 400, "no Host: {status}");
 }
+
+/// Finding 8: the data dir was 0755 and the database 0644, so any local user could read the
+/// audit trail, memos and key hashes. The dir is 0700 and every file in it 0600, also the
+/// SQLite journal files; a looser dir left by an older version is tightened at start.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_is_0700_and_its_files_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    let b = Backend::sqlite();
+    let mut srv = Server::start_with(&b, None).await;
+    srv.token = std::fs::read_to_string(b.data().join("admin-token")).expect("generated token").trim().to_owned();
+    let api = srv.api();
+    let key = api.create(&srv.token, common::root_agent("private", "10.00", &[common::SCOPE])).await;
+    assert_eq!(api.try_spend(&key, "1.00").await.expect("spend").status, 200);
+    assert_eq!(mode(&b.data()), 0o700, "data dir");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(b.data()).expect("read dir") {
+        let path = entry.expect("entry").path();
+        files.push(path.file_name().expect("name").to_string_lossy().into_owned());
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+    for name in ["bulkhead.db", "bulkhead.db-wal", "admin-token", "serve.lock"] {
+        assert!(files.iter().any(|f| f == name), "{name} is in the data dir: {files:?}");
+    }
+    srv.sigterm();
+    srv.wait_exit().await;
+
+    // A dir and database left world-readable are tightened at the next start.
+    std::fs::set_permissions(b.data(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(b.data().join("bulkhead.db"), std::fs::Permissions::from_mode(0o644)).expect("chmod db");
+    let _srv = Server::start(&b).await;
+    assert_eq!(mode(&b.data()), 0o700, "data dir tightened");
+    assert_eq!(mode(&b.data().join("bulkhead.db")), 0o600, "database tightened");
+}
+
+/// Finding 8: an admin token of any length was accepted. It needs at least 32 characters and
+/// may not look like an agent key (`bk_`); the refusal names the rule, never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_shorter_than_32_chars_or_key_shaped_are_refused() {
+    for (token, says) in [
+        ("short-token", "at least 32 characters"),
+        ("0123456789012345678901234567890", "at least 32 characters"),
+        ("bk_0123456789012345678901234567890123456789", "bk_"),
+        ("has spaces 0123456789012345678901234567890", "printable ASCII"),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = tokio::process::Command::new(common::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path().join("data"))
+            .env("BULKHEAD_ADMIN_TOKEN", token)
+            .env_remove("BULKHEAD_DATABASE_URL")
+            .env_remove("BULKHEAD_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), out).await.expect("exits in time").expect("run");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{token:?} was accepted: {text}");
+        assert!(text.contains(says), "{token:?}: {text}");
+        assert!(!text.contains(token), "the refusal does not print the token: {text}");
+    }
+}

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
 /// The admin token every server gets through `BULKHEAD_ADMIN_TOKEN` (unless a test removes it).
-pub const ADMIN: &str = "e2e-admin-token-4c1d9f0e7b2a";
+pub const ADMIN: &str = "e2e-admin-token-4c1d9f0e7b2a-0123456789";
 /// The scope every test agent spends with.
 pub const SCOPE: &str = "payments:write";
 
