@@ -322,6 +322,42 @@ def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gatew
     assert account.usage().window_spent == Decimal("0.62") + 4 * PRICE_PER_CALL
 
 
+def test_streamed_model_calls_are_metered_to_the_agent(gateway: Gateway) -> None:
+    account = gateway.account("ag-stream", ["llm:openai", "tools:search"], "1.00")
+    runs = {"search": 0}
+
+    def search(query: str) -> str:
+        """Search the web."""
+        runs["search"] += 1
+        return f"result {runs['search']}"
+
+    async def main() -> TaskResult:
+        client = account.async_client()
+        agent = AssistantAgent(
+            name="streamer",
+            model_client=model_client(client, "gpt-4o-mini"),
+            model_client_stream=True,
+            tools=[guard(search, client, scope="tools:search", cost="0.05")],
+            system_message=f'You are agent {account.handle}. [[call:search:1:{{"query": "streams"}}]]',
+            max_tool_iterations=5,
+        )
+        try:
+            (outcome,) = await run_all((agent, "Search once."))
+            assert isinstance(outcome, TaskResult), outcome
+            return outcome
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(main())
+
+    assert result.messages[-1].to_text() == "Done after 1 tool calls."
+    assert runs["search"] == 1
+    calls = gateway.calls_of(account.handle)
+    assert [c["body"].get("stream") for c in calls] == [True, True]
+    wait_for(lambda: settled(gateway, account, 2))  # metered from each stream's last chunk
+    assert account.usage().window_spent == Decimal("0.05") + 2 * PRICE_PER_CALL
+
+
 def test_guard_keeps_the_tool_schema_and_refuses_an_ungranted_scope(gateway: Gateway) -> None:
     account = gateway.account("ag-scope", ["tools:read"], "1.00")
     ran: list[str] = []

@@ -179,6 +179,29 @@ def test_crew_member_revoked_mid_run_stops_at_its_next_call(gateway: Gateway) ->
     assert runs["doomed"] == 2
 
 
+def test_streamed_llm_calls_are_metered_to_the_member(gateway: Gateway) -> None:
+    account = gateway.account("cr-stream", ["llm:openai", "tools:search"], "1.00")
+    client = account.client()
+    runs = {"search": 0}
+    agent = Agent(
+        role="Streamer",
+        goal="Search once.",
+        backstory=f"You are agent {account.handle}.",
+        tools=[guard(counting_tool("search", runs), client, scope="tools:search", cost="0.05")],
+        llm=llm(client, "gpt-4o-mini", stream=True),
+        verbose=False,
+    )
+    task = Task(description='Search once. [[call:search:1:{"query": "streams"}]]', expected_output="x", agent=agent)
+    output = Crew(agents=[agent], tasks=[task]).kickoff()
+
+    assert output.raw == "Done after 1 tool calls."
+    assert runs["search"] == 1
+    calls = gateway.calls_of(account.handle)
+    assert [c["body"].get("stream") for c in calls] == [True, True]
+    wait_for(lambda: settled(gateway, account, 2))  # metered from each stream's last chunk
+    assert account.usage().window_spent == Decimal("0.05") + 2 * PRICE_PER_CALL
+
+
 class Quote(BaseModel):
     item: str = Field(description="What to price.")
 
