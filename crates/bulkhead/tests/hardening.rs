@@ -137,3 +137,15 @@ async fn admin_tokens_shorter_than_32_chars_or_key_shaped_are_refused() {
         assert!(!text.contains(token), "the refusal does not print the token: {text}");
     }
 }
+
+/// Finding 10: log lines carried ANSI colour codes when stderr was a file or a pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_have_no_colour_codes_off_a_terminal() {
+    let b = Backend::sqlite();
+    let srv = Server::start(&b).await;
+    let api = srv.api();
+    api.create(ADMIN, common::root_agent("quiet-logs", "1.00", &[common::SCOPE])).await;
+    let logs = srv.logs();
+    assert!(logs.contains("INFO"), "the server logged at info level: {logs}");
+    assert!(!logs.contains('\u{1b}'), "no escape character in logs written to a file: {logs}");
+}
