@@ -52,11 +52,11 @@ if TYPE_CHECKING:  # pragma: no cover - types only
 
 __all__ = ["chat_model", "guard", "metered"]
 
-_INSTALL = "pip install langchain-core langchain-openai"
+_INSTALL = "LangChain: pip install langchain-core langchain-openai"
 
 
 def guard(
-    tool: BaseTool,
+    tool: BaseTool | Callable[..., Any],
     client: AnyClient,
     *,
     scope: str,
@@ -66,7 +66,8 @@ def guard(
     """Return a tool that spends `cost` under `scope` with `client`'s key, then runs `tool`.
 
     Args:
-        tool: any LangChain tool (`@tool` functions, `StructuredTool`, `BaseTool` subclasses).
+        tool: any LangChain tool (`@tool` functions, `StructuredTool`, `BaseTool` subclasses), or
+            a typed Python function with a docstring, which becomes a `StructuredTool`.
         client: the agent's `AgentClient` or `AsyncAgentClient`; its key is the only one used.
         scope: the scope the spend is made under, e.g. `"tools:search"`.
         cost: what one call of the tool costs (`"0.01"`, `Decimal`, `int` or `float`).
@@ -82,7 +83,7 @@ def guard(
 
 
 def metered(
-    tool: BaseTool,
+    tool: BaseTool | Callable[..., Any],
     client: AnyClient,
     *,
     scope: str,
@@ -119,7 +120,7 @@ def chat_model(client: AnyClient, model: str, upstream: str = "openai", **kwargs
 
 
 def _make(
-    tool: BaseTool,
+    tool: BaseTool | Callable[..., Any],
     client: AnyClient,
     *,
     scope: str,
@@ -129,6 +130,7 @@ def _make(
     memo: str | None = None,
 ) -> BaseTool:
     guarded_class = _guarded_tool_class()
+    tool = _as_tool(tool)
     guarded: BaseTool = guarded_class(
         name=tool.name,
         description=tool.description,
@@ -148,6 +150,18 @@ def _make(
         bulkhead_memo=memo if memo is not None else f"tool:{tool.name}",
     )
     return guarded
+
+
+def _as_tool(value: BaseTool | Callable[..., Any]) -> BaseTool:
+    """Take a LangChain tool as it is; make a typed function with a docstring a `StructuredTool`."""
+    from langchain_core.tools import BaseTool, StructuredTool  # type: ignore[import-not-found,unused-ignore]
+
+    if isinstance(value, BaseTool):
+        return value
+    if not callable(value):
+        raise TypeError(f"guard wraps a LangChain tool or a function, not {type(value).__name__}")
+    made: BaseTool = StructuredTool.from_function(value)
+    return made
 
 
 def _denial_text(error: BulkheadError, tool_name: str) -> str:

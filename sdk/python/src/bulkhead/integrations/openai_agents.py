@@ -56,12 +56,12 @@ if TYPE_CHECKING:  # pragma: no cover - types only
 
 __all__ = ["guard", "metered", "model"]
 
-_INSTALL = "pip install openai-agents"
+_INSTALL = "the OpenAI Agents SDK: pip install openai-agents"
 _log = logging.getLogger(__name__)
 
 
 def guard(
-    tool: FunctionTool,
+    tool: FunctionTool | Callable[..., Any],
     client: AnyClient,
     *,
     scope: str,
@@ -71,7 +71,8 @@ def guard(
     """Return a `FunctionTool` that spends `cost` under `scope` with `client`'s key, then runs `tool`.
 
     Args:
-        tool: an `agents.FunctionTool` (e.g. made by `@function_tool`).
+        tool: an `agents.FunctionTool` (e.g. made by `@function_tool`), or a typed Python function
+            with a docstring, which `function_tool` turns into one.
         client: the agent's `AsyncAgentClient` (awaited) or `AgentClient` (run in a worker thread).
         scope: the scope the spend is made under, e.g. `"tools:search"`.
         cost: what one call of the tool costs (`"0.01"`, `Decimal`, `int` or `float`).
@@ -88,7 +89,7 @@ def guard(
 
 
 def metered(
-    tool: FunctionTool,
+    tool: FunctionTool | Callable[..., Any],
     client: AnyClient,
     *,
     scope: str,
@@ -148,7 +149,7 @@ def model(
 
 
 def _make(
-    tool: FunctionTool,
+    tool: FunctionTool | Callable[..., Any],
     client: AnyClient,
     *,
     scope: str,
@@ -158,11 +159,13 @@ def _make(
     memo: str | None = None,
 ) -> FunctionTool:
     try:
-        from agents import FunctionTool
+        from agents import FunctionTool, function_tool
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"bulkhead.integrations.openai_agents needs {_INSTALL}") from e
     if not isinstance(tool, FunctionTool):
-        raise TypeError(f"guard wraps an agents.FunctionTool, not {type(tool).__name__}")
+        if not callable(tool):
+            raise TypeError(f"guard wraps an agents.FunctionTool or a function, not {type(tool).__name__}")
+        tool = function_tool(tool)
     invoke_inner = tool.on_invoke_tool
     name = tool.name
     spend_memo = memo if memo is not None else f"tool:{name}"

@@ -127,6 +127,15 @@ def test_guard_keeps_the_tools_interface_and_chat_model_uses_the_agents_key(harn
     with pytest.raises(ValueError, match="decimal"):
         guard(search, client, scope=TOOL_SCOPE, cost="0.1234567")
 
+    # A plain typed function becomes a tool of its own name, schema and docstring.
+    def lookup(city: str) -> str:
+        """Look up the weather in `city`."""
+        return f"sunny in {city}"
+
+    from_function = guard(lookup, client, scope=TOOL_SCOPE, cost="0.10")
+    assert (from_function.name, from_function.description) == ("lookup", "Look up the weather in `city`.")
+    assert from_function.args == tool(lookup).args
+
 
 def test_two_agents_one_loops_into_its_cap_and_is_stopped_the_other_finishes(harness):
     looper = harness.account("lc-looper", LOOPER_CAP)

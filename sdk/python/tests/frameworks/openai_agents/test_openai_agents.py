@@ -155,6 +155,16 @@ def test_guard_keeps_the_tools_interface_and_model_uses_the_agents_key(harness):
     with pytest.raises(ValueError, match="api"):
         model(client, MODEL, api="assistants")
 
+    # A plain typed function becomes a function tool of its own name, schema and docstring.
+    def lookup(city: str) -> str:
+        """Look up the weather in `city`."""
+        return f"sunny in {city}"
+
+    from_function = guard(lookup, client, scope=TOOL_SCOPE, cost="0.10")
+    assert isinstance(from_function, FunctionTool)
+    assert from_function.name == "lookup"
+    assert from_function.params_json_schema == function_tool(lookup).params_json_schema
+
 
 @pytest.mark.parametrize(
     ("api", "streamed"),
