@@ -243,8 +243,8 @@ export function activeRunAccounts(): ReadonlyMap<string, AgentAccount> {
 /** Who pays for a guarded tool: a client, or a function of the tool's context (e.g. {@link runClient}). */
 export type ClientSource = AgentClient | ((context: RunContextLike) => AgentClient | Promise<AgentClient>);
 
-/** `guard(tool, client, {scope, cost})`. */
-export interface GuardOptions {
+/** `guard(tool, client, {scope, cost})`: a fixed price per call. */
+export interface GuardCostOptions {
   /** The scope each call is paid under, e.g. `"tools:search"`. */
   scope: string;
   /** What one call costs. */
@@ -252,6 +252,24 @@ export interface GuardOptions {
   /** The spend's memo (default `tool:<id>`). */
   memo?: string;
 }
+
+/** `guard(tool, client, {scope, hold, costOf})`: a price known only after the call. */
+export interface GuardHoldOptions {
+  /** The scope the hold and its capture are made under. */
+  scope: string;
+  /** The most one call may cost: held before the tool runs. */
+  hold: Amount;
+  /**
+   * The call's actual price, from the tool's result; more than the hold is charged as the hold,
+   * and if it throws the whole hold is charged (the tool did run). Without it, the whole hold.
+   */
+  costOf?: (result: any) => Amount | Promise<Amount>;
+  /** When an unsettled hold releases itself (default `"5m"`). */
+  expiresIn?: string;
+}
+
+/** The options of {@link guard}: a fixed `cost`, or a `hold` settled by `costOf`. */
+export type GuardOptions = GuardCostOptions | GuardHoldOptions;
 
 /** The smallest shape of a Mastra tool that `guard` wraps. */
 export interface ToolLike {
@@ -267,22 +285,61 @@ export interface ToolLike {
  * call fails with an error whose message starts with the code, e.g.
  * `spending_cap_exceeded: … (tool 'search' did not run)`, which a Mastra agent hands to the model
  * as the tool's error. The returned tool has the wrapped tool's id, description and schemas.
+ *
+ * With `{scope, hold, costOf}` instead of `cost`, each call holds `hold` first, runs the tool,
+ * captures `costOf(result)` (at most the hold) and releases the rest; a tool that throws is
+ * charged nothing, a `costOf` that throws is charged the whole hold.
  */
 export function guard<T extends ToolLike>(tool: T, client: ClientSource, options: GuardOptions): T {
-  const cost = amountText(options.cost, "cost");
   const inner = tool.execute;
   if (typeof inner !== "function") throw new TypeError(`tool '${tool.id}' has no execute function`);
-  const memo = options.memo ?? `tool:${tool.id}`;
-  const execute = async (input: unknown, context: RunContextLike | undefined): Promise<unknown> => {
-    const ctx = context ?? {};
-    try {
-      const payer = typeof client === "function" ? await client(ctx) : client;
-      await payer.spend({ amount: cost, scope: options.scope, memo });
-    } catch (e) {
-      throw denied(e, tool.id);
-    }
-    return inner.call(tool, input, context);
-  };
+  const payer = async (context: RunContextLike | undefined): Promise<AgentClient> =>
+    typeof client === "function" ? await client(context ?? {}) : client;
+  let execute: (input: unknown, context: RunContextLike | undefined) => Promise<unknown>;
+  if ("hold" in options) {
+    const held = amountText(options.hold, "hold");
+    const { costOf, expiresIn } = options;
+    execute = async (input, context) => {
+      let hold: Hold;
+      try {
+        const request: HoldRequest = { amount: held, scope: options.scope };
+        if (expiresIn !== undefined) request.expiresIn = expiresIn;
+        hold = await (await payer(context)).hold(request);
+      } catch (e) {
+        throw denied(e, tool.id);
+      }
+      let result: unknown;
+      try {
+        result = await inner.call(tool, input, context);
+      } catch (e) {
+        await hold.release().catch(() => undefined); // else the hold expires by itself
+        throw e;
+      }
+      let cost = held;
+      if (costOf !== undefined) {
+        try {
+          const price = amountText(await costOf(result), "costOf(result)");
+          if (toMicros(price) < toMicros(held)) cost = price;
+        } catch {
+          // The tool ran and its price is unknown: it is charged the most it could cost.
+        }
+      }
+      if (toMicros(cost) === 0n) await hold.release();
+      else await hold.capture(cost);
+      return result;
+    };
+  } else {
+    const cost = amountText(options.cost, "cost");
+    const memo = options.memo ?? `tool:${tool.id}`;
+    execute = async (input, context) => {
+      try {
+        await (await payer(context)).spend({ amount: cost, scope: options.scope, memo });
+      } catch (e) {
+        throw denied(e, tool.id);
+      }
+      return inner.call(tool, input, context);
+    };
+  }
   // createTool validates the input against the same schemas, then calls `execute`.
   return createTool({ ...(tool as object), id: tool.id, execute } as unknown as Parameters<typeof createTool>[0]) as unknown as T;
 }
@@ -300,39 +357,15 @@ export interface MeteredOptions {
 }
 
 /**
- * A Mastra tool whose cost is known only after it ran: it holds `maxCost` under `scope`, runs
- * `tool`, captures what `costOf(result)` says and releases the rest. If the tool (or `costOf`)
- * throws, the whole hold is released and nothing is charged. A refused hold never runs the tool
- * and fails like {@link guard}: `spending_cap_exceeded: … (tool 'x' did not run)`.
+ * A Mastra tool whose cost is known only after it ran: `guard(tool, client, {scope, hold:
+ * maxCost, costOf})`. It holds `maxCost`, runs `tool`, captures `costOf(result)` (at most the
+ * hold; nothing is charged for a price of 0) and releases the rest. If the tool throws, the hold
+ * is released; if `costOf` throws, the whole hold is charged. A refused hold never runs the tool.
  */
 export function metered<T extends ToolLike>(tool: T, client: ClientSource, options: MeteredOptions): T {
-  const maxCost = amountText(options.maxCost, "maxCost");
-  const inner = tool.execute;
-  if (typeof inner !== "function") throw new TypeError(`tool '${tool.id}' has no execute function`);
-  const execute = async (input: unknown, context: RunContextLike | undefined): Promise<unknown> => {
-    const ctx = context ?? {};
-    let hold: Hold;
-    try {
-      const payer = typeof client === "function" ? await client(ctx) : client;
-      const request: HoldRequest = { amount: maxCost, scope: options.scope };
-      if (options.expiresIn !== undefined) request.expiresIn = options.expiresIn;
-      hold = await payer.hold(request);
-    } catch (e) {
-      throw denied(e, tool.id);
-    }
-    let result: unknown;
-    let cost: string;
-    try {
-      result = await inner.call(tool, input, context);
-      cost = amountText(await options.costOf(result), "cost");
-    } catch (e) {
-      await hold.release().catch(() => undefined); // the hold expires by itself if this fails
-      throw e;
-    }
-    await hold.capture(toMicros(cost) > toMicros(maxCost) ? maxCost : cost);
-    return result;
-  };
-  return createTool({ ...(tool as object), id: tool.id, execute } as unknown as Parameters<typeof createTool>[0]) as unknown as T;
+  const hold: GuardHoldOptions = { scope: options.scope, hold: options.maxCost, costOf: options.costOf };
+  if (options.expiresIn !== undefined) hold.expiresIn = options.expiresIn;
+  return guard(tool, client, hold);
 }
 
 function denied(e: unknown, toolId: string): unknown {

@@ -112,3 +112,24 @@ test("metered(): holds the most a call may cost, captures what it did cost, rele
   usage = await account.usage();
   assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.92", "0.00"]);
 });
+
+test("guard({hold, costOf}): a price of 0 releases the hold, an unreadable price charges all of it", async () => {
+  const account = await AgentAccount.create({ handle: uniqueHandle("guard-hold"), scopes: ["tools:fetch"], spendingCap: "1.00", ...conn });
+  const echo = createTool({
+    id: "echo",
+    description: "Echoes its price.",
+    inputSchema: z.object({ price: z.string() }),
+    execute: async ({ price }) => ({ price }),
+  });
+  const priced = guard(echo, account.client(), { scope: "tools:fetch", hold: "0.30", costOf: (r) => r.price });
+  await priced.execute({ price: "0" }, {});
+  let usage = await account.usage();
+  assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.00", "0.00"]);
+  await priced.execute({ price: "not a price" }, {});
+  usage = await account.usage();
+  assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.30", "0.00"]);
+  const flat = guard(echo, account.client(), { scope: "tools:fetch", hold: "0.25" });
+  assert.deepEqual(await flat.execute({ price: "0.01" }, {}), { price: "0.01" });
+  usage = await account.usage();
+  assert.deepEqual([usage.windowSpent, usage.windowHeld], ["0.55", "0.00"]);
+});
