@@ -39,7 +39,6 @@
 import { createTool } from "@mastra/core/tools";
 import type { OpenAICompatibleConfig } from "@mastra/core/llm";
 import type {
-  WorkflowErrorCallbackInfo,
   WorkflowFinishCallbackResult,
   WorkflowOptions,
   WorkflowStartCallbackInfo,
@@ -193,32 +192,35 @@ export function withRunAccount<C extends object>(config: C, options: RunAccountO
       }
     },
   };
-  if (own.onError) merged.onError = (info: WorkflowErrorCallbackInfo) => own.onError!(info);
   return { ...config, options: merged };
 }
 
 /**
  * The account of the run `context` belongs to (a step's parameters, or a tool's context).
  *
- * Looked up in the run's `requestContext`, else by its `runId`; a step's lookup also stores it
- * in the step's `requestContext`, so agents and tools given that context find it.
+ * Looked up by the run's `runId`, else in its `requestContext`; a step's lookup also stores it in
+ * the step's `requestContext`, so agents and tools given that context find it.
  *
  * @throws BulkheadError (`code` `"no_run_account"`) outside a run of a workflow made with
  *   {@link withRunAccount}, or after the run ended.
  */
 export function runAccount(context: RunContextLike): AgentAccount {
+  // The run's id first: a requestContext shared by several runs must not lend one run's account
+  // to another. A tool inside an agent has the agent's own runId; it finds the requestContext.
+  const runId = context.workflow?.runId ?? context.runId;
+  const byRun = runId === undefined ? undefined : accounts.get(runId);
+  if (byRun !== undefined) {
+    if (context.requestContext && context.requestContext.get(RUN_ACCOUNT_KEY) !== byRun) {
+      context.requestContext.set(RUN_ACCOUNT_KEY, byRun);
+    }
+    return byRun;
+  }
   const fromContext = context.requestContext?.get(RUN_ACCOUNT_KEY);
   if (fromContext !== undefined && fromContext !== null) return fromContext as AgentAccount;
-  const runId = context.workflow?.runId ?? context.runId;
-  const account = runId === undefined ? undefined : accounts.get(runId);
-  if (account === undefined) {
-    throw new BulkheadError(
-      "no Bulkhead account for this run: create the workflow with withRunAccount(...) and pass the run's requestContext to agents",
-      { code: "no_run_account" },
-    );
-  }
-  context.requestContext?.set(RUN_ACCOUNT_KEY, account);
-  return account;
+  throw new BulkheadError(
+    "no Bulkhead account for this run: create the workflow with withRunAccount(...) and pass the run's requestContext to agents",
+    { code: "no_run_account" },
+  );
 }
 
 /** A client with the key of the run `context` belongs to (see {@link runAccount}). */

@@ -277,3 +277,33 @@ test("runs started with stream() and startAsync() get and lose their accounts th
   );
   assert.equal((await parent.usage()).windowSpent, "0.20");
 });
+
+test("two runs sharing one requestContext still pay with their own keys", async () => {
+  const parent = await makeParent("1.00");
+  const step = createStep({
+    id: "pay",
+    inputSchema: z.object({ amount: z.string() }),
+    outputSchema: z.object({ handle: z.string() }),
+    execute: async (params) => {
+      await new Promise((r) => setTimeout(r, 50)); // both runs have started by now
+      const client = runClient(params);
+      await client.spend({ amount: params.inputData.amount, scope: SEARCH });
+      return { handle: (await client.me()).handle };
+    },
+  });
+  const workflow = createWorkflow(
+    withRunAccount({ id: "shared", inputSchema: z.object({ amount: z.string() }), outputSchema: z.object({ handle: z.string() }) }, { parent: parent.client(), scopes: [SEARCH], spendingCap: "0.50" }),
+  )
+    .then(step)
+    .commit();
+  const shared = new RequestContext();
+  const [r1, r2] = [await workflow.createRun(), await workflow.createRun()];
+  const [a, b] = await Promise.all([
+    r1.start({ inputData: { amount: "0.10" }, requestContext: shared }),
+    r2.start({ inputData: { amount: "0.20" }, requestContext: shared }),
+  ]);
+  assert.equal(a.result.handle, `run-${r1.runId}`);
+  assert.equal(b.result.handle, `run-${r2.runId}`);
+  const spent = Object.fromEntries((await childrenOf(parent)).map((c) => [c.handle, c.usage.windowSpent]));
+  assert.deepEqual(spent, { [`run-${r1.runId}`]: "0.10", [`run-${r2.runId}`]: "0.20" });
+});
