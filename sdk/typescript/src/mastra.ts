@@ -3,7 +3,7 @@
  *
  * ```ts
  * import { createWorkflow, createStep } from "@mastra/core/workflows";
- * import { withRunAccount, runClient, guard, model } from "bulkhead/mastra";
+ * import { withRunAccount, runClient, runContext, guard, model } from "bulkhead/mastra";
  *
  * const parent = (await AgentAccount.fromKey(process.env.RESEARCH_KEY!)).client(); // holds spawn:agents
  * const search = guard(searchTool, runClient, { scope: "tools:search", cost: "0.01" });
@@ -27,8 +27,8 @@
  * Each run of such a workflow gets its own child of `parent`, created when the run starts
  * (handle `run-<runId>`, the scopes and caps given, which may not exceed the parent's) and
  * revoked when the run ends: success, failure, cancellation or tripwire. A suspended run keeps
- * its account until it ends. Steps and tools find the run's account through the run's
- * `requestContext` (or its `runId`); `guard` makes a tool pay before it runs, and `model` points
+ * its account until it ends. Steps and tools find the run's account by the run's id or its
+ * `requestContext`; `guard` makes a tool pay before it runs, and `model` points
  * a Mastra agent at the Bulkhead gateway with the run's key.
  *
  * `@mastra/core` (≥ 1.0) is a peer dependency of this entry point only.
