@@ -319,3 +319,15 @@ def test_repr_hides_the_key(make_account: MakeAccount) -> None:
     account = make_account()
     assert account.key not in repr(account)
     assert account.key not in repr(account.client())
+
+
+def test_a_shadow_agent_records_what_its_limits_would_do(make_account: MakeAccount) -> None:
+    account = make_account(spending_cap="1.00", enforce=False)
+    agent = account.agent
+    assert agent is not None
+    assert agent.enforce is False
+    client = account.client()
+    assert client.spend("0.60", scope="payments:write").shadow_denied is None
+    receipt = client.spend("0.60", scope="payments:write")  # over the cap: let through, recorded
+    assert receipt.shadow_denied == "spending_cap_exceeded"
+    assert account.usage().window_spent == Decimal("1.20")

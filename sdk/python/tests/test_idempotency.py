@@ -50,7 +50,7 @@ def test_a_read_timeout_is_retried_with_the_same_key(make_account: MakeAccount) 
     account = make_account(spending_cap="10.00")
     with (
         DroppingProxy(_port(account.url), drop=["^POST /v1/spend "], hang=True) as proxy,
-        AgentClient(account.key, url=proxy.url, timeout=0.5) as client,
+        AgentClient(account.key, url=proxy.url, timeout=1.0) as client,
     ):
         receipt = client.spend("1.25", scope=W)
         spends = [r for r in proxy.requests if r[0].startswith("POST /v1/spend")]
