@@ -292,6 +292,14 @@ def test_rate_limited(make_account: MakeAccount) -> None:
     assert account.usage().window_spent == Decimal("0.20")
 
 
+def test_body_too_large(make_account: MakeAccount) -> None:
+    account = make_account()
+    with pytest.raises(BodyTooLarge) as caught:
+        account.client().spend("1.00", scope=W, memo="x" * (1024 * 1024 + 1))
+    expect(caught, BodyTooLarge, 413, "body_too_large")
+    assert account.usage().tx_count == 0
+
+
 def test_an_agent_key_is_no_admin_token(make_account: MakeAccount, server: Server) -> None:
     account = make_account()
     other = AgentAccount(account.handle, url=server.url, admin_token=account.key)
