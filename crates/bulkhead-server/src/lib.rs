@@ -6,8 +6,10 @@
 
 pub mod alerts;
 mod api;
+mod console;
 mod error;
 pub mod gateway;
+mod history;
 pub mod http;
 mod input;
 mod metrics;
