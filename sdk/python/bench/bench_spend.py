@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from bulkhead import AgentAccount
+from bulkhead import AgentAccount, AgentClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -84,6 +84,51 @@ def latency(url: str, account: AgentAccount, n: int, warmup: int, rounds: int) -
     bare.close()
     client.close()
     return samples
+
+
+def client_side(n: int) -> tuple[float, float]:
+    """p50 of a bare httpx POST and of client.spend over an in-process transport: the SDK's own CPU."""
+    answer = json.dumps(
+        {
+            "id": "sp_0123456789012345678901",
+            "amount": "0.01",
+            "remaining": {"window": "47.50", "lifetime": None},
+            "window_resets_at": "2026-12-06T03:17:59.177Z",
+        }
+    ).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=answer, headers={"content-type": "application/json"})
+
+    transport = httpx.MockTransport(handler)
+    bare = httpx.Client(transport=transport)
+    client = AgentClient("bk_bench", url="http://bench.invalid", http_client=httpx.Client(transport=transport))
+    body = json.dumps({"scope": SCOPE, "amount": "0.01"}, separators=(",", ":")).encode()
+
+    def bare_post() -> None:
+        bare.post(
+            "http://bench.invalid/v1/spend",
+            content=body,
+            headers={
+                "Authorization": "Bearer bk_bench",
+                "Content-Type": "application/json",
+                "Idempotency-Key": f"bench-{uuid.uuid4().hex}",
+            },
+        ).json()
+
+    def sdk_spend() -> None:
+        client.spend("0.01", scope=SCOPE)
+
+    bare_ns: list[int] = []
+    sdk_ns: list[int] = []
+    timed(bare_post, n // 10, [])
+    timed(sdk_spend, n // 10, [])
+    for _ in range(10):
+        timed(bare_post, n // 10, bare_ns)
+        timed(sdk_spend, n // 10, sdk_ns)
+    bare_ns.sort()
+    sdk_ns.sort()
+    return percentile(bare_ns, 0.5), percentile(sdk_ns, 0.5)
 
 
 def throughput(account: AgentAccount, threads: int, per_thread: int, amount: str) -> tuple[int, float, list[str]]:
@@ -153,6 +198,9 @@ def main() -> int:
         overhead = p50["client.spend (SDK)"] - p50["spend (bare httpx)"]
         print(f"  added p50, client.spend - healthz:      {added:+.3f} ms (goal <= 0.2 ms)")
         print(f"  SDK's own p50, client.spend - bare spend: {overhead:+.3f} ms")
+        bare_p50, sdk_p50 = client_side(args.n)
+        print(f"  client side only (in-process transport): bare httpx POST {bare_p50:.3f} ms, ", end="")
+        print(f"client.spend {sdk_p50:.3f} ms: SDK adds {sdk_p50 - bare_p50:+.3f} ms")
 
         amount = "0.01"
         thr_account = AgentAccount.create(
