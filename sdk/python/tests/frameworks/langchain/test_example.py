@@ -30,14 +30,20 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture
 def scripted_model() -> Iterator[str]:
     """`python llm_upstream.py --listen 127.0.0.1:PORT`, as the examples' README starts it."""
-    port = support_server.free_port()
-    process = subprocess.Popen(
-        [sys.executable, llm_upstream.__file__, "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert "listening on" in process.stdout.readline()
+    for _attempt in range(5):  # another process may take the free port first: try another
+        port = support_server.free_port()
+        process = subprocess.Popen(
+            [sys.executable, llm_upstream.__file__, "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert process.stdout is not None
+        if "listening on" in process.stdout.readline():
+            break
+        process.wait(timeout=10)
+    else:
+        pytest.fail("the scripted model found no free port")
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=10)
