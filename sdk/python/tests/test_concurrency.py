@@ -59,3 +59,21 @@ def test_threads_racing_one_cap_never_overspend(make_account: MakeAccount) -> No
     events = account.audit(limit=1000)
     assert sum(1 for e in events if e.action == "spend" and e.outcome == "allowed") == len(allowed)
     assert sum(1 for e in events if e.action == "spend" and e.outcome == "denied") == len(denied)
+
+
+def test_concurrent_calls_with_one_key_charge_once(make_account: MakeAccount) -> None:
+    account = make_account(spending_cap="10.00")
+    client = account.client()
+    start = threading.Barrier(16)
+
+    def spend() -> str:
+        start.wait()
+        return client.spend("0.75", scope=W, idempotency_key="order-2026-12-05").id
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda _: spend(), range(16)))
+    client.close()
+    assert len(set(ids)) == 1
+    usage = account.usage()
+    assert usage.window_spent == Decimal("0.75")
+    assert usage.tx_count == 1
