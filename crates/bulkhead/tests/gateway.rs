@@ -978,6 +978,56 @@ async fn path_parameters_and_overlong_utf8_never_reach_the_upstream() {
     assert_eq!(mock.records().await[0]["path"], "/base/v1/files;v=2");
 }
 
+/// Hardening finding 2: with `charge_failures = false`, a call whose answer timed out or passed
+/// `max_duration` after it was sent cost nothing, though the upstream did the work, so an agent
+/// looping on slow calls never reached its cap. Once sent, a call is paid (contract §12): its
+/// metered usage, or the whole hold when none was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_calls_that_time_out_are_paid() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "slow-payer", "10.00", &["llm:*", "tools:*"]).await;
+    let c = http();
+    let post = reqwest::Method::POST;
+    let chat = json!({"model": "m", "messages": []});
+    let hold = micros("0.50");
+
+    // No answer head within read_timeout (1 s): the call reached the upstream, so it is paid.
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/slow/v1/chat/completions",
+        Some(&key),
+        &[("x-mock-delay-ms", "3000")],
+        Some(chat.clone()),
+    )
+    .await;
+    assert_eq!((a.status, a.code().as_str()), (504, "upstream_timeout"), "{}", a.body);
+    assert_eq!(mock.calls_seen().await, 1, "the call reached the upstream");
+    assert_eq!(settled(&api, "slow-payer").await, (hold, 0), "a timed-out call that was sent costs the hold");
+
+    // A stream that stalls past read_timeout after its first chunk: usage never came, the hold.
+    let mut stream = chat.clone();
+    stream["stream"] = json!(true);
+    let r = c
+        .post(format!("{}/proxy/slow/v1/chat/completions", srv.base))
+        .bearer_auth(&key)
+        .header("x-mock-chunk-delay-ms", "3000")
+        .json(&stream)
+        .send()
+        .await
+        .expect("answer head");
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "the agent sees a cut stream, not a short one");
+    assert_eq!(settled(&api, "slow-payer").await, (2 * hold, 0), "a stalled stream costs the hold");
+
+    // A call that never left (nothing listens) is still free.
+    let a = call(&c, &srv, reqwest::Method::GET, "/proxy/dead/v1/x", Some(&key), &[], None).await;
+    assert_eq!((a.status, a.code().as_str()), (502, "upstream_unavailable"), "{}", a.body);
+    assert_eq!(settled(&api, "slow-payer").await, (2 * hold, 0), "a call that never left is free");
+}
+
 /// A denied call never reaches the upstream and gets the contract's status and error body, in
 /// the contract's order of checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1034,9 +1084,10 @@ async fn denied_calls_never_reach_the_upstream() {
     );
 }
 
-/// Upstream 5xx, connection failures and timeouts capture nothing (unless the upstream sets
-/// `charge_failures`); bodies over the upstream's limit are 413; in each case the hold is
-/// released.
+/// Upstream 5xx and calls that never left (no connection) capture nothing (unless the upstream
+/// sets `charge_failures`); bodies over the upstream's limit are 413; in each case the hold is
+/// released. (A call that left and then timed out is paid for: see
+/// `forwarded_calls_that_time_out_are_paid`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upstream_failures_release_the_hold() {
     let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
@@ -1064,9 +1115,6 @@ async fn upstream_failures_release_the_hold() {
     assert_eq!((a.status, a.code().as_str()), (502, "upstream_unavailable"), "{}", a.body);
     assert_eq!(settled(&api, "unlucky").await, (0, 0), "a connection failure captures nothing");
 
-    let a = call(&c, &srv, get.clone(), "/proxy/slow/v1/x", Some(&key), &[("x-mock-delay-ms", "5000")], None).await;
-    assert_eq!((a.status, a.code().as_str()), (504, "upstream_timeout"), "{}", a.body);
-    assert_eq!(settled(&api, "unlucky").await, (0, 0), "a timeout releases the hold");
     let strict = agent(&api, "unlucky-strict", "10.00", &["tools:*"]).await;
     let a = call(&c, &srv, get.clone(), "/proxy/slow-strict/v1/x", Some(&strict), &[("x-mock-delay-ms", "5000")], None)
         .await;

@@ -74,8 +74,6 @@ pub struct Metering {
     pub meter: Meter,
     pub prices: TokenPrices,
     pub bill: Bill,
-    /// Charge an upstream failure mid-answer (when no usage was read) as the whole hold.
-    pub charge_failures: bool,
 }
 
 impl Metering {
@@ -124,16 +122,14 @@ impl Relay {
         Relay { inner, metering, read_timeout, deadline, timers: None, phase: Phase::Streaming, upstream, _conn: conn }
     }
 
-    /// The upstream failed mid-answer: settle (usage if read, else per the failure policy) and
-    /// end the agent's body with an error, so it sees a cut answer rather than a short one.
+    /// The upstream failed mid-answer (a read timeout, `max_duration`, a broken connection):
+    /// settle as for any answer — the usage if it was read, else the whole hold, since the
+    /// upstream did the work it was sent (contract §12) — and end the agent's body with an
+    /// error, so it sees a cut answer rather than a short one.
     fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         tracing::warn!(upstream = %self.upstream, error = %why, "upstream answer failed mid-body");
         if let Some(m) = self.metering.take() {
-            let cost = match m.meter.usage().and_then(|u| m.prices.cost(&u)) {
-                Some(c) => c,
-                None if m.charge_failures => m.bill.held(),
-                None => Micros::ZERO,
-            };
+            let cost = m.cost();
             m.bill.finish(cost);
         }
         self.phase = Phase::Done;

@@ -17,8 +17,11 @@
 //!    is released when the flusher settles it, about 25 ms later. Usage that cannot be
 //!    read is charged as the whole slot, never as free.
 //!
-//! Upstream connection failures, timeouts before the answer, and 5xx answers capture nothing
-//! unless the upstream sets `charge_failures = true`.
+//! A call that left is paid for (contract §12): once the request started out to the upstream,
+//! a timeout, a connection that broke, or an answer cut off or past `max_duration` is charged
+//! its metered usage or, when none could be read, the whole slot. A call that never left (no
+//! connection) and an upstream 5xx capture nothing unless the upstream sets
+//! `charge_failures = true`.
 
 pub mod bill;
 pub mod body;
@@ -410,26 +413,34 @@ impl Gateway {
         // The answer's headers within read_timeout, and never past the call's max_duration (which
         // the hold outlives).
         let wait = up.read_timeout.min(up.max_duration);
-        let (resp, conn) = match tokio::time::timeout(wait, route.pool.send(ureq)).await {
+        let sending = AtomicBool::new(false);
+        let (resp, conn) = match tokio::time::timeout(wait, route.pool.send(ureq, &sending)).await {
             Err(_) => {
                 route.calls.timeout.increment(1);
                 tracing::warn!(upstream = %route.name, "upstream did not answer within read_timeout");
-                let message = if up.charge_failures {
+                let message = if sending.load(Ordering::Relaxed) {
+                    // The upstream may be doing the work it was sent: the call is paid for.
                     bill.finish(abandoned);
-                    "The upstream did not answer in time; the call was charged (charge_failures)."
+                    "The upstream did not answer in time; the call was sent, so it was charged."
+                } else if up.charge_failures {
+                    bill.finish(abandoned);
+                    "The upstream could not be reached in time; the call was charged (charge_failures)."
                 } else {
                     bill.finish(Micros::ZERO);
-                    "The upstream did not answer in time; the hold was released."
+                    "The upstream could not be reached in time; the hold was released."
                 };
                 return Err(ApiError::new(504, "upstream_timeout", message));
             }
             Ok(Err(_)) if over.load(Ordering::SeqCst) => {
+                // The agent's body broke the limit mid-way: the upstream never got a whole request.
                 route.calls.too_large.increment(1);
                 bill.finish(Micros::ZERO);
                 return Err(too_large(up.max_request_bytes));
             }
             Ok(Err(e)) => {
                 route.calls.upstream_error.increment(1);
+                let sent = matches!(e, pool::SendError::MaybeSent(_));
+                let e = e.into_inner();
                 let mut msg = e.to_string();
                 let mut src = e.source();
                 while let Some(s) = src {
@@ -437,10 +448,15 @@ impl Gateway {
                     msg.push_str(&s.to_string());
                     src = s.source();
                 }
-                tracing::warn!(upstream = %route.name, error = %msg, "upstream call failed");
-                let cost = if up.charge_failures { abandoned } else { Micros::ZERO };
-                bill.finish(cost);
-                return Err(ApiError::new(502, "upstream_unavailable", "The upstream could not be reached."));
+                tracing::warn!(upstream = %route.name, error = %msg, sent, "upstream call failed");
+                let message = if sent {
+                    bill.finish(abandoned);
+                    "The upstream connection broke after the call was sent; the call was charged."
+                } else {
+                    bill.finish(if up.charge_failures { abandoned } else { Micros::ZERO });
+                    "The upstream could not be reached."
+                };
+                return Err(ApiError::new(502, "upstream_unavailable", message));
             }
             Ok(Ok(r)) => r,
         };
@@ -476,12 +492,7 @@ impl Gateway {
                     .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
                 // The metered body may lose its usage-only chunk: its length is not announced.
                 rparts.headers.remove(header::CONTENT_LENGTH);
-                Some(Metering {
-                    meter: Meter::new(*dialect, sse, strip),
-                    prices: *prices,
-                    bill,
-                    charge_failures: up.charge_failures,
-                })
+                Some(Metering { meter: Meter::new(*dialect, sse, strip), prices: *prices, bill })
             }
         };
         let relay =

@@ -15,6 +15,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::time::Instant;
 use tower::Service;
 
@@ -102,20 +103,53 @@ impl Pool {
 
     /// Sends `req` (its URI in origin form, its `Host` set) and returns the answer's head, its
     /// body, and the connection to give back when the body is done.
-    pub async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<(Response<Incoming>, Conn), BoxError> {
+    ///
+    /// `sending` is set once the request starts out on a connection: from then on the upstream
+    /// may have received it, also when the caller stops waiting (its deadline) before this ends.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+        sending: &AtomicBool,
+    ) -> Result<(Response<Incoming>, Conn), SendError> {
         loop {
             let (mut tx, reused) = match self.checkout() {
                 Some(tx) => (tx, true),
-                None => (self.connect().await?, false),
+                None => (self.connect().await.map_err(SendError::NotSent)?, false),
             };
+            sending.store(true, Ordering::Relaxed);
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, Conn { tx: Some(tx), pool: self.clone() })),
                 Err(mut e) => match e.take_message() {
                     // Never sent: the idle connection was closed under it. Another one.
-                    Some(r) if reused => req = r,
-                    _ => return Err(Box::new(e.into_error())),
+                    Some(r) if reused => {
+                        sending.store(false, Ordering::Relaxed);
+                        req = r;
+                    }
+                    Some(_) => {
+                        sending.store(false, Ordering::Relaxed);
+                        return Err(SendError::NotSent(Box::new(e.into_error())));
+                    }
+                    None => return Err(SendError::MaybeSent(Box::new(e.into_error()))),
                 },
             }
+        }
+    }
+}
+
+/// Why a call got no answer, split by what matters for its bill: whether it may have reached
+/// the upstream (contract §12: a call that left is paid for; one that never left is free).
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made, or the request was handed back unsent.
+    NotSent(BoxError),
+    /// The request was (at least partly) written: the upstream may have received it.
+    MaybeSent(BoxError),
+}
+
+impl SendError {
+    pub fn into_inner(self) -> BoxError {
+        match self {
+            SendError::NotSent(e) | SendError::MaybeSent(e) => e,
         }
     }
 }
