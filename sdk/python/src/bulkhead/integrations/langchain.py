@@ -13,8 +13,9 @@ argument schema) that spends with the client's key before the wrapped tool runs.
 never runs the tool: it becomes a `ToolException` that the tool handles, so the agent loop gets
 a tool message with status `error` and content such as
 `spending_cap_exceeded: The spend would exceed … (tool 'search' did not run)` instead of crashing.
-`metered` is the same for tools whose cost is known only afterwards: it holds `max_cost`, runs the
-tool, captures what `cost_of(result)` says and releases the rest (all of it if the tool failed).
+`guard(…, hold=…, cost_of=…)` (or `metered`) is for tools whose cost is known only afterwards:
+it holds the most a call may cost, runs the tool, captures what `cost_of(result)` says and
+releases the rest (all of it if the tool failed).
 
 A guard made with an `AsyncAgentClient` spends with `await` on the tool's async path (`ainvoke`,
 async agent loops); one made with an `AgentClient` works on both paths (the async one runs the
@@ -45,8 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover - types only
     from langchain_core.tools import BaseTool  # type: ignore[import-not-found,unused-ignore]
     from langchain_openai import ChatOpenAI  # type: ignore[import-not-found,unused-ignore]
 
-    from bulkhead.aio import AsyncAgentClient
-    from bulkhead.client import AgentClient
+    from bulkhead.aio import AsyncAgentClient, AsyncHold
+    from bulkhead.client import AgentClient, Hold
 
     AnyClient = AgentClient | AsyncAgentClient
 
@@ -60,26 +61,44 @@ def guard(
     client: AnyClient,
     *,
     scope: str,
-    cost: Amount,
+    cost: Amount | None = None,
+    hold: Amount | None = None,
+    cost_of: Callable[[Any], Amount] | None = None,
     memo: str | None = None,
 ) -> BaseTool:
-    """Return a tool that spends `cost` under `scope` with `client`'s key, then runs `tool`.
+    """Return a tool that pays under `scope` with `client`'s key before `tool` runs.
 
     Args:
         tool: any LangChain tool (`@tool` functions, `StructuredTool`, `BaseTool` subclasses), or
             a typed Python function with a docstring, which becomes a `StructuredTool`.
         client: the agent's `AgentClient` or `AsyncAgentClient`; its key is the only one used.
-        scope: the scope the spend is made under, e.g. `"tools:search"`.
-        cost: what one call of the tool costs (`"0.01"`, `Decimal`, `int` or `float`).
-        memo: the spend's memo; default `tool:<name>`.
+        scope: the scope the tool's calls are paid under, e.g. `"tools:search"`.
+        cost: the price of one call (`"0.01"`, `Decimal`, `int` or `float`), spent before it runs.
+        hold: instead of `cost`, for tools whose price is known only afterwards: this amount is
+            held before the tool runs, `cost_of(result)` of it is captured after it returned (the
+            whole hold without `cost_of`; a price of 0 releases it), and all of it is released if
+            the tool raised.
+        cost_of: the actual price of a call, from the tool's result (with `hold`); for a tool
+            with `response_format="content_and_artifact"`, from the `(content, artifact)` pair.
+            A price above the hold is charged as the hold; if `cost_of` raises, the whole hold is
+            charged (the tool ran, and the hold is the most a call may cost).
+        memo: the memo of each spend or hold; default `tool <name>`.
 
     Returns:
-        A `BaseTool` with the same name, description and argument schema. When the spend is
-        denied the tool does not run and the call answers a tool error naming the code.
+        A `BaseTool` with the same name, description and argument schema. When the payment is
+        refused (a cap, scope, revocation, …) the tool does not run and the call answers a tool
+        error naming the code.
 
     """
-    amount_text(cost, name="cost")
-    return _make(tool, client, scope=scope, cost=cost, memo=memo)
+    if (cost is None) == (hold is None):
+        raise ValueError("guard needs exactly one of cost= (spend per call) or hold= (hold, then capture)")
+    if cost_of is not None and hold is None:
+        raise ValueError("cost_of= goes with hold=: the actual cost is captured from the hold")
+    if cost is not None:
+        amount_text(cost, name="cost")
+    if hold is not None:
+        amount_text(hold, name="hold")
+    return _make(tool, client, scope=scope, cost=cost, hold=hold, cost_of=cost_of, memo=memo)
 
 
 def metered(
@@ -91,17 +110,11 @@ def metered(
     cost_of: Callable[[Any], Amount],
     memo: str | None = None,
 ) -> BaseTool:
-    """Return a tool whose cost is known only after it ran: hold `max_cost`, run, capture the cost.
+    """Return a tool that holds `max_cost`, runs `tool` and captures `cost_of(result)`.
 
-    `cost_of(result)` gives the actual cost from the wrapped tool's result (for a tool with
-    `response_format="content_and_artifact"`, the `(content, artifact)` pair, so the artifact
-    can carry the cost); more than `max_cost` is captured as `max_cost` (a hold never charges
-    more than it reserved). If the tool or
-    `cost_of` raises, the hold is released and nothing is charged. A denied hold never runs the
-    tool and answers a tool error naming the code, as `guard` does.
+    The same as `guard(tool, client, scope=scope, hold=max_cost, cost_of=cost_of)`.
     """
-    amount_text(max_cost, name="max_cost")
-    return _make(tool, client, scope=scope, max_cost=max_cost, cost_of=cost_of, memo=memo)
+    return guard(tool, client, scope=scope, hold=max_cost, cost_of=cost_of, memo=memo)
 
 
 def chat_model(client: AnyClient, model: str, upstream: str = "openai", **kwargs: Any) -> ChatOpenAI:
@@ -124,10 +137,10 @@ def _make(
     client: AnyClient,
     *,
     scope: str,
-    cost: Amount | None = None,
-    max_cost: Amount | None = None,
-    cost_of: Callable[[Any], Amount] | None = None,
-    memo: str | None = None,
+    cost: Amount | None,
+    hold: Amount | None,
+    cost_of: Callable[[Any], Amount] | None,
+    memo: str | None,
 ) -> BaseTool:
     guarded_class = _guarded_tool_class()
     tool = _as_tool(tool)
@@ -145,9 +158,9 @@ def _make(
         bulkhead_client=client,
         bulkhead_scope=scope,
         bulkhead_cost=cost,
-        bulkhead_max_cost=max_cost,
+        bulkhead_hold=hold,
         bulkhead_cost_of=cost_of,
-        bulkhead_memo=memo if memo is not None else f"tool:{tool.name}",
+        bulkhead_memo=memo if memo is not None else f"tool {tool.name}",
     )
     return guarded
 
@@ -180,8 +193,41 @@ def _handle_tool_error(error: Exception) -> str:
     raise error
 
 
-def _capped(amount: Amount, most: Amount) -> Amount:
-    return most if Decimal(amount_text(amount)) > Decimal(amount_text(most)) else amount
+def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, result: object) -> Decimal:
+    """Say what a call that ran is charged: `cost_of(result)`, at most the hold (all of it without)."""
+    if cost_of is None:
+        return held
+    return min(Decimal(amount_text(cost_of(result), name="cost_of(result)")), held)
+
+
+def _settle(hold: Hold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
+    """Capture what the call cost and release the rest (all of it for a call that cost nothing).
+
+    When `cost_of` fails, the whole hold is captured: the tool ran, and the hold is the most a
+    call may cost.
+    """
+    try:
+        cost = _charge(hold.amount, cost_of, result)
+    except Exception:
+        hold.capture(hold.amount)
+        raise
+    if cost > 0:
+        hold.capture(cost)
+    else:
+        hold.release()
+
+
+async def _asettle(hold: AsyncHold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
+    """`_settle` for a hold of an `AsyncAgentClient`."""
+    try:
+        cost = _charge(hold.amount, cost_of, result)
+    except Exception:
+        await hold.capture(hold.amount)
+        raise
+    if cost > 0:
+        await hold.capture(cost)
+    else:
+        await hold.release()
 
 
 @functools.cache
@@ -209,7 +255,7 @@ def _guarded_tool_class() -> type[Any]:
         bulkhead_client: Any
         bulkhead_scope: str
         bulkhead_cost: Any = None
-        bulkhead_max_cost: Any = None
+        bulkhead_hold: Any = None
         bulkhead_cost_of: Any = None
         bulkhead_memo: str | None = None
 
@@ -222,55 +268,55 @@ def _guarded_tool_class() -> type[Any]:
                 )
             config: Any = {"callbacks": run_manager.get_child()} if run_manager is not None else None
             tool_input = self._call(args, kwargs)
-            if self.bulkhead_cost_of is None:
-                try:
-                    client.spend(self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
-                except BulkheadError as e:
-                    raise SpendDenied(_denial_text(e, self.name)) from e
-                return self._unwrap(self.inner.invoke(tool_input, config=config))
             try:
-                hold = client.hold(self.bulkhead_max_cost, scope=self.bulkhead_scope)
+                if self.bulkhead_hold is None:
+                    client.spend(self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
+                else:
+                    hold = client.hold(self.bulkhead_hold, scope=self.bulkhead_scope)
             except BulkheadError as e:
                 raise SpendDenied(_denial_text(e, self.name)) from e
+            if self.bulkhead_hold is None:
+                return self._unwrap(self.inner.invoke(tool_input, config=config))
             try:
                 result = self._unwrap(self.inner.invoke(tool_input, config=config))
-                cost = _capped(self.bulkhead_cost_of(result), self.bulkhead_max_cost)
             except BaseException:
-                with contextlib.suppress(BulkheadError):  # the hold expires by itself
+                with contextlib.suppress(BulkheadError):  # the tool failed: nothing is charged
                     hold.release()
                 raise
-            hold.capture(cost)
+            _settle(hold, self.bulkhead_cost_of, result)
             return result
 
         async def _arun(self, *args: Any, run_manager: Any = None, **kwargs: Any) -> Any:
             client = self.bulkhead_client
             is_async = inspect.iscoroutinefunction(client.spend)
 
-            async def do(method: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+            async def pay(method: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+                """Await an async client; run a sync one in a worker thread, off the event loop."""
                 if is_async:
                     return await method(*a, **kw)
                 return await asyncio.to_thread(method, *a, **kw)
 
             config: Any = {"callbacks": run_manager.get_child()} if run_manager is not None else None
             tool_input = self._call(args, kwargs)
-            if self.bulkhead_cost_of is None:
-                try:
-                    await do(client.spend, self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
-                except BulkheadError as e:
-                    raise SpendDenied(_denial_text(e, self.name)) from e
-                return self._unwrap(await self.inner.ainvoke(tool_input, config=config))
             try:
-                hold = await do(client.hold, self.bulkhead_max_cost, scope=self.bulkhead_scope)
+                if self.bulkhead_hold is None:
+                    await pay(client.spend, self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
+                else:
+                    hold = await pay(client.hold, self.bulkhead_hold, scope=self.bulkhead_scope)
             except BulkheadError as e:
                 raise SpendDenied(_denial_text(e, self.name)) from e
+            if self.bulkhead_hold is None:
+                return self._unwrap(await self.inner.ainvoke(tool_input, config=config))
             try:
                 result = self._unwrap(await self.inner.ainvoke(tool_input, config=config))
-                cost = _capped(self.bulkhead_cost_of(result), self.bulkhead_max_cost)
             except BaseException:
-                with contextlib.suppress(BulkheadError):  # the hold expires by itself
-                    await do(hold.release)
+                with contextlib.suppress(BulkheadError):  # the tool failed: nothing is charged
+                    await pay(hold.release)
                 raise
-            await do(hold.capture, cost)
+            if is_async:
+                await _asettle(hold, self.bulkhead_cost_of, result)
+            else:
+                await asyncio.to_thread(_settle, hold, self.bulkhead_cost_of, result)
             return result
 
         def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

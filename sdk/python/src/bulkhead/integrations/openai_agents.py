@@ -16,8 +16,9 @@ result = await Runner.run(agent, "…")
 whose `on_invoke_tool` handler spends with the client's key before it hands the call to the
 wrapped tool. A denied spend never runs the tool: the handler answers the model a tool error
 naming the code (`spending_cap_exceeded: … (tool 'search' did not run)`), the way the Agents SDK
-reports a tool failure to the model, and the run goes on. `metered` holds `max_cost` instead,
-runs the tool, captures what `cost_of(output)` says and releases the rest.
+reports a tool failure to the model, and the run goes on. `guard(…, hold=…, cost_of=…)` (or
+`metered`) holds the most a call may cost instead, runs the tool, captures what `cost_of(output)`
+says and releases the rest.
 
 The model factory `model` returns the Agents SDK's `OpenAIResponsesModel` (its default API) or,
 with `api="chat"`, its `OpenAIChatCompletionsModel`, on an `AsyncOpenAI` client whose base URL is
@@ -65,27 +66,44 @@ def guard(
     client: AnyClient,
     *,
     scope: str,
-    cost: Amount,
+    cost: Amount | None = None,
+    hold: Amount | None = None,
+    cost_of: Callable[[Any], Amount] | None = None,
     memo: str | None = None,
 ) -> FunctionTool:
-    """Return a `FunctionTool` that spends `cost` under `scope` with `client`'s key, then runs `tool`.
+    """Return a `FunctionTool` whose tool-call handler pays with `client`'s key before `tool` runs.
 
     Args:
         tool: an `agents.FunctionTool` (e.g. made by `@function_tool`), or a typed Python function
             with a docstring, which `function_tool` turns into one.
         client: the agent's `AsyncAgentClient` (awaited) or `AgentClient` (run in a worker thread).
-        scope: the scope the spend is made under, e.g. `"tools:search"`.
-        cost: what one call of the tool costs (`"0.01"`, `Decimal`, `int` or `float`).
-        memo: the spend's memo; default `tool:<name>`.
+        scope: the scope the tool's calls are paid under, e.g. `"tools:search"`.
+        cost: the price of one call (`"0.01"`, `Decimal`, `int` or `float`), spent before it runs.
+        hold: instead of `cost`, for tools whose price is known only afterwards: this amount is
+            held before the tool runs, `cost_of(output)` of it is captured after it returned (the
+            whole hold without `cost_of`; a price of 0 releases it), and all of it is released if
+            the tool raised.
+        cost_of: the actual price of a call, from the wrapped tool's output (what the model will
+            read), with `hold`. A price above the hold is charged as the hold; if `cost_of`
+            raises, the whole hold is charged (the tool ran, and the hold is the most a call may
+            cost).
+        memo: the memo of each spend or hold; default `tool <name>`.
 
     Returns:
         A copy of `tool` (same name, description, schema, guardrails and timeouts) whose handler
-        pays first. When the spend is denied the tool does not run and the model reads a tool
-        error naming the code.
+        pays first. When the payment is refused (a cap, scope, revocation, …) the tool does not
+        run and the model reads a tool error naming the code.
 
     """
-    amount_text(cost, name="cost")
-    return _make(tool, client, scope=scope, cost=cost, memo=memo)
+    if (cost is None) == (hold is None):
+        raise ValueError("guard needs exactly one of cost= (spend per call) or hold= (hold, then capture)")
+    if cost_of is not None and hold is None:
+        raise ValueError("cost_of= goes with hold=: the actual cost is captured from the hold")
+    if cost is not None:
+        amount_text(cost, name="cost")
+    if hold is not None:
+        amount_text(hold, name="hold")
+    return _make(tool, client, scope=scope, cost=cost, hold=hold, cost_of=cost_of, memo=memo)
 
 
 def metered(
@@ -97,15 +115,11 @@ def metered(
     cost_of: Callable[[Any], Amount],
     memo: str | None = None,
 ) -> FunctionTool:
-    """Return a `FunctionTool` that holds `max_cost`, runs `tool` and captures its actual cost.
+    """Return a `FunctionTool` that holds `max_cost`, runs `tool` and captures `cost_of(output)`.
 
-    `cost_of(output)` gives the cost from the wrapped tool's output (what the model will read);
-    more than `max_cost` is captured as `max_cost`. If the tool or `cost_of` raises, the hold is
-    released and nothing is charged. A denied hold never runs the tool and answers a tool error
-    naming the code, as `guard` does.
+    The same as `guard(tool, client, scope=scope, hold=max_cost, cost_of=cost_of)`.
     """
-    amount_text(max_cost, name="max_cost")
-    return _make(tool, client, scope=scope, max_cost=max_cost, cost_of=cost_of, memo=memo)
+    return guard(tool, client, scope=scope, hold=max_cost, cost_of=cost_of, memo=memo)
 
 
 def model(
@@ -153,10 +167,10 @@ def _make(
     client: AnyClient,
     *,
     scope: str,
-    cost: Amount | None = None,
-    max_cost: Amount | None = None,
-    cost_of: Callable[[Any], Amount] | None = None,
-    memo: str | None = None,
+    cost: Amount | None,
+    hold: Amount | None,
+    cost_of: Callable[[Any], Amount] | None,
+    memo: str | None,
 ) -> FunctionTool:
     try:
         from agents import FunctionTool, function_tool
@@ -168,41 +182,53 @@ def _make(
         tool = function_tool(tool)
     invoke_inner = tool.on_invoke_tool
     name = tool.name
-    spend_memo = memo if memo is not None else f"tool:{name}"
+    memo = memo if memo is not None else f"tool {name}"
     is_async = inspect.iscoroutinefunction(client.spend)
 
-    async def do(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def pay(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Await an async client; run a sync one in a worker thread, off the event loop."""
         if is_async:
             return await method(*args, **kwargs)
         return await asyncio.to_thread(method, *args, **kwargs)
 
     async def on_invoke_tool(ctx: Any, arguments: str) -> Any:
-        """Pay with this assistant's key, then run the wrapped tool; a denial is the answer."""
-        if cost_of is None or max_cost is None:
-            try:
-                await do(client.spend, cost, scope=scope, memo=spend_memo)
-            except BulkheadError as e:
-                return _denied(e, name)
-            return await invoke_inner(ctx, arguments)
+        """Pay with this assistant's key, then run the wrapped tool; a refusal is the answer."""
         try:
-            hold = await do(client.hold, max_cost, scope=scope)
+            if hold is None:
+                await pay(client.spend, cost, scope=scope, memo=memo)
+            else:
+                held = await pay(client.hold, hold, scope=scope)
         except BulkheadError as e:
             return _denied(e, name)
+        if hold is None:
+            return await invoke_inner(ctx, arguments)
         try:
             output = await invoke_inner(ctx, arguments)
-            actual = cost_of(output)
-            if Decimal(amount_text(actual)) > Decimal(amount_text(max_cost)):
-                actual = max_cost
         except BaseException:
-            with contextlib.suppress(BulkheadError):  # the hold expires by itself
-                await do(hold.release)
+            with contextlib.suppress(BulkheadError):  # the tool failed: nothing is charged
+                await pay(held.release)
             raise
-        await do(hold.capture, actual)
+        try:
+            charge = _charge(held.amount, cost_of, output)
+        except Exception:
+            await pay(held.capture, held.amount)  # the tool ran: the hold is the most it may cost
+            raise
+        if charge > 0:
+            await pay(held.capture, charge)
+        else:
+            await pay(held.release)
         return output
 
     guarded: FunctionTool = copy.copy(tool)
     guarded.on_invoke_tool = on_invoke_tool
     return guarded
+
+
+def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, output: object) -> Decimal:
+    """Say what a call that ran is charged: `cost_of(output)`, at most the hold (all of it without)."""
+    if cost_of is None:
+        return held
+    return min(Decimal(amount_text(cost_of(output), name="cost_of(output)")), held)
 
 
 def _denied(error: BulkheadError, tool_name: str) -> str:

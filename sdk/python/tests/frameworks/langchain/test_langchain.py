@@ -266,6 +266,26 @@ def test_metered_tool_holds_the_most_and_captures_what_the_call_cost(harness):
     assert (usage.window_spent, usage.window_held) == (before, 0)
     assert harness.audit(account.handle)[-1]["action"] == "release"
 
+    # A call that cost nothing releases its hold; a cost_of that fails charges the whole hold.
+    free = guard(search_tool(runs), client, scope=TOOL_SCOPE, hold="0.01", cost_of=lambda result: 0)
+    assert free.invoke({"query": "cached"}) == "result 6 for 'cached'"
+    assert account.usage().window_spent == before
+    assert harness.audit(account.handle)[-1]["action"] == "release"
+
+    def unpriced(result: str) -> Decimal:
+        raise LookupError("no price for this page")
+
+    priced_later = guard(search_tool(runs), client, scope=TOOL_SCOPE, hold="0.01", cost_of=unpriced)
+    with pytest.raises(LookupError, match="no price"):
+        priced_later.invoke({"query": "rare"})
+    assert account.usage().window_spent == before + Decimal("0.01")
+    assert [harness.audit(account.handle)[-1][k] for k in ("action", "amount")] == ["capture", "0.01"]
+
+    with pytest.raises(ValueError, match="exactly one"):
+        guard(search, client, scope=TOOL_SCOPE, cost="0.01", hold="0.10")
+    with pytest.raises(ValueError, match="goes with hold"):
+        guard(search, client, scope=TOOL_SCOPE, cost="0.01", cost_of=cost_of)
+
 
 def test_async_metered_tool_and_an_async_guard_called_synchronously(harness):
     account = harness.account("lc-async-metered", "1.00")

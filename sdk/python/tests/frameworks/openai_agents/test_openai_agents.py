@@ -263,3 +263,28 @@ def test_metered_tool_holds_the_most_and_captures_what_the_call_cost(harness):
     hold_ids = {e["ref"] for e in holds if e["outcome"] == "allowed"}
     captures = [e for e in events if e["action"] == "capture" and e["ref"] in hold_ids]
     assert [Decimal(e["amount"]) for e in captures] == [Decimal("0.04")] * 5
+
+    # A call that cost nothing releases its hold; a cost_of that fails charges the whole hold.
+    # (These pay with the sync client: the async one belongs to the event loop of the run above.)
+    client = account.client()
+    before = account.usage().window_spent
+    arguments = '{"query": "cached"}'
+    ctx = ToolContext(context=None, tool_name="search", tool_call_id="call_f", tool_arguments=arguments)
+    free = guard(search_tool(runs), client, scope=TOOL_SCOPE, hold="0.01", cost_of=lambda output: 0)
+    assert asyncio.run(free.on_invoke_tool(ctx, arguments)) == "result 6 for 'cached'"
+    assert account.usage().window_spent == before
+    assert harness.audit(account.handle)[-1]["action"] == "release"
+
+    def unpriced(output: str) -> Decimal:
+        raise LookupError("no price for this page")
+
+    priced_later = guard(search_tool(runs), client, scope=TOOL_SCOPE, hold="0.01", cost_of=unpriced)
+    with pytest.raises(LookupError, match="no price"):
+        asyncio.run(priced_later.on_invoke_tool(ctx, arguments))
+    assert account.usage().window_spent == before + Decimal("0.01")
+    assert [harness.audit(account.handle)[-1][k] for k in ("action", "amount")] == ["capture", "0.01"]
+
+    with pytest.raises(ValueError, match="exactly one"):
+        guard(search_tool(runs), client, scope=TOOL_SCOPE, cost="0.01", hold="0.10")
+    with pytest.raises(ValueError, match="goes with hold"):
+        guard(search_tool(runs), client, scope=TOOL_SCOPE, cost="0.01", cost_of=cost_of)
