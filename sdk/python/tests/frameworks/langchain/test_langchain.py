@@ -14,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 from langchain.agents import create_agent
+from langchain.tools import ToolRuntime
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -312,3 +313,25 @@ def test_async_metered_tool_and_an_async_guard_called_synchronously(harness):
     assert (usage.window_spent, usage.window_held) == (Decimal("0.03"), 0)
     events = harness.audit(account.handle)
     assert [(e["action"], e["amount"]) for e in events[1:]] == [("hold", "0.10"), ("capture", "0.03")]
+
+
+def test_a_tool_with_an_injected_runtime_still_gets_it(harness):
+    """LangChain injects `ToolRuntime` into tools that ask for it; the guard passes it through."""
+    account = harness.account("lc-runtime", "1.00")
+    client = account.client()
+    seen: list[str] = []
+
+    @tool
+    def search(query: str, runtime: ToolRuntime) -> str:
+        """Search the web for `query`."""
+        seen.append(runtime.tool_call_id)
+        return f"found {query}"
+
+    guarded = guard(search, client, scope=TOOL_SCOPE, cost=TOOL_COST)
+    assert "runtime" not in guarded.tool_call_schema.model_json_schema()["properties"]
+    agent = create_agent(chat_model(client, MODEL, max_retries=0), tools=[guarded], system_prompt=CALL_ONCE)
+    out = agent.invoke(task(account.handle))
+    (message,) = tool_messages(out)
+    assert (message.status, message.content) == ("success", "found bulkhead")
+    assert seen == [message.tool_call_id]
+    harness.settled(account, model_calls(out), TOOL_COST)
