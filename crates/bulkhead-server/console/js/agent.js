@@ -88,11 +88,14 @@ export function renderAgent(root, handle) {
     shownVersion = fleet.version;
   };
 
+  let chartGeneration = 0;
   const loadChart = async () => {
+    const mine = ++chartGeneration;
     const b = bucket.value;
     const limit = b === "1m" ? 60 : b === "1h" ? 48 : 30;
     try {
       const r = await api("GET", `/v1/agents/${enc(handle)}/usage?bucket=${b}&limit=${limit}`);
+      if (mine !== chartGeneration) return;
       clear(chart, spendChart(r.buckets, { "1m": "minute", "1h": "hour", "1d": "day" }[b]));
     } catch (e) {
       clear(chart, h("p.error", e.message));
@@ -111,14 +114,19 @@ export function renderAgent(root, handle) {
   const rows = h("tbody");
   const more = h("button", { type: "button" }, "Older events");
   let oldest = null;
+  let generation = 0;
   const loadAudit = async (reset) => {
-    if (reset) { oldest = Number.MAX_SAFE_INTEGER; clear(rows); }
+    // Only the latest request's answer is shown: filters may change while one is under way.
+    const mine = ++generation;
+    if (reset) oldest = Number.MAX_SAFE_INTEGER;
     const q = new URLSearchParams({ agent: handle, before: String(oldest), limit: String(AUDIT_PAGE) });
     if (outcome.value) q.set("outcome", outcome.value);
     if (action.value) q.set("action", action.value);
     if (via.value) q.set("by", via.value);
     try {
       const r = await api("GET", "/v1/audit?" + q);
+      if (mine !== generation) return;
+      if (reset) clear(rows);
       for (const e of r.events) {
         rows.append(h("tr", { "data-seq": String(e.seq) },
           h("td.num", String(e.seq)), h("td", when(e.at)), h("td", e.action), h("td", e.outcome),
@@ -129,6 +137,8 @@ export function renderAgent(root, handle) {
       more.hidden = r.events.length < AUDIT_PAGE;
       if (!rows.children.length) rows.append(h("tr", h("td.empty", { colspan: "8" }, "No event matches.")));
     } catch (e) {
+      if (mine !== generation) return;
+      if (reset) clear(rows);
       rows.append(h("tr", h("td.error", { colspan: "8" }, e.message)));
     }
   };

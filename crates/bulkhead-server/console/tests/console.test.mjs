@@ -178,8 +178,8 @@ test("agent page: caps, scopes, usage chart, audit filtered by outcome; change c
   await shot(page, "agent");
 
   await page.locator("#act-edit").click();
-  await page.getByLabel("Spending cap").fill("20.00");
-  await page.getByLabel("Scopes").fill("payments:write invoices:read");
+  await page.locator("#edit-cap").fill("20.00");
+  await page.locator("#edit-scopes").fill("payments:write invoices:read");
   await page.getByRole("button", { name: "Save changes" }).click();
   await page.locator("#caps:has-text('$8.50 / $20.00')").waitFor();
   const a = await server.admin("GET", "/v1/agents/invoice-processor");
@@ -188,7 +188,7 @@ test("agent page: caps, scopes, usage chart, audit filtered by outcome; change c
 
   // Rotate: a new key, shown once; the old one stops working.
   await page.locator("#act-rotate").click();
-  await page.getByRole("button", { name: "Rotate key" }).click();
+  await page.locator("dialog button[type=submit]").click();
   const fresh = (await page.locator("#new-key").innerText()).trim();
   assert.equal((await server.call("GET", "/v1/me", undefined, fresh)).status, 200);
   assert.equal((await server.call("GET", "/v1/me", undefined, server.hot.key)).status, 401);
@@ -224,6 +224,8 @@ test("suspend, where the server offers it, else explained; resume", async () => 
 });
 
 test("blast radius and alerts pages", async () => {
+  const busy = await server.create({ handle: "busy-bee", scopes: ["pay:x"], spending_cap: "1.00" });
+  assert.equal((await server.spend(busy.key, "pay:x", "0.90")).status, 200);
   const { page, problems, context } = await openConsole(browser, server);
   await logIn(page, server.token);
   await page.getByRole("link", { name: "Blast radius" }).click();
@@ -235,7 +237,8 @@ test("blast radius and alerts pages", async () => {
   await shot(page, "blast");
 
   await page.getByRole("link", { name: /^Alerts/ }).click();
-  await page.locator('#attention tr:has(a:text-is("invoice-processor"))').waitFor();
+  await page.locator('#attention tr:has(a:text-is("busy-bee"))').waitFor();
+  assert.match(await page.locator('#attention tr:has(a:text-is("busy-bee"))').innerText(), /90%/);
   await shot(page, "alerts");
   clean(problems);
   await context.close();
