@@ -37,12 +37,22 @@ pub fn worker_queue() -> (WorkerQueue, Connections) {
     (WorkerQueue { tx, open: open.clone() }, Connections { rx, open })
 }
 
-/// Accepts connections until `stopped`, giving each to the worker with the fewest open.
+/// The default most open client connections (`--max-connections`).
+pub const CONNECTIONS_MAX_DEFAULT: u32 = 10_000;
+/// How long a client may take to send a request's head (hyper's header read timeout).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections until `stopped`, giving each to the worker with the fewest open. With
+/// `connections_max` open already, a new connection is closed at once: a flood of idle
+/// connections cannot exhaust the process's file descriptors or memory.
 pub async fn accept(
     listener: tokio::net::TcpListener,
     mut workers: Vec<WorkerQueue>,
+    connections_max: usize,
     stopped: impl Future<Output = ()>,
 ) {
+    let mut refused_since_log = 0u64;
+    let mut last_log = std::time::Instant::now() - Duration::from_secs(60);
     tokio::pin!(stopped);
     loop {
         let tcp = tokio::select! {
@@ -60,6 +70,17 @@ pub async fn accept(
                 }
             },
         };
+        let open: usize = workers.iter().map(|w| w.open.load(Ordering::Relaxed)).sum();
+        if open >= connections_max {
+            drop(tcp);
+            refused_since_log += 1;
+            if last_log.elapsed() >= Duration::from_secs(10) {
+                tracing::warn!(open, refused = refused_since_log, "connection limit reached; closing new connections");
+                refused_since_log = 0;
+                last_log = std::time::Instant::now();
+            }
+            continue;
+        }
         let Ok(mut tcp) = tcp.into_std() else { continue };
         loop {
             let Some((i, w)) = workers.iter().enumerate().min_by_key(|(_, w)| w.open.load(Ordering::Relaxed)) else {
@@ -100,7 +121,7 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // The timer bounds how long a client may take to send a request's head.
-    http.timer(TokioTimer::new());
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     tokio::pin!(stopped);
     loop {
         let tcp = tokio::select! {

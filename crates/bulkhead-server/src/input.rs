@@ -31,14 +31,24 @@ pub const HOLD_EXPIRY_SECS_MAX: i64 = 24 * 3600;
 /// The default hold expiry.
 pub const HOLD_EXPIRY_SECS_DEFAULT: i64 = 300;
 
-/// The raw bytes of a body within the size limit.
+/// How long a client may take to send an API body (a body trickled slower is refused with 408).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The raw bytes of a body within the size limit, read within [`BODY_READ_TIMEOUT`].
 pub struct Body(pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Bytes::from_request(req, state).await {
+        let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state)).await else {
+            return Err(ApiError::new(
+                408,
+                "request_timeout",
+                format!("The request body did not arrive within {} seconds.", BODY_READ_TIMEOUT.as_secs()),
+            ));
+        };
+        match read {
             Ok(b) => Ok(Body(b)),
             Err(r) if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
                 413,

@@ -17,4 +17,5 @@ mod metrics;
 pub use api::{AppState, app};
 pub use error::ApiError;
 pub use gateway::Gateway;
+pub use input::BODY_READ_TIMEOUT;
 pub use metrics::{install_metrics, spawn_metrics_upkeep};

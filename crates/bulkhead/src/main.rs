@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// [default: the number of CPUs].
     #[arg(long, env = "BULKHEAD_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
+    /// Open client connections at most; a connection beyond it is closed at once.
+    #[arg(long, env = "BULKHEAD_MAX_CONNECTIONS", default_value_t = bulkhead_server::http::CONNECTIONS_MAX_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
 }
 
 /// Where an offline command finds the store: `--data DIR` or `--database-url URL`.

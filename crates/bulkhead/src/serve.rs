@@ -228,7 +228,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         served.push(spawn_worker(i, conns, app(state.clone()), worker_gateway, stop_rx.clone())?);
     }
-    let acceptor = tokio::spawn(bulkhead_server::http::accept(listener, queues, {
+    let max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+    let acceptor = tokio::spawn(bulkhead_server::http::accept(listener, queues, max_connections, {
         let mut stop = stop_rx.clone();
         async move {
             let _ = stop.wait_for(|s| *s).await;

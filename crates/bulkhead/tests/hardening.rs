@@ -149,3 +149,49 @@ async fn log_lines_have_no_colour_codes_off_a_terminal() {
     assert!(logs.contains("INFO"), "the server logged at info level: {logs}");
     assert!(!logs.contains('\u{1b}'), "no escape character in logs written to a file: {logs}");
 }
+
+/// Finding 4: connections were unlimited, so idle connections could pile up without bound. With
+/// `--max-connections` open, a new connection is closed at once; once one goes away, new ones
+/// are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    let mut b = Backend::sqlite();
+    b.env.push(("BULKHEAD_MAX_CONNECTIONS".into(), "4".into()));
+    let srv = Server::start(&b).await;
+    let addr = srv.base.trim_start_matches("http://").to_owned();
+    // Four idle connections that never send a request (the server keeps them until its header
+    // read timeout).
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.expect("connect"));
+    }
+    let healthz = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let try_healthz = |addr: String| async move {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let _ = s.write_all(healthz.as_bytes()).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200")
+    };
+    // The acceptor counts a connection as soon as it hands it over; poll until the fifth is refused.
+    let mut refused = false;
+    for _ in 0..100 {
+        if !try_healthz(addr.clone()).await {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "a connection beyond the limit of 4 was served");
+    drop(idle);
+    let mut served = false;
+    for _ in 0..250 {
+        if try_healthz(addr.clone()).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "once the idle connections went away, new ones were served again");
+    assert!(srv.logs().contains("connection limit reached"), "the refusal is logged: {}", srv.logs());
+}
