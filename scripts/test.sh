@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, and every Rust test on SQLite and PostgreSQL.
-# Starts (or installs) PostgreSQL when it is missing, so it works on a fresh machine.
+# The whole test suite: formatting, lints, every Rust test on SQLite and PostgreSQL, the README's
+# first command, the Python SDK with its framework integrations, the TypeScript SDK with Mastra,
+# and the web console in headless Chromium. Starts (or installs) PostgreSQL, Chromium, Node 22
+# and the Python venvs when they are missing, so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+suite_started=$(date +%s)
+
+# Compiled artefacts live outside the checkout, so a fresh clone reuses what an earlier run built
+# (the dependencies; the workspace's own crates are rebuilt). Set CARGO_TARGET_DIR to choose.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bulkhead/target}"
+export BULKHEAD_BIN="${BULKHEAD_BIN:-$CARGO_TARGET_DIR/debug/bulkhead}"
 
 # With trust auth the password is ignored; on a fresh install we set it, so one URL fits both.
 export BULKHEAD_TEST_PG="${BULKHEAD_TEST_PG:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
@@ -39,5 +47,13 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (SQLite and PostgreSQL)"
 cargo test --workspace --locked
+echo "== README quick start: cargo run -- demo (debug build, the same command otherwise)"
+cargo run --locked -q -- demo >"$CARGO_TARGET_DIR/demo.out" 2>&1 || { cat "$CARGO_TARGET_DIR/demo.out"; exit 1; }
+grep -q "audit chain intact" "$CARGO_TARGET_DIR/demo.out" || { cat "$CARGO_TARGET_DIR/demo.out"; exit 1; }
 echo "== Python SDK and framework integrations"
 bash scripts/test-python.sh
+echo "== TypeScript SDK and Mastra"
+bash scripts/test-typescript.sh
+echo "== Web console"
+bash scripts/test-console.sh
+echo "== the whole suite passed in $(( $(date +%s) - suite_started )) s"
