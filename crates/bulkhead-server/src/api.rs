@@ -85,7 +85,12 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let bad = || ApiError::new(401, "invalid_credentials", "Send `Authorization: Bearer <key>`.");
     let v = headers.get(header::AUTHORIZATION).ok_or_else(bad)?;
     let v = v.to_str().map_err(|_| bad())?;
-    let token = v.strip_prefix("Bearer ").ok_or_else(bad)?.trim();
+    // The scheme is case-insensitive (RFC 7235): `Bearer`, `bearer` and `BEARER` are one.
+    let (scheme, token) = v.trim_start().split_once(' ').ok_or_else(bad)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(bad());
+    }
+    let token = token.trim();
     if token.is_empty() {
         return Err(bad());
     }

@@ -195,3 +195,25 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
     assert!(served, "once the idle connections went away, new ones were served again");
     assert!(srv.logs().contains("connection limit reached"), "the refusal is logged: {}", srv.logs());
 }
+
+/// Finding 8: only `Bearer` with that exact capitalisation was accepted; RFC 7235 makes the
+/// scheme case-insensitive. Other schemes are still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let b = Backend::sqlite();
+    let srv = Server::start(&b).await;
+    let key = srv.api().create(ADMIN, common::root_agent("any-case", "10.00", &[common::SCOPE])).await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let (status, text) =
+            raw(&srv, &get("/v1/agents", "127.0.0.1", &format!("Authorization: {scheme} {ADMIN}\r\n"))).await;
+        assert_eq!(status, 200, "{scheme} (admin): {text}");
+        let (status, text) =
+            raw(&srv, &get("/v1/me", "127.0.0.1", &format!("Authorization: {scheme} {key}\r\n"))).await;
+        assert_eq!(status, 200, "{scheme} (agent key): {text}");
+    }
+    for auth in [format!("Basic {ADMIN}"), format!("Bearer{ADMIN}"), "Bearer ".to_owned(), ADMIN.to_owned()] {
+        let (status, text) = raw(&srv, &get("/v1/agents", "127.0.0.1", &format!("Authorization: {auth}\r\n"))).await;
+        assert_eq!(status, 401, "{auth:?}: {text}");
+        assert!(text.contains("invalid_credentials"), "{text}");
+    }
+}
