@@ -22,7 +22,8 @@ tests=crates/bulkhead-server/console/tests
 if [ ! -d "$tests/node_modules/playwright-core" ] || [ "$tests/package-lock.json" -nt "$tests/node_modules/.package-lock.json" ]; then
   (cd "$tests" && npm ci --no-audit --no-fund --silent)
 fi
-export BULKHEAD_BIN="${BULKHEAD_BIN:-$PWD/target/debug/bulkhead}"
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+export BULKHEAD_BIN="${BULKHEAD_BIN:-$target/debug/bulkhead}"
 if [ ! -x "$BULKHEAD_BIN" ]; then
   cargo build --locked -p bulkhead
 fi
@@ -31,7 +32,7 @@ fi
 echo "== console: the fleet page with 10,000 agents (optimised build)"
 if [ -z "${BULKHEAD_BENCH_BIN:-}" ]; then
   cargo build --release --locked -p bulkhead
-  BULKHEAD_BENCH_BIN="$PWD/target/release/bulkhead"
+  BULKHEAD_BENCH_BIN="$target/release/bulkhead"
 fi
 (cd "$tests" && BULKHEAD_BIN="$BULKHEAD_BENCH_BIN" node --test --test-concurrency=1 fleet-10k.test.mjs)
 
