@@ -29,19 +29,18 @@ AutoGen is imported when these functions are called, so `bulkhead` itself never 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from types import ModuleType
 from typing import Any, TypeAlias
 
-from bulkhead._amounts import Amount, amount_text
+from bulkhead._amounts import Amount
 from bulkhead.aio import AsyncAgentClient, AsyncHold
 from bulkhead.client import AgentClient, Hold
 from bulkhead.errors import BulkheadError
+from bulkhead.integrations import _pay
 
 __all__ = ["DEFAULT_MODEL_INFO", "ToolDenied", "guard", "model_client"]
 
@@ -91,61 +90,11 @@ def _module(name: str) -> ModuleType:
         ) from exc
 
 
-async def _spend(client: Client, amount: Amount, scope: str, memo: str) -> None:
-    """Spend with either kind of client: awaited, or in a worker thread."""
-    if isinstance(client, AsyncAgentClient):
-        await client.spend(amount, scope=scope, memo=memo)
-    else:
-        await asyncio.to_thread(functools.partial(client.spend, amount, scope=scope, memo=memo))
-
-
-async def _hold(client: Client, amount: Amount, scope: str) -> Hold | AsyncHold:
-    """Open a hold with either kind of client."""
-    if isinstance(client, AsyncAgentClient):
-        return await client.hold(amount, scope=scope)
-    return await asyncio.to_thread(functools.partial(client.hold, amount, scope=scope))
-
-
-def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, result: object) -> Decimal:
-    """What a call that ran is charged: `cost_of(result)`, at most the hold (all of it without `cost_of`)."""
-    if cost_of is None:
-        return held
-    return min(Decimal(amount_text(cost_of(result), name="cost_of(result)")), held)
-
-
-async def _capture(held: Hold | AsyncHold, amount: Amount) -> None:
-    """Capture `amount` of a hold made by either kind of client."""
-    if isinstance(held, AsyncHold):
-        await held.capture(amount)
-    else:
-        await asyncio.to_thread(held.capture, amount)
-
-
-async def _settle(held: Hold | AsyncHold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
-    """Capture what the call cost, and release the rest (all of it for a call that cost nothing).
-
-    When `cost_of` fails, the whole hold is captured: the tool ran, and the hold is the most a
-    call may cost.
-    """
-    try:
-        cost = _charge(held.amount, cost_of, result)
-    except Exception:
-        await _capture(held, held.amount)
-        raise
-    if cost > 0:
-        await _capture(held, cost)
-    else:
-        await _release(held)
-
-
 async def _release(held: Hold | AsyncHold) -> None:
     """Release a hold made by either kind of client, unless it is closed already."""
     if held.closed:
         return
-    if isinstance(held, AsyncHold):
-        await held.release()
-    else:
-        await asyncio.to_thread(held.release)
+    await _pay.call(held.release)
 
 
 @functools.cache
@@ -187,22 +136,24 @@ def _guarded_class() -> type:
             return dict(self.inner.schema)
 
         async def run(self, args: object, cancellation_token: object) -> object:
-            if not self.holds:
-                try:
-                    await _spend(self.client, self.amount, self.scope, self.memo)
-                except BulkheadError as error:
-                    raise ToolDenied(self.name, error) from error
-                return await self.inner.run(args, cancellation_token)
             try:
-                held = await _hold(self.client, self.amount, self.scope)
+                held = await _pay.apay(
+                    self.client,
+                    scope=self.scope,
+                    cost=None if self.holds else self.amount,
+                    hold=self.amount if self.holds else None,
+                    memo=self.memo,
+                )
             except BulkheadError as error:
                 raise ToolDenied(self.name, error) from error
+            if held is None:
+                return await self.inner.run(args, cancellation_token)
             try:
                 result = await self.inner.run(args, cancellation_token)
             except BaseException:
                 await _release(held)  # the tool failed: nothing is charged
                 raise
-            await _settle(held, self.cost_of, result)
+            await _pay.asettle(held, self.cost_of, result)
             return result
 
         def return_value_as_string(self, value: object) -> str:
@@ -254,10 +205,7 @@ def guard(
         naming the code, and the wrapped tool does not run.
 
     """
-    if (cost is None) == (hold is None):
-        raise ValueError("guard needs exactly one of cost= (spend per call) or hold= (hold, then capture)")
-    if cost_of is not None and hold is None:
-        raise ValueError("cost_of= goes with hold=: the actual cost is captured from the hold")
+    _pay.check_terms(cost, hold, cost_of)
     if not isinstance(client, (AgentClient, AsyncAgentClient)):
         raise TypeError(f"guard needs an AgentClient or AsyncAgentClient, not {type(client).__name__}")
     tools = _module("autogen_core.tools")

@@ -34,13 +34,13 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
-from decimal import Decimal
 from types import ModuleType
 from typing import Any, TypeAlias
 
-from bulkhead._amounts import Amount, amount_text
+from bulkhead._amounts import Amount
 from bulkhead.client import AgentClient, Hold
 from bulkhead.errors import BulkheadError
+from bulkhead.integrations import _pay
 
 __all__ = ["guard", "llm"]
 
@@ -86,30 +86,6 @@ def _denial(tool: str, error: BulkheadError) -> ToolFailure:
     )
 
 
-def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, result: object) -> Decimal:
-    """What a call that ran is charged: `cost_of(result)`, at most the hold (all of it without `cost_of`)."""
-    if cost_of is None:
-        return held
-    return min(Decimal(amount_text(cost_of(result), name="cost_of(result)")), held)
-
-
-def _settle(held: Hold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
-    """Capture what the call cost, and release the rest (all of it for a call that cost nothing).
-
-    When `cost_of` fails, the whole hold is captured: the tool ran, and the hold is the most a
-    call may cost.
-    """
-    try:
-        cost = _charge(held.amount, cost_of, result)
-    except Exception:
-        held.capture(held.amount)
-        raise
-    if cost > 0:
-        held.capture(cost)
-    else:
-        held.release()
-
-
 async def _run_inner_async(inner: CrewAITool, *args: object, **kwargs: object) -> object:
     """Run a CrewAI tool's own implementation from async code, never twice."""
     base: Any = _module("crewai.tools").BaseTool
@@ -146,10 +122,8 @@ def _guarded_class() -> type:
 
         def _open(self) -> Hold | None:
             """Spend the cost (`None`), or open the hold (returned); raise when refused."""
-            if not self.holds:
-                self.client.spend(self.amount, scope=self.scope, memo=self.memo)
-                return None
-            return self.client.hold(self.amount, scope=self.scope)
+            cost, hold = (None, self.amount) if self.holds else (self.amount, None)
+            return _pay.pay(self.client, scope=self.scope, cost=cost, hold=hold, memo=self.memo)
 
         def _run(self, *args: object, **kwargs: object) -> object:
             try:
@@ -165,7 +139,7 @@ def _guarded_class() -> type:
                     held.release()  # the tool failed: nothing is charged
                 raise
             if held is not None:
-                _settle(held, self.cost_of, result)
+                _pay.settle(held, self.cost_of, result)
             return result
 
         async def _arun(self, *args: object, **kwargs: object) -> object:
@@ -180,7 +154,7 @@ def _guarded_class() -> type:
                     await asyncio.to_thread(held.release)  # the tool failed: nothing is charged
                 raise
             if held is not None:
-                await asyncio.to_thread(_settle, held, self.cost_of, result)
+                await asyncio.to_thread(_pay.settle, held, self.cost_of, result)
             return result
 
         def format_output_for_agent(self, raw_result: object) -> str:
@@ -226,10 +200,7 @@ def guard(
         does not run. CrewAI's tool cache never answers for a guarded tool: every call is checked.
 
     """
-    if (cost is None) == (hold is None):
-        raise ValueError("guard needs exactly one of cost= (spend per call) or hold= (hold, then capture)")
-    if cost_of is not None and hold is None:
-        raise ValueError("cost_of= goes with hold=: the actual cost is captured from the hold")
+    _pay.check_terms(cost, hold, cost_of)
     if not isinstance(client, AgentClient):
         raise TypeError(f"guard needs the crew member's AgentClient, not {type(client).__name__}")
     base: Any = _module("crewai.tools").BaseTool

@@ -34,11 +34,11 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from bulkhead._amounts import Amount, amount_text
 from bulkhead.errors import BulkheadError
+from bulkhead.integrations import _pay
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from collections.abc import Callable
@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover - types only
     from langchain_core.tools import BaseTool  # type: ignore[import-not-found,unused-ignore]
     from langchain_openai import ChatOpenAI  # type: ignore[import-not-found,unused-ignore]
 
-    from bulkhead.aio import AsyncAgentClient, AsyncHold
-    from bulkhead.client import AgentClient, Hold
+    from bulkhead.aio import AsyncAgentClient
+    from bulkhead.client import AgentClient
 
     AnyClient = AgentClient | AsyncAgentClient
 
@@ -90,10 +90,7 @@ def guard(
         error naming the code.
 
     """
-    if (cost is None) == (hold is None):
-        raise ValueError("guard needs exactly one of cost= (spend per call) or hold= (hold, then capture)")
-    if cost_of is not None and hold is None:
-        raise ValueError("cost_of= goes with hold=: the actual cost is captured from the hold")
+    _pay.check_terms(cost, hold, cost_of)
     if cost is not None:
         amount_text(cost, name="cost")
     if hold is not None:
@@ -177,11 +174,6 @@ def _as_tool(value: BaseTool | Callable[..., Any]) -> BaseTool:
     return made
 
 
-def _denial_text(error: BulkheadError, tool_name: str) -> str:
-    """Say what the model reads when a spend is denied: the code first, then the server's sentence."""
-    return f"{error.code}: {error.message} (tool '{tool_name}' did not run)"
-
-
 def _handle_tool_error(error: Exception) -> str:
     """Answer a denial (or a wrapped tool's handled failure) as the tool's content; raise the rest.
 
@@ -191,43 +183,6 @@ def _handle_tool_error(error: Exception) -> str:
     if getattr(error, "bulkhead_handled", False):
         return str(error.args[0])
     raise error
-
-
-def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, result: object) -> Decimal:
-    """Say what a call that ran is charged: `cost_of(result)`, at most the hold (all of it without)."""
-    if cost_of is None:
-        return held
-    return min(Decimal(amount_text(cost_of(result), name="cost_of(result)")), held)
-
-
-def _settle(hold: Hold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
-    """Capture what the call cost and release the rest (all of it for a call that cost nothing).
-
-    When `cost_of` fails, the whole hold is captured: the tool ran, and the hold is the most a
-    call may cost.
-    """
-    try:
-        cost = _charge(hold.amount, cost_of, result)
-    except Exception:
-        hold.capture(hold.amount)
-        raise
-    if cost > 0:
-        hold.capture(cost)
-    else:
-        hold.release()
-
-
-async def _asettle(hold: AsyncHold, cost_of: Callable[[Any], Amount] | None, result: object) -> None:
-    """`_settle` for a hold of an `AsyncAgentClient`."""
-    try:
-        cost = _charge(hold.amount, cost_of, result)
-    except Exception:
-        await hold.capture(hold.amount)
-        raise
-    if cost > 0:
-        await hold.capture(cost)
-    else:
-        await hold.release()
 
 
 @functools.cache
@@ -269,13 +224,10 @@ def _guarded_tool_class() -> type[Any]:
             config: Any = {"callbacks": run_manager.get_child()} if run_manager is not None else None
             tool_input = self._call(args, kwargs)
             try:
-                if self.bulkhead_hold is None:
-                    client.spend(self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
-                else:
-                    hold = client.hold(self.bulkhead_hold, scope=self.bulkhead_scope)
+                hold = _pay.pay(client, **self._terms())
             except BulkheadError as e:
-                raise SpendDenied(_denial_text(e, self.name)) from e
-            if self.bulkhead_hold is None:
+                raise SpendDenied(_pay.denial_text(e, self.name)) from e
+            if hold is None:
                 return self._unwrap(self.inner.invoke(tool_input, config=config))
             try:
                 result = self._unwrap(self.inner.invoke(tool_input, config=config))
@@ -283,41 +235,39 @@ def _guarded_tool_class() -> type[Any]:
                 with contextlib.suppress(BulkheadError):  # the tool failed: nothing is charged
                     hold.release()
                 raise
-            _settle(hold, self.bulkhead_cost_of, result)
+            _pay.settle(hold, self.bulkhead_cost_of, result)
             return result
 
         async def _arun(self, *args: Any, run_manager: Any = None, **kwargs: Any) -> Any:
             client = self.bulkhead_client
-            is_async = inspect.iscoroutinefunction(client.spend)
-
-            async def pay(method: Callable[..., Any], *a: Any, **kw: Any) -> Any:
-                """Await an async client; run a sync one in a worker thread, off the event loop."""
-                if is_async:
-                    return await method(*a, **kw)
-                return await asyncio.to_thread(method, *a, **kw)
-
             config: Any = {"callbacks": run_manager.get_child()} if run_manager is not None else None
             tool_input = self._call(args, kwargs)
             try:
-                if self.bulkhead_hold is None:
-                    await pay(client.spend, self.bulkhead_cost, scope=self.bulkhead_scope, memo=self.bulkhead_memo)
-                else:
-                    hold = await pay(client.hold, self.bulkhead_hold, scope=self.bulkhead_scope)
+                hold: Any = await _pay.apay(client, **self._terms())
             except BulkheadError as e:
-                raise SpendDenied(_denial_text(e, self.name)) from e
-            if self.bulkhead_hold is None:
+                raise SpendDenied(_pay.denial_text(e, self.name)) from e
+            if hold is None:
                 return self._unwrap(await self.inner.ainvoke(tool_input, config=config))
             try:
                 result = self._unwrap(await self.inner.ainvoke(tool_input, config=config))
             except BaseException:
                 with contextlib.suppress(BulkheadError):  # the tool failed: nothing is charged
-                    await pay(hold.release)
+                    await _pay.call(hold.release)
                 raise
-            if is_async:
-                await _asettle(hold, self.bulkhead_cost_of, result)
+            if inspect.iscoroutinefunction(client.spend):
+                await _pay.asettle(hold, self.bulkhead_cost_of, result)
             else:
-                await asyncio.to_thread(_settle, hold, self.bulkhead_cost_of, result)
+                await asyncio.to_thread(_pay.settle, hold, self.bulkhead_cost_of, result)
             return result
+
+        def _terms(self) -> dict[str, Any]:
+            """How each call is paid: `_pay.pay`'s keyword arguments."""
+            return {
+                "scope": self.bulkhead_scope,
+                "cost": self.bulkhead_cost,
+                "hold": self.bulkhead_hold,
+                "memo": self.bulkhead_memo,
+            }
 
         def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             """Make the wrapped tool's input; a tool call when it answers content and an artifact."""

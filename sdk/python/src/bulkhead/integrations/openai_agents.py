@@ -33,16 +33,14 @@ module is imported.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
-import inspect
 import logging
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 from bulkhead._amounts import Amount, amount_text
 from bulkhead.errors import BulkheadError
+from bulkhead.integrations import _pay
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from collections.abc import Callable
@@ -95,10 +93,7 @@ def guard(
         run and the model reads a tool error naming the code.
 
     """
-    if (cost is None) == (hold is None):
-        raise ValueError("guard needs exactly one of cost= (spend per call) or hold= (hold, then capture)")
-    if cost_of is not None and hold is None:
-        raise ValueError("cost_of= goes with hold=: the actual cost is captured from the hold")
+    _pay.check_terms(cost, hold, cost_of)
     if cost is not None:
         amount_text(cost, name="cost")
     if hold is not None:
@@ -183,40 +178,22 @@ def _make(
     invoke_inner = tool.on_invoke_tool
     name = tool.name
     memo = memo if memo is not None else f"tool {name}"
-    is_async = inspect.iscoroutinefunction(client.spend)
-
-    async def pay(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Await an async client; run a sync one in a worker thread, off the event loop."""
-        if is_async:
-            return await method(*args, **kwargs)
-        return await asyncio.to_thread(method, *args, **kwargs)
 
     async def on_invoke_tool(ctx: Any, arguments: str) -> Any:
         """Pay with this assistant's key, then run the wrapped tool; a refusal is the answer."""
         try:
-            if hold is None:
-                await pay(client.spend, cost, scope=scope, memo=memo)
-            else:
-                held = await pay(client.hold, hold, scope=scope)
+            held = await _pay.apay(client, scope=scope, cost=cost, hold=hold, memo=memo)
         except BulkheadError as e:
             return _denied(e, name)
-        if hold is None:
+        if held is None:
             return await invoke_inner(ctx, arguments)
         try:
             output = await invoke_inner(ctx, arguments)
         except BaseException:
             with contextlib.suppress(BulkheadError):  # the tool failed: nothing is charged
-                await pay(held.release)
+                await _pay.call(held.release)
             raise
-        try:
-            charge = _charge(held.amount, cost_of, output)
-        except Exception:
-            await pay(held.capture, held.amount)  # the tool ran: the hold is the most it may cost
-            raise
-        if charge > 0:
-            await pay(held.capture, charge)
-        else:
-            await pay(held.release)
+        await _pay.asettle(held, cost_of, output, name="cost_of(output)")
         return output
 
     guarded: FunctionTool = copy.copy(tool)
@@ -224,14 +201,7 @@ def _make(
     return guarded
 
 
-def _charge(held: Decimal, cost_of: Callable[[Any], Amount] | None, output: object) -> Decimal:
-    """Say what a call that ran is charged: `cost_of(output)`, at most the hold (all of it without)."""
-    if cost_of is None:
-        return held
-    return min(Decimal(amount_text(cost_of(output), name="cost_of(output)")), held)
-
-
 def _denied(error: BulkheadError, tool_name: str) -> str:
     """Answer a refused spend as the tool's output: the code first, then the server's sentence."""
     _log.info("tool %s not run: %s", tool_name, error.code)
-    return f"{error.code}: {error.message} (tool '{tool_name}' did not run)"
+    return _pay.denial_text(error, tool_name)
