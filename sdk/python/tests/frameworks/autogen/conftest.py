@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from autogen_support import Gateway, start_gateway
+
+from support.frameworks import Gateway, start_gateway
 
 
 @pytest.fixture(scope="module")

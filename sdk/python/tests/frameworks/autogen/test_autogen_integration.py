@@ -20,17 +20,18 @@ from autogen_agentchat.messages import TextMessage, ToolCallExecutionEvent
 from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core import CancellationToken
 from autogen_core.tools import FunctionTool
-from autogen_support import (
+
+from bulkhead import AgentAccount
+from bulkhead.integrations.autogen import DEFAULT_MODEL_INFO, ToolDenied, guard, model_client
+from support.frameworks import (
     PRICE_PER_CALL,
     Gateway,
     assert_upstream_saw_only_the_secret,
+    check_researcher_and_writer,
     settled,
     spends,
     wait_for,
 )
-
-from bulkhead import AgentAccount
-from bulkhead.integrations.autogen import DEFAULT_MODEL_INFO, ToolDenied, guard, model_client
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -126,23 +127,7 @@ def test_looping_agent_stops_at_its_cap_while_the_other_finishes(gateway: Gatewa
     assert isinstance(w_result.messages[-1], TextMessage)
     assert w_result.messages[-1].content == "Done after 2 tool calls."
 
-    # Each agent's own audit trail holds its own decisions, and only those.
-    r_events, w_events = gateway.audit(researcher.handle), gateway.audit(writer.handle)
-    assert spends(r_events, "tools:search") == [("allowed", None, "1.00")] * 3 + [
-        ("denied", "spending_cap_exceeded", "1.00")
-    ]
-    assert spends(w_events, "tools:draft") == [("allowed", None, "0.10")] * 2
-    assert spends(r_events, "tools:draft") == []
-    assert spends(w_events, "tools:search") == []
-
-    # Every LLM call went through the gateway with the agent's own key and is metered to it.
-    r_calls, w_calls = gateway.calls_of(researcher.handle), gateway.calls_of(writer.handle)
-    assert len(r_calls) == 5  # one before each of the 4 tool calls, one for the final answer
-    assert len(w_calls) == 3
-    assert_upstream_saw_only_the_secret(r_calls + w_calls)
-    wait_for(lambda: settled(gateway, researcher, 5) and settled(gateway, writer, 3))
-    assert researcher.usage().window_spent == 3 * Decimal("1.00") + 5 * PRICE_PER_CALL
-    assert writer.usage().window_spent == 2 * Decimal("0.10") + 3 * PRICE_PER_CALL
+    check_researcher_and_writer(gateway, researcher, writer)
 
 
 def test_keys_stay_per_agent_inside_a_team(gateway: Gateway) -> None:

@@ -26,7 +26,7 @@ os.environ.update(
 os.environ.pop("OPENAI_API_KEY", None)  # every LLM call must carry an agent's key
 os.environ.pop("OPENAI_BASE_URL", None)
 
-from crewai_support import Gateway, start_gateway  # noqa: E402 - after the environment is set
+from support.frameworks import Gateway, start_gateway  # noqa: E402 - after the environment is set
 
 
 @pytest.fixture(scope="module")

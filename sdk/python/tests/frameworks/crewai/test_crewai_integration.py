@@ -19,18 +19,18 @@ import pytest
 from crewai import Agent, Crew, Process, Task
 from crewai.llms.providers.openai.completion import OpenAICompletion
 from crewai.tools import BaseTool, tool
-from crewai_support import (
-    PRICE_PER_CALL,
-    Gateway,
-    assert_upstream_saw_only_the_secret,
-    settled,
-    spends,
-    wait_for,
-)
 from pydantic import BaseModel, Field
 
 from bulkhead import AgentAccount, AgentClient
 from bulkhead.integrations.crewai import guard, llm
+from support.frameworks import (
+    PRICE_PER_CALL,
+    Gateway,
+    assert_upstream_saw_only_the_secret,
+    check_researcher_and_writer,
+    settled,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -104,23 +104,7 @@ def test_crew_member_looping_into_its_cap_is_stopped_while_the_other_finishes(ga
     assert w_out.tool_failures == []
     assert w_out.raw == "Done after 2 tool calls."
 
-    # Each member's own audit trail holds its own decisions, and only those.
-    r_events, w_events = gateway.audit(researcher.handle), gateway.audit(writer.handle)
-    assert spends(r_events, "tools:search") == [("allowed", None, "1.00")] * 3 + [
-        ("denied", "spending_cap_exceeded", "1.00")
-    ]
-    assert spends(w_events, "tools:draft") == [("allowed", None, "0.10")] * 2
-    assert spends(r_events, "tools:draft") == []
-    assert spends(w_events, "tools:search") == []
-
-    # Every LLM call went through the gateway with the member's own key and is metered to it.
-    r_calls, w_calls = gateway.calls_of(researcher.handle), gateway.calls_of(writer.handle)
-    assert len(r_calls) == 5  # one before each of the 4 tool calls, one for the final answer
-    assert len(w_calls) == 3
-    assert_upstream_saw_only_the_secret(r_calls + w_calls)
-    wait_for(lambda: settled(gateway, researcher, 5) and settled(gateway, writer, 3))
-    assert researcher.usage().window_spent == 3 * Decimal("1.00") + 5 * PRICE_PER_CALL
-    assert writer.usage().window_spent == 2 * Decimal("0.10") + 3 * PRICE_PER_CALL
+    check_researcher_and_writer(gateway, researcher, writer)
 
 
 def test_crew_member_revoked_mid_run_stops_at_its_next_call(gateway: Gateway) -> None:

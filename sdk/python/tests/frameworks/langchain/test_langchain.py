@@ -20,7 +20,6 @@ from langchain_core.tools import BaseTool, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from bulkhead.integrations.langchain import chat_model, guard, metered
-from support import llm_upstream
 
 MODEL = "gpt-4o-mini"
 TOOL_SCOPE = "tools:search"
@@ -64,24 +63,6 @@ def model_calls(out: dict[str, Any]) -> int:
     return sum(isinstance(m, AIMessage) for m in out["messages"])
 
 
-def check_audit(harness, handle: str, *, allowed: int, denied: int, model_calls: int) -> None:
-    """The agent's own trail has its spends and its gateway leases and settlements, nobody else's."""
-    events = harness.audit(handle)
-    assert {e["agent"] for e in events} == {handle}
-    spends = [e for e in events if e["action"] == "spend"]
-    assert [e["outcome"] for e in spends] == ["allowed"] * allowed + ["denied"] * denied
-    assert {e["scope"] for e in spends} == {TOOL_SCOPE}
-    assert all(Decimal(e["amount"]) == TOOL_COST for e in spends)
-    assert {e["reason"] for e in spends if e["outcome"] == "denied"} <= {"spending_cap_exceeded"}
-    by_gateway = [e for e in events if (e.get("detail") or {}).get("by") == "gateway"]
-    leases = [e for e in by_gateway if e["action"] == "hold"]
-    assert leases
-    assert {e["scope"] for e in leases} == {"llm:openai"}
-    settlements = [e for e in by_gateway if e["action"] == "capture"]
-    assert sum(e["detail"]["calls"] for e in settlements) == model_calls
-    assert sum(Decimal(e["amount"]) for e in settlements) == model_calls * llm_upstream.cost_per_call()
-
-
 def check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs, finish_runs) -> None:
     """The looping agent was stopped at its cap, the other finished, each paid for its own."""
     # The looper: three searches ran, the fourth was refused and never ran, the model read why.
@@ -99,8 +80,22 @@ def check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs,
         assert len(harness.llm_calls(account.handle)) == calls  # every model call went upstream once
         usage = harness.settled(account, calls, TOOL_COST * len(runs))
         assert usage.denied_count == (1 if account is looper else 0)
-    check_audit(harness, looper.handle, allowed=LOOPER_RUNS, denied=1, model_calls=model_calls(loop_out))
-    check_audit(harness, finisher.handle, allowed=2, denied=0, model_calls=model_calls(finish_out))
+    harness.check_audit(
+        looper.handle,
+        allowed=LOOPER_RUNS,
+        denied=1,
+        model_calls=model_calls(loop_out),
+        tool_scope=TOOL_SCOPE,
+        tool_cost=TOOL_COST,
+    )
+    harness.check_audit(
+        finisher.handle,
+        allowed=2,
+        denied=0,
+        model_calls=model_calls(finish_out),
+        tool_scope=TOOL_SCOPE,
+        tool_cost=TOOL_COST,
+    )
     harness.assert_upstream_saw_only_the_secret()
 
 

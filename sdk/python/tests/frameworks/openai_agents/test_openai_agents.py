@@ -27,7 +27,6 @@ from agents.items import ToolCallOutputItem
 from agents.tool_context import ToolContext
 
 from bulkhead.integrations.openai_agents import guard, metered, model
-from support import llm_upstream
 
 MODEL = "gpt-4o-mini"
 TOOL_SCOPE = "tools:search"
@@ -86,24 +85,6 @@ def outputs(result: RunResult | RunResultStreaming) -> list[str]:
     return [str(item.output) for item in result.new_items if isinstance(item, ToolCallOutputItem)]
 
 
-def check_audit(harness, handle: str, *, allowed: int, denied: int, model_calls: int) -> None:
-    """The agent's own trail has its spends and its gateway leases and settlements, nobody else's."""
-    events = harness.audit(handle)
-    assert {e["agent"] for e in events} == {handle}
-    spends = [e for e in events if e["action"] == "spend"]
-    assert [e["outcome"] for e in spends] == ["allowed"] * allowed + ["denied"] * denied
-    assert {e["scope"] for e in spends} == {TOOL_SCOPE}
-    assert all(Decimal(e["amount"]) == TOOL_COST for e in spends)
-    assert {e["reason"] for e in spends if e["outcome"] == "denied"} <= {"spending_cap_exceeded"}
-    by_gateway = [e for e in events if (e.get("detail") or {}).get("by") == "gateway"]
-    leases = [e for e in by_gateway if e["action"] == "hold"]
-    assert leases
-    assert {e["scope"] for e in leases} == {"llm:openai"}
-    settlements = [e for e in by_gateway if e["action"] == "capture"]
-    assert sum(e["detail"]["calls"] for e in settlements) == model_calls
-    assert sum(Decimal(e["amount"]) for e in settlements) == model_calls * llm_upstream.cost_per_call()
-
-
 def check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs, finish_runs) -> None:
     """The looping assistant was stopped at its cap, the other finished, each paid for its own."""
     # The looper: three searches ran, the fourth was refused and never ran, the model read why.
@@ -122,8 +103,22 @@ def check_two_agents(harness, looper, finisher, loop_out, finish_out, loop_runs,
         assert len(harness.llm_calls(account.handle)) == calls  # every model call went upstream once
         usage = harness.settled(account, calls, TOOL_COST * len(runs))
         assert usage.denied_count == (1 if account is looper else 0)
-    check_audit(harness, looper.handle, allowed=LOOPER_RUNS, denied=1, model_calls=len(loop_out.raw_responses))
-    check_audit(harness, finisher.handle, allowed=2, denied=0, model_calls=len(finish_out.raw_responses))
+    harness.check_audit(
+        looper.handle,
+        allowed=LOOPER_RUNS,
+        denied=1,
+        model_calls=len(loop_out.raw_responses),
+        tool_scope=TOOL_SCOPE,
+        tool_cost=TOOL_COST,
+    )
+    harness.check_audit(
+        finisher.handle,
+        allowed=2,
+        denied=0,
+        model_calls=len(finish_out.raw_responses),
+        tool_scope=TOOL_SCOPE,
+        tool_cost=TOOL_COST,
+    )
     harness.assert_upstream_saw_only_the_secret()
 
 
