@@ -36,6 +36,14 @@ def check_terms(cost: Amount | None, hold: Amount | None, cost_of: Callable[[Any
         raise ValueError("cost_of= goes with hold=: the actual cost is captured from the hold")
 
 
+def check_amounts(cost: Amount | None, hold: Amount | None) -> None:
+    """Refuse a `cost` or `hold` that is not an amount when the tool is guarded, not when it is called."""
+    if cost is not None:
+        amount_text(cost, name="cost")
+    if hold is not None:
+        amount_text(hold, name="hold")
+
+
 def denial_text(error: BulkheadError, tool_name: str) -> str:
     """Say what the model reads when a payment is refused: the code first, then the server's sentence."""
     return f"{error.code}: {error.message} (tool '{tool_name}' did not run)"

@@ -36,7 +36,7 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any
 
-from bulkhead._amounts import Amount, amount_text
+from bulkhead._amounts import Amount
 from bulkhead.errors import BulkheadError
 from bulkhead.integrations import _pay
 
@@ -91,10 +91,7 @@ def guard(
 
     """
     _pay.check_terms(cost, hold, cost_of)
-    if cost is not None:
-        amount_text(cost, name="cost")
-    if hold is not None:
-        amount_text(hold, name="hold")
+    _pay.check_amounts(cost, hold)
     return _make(tool, client, scope=scope, cost=cost, hold=hold, cost_of=cost_of, memo=memo)
 
 

@@ -38,7 +38,7 @@ import copy
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-from bulkhead._amounts import Amount, amount_text
+from bulkhead._amounts import Amount
 from bulkhead.errors import BulkheadError
 from bulkhead.integrations import _pay
 
@@ -94,10 +94,7 @@ def guard(
 
     """
     _pay.check_terms(cost, hold, cost_of)
-    if cost is not None:
-        amount_text(cost, name="cost")
-    if hold is not None:
-        amount_text(hold, name="hold")
+    _pay.check_amounts(cost, hold)
     return _make(tool, client, scope=scope, cost=cost, hold=hold, cost_of=cost_of, memo=memo)
 
 
