@@ -190,6 +190,27 @@ def check_researcher_and_writer(gateway: Gateway, researcher: AgentAccount, writ
     assert writer.usage().window_spent == 2 * Decimal("0.10") + 3 * PRICE_PER_CALL
 
 
+def check_quote_holds(gateway: Gateway, account: AgentAccount) -> None:
+    """After three calls of a quote tool holding 0.50 each, whose `cost_of` said 0.12, then 0.90,
+    then which failed: the holds, captures and release are in the agent's trail, its model calls
+    were made with the model it was given, and it paid 0.62 plus its model calls.
+    """
+    events = gateway.audit(account.handle)
+    tool_events = [(e["action"], e["outcome"], e["amount"]) for e in events if e.get("scope") == "tools:quote"]
+    assert tool_events == [("hold", "allowed", "0.50")] * 3
+    own = [e for e in events if (e.get("detail") or {}).get("by") != "gateway"]
+    assert [(e["action"], e["amount"]) for e in own if e["action"] in ("capture", "release")] == [
+        ("capture", "0.12"),
+        ("capture", "0.50"),  # it said 0.90: a call costs at most its hold
+        ("release", "0.50"),  # the tool failed: nothing charged
+    ]
+    calls = gateway.calls_of(account.handle)
+    assert {c["body"]["model"] for c in calls} == {"house-model-v1"}
+    assert len(calls) == 4  # before each quote, and the final answer after the failed one
+    wait_for(lambda: settled(gateway, account, 4))
+    assert account.usage().window_spent == Decimal("0.62") + 4 * PRICE_PER_CALL
+
+
 # ---------------------------------------------------------------------------------------------
 # The harness: agents on a gateway at `llm_upstream.gateway_config`'s prices
 

@@ -27,6 +27,7 @@ from support.frameworks import (
     PRICE_PER_CALL,
     Gateway,
     assert_upstream_saw_only_the_secret,
+    check_quote_holds,
     check_researcher_and_writer,
     settled,
     wait_for,
@@ -221,21 +222,8 @@ def test_hold_flow_captures_the_actual_cost_and_releases_on_error(gateway: Gatew
     Crew(agents=[agent], tasks=[task]).kickoff()
 
     assert inner.runs == 3
-    events = gateway.audit(account.handle)
-    holds = [(e["action"], e["outcome"], e["amount"]) for e in events if e.get("scope") == "tools:quote"]
-    assert holds == [("hold", "allowed", "0.50")] * 3
-    own = [e for e in events if (e.get("detail") or {}).get("by") != "gateway"]
-    assert [(e["action"], e["amount"]) for e in own if e["action"] in ("capture", "release")] == [
-        ("capture", "0.12"),
-        ("capture", "0.50"),  # it said 0.90: a call costs at most its hold
-        ("release", "0.50"),  # the tool failed: nothing charged
-    ]
-    calls = gateway.calls_of(account.handle)
-    assert {c["body"]["model"] for c in calls} == {"house-model-v1"}
-    assert len(calls) == 4  # before each quote, and the final answer after the failed one
-    assert_upstream_saw_only_the_secret(calls)
-    wait_for(lambda: settled(gateway, account, 4))
-    assert account.usage().window_spent == Decimal("0.62") + 4 * PRICE_PER_CALL
+    assert_upstream_saw_only_the_secret(gateway.calls_of(account.handle))
+    check_quote_holds(gateway, account)
 
 
 def test_guard_keeps_the_tool_and_refuses_an_ungranted_scope(gateway: Gateway) -> None:
