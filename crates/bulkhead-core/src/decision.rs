@@ -39,7 +39,8 @@ pub struct ChainMember {
 }
 
 /// Why a request was denied. Every variant maps to one public error code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum DenyReason {
     /// The key is unknown or malformed.
@@ -77,15 +78,6 @@ impl DenyReason {
             DenyReason::SpendingCap => "spending_cap_exceeded",
             DenyReason::LifetimeCap => "lifetime_cap_exceeded",
             DenyReason::AncestorCap => "ancestor_cap_exceeded",
-        }
-    }
-
-    pub fn status(self) -> u16 {
-        match self {
-            DenyReason::InvalidCredentials | DenyReason::CredentialRevoked | DenyReason::CredentialExpired => 401,
-            DenyReason::AgentSuspended | DenyReason::ScopeNotGranted => 403,
-            DenyReason::RateLimited { .. } => 429,
-            _ => 402,
         }
     }
 

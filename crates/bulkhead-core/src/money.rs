@@ -159,6 +159,14 @@ impl serde::Serialize for Micros {
     }
 }
 
+/// Reads the decimal string [`Micros`] serializes to (a stored answer read back), exactly.
+impl<'de> serde::Deserialize<'de> for Micros {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Micros, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Micros::parse(&text).map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bulkhead_core::key::secret_eq;
 use bulkhead_core::{ApiKey, KeyHash, Micros};
-use bulkhead_store::{Caller, Command, Idem, Ledger, Reply, Store};
+use bulkhead_store::{Answer, Caller, Command, Idem, Ledger, Store};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -21,7 +21,7 @@ use crate::input::{
     BODY_BYTES_MAX, Body, CaptureReq, CreateAgentReq, EmptyReq, HOLD_EXPIRY_SECS_DEFAULT, HOLD_EXPIRY_SECS_MAX,
     HoldReq, P, PageQuery, PatchReq, Q, RevokeReq, SpendReq,
 };
-use crate::metrics::{DECISIONS, SPENT};
+use crate::reply::respond;
 
 /// The longest `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
@@ -151,38 +151,6 @@ fn idem(headers: &HeaderMap, method: &Method, path: &str, body: &[u8]) -> Result
     Ok(Some(Idem { key: key.to_owned(), request_hash: hex::encode(h.finalize()) }))
 }
 
-/// Records the decision metrics of a committed reply.
-pub(crate) fn record_outcome(reply: &Reply) {
-    if let Some(o) = &reply.outcome {
-        let outcome = if o.allowed { "allowed" } else { "denied" };
-        let reason = if o.allowed { "none" } else { o.reason };
-        metrics::counter!(DECISIONS, "agent" => o.agent.clone(), "outcome" => outcome, "reason" => reason).increment(1);
-        if o.spent > 0 {
-            metrics::counter!(SPENT, "agent" => o.agent.clone()).increment(o.spent as u64);
-        }
-    }
-}
-
-/// Turns a committed reply into HTTP, recording its decision metrics.
-pub(crate) fn respond(reply: Reply) -> Response {
-    record_outcome(&reply);
-    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], reply.body.clone()).into_response();
-    if reply.status == 429 {
-        let secs = serde_json::from_str::<Value>(&reply.body)
-            .ok()
-            .and_then(|v| v["error"]["retry_after"].as_i64())
-            .unwrap_or(1);
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-    }
-    if reply.replayed {
-        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    resp
-}
-
 async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     state.store().ping().await?;
     Ok(Json(json!({"status": "ok"})))
@@ -238,11 +206,10 @@ async fn create_agent(State(state): State<AppState>, headers: HeaderMap, body: B
     let spec = body.json::<CreateAgentReq>()?.checked()?;
     let key = ApiKey::generate(&mut rand::rng());
     let reply = state.ledger.submit(Command::CreateAgent { caller, spec, key_hash: key.hash() }).await?;
-    if reply.status != 201 {
+    let Ok(Answer::Created(agent)) = &reply.answer else {
         return Ok(respond(reply));
-    }
-    let mut v: Value =
-        serde_json::from_str(&reply.body).map_err(|_| ApiError::new(500, "internal_error", "bad reply"))?;
+    };
+    let mut v = serde_json::to_value(agent).map_err(|_| ApiError::new(500, "internal_error", "bad reply"))?;
     v["key"] = json!(key.expose());
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
@@ -292,7 +259,7 @@ async fn revoke(
     let req = body.json::<RevokeReq>()?;
     let reason = crate::input::note(req.reason, "reason")?;
     let reply = state.ledger.submit(Command::Revoke { caller, handle, reason }).await?;
-    if reply.status == 200 {
+    if matches!(reply.answer, Ok(Answer::Revoked { .. })) {
         crate::metrics::record_revocation(started.elapsed().as_secs_f64());
     }
     Ok(respond(reply))
@@ -308,7 +275,7 @@ async fn rotate_key(
     body.json::<EmptyReq>()?;
     let key = ApiKey::generate(&mut rand::rng());
     let reply = state.ledger.submit(Command::RotateKey { handle, key_hash: key.hash() }).await?;
-    if reply.status != 201 {
+    if !matches!(reply.answer, Ok(Answer::KeyRotated)) {
         return Ok(respond(reply));
     }
     Ok((StatusCode::CREATED, Json(json!({"key": key.expose()}))).into_response())

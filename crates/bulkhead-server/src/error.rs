@@ -3,7 +3,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bulkhead_core::DenyReason;
-use bulkhead_store::StoreError;
+use bulkhead_store::{AmountProblem, Missing, Refusal, Revived, StoreError};
 use serde_json::json;
 
 /// A failure with its public status, code and message. The internal cause (if any) goes to the
@@ -39,7 +39,7 @@ impl ApiError {
     }
 
     pub fn deny(reason: DenyReason) -> ApiError {
-        let mut e = ApiError::new(reason.status(), reason.code(), reason.message());
+        let mut e = ApiError::new(deny_status(reason), reason.code(), reason.message());
         if let DenyReason::RateLimited { retry_after_ms } = reason {
             e.retry_after = Some(((retry_after_ms + 999) / 1000).max(1));
         }
@@ -48,6 +48,83 @@ impl ApiError {
 
     pub fn admin_required() -> ApiError {
         ApiError::new(401, "invalid_credentials", "This call needs the admin token.")
+    }
+
+    /// The contract's error body: `{"error": {"code", "message"}}`, and `retry_after` on a 429.
+    pub(crate) fn body(&self) -> serde_json::Value {
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(r) = self.retry_after {
+            body["error"]["retry_after"] = json!(r);
+        }
+        body
+    }
+}
+
+/// The status of a denial: credentials 401, suspension and scope 403, rate limit 429, limits 402.
+fn deny_status(reason: DenyReason) -> u16 {
+    match reason {
+        DenyReason::InvalidCredentials | DenyReason::CredentialRevoked | DenyReason::CredentialExpired => 401,
+        DenyReason::AgentSuspended | DenyReason::ScopeNotGranted => 403,
+        DenyReason::RateLimited { .. } => 429,
+        _ => 402,
+    }
+}
+
+/// Every refusal of the ledger, with its public status, code and message.
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        match r {
+            Refusal::Deny(reason) => ApiError::deny(reason),
+            Refusal::NotFound(what) => {
+                let what = match what {
+                    Missing::Agent => "agent",
+                    Missing::Descendant => "agent among your descendants",
+                    Missing::Hold => "hold",
+                    Missing::Lease => "lease",
+                };
+                ApiError::not_found(format!("No {what} with that identifier exists."))
+            }
+            Refusal::HoldClosed { lease, was } => ApiError::new(
+                409,
+                "hold_closed",
+                format!("The {} was already {}.", if lease { "lease" } else { "hold" }, was.as_str()),
+            ),
+            Refusal::InvalidAmount(problem) => ApiError::bad(
+                "invalid_amount",
+                match problem {
+                    AmountProblem::CaptureAboveHold { held } => {
+                        format!("The capture amount is more than the {held} held.")
+                    }
+                    AmountProblem::CostAboveSlot => "A call's cost is above its slot.".into(),
+                    AmountProblem::SlotsAboveLease => "More slots were settled than the lease holds.".into(),
+                },
+            ),
+            Refusal::AgentRevoked(Revived::RotateKey) => {
+                ApiError::new(409, "agent_revoked", "A revoked agent cannot get a new key.")
+            }
+            Refusal::AgentRevoked(Revived::Resume) => {
+                ApiError::new(409, "agent_revoked", "A revoked agent cannot be resumed.")
+            }
+            Refusal::HandleTaken => ApiError::new(409, "handle_taken", "An agent with this handle already exists."),
+            Refusal::ScopeEscalation => {
+                ApiError::new(403, "scope_escalation", "A child's scopes must be covered by its parent's scopes.")
+            }
+            Refusal::CapEscalation => ApiError::new(
+                403,
+                "cap_escalation",
+                "A child's caps and per-transaction limit may not exceed its parent's.",
+            ),
+            Refusal::ShadowNotRoot => ApiError::invalid("Shadow mode (enforce: false) is for root agents only."),
+            Refusal::TreeTooDeep { depth_max } => {
+                ApiError::invalid(format!("Agent trees are at most {depth_max} levels deep."))
+            }
+            Refusal::TooManyChildren { children_max } => {
+                ApiError::invalid(format!("An agent may spawn at most {children_max} children."))
+            }
+            Refusal::IdempotencyKeyReused => {
+                ApiError::new(422, "idempotency_key_reused", "This Idempotency-Key was used with a different request.")
+            }
+        }
     }
 }
 
@@ -70,11 +147,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": {"code": self.code, "message": self.message}});
-        if let Some(r) = self.retry_after {
-            body["error"]["retry_after"] = json!(r);
-        }
-        let mut resp = (self.status, axum::Json(body)).into_response();
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
         if let Some(r) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&r.to_string())
         {

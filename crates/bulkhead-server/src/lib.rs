@@ -13,6 +13,7 @@ mod history;
 pub mod http;
 mod input;
 mod metrics;
+pub mod reply;
 
 pub use api::{AppState, app};
 pub use error::ApiError;

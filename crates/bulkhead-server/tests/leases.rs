@@ -95,7 +95,7 @@ async fn a_lease_granted_for_a_dropped_call_is_given_back() {
         // one that comes while the grant is still under way waits for it.
         match f.acquire(&key).await.expect("acquire") {
             Acquired::Go(bill) => bill.finish(f.unit),
-            Acquired::Denied(r) => panic!("denied: {}", r.body),
+            Acquired::Denied(r) => panic!("denied: {:?}", r.answer),
         }
         assert_eq!(grants(srv, handle).await, 1, "{handle}: the second call used the lease granted for the first");
     }
@@ -132,7 +132,7 @@ async fn closing_waits_for_a_grant_under_way() {
     drop(call);
     f.leases.close().await;
     for q in queued {
-        assert_eq!(q.await.expect("spend").expect("answered").status, 200);
+        assert_eq!(bulkhead_server::reply::render(&q.await.expect("spend").expect("answered")).status, 200);
     }
     assert_eq!(grants(srv, "closing").await, 1, "the lease was granted");
     assert_eq!(money(srv, "closing").await, (0, 0, Some(0)), "the lease went back whole");

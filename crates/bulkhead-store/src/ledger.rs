@@ -19,13 +19,16 @@ use bulkhead_core::decision::{Movement, SpendCheck, authorize, precheck};
 use bulkhead_core::key::random_base62;
 use bulkhead_core::ratelimit::RateLimit;
 use bulkhead_core::{Clock, DenyReason, Handle, KeyHash, Micros, Scope, ScopeSet, Span};
-use serde::Serialize;
 use serde_json::json;
 use sqlx::any::AnyArguments;
 use sqlx::{Any, Arguments, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::alerts::{AlertRules, NewAlert};
+use crate::answer::{
+    AmountProblem, Answer, Held, HoldEnd, LeaseGrant, LeaseSettled, Missing, Outcome, RECORD_TYPED, Recorded, Refusal,
+    Remaining, Reply, Revived, Settled, Spent,
+};
 use crate::audit::{NewEvent, append_events};
 use crate::view::{AGENT_COLUMNS, AgentRow, fmt_time};
 use crate::{Backend, Store, StoreError};
@@ -286,70 +289,6 @@ impl Command {
             | Command::Revoke { caller: Caller::Agent(k), .. } => Some(k),
             _ => None,
         }
-    }
-}
-
-/// A committed answer: HTTP status and JSON body, rendered inside the transaction so that an
-/// idempotent replay is byte-for-byte the first answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub status: u16,
-    pub body: String,
-    /// This answer is a replay of an earlier one.
-    pub replayed: bool,
-    /// The decision this reply carries, when it was a spend-type decision (for metrics).
-    pub outcome: Option<Outcome>,
-}
-
-/// What a spend-type decision was, for metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub agent: String,
-    pub allowed: bool,
-    pub reason: &'static str,
-    pub spent: i64,
-}
-
-impl Reply {
-    pub fn ok(status: u16, body: &impl Serialize) -> Reply {
-        Reply {
-            status,
-            body: serde_json::to_string(body).unwrap_or_else(|_| "{}".into()),
-            replayed: false,
-            outcome: None,
-        }
-    }
-
-    pub fn error(status: u16, code: &str, message: &str) -> Reply {
-        Reply::ok(status, &json!({"error": {"code": code, "message": message}}))
-    }
-
-    pub fn deny(reason: DenyReason) -> Reply {
-        match reason {
-            DenyReason::RateLimited { retry_after_ms } => {
-                let secs = (retry_after_ms + 999) / 1000;
-                Reply::ok(
-                    429,
-                    &json!({"error": {"code": reason.code(), "message": reason.message(), "retry_after": secs.max(1)}}),
-                )
-            }
-            _ => Reply::error(reason.status(), reason.code(), reason.message()),
-        }
-    }
-
-    fn not_found(what: &str) -> Reply {
-        Reply::error(404, "not_found", &format!("No {what} with that identifier exists."))
-    }
-
-    fn with_outcome(mut self, o: Outcome) -> Reply {
-        self.outcome = Some(o);
-        self
-    }
-
-    /// The `error.code` of an error reply.
-    pub fn code(&self) -> Option<String> {
-        let v: serde_json::Value = serde_json::from_str(&self.body).ok()?;
-        v.get("error")?.get("code")?.as_str().map(str::to_owned)
     }
 }
 
@@ -1372,17 +1311,17 @@ impl Batch {
         match cmd {
             Command::SweepExpired => {
                 self.expire_holds(None).await?;
-                Ok(Reply::ok(200, &json!({})))
+                Ok(Reply::ok(Answer::Swept))
             }
             Command::CreateAgent { caller, spec, key_hash } => self.create_agent(caller, spec, key_hash).await,
             Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
             Command::Revoke { caller, handle, reason } => self.revoke(caller, handle, reason.as_deref()).await,
             Command::RotateKey { handle, key_hash } => {
                 let Some(id) = self.agent_by_handle(handle).await? else {
-                    return Ok(Reply::not_found("agent"));
+                    return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
                 };
                 if self.row(id)?.status == "revoked" {
-                    return Ok(Reply::error(409, "agent_revoked", "A revoked agent cannot get a new key."));
+                    return Ok(Reply::refuse(Refusal::AgentRevoked(Revived::RotateKey)));
                 }
                 let old = self.row(id)?.key_hash.clone();
                 self.by_key.remove(&old);
@@ -1391,15 +1330,15 @@ impl Batch {
                 self.authz = true;
                 let h = self.row(id)?.handle.clone();
                 self.event(&h, "agent.rotate_key", "allowed");
-                Ok(Reply::ok(201, &json!({})))
+                Ok(Reply::ok(Answer::KeyRotated))
             }
             Command::Resume { handle } => {
                 let Some(id) = self.agent_by_handle(handle).await? else {
-                    return Ok(Reply::not_found("agent"));
+                    return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
                 };
                 match self.row(id)?.status.as_str() {
                     "revoked" => {
-                        return Ok(Reply::error(409, "agent_revoked", "A revoked agent cannot be resumed."));
+                        return Ok(Reply::refuse(Refusal::AgentRevoked(Revived::Resume)));
                     }
                     "suspended" => {
                         let r = self.row_mut(id)?;
@@ -1411,7 +1350,7 @@ impl Batch {
                     }
                     _ => {}
                 }
-                self.agent_reply(id, 200)
+                self.agent_reply(id, false)
             }
             Command::Settle { hold_id, amount } => {
                 self.settle_hold(None, hold_id, if amount.is_zero() { None } else { Some(*amount) }).await
@@ -1452,13 +1391,9 @@ impl Batch {
                 && created > self.now - IDEMPOTENCY_TTL_MS
             {
                 if hash != idem.request_hash {
-                    return Ok(Reply::error(
-                        422,
-                        "idempotency_key_reused",
-                        "This Idempotency-Key was used with a different request.",
-                    ));
+                    return Ok(Reply::refuse(Refusal::IdempotencyKeyReused));
                 }
-                return Ok(Reply { status: status as u16, body, replayed: true, outcome: None });
+                return Ok(Reply { answer: Recorded::replay(status, body)?, replayed: true, outcome: None });
             }
         }
         let reply = match cmd {
@@ -1490,8 +1425,8 @@ impl Batch {
             .bind(id)
             .bind(&idem.key)
             .bind(&idem.request_hash)
-            .bind(i64::from(reply.status))
-            .bind(&reply.body)
+            .bind(RECORD_TYPED)
+            .bind(Recorded::of(&reply.answer)?)
             .bind(self.now)
             .execute(&mut *self.tx)
             .await?;
@@ -1708,10 +1643,13 @@ impl Batch {
         row.tx_count += 1;
         let handle = row.handle.clone();
         let m = row.member(now);
-        let remaining_window =
-            m.limits.spending_cap.saturating_sub(m.counters.window_spent).saturating_sub(m.counters.held);
-        let remaining_lifetime =
-            m.limits.lifetime_cap.map(|c| c.saturating_sub(m.counters.lifetime_spent).saturating_sub(m.counters.held));
+        let remaining = Remaining {
+            window: m.limits.spending_cap.saturating_sub(m.counters.window_spent).saturating_sub(m.counters.held),
+            lifetime: m
+                .limits
+                .lifetime_cap
+                .map(|c| c.saturating_sub(m.counters.lifetime_spent).saturating_sub(m.counters.held)),
+        };
         let resets = m.limits.created_ms + (m.counters.window_index + 1) * m.limits.window_ms;
         let (root_id, path) = (row.root_id, row.path.clone());
         let reply = match hold_expires {
@@ -1723,11 +1661,13 @@ impl Batch {
                 e.reference = Some(sid.clone());
                 e.detail = memo.map(|m| json!({"memo": m}).to_string());
                 shadow_mark(e);
-                let mut body = json!({"id": sid, "amount": amount, "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}, "window_resets_at": fmt_time(resets)});
-                if let Some(r) = would_deny {
-                    body["shadow_denied"] = json!(r.code());
-                }
-                Reply::ok(200, &body)
+                Reply::ok(Answer::Spent(Spent {
+                    id: sid,
+                    amount,
+                    remaining,
+                    window_resets_at: resets,
+                    shadow_denied: would_deny,
+                }))
             }
             Some(HoldTerms { expires_at, on_expiry }) => {
                 let hid = format!("hold_{}", random_base62(&mut rand::rng(), 22));
@@ -1761,11 +1701,7 @@ impl Batch {
                 e.amount = Some(amount.micros());
                 e.reference = Some(hid.clone());
                 shadow_mark(e);
-                let mut body = json!({"id": hid, "amount": amount, "expires_at": fmt_time(expires_at), "remaining": {"window": remaining_window, "lifetime": remaining_lifetime}});
-                if let Some(r) = would_deny {
-                    body["shadow_denied"] = json!(r.code());
-                }
-                Reply::ok(201, &body)
+                Reply::ok(Answer::Held(Held { id: hid, amount, expires_at, remaining, shadow_denied: would_deny }))
             }
         };
         let spent = if hold_expires.is_some() { 0 } else { amount.micros() };
@@ -1811,26 +1747,18 @@ impl Batch {
         // An agent settles only its own holds, never a gateway's (that would make forwarded
         // calls free); the gateway settles those by id.
         let Some(hold) = hold.filter(|h| owner.is_none_or(|o| h.agent_id == o && h.on_expiry != "capture")) else {
-            return Ok(Reply::not_found("hold"));
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Hold)));
         };
         let ids = path_ids(&hold.path);
         self.load_ids(&ids).await?;
         let handle = self.row(hold.agent_id)?.handle.clone();
         if hold.status != "open" || hold.expires_at <= self.now {
-            return Ok(Reply::error(
-                409,
-                "hold_closed",
-                &format!("The hold was already {}.", if hold.status == "open" { "expired" } else { &hold.status }),
-            ));
+            return Ok(Reply::refuse(Refusal::HoldClosed { lease: false, was: hold_end(&hold.status) }));
         }
         let held = Micros::from_micros(hold.amount).ok_or_else(|| corrupt("negative hold"))?;
         let captured = amount.unwrap_or(Micros::ZERO);
         if captured > held {
-            return Ok(Reply::error(
-                400,
-                "invalid_amount",
-                &format!("The capture amount is more than the {held} held."),
-            ));
+            return Ok(Reply::refuse(Refusal::InvalidAmount(AmountProblem::CaptureAboveHold { held })));
         }
         let released = held.checked_sub(captured).ok_or_else(|| corrupt("capture above hold"))?;
         self.close_hold(&hold, captured, if amount.is_some() { "captured" } else { "released" }, self.now).await?;
@@ -1840,11 +1768,8 @@ impl Batch {
         if owner.is_none() {
             e.detail = Some(json!({"by": "gateway"}).to_string());
         }
-        let reply = if amount.is_some() {
-            Reply::ok(200, &json!({"id": hold.id, "captured": captured, "released": released}))
-        } else {
-            Reply::ok(200, &json!({"id": hold.id, "released": released}))
-        };
+        let reply =
+            Reply::ok(Answer::Settled(Settled { id: hold.id.clone(), captured: amount.map(|_| captured), released }));
         Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent: captured.micros() }))
     }
 
@@ -1853,9 +1778,10 @@ impl Batch {
     async fn lease(&mut self, id: i64, scope: &Scope, unit: Micros, slots: u32, expires_ms: i64) -> R<Reply> {
         let terms = HoldTerms { expires_at: self.now.saturating_add(expires_ms), on_expiry: "capture" };
         let reply = self.spend_or_hold(id, scope, unit, Some(terms), None).await?;
-        if reply.status != 201 {
-            return Ok(reply);
-        }
+        let shadow_denied = match &reply.answer {
+            Ok(Answer::Held(h)) => h.shadow_denied,
+            _ => return Ok(reply),
+        };
         let now = self.now;
         let hid = self.new_holds.last().map(|h| h.id.clone()).ok_or_else(|| corrupt("a lease without its hold"))?;
         let chain = self.chain(id)?;
@@ -1904,22 +1830,16 @@ impl Batch {
             e.detail = Some(d.to_string());
         }
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
-        let row = self.row(id)?;
-        let mut body = json!({
-            "id": hid,
-            "slots": n,
-            "amount": crate::view::micros(amount),
-            "expires_at": fmt_time(terms.expires_at),
-            "key_expires_at": row.key_expires_at,
-            "room": bulkhead_core::room(&members),
-        });
-        if let Some(d) = serde_json::from_str::<serde_json::Value>(&reply.body).ok().map(|v| v["shadow_denied"].clone())
-            && !d.is_null()
-        {
-            body["shadow_denied"] = d;
-        }
-        let outcome = reply.outcome.clone();
-        Ok(Reply { status: 201, body: body.to_string(), replayed: false, outcome })
+        let grant = LeaseGrant {
+            hold_id: hid,
+            slots: n,
+            amount: crate::view::micros(amount),
+            expires_at: terms.expires_at,
+            key_expires_at: self.row(id)?.key_expires_at,
+            room: bulkhead_core::room(&members),
+            shadow_denied,
+        };
+        Ok(Reply { answer: Ok(Answer::LeaseGrant(grant)), replayed: false, outcome: reply.outcome })
     }
 
     /// Settles calls made under a lease (see [`Command::LeaseSettle`]).
@@ -1942,26 +1862,25 @@ impl Batch {
             }
         };
         let Some(hold) = hold.filter(|h| h.on_expiry == "capture") else {
-            return Ok(Reply::not_found("lease"));
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Lease)));
         };
         let ids = path_ids(&hold.path);
         self.load_ids(&ids).await?;
         let handle = self.row(hold.agent_id)?.handle.clone();
         if seq <= hold.settled_seq {
-            return Ok(Reply::ok(200, &json!({"id": hold.id, "seq": seq, "applied": "before"})));
+            return Ok(Reply::ok(Answer::LeaseSettled(LeaseSettled::Before { hold_id: hold.id, seq })));
         }
         if hold.status != "open" || hold.expires_at <= self.now {
-            let was = if hold.status == "open" { "expired" } else { hold.status.as_str() };
-            return Ok(Reply::error(409, "hold_closed", &format!("The lease was already {was}.")));
+            return Ok(Reply::refuse(Refusal::HoldClosed { lease: true, was: hold_end(&hold.status) }));
         }
         let slots = u64::try_from(costs.len()).unwrap_or(u64::MAX).saturating_add(u64::from(release));
         let held = i64::try_from(slots).ok().and_then(|n| unit.micros().checked_mul(n)).and_then(Micros::from_micros);
         let captured = costs.iter().try_fold(Micros::ZERO, |a, c| if *c > unit { None } else { a.checked_add(*c) });
         let (Some(held), Some(captured)) = (held, captured) else {
-            return Ok(Reply::error(400, "invalid_amount", "A call's cost is above its slot."));
+            return Ok(Reply::refuse(Refusal::InvalidAmount(AmountProblem::CostAboveSlot)));
         };
         if held.micros() > hold.amount {
-            return Ok(Reply::error(400, "invalid_amount", "More slots were settled than the lease holds."));
+            return Ok(Reply::refuse(Refusal::InvalidAmount(AmountProblem::SlotsAboveLease)));
         }
         self.move_chain(&ids, Movement::Settle { held, captured })?;
         let h = self.holds.entry(hold.id.clone()).or_insert_with(|| hold.clone());
@@ -1999,35 +1918,39 @@ impl Batch {
             let status = if left.captured > 0 { "captured" } else { "released" };
             self.close_hold(&left, Micros::ZERO, status, self.now).await?;
         }
-        let reply = Reply::ok(
-            200,
-            &json!({"id": hold.id, "captured": captured, "released": crate::view::micros(held.micros() - captured.micros() + remaining), "closed": close}),
-        );
+        let reply = Reply::ok(Answer::LeaseSettled(LeaseSettled::Applied {
+            hold_id: hold.id.clone(),
+            captured,
+            released: crate::view::micros(held.micros() - captured.micros() + remaining),
+            closed: close,
+        }));
         Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent: captured.micros() }))
     }
 
-    fn agent_reply(&self, id: i64, status: u16) -> R<Reply> {
+    /// The agent as it stands in the batch: a new one (`created`) or a changed one.
+    fn agent_reply(&self, id: i64, created: bool) -> R<Reply> {
         let row = self.row(id)?;
         let parent = match row.parent_id {
             Some(p) => Some(self.row(p)?.handle.clone()),
             None => None,
         };
-        Ok(Reply::ok(status, &row.view(parent, 0, self.now)))
+        let view = Box::new(row.view(parent, 0, self.now));
+        Ok(Reply::ok(if created { Answer::Created(view) } else { Answer::Agent(view) }))
     }
 
     /// A parent's attempt to give a child more than it has: refused (403) and audited on the
     /// parent's trail (it feeds neither `denied_count` nor the breaker).
-    fn refuse_child(&mut self, parent: &str, spec: &AgentSpec, code: &str, message: &str) -> Reply {
+    fn refuse_child(&mut self, parent: &str, spec: &AgentSpec, refusal: Refusal, code: &str) -> Reply {
         let e = self.event(parent, "agent.create", "denied");
         e.reason = Some(code.to_owned());
         e.detail = Some(json!({"child": spec.handle.as_str()}).to_string());
-        Reply::error(403, code, message)
+        Reply::refuse(refusal)
     }
 
     async fn create_agent(&mut self, caller: &Caller, spec: &AgentSpec, key_hash: &KeyHash) -> R<Reply> {
         let now = self.now;
         if !spec.enforce && matches!(caller, Caller::Agent(_)) {
-            return Ok(Reply::error(400, "invalid_request", "Shadow mode (enforce: false) is for root agents only."));
+            return Ok(Reply::refuse(Refusal::ShadowNotRoot));
         }
         let parent = match caller {
             Caller::Admin => None,
@@ -2052,12 +1975,7 @@ impl Batch {
                 }
                 if !scopes.covers_all(&spec.scopes) {
                     let h = p.handle.clone();
-                    return Ok(self.refuse_child(
-                        &h,
-                        spec,
-                        "scope_escalation",
-                        "A child's scopes must be covered by its parent's scopes.",
-                    ));
+                    return Ok(self.refuse_child(&h, spec, Refusal::ScopeEscalation, "scope_escalation"));
                 }
                 let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
                 let pl = p.limits();
@@ -2068,30 +1986,17 @@ impl Batch {
                 };
                 if spec.spending_cap > pl.spending_cap || per_tx > pl.per_tx_limit || !lifetime_ok {
                     let h = p.handle.clone();
-                    return Ok(self.refuse_child(
-                        &h,
-                        spec,
-                        "cap_escalation",
-                        "A child's caps and per-transaction limit may not exceed its parent's.",
-                    ));
+                    return Ok(self.refuse_child(&h, spec, Refusal::CapEscalation, "cap_escalation"));
                 }
                 if p.depth + 1 > AGENT_DEPTH_MAX {
-                    return Ok(Reply::error(
-                        400,
-                        "invalid_request",
-                        &format!("Agent trees are at most {AGENT_DEPTH_MAX} levels deep."),
-                    ));
+                    return Ok(Reply::refuse(Refusal::TreeTooDeep { depth_max: AGENT_DEPTH_MAX }));
                 }
                 let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM agents WHERE parent_id = $1")
                     .bind(pid)
                     .fetch_one(&mut *self.tx)
                     .await?;
                 if n >= CHILDREN_PER_AGENT_MAX {
-                    return Ok(Reply::error(
-                        400,
-                        "invalid_request",
-                        &format!("An agent may spawn at most {CHILDREN_PER_AGENT_MAX} children."),
-                    ));
+                    return Ok(Reply::refuse(Refusal::TooManyChildren { children_max: CHILDREN_PER_AGENT_MAX }));
                 }
                 Some(pid)
             }
@@ -2134,7 +2039,7 @@ impl Batch {
         .fetch_optional(&mut *self.tx)
         .await?;
         let Some((id,)) = row else {
-            return Ok(Reply::error(409, "handle_taken", "An agent with this handle already exists."));
+            return Ok(Reply::refuse(Refusal::HandleTaken));
         };
         let (root_id, path, depth) = match parent {
             None => (id, format!(",{id},"), 0),
@@ -2162,16 +2067,16 @@ impl Batch {
         let e = self.event(spec.handle.as_str(), "agent.create", "allowed");
         e.detail =
             Some(json!({"by": by, "scopes": spec.scopes.to_strings(), "spending_cap": spec.spending_cap}).to_string());
-        self.agent_reply(id, 201)
+        self.agent_reply(id, true)
     }
 
     async fn patch_agent(&mut self, handle: &str, p: &Patch) -> R<Reply> {
         let Some(id) = self.agent_by_handle(handle).await? else {
-            return Ok(Reply::not_found("agent"));
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
         };
         let now = self.now;
         if p.enforce == Some(false) && self.row(id)?.parent_id.is_some() {
-            return Ok(Reply::error(400, "invalid_request", "Shadow mode (enforce: false) is for root agents only."));
+            return Ok(Reply::refuse(Refusal::ShadowNotRoot));
         }
         self.authz = true;
         let row = self.row_mut(id)?;
@@ -2220,7 +2125,7 @@ impl Batch {
         }
         let e = self.event(handle, "agent.update", "allowed");
         e.detail = Some(serde_json::Value::Object(changed).to_string());
-        self.agent_reply(id, 200)
+        self.agent_reply(id, false)
     }
 
     async fn revoke(&mut self, caller: &Caller, handle: &str, reason: Option<&str>) -> R<Reply> {
@@ -2238,15 +2143,15 @@ impl Batch {
                 return Ok(Reply::deny(DenyReason::CredentialExpired));
             }
             let Some(tid) = self.agent_by_handle(handle).await? else {
-                return Ok(Reply::not_found("agent"));
+                return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
             };
             let t = self.row(tid)?;
             if tid == cid || !t.path_ids().contains(&cid) {
-                return Ok(Reply::not_found("agent among your descendants"));
+                return Ok(Reply::refuse(Refusal::NotFound(Missing::Descendant)));
             }
         }
         let Some(tid) = self.agent_by_handle(handle).await? else {
-            return Ok(Reply::not_found("agent"));
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
         };
         let (root_id, like) = {
             let t = self.row(tid)?;
@@ -2312,7 +2217,16 @@ impl Batch {
         }
         let revoked_at = self.row(tid)?.revoked_at.unwrap_or(now);
         let handles: Vec<String> = ids.into_iter().map(|(_, _, h)| h).collect();
-        Ok(Reply::ok(200, &json!({"revoked": handles, "revoked_at": fmt_time(revoked_at)})))
+        Ok(Reply::ok(Answer::Revoked { handles, revoked_at }))
+    }
+}
+
+/// How a hold that is no longer open ended; one still marked open has expired.
+fn hold_end(status: &str) -> HoldEnd {
+    match status {
+        "captured" => HoldEnd::Captured,
+        "released" => HoldEnd::Released,
+        _ => HoldEnd::Expired,
     }
 }
 

@@ -24,6 +24,7 @@ macro_rules! dsql {
 
 mod advice;
 mod alerts;
+mod answer;
 mod audit;
 mod blast;
 mod history;
@@ -35,12 +36,16 @@ mod view;
 
 pub use advice::AgentAdvice;
 pub use alerts::{AlertRules, OutboxRow, retry_delay_ms};
+pub use answer::{
+    AmountProblem, Answer, Held, HoldEnd, LeaseGrant, LeaseSettled, Missing, Outcome, Refusal, Remaining, Reply,
+    Revived, Settled, Spent,
+};
 pub use audit::{AuditEvent, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
 pub use history::{AlertRecord, AuditQuery, UsageBucket};
 pub use ledger::{
     AgentSpec, Breaker, BreakerOverride, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig,
-    Outcome, Patch, Reply,
+    Patch,
 };
 pub use view::{AgentView, Usage, fmt_time};
 
@@ -57,7 +62,7 @@ pub enum Backend {
     Postgres,
 }
 
-/// Infrastructure failures. Denials are never errors: they are replies.
+/// Infrastructure failures. Denials are never errors: they are [`Refusal`]s.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

@@ -222,7 +222,7 @@ impl AgentRow {
 }
 
 /// The public agent object (contract §4).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AgentView {
     pub handle: String,
     pub parent: Option<String>,
@@ -245,14 +245,14 @@ pub struct AgentView {
     pub usage: Usage,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RateLimitView {
     pub requests: i64,
     pub per: String,
 }
 
 /// An agent's own breaker settings; a field left out follows the config.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BreakerView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denials: Option<i64>,
@@ -274,7 +274,7 @@ pub(crate) fn span_text(ms: i64) -> String {
 }
 
 /// Usage figures of an agent, its descendants included.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Usage {
     pub window_spent: Micros,
     pub window_held: Micros,

@@ -301,8 +301,7 @@ async fn tampering_beyond_the_first_page_is_found() {
         let ledger = e.ledger.clone();
         let key = k.clone();
         set.spawn(async move {
-            ledger
-                .submit(Command::Spend { key, scope: scope(PAY), amount: m("0.01"), memo: None, idem: None })
+            submit_to(&ledger, Command::Spend { key, scope: scope(PAY), amount: m("0.01"), memo: None, idem: None })
                 .await
                 .expect("the ledger answered")
                 .status

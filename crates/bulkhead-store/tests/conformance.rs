@@ -51,6 +51,7 @@ conformance! {
     key_rotation,
     credential_expiry,
     idempotency_replay,
+    idempotency_rendered_record_replays,
     revoked_key_is_never_replayed,
     denials_counted,
     runaway_breaker,
@@ -570,8 +571,11 @@ async fn key_rotation(db: Db) {
     // Rotation and a spend with the old key in one batch: the old key is refused.
     let newer = new_key();
     let (a, b) = tokio::join!(
-        e.ledger.submit(Command::RotateKey { handle: "rot".into(), key_hash: newer.clone() }),
-        e.ledger.submit(Command::Spend { key: new.clone(), scope: scope(PAY), amount: m("1"), memo: None, idem: None })
+        submit_to(&e.ledger, Command::RotateKey { handle: "rot".into(), key_hash: newer.clone() }),
+        submit_to(
+            &e.ledger,
+            Command::Spend { key: new.clone(), scope: scope(PAY), amount: m("1"), memo: None, idem: None }
+        )
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     ok(&a, 201);
@@ -602,6 +606,45 @@ async fn credential_expiry(db: Db) {
 
 fn idem(key: &str, hash: &str) -> Option<Idem> {
     Some(Idem { key: key.into(), request_hash: hash.into() })
+}
+
+/// A store written before answers were typed holds rendered answers in its idempotency records
+/// (an HTTP status and the JSON sent): they replay exactly as they were, a 429's wait included.
+async fn idempotency_rendered_record_replays(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("old-idem", &[PAY], "50")).await;
+    ok(&e.spend_with(&k, PAY, "2.00", idem("old-ok", "h1")).await, 200);
+    ok(&e.spend_with(&k, PAY, "2.00", idem("old-429", "h2")).await, 200);
+    let ok_body = r#"{"id":"sp_old","amount":"2.00","remaining":{"window":"48.00","lifetime":null},"window_resets_at":"2023-11-15T22:13:20Z"}"#;
+    let limited = r#"{"error":{"code":"rate_limited","message":"The agent's request rate limit was reached; retry later.","retry_after":7}}"#;
+    for (key, status, body) in [("old-ok", 200, ok_body), ("old-429", 429, limited)] {
+        sqlx::query("UPDATE idempotency SET status = $1, body = $2 WHERE key = $3")
+            .bind(status)
+            .bind(body)
+            .bind(key)
+            .execute(&e.store_pool().await)
+            .await
+            .expect("rewrite the record as an older version wrote it");
+    }
+    let r = e.spend_with(&k, PAY, "2.00", idem("old-ok", "h1")).await;
+    assert_eq!((r.status, r.body.as_str(), r.replayed), (200, ok_body, true));
+    let r = e.spend_with(&k, PAY, "2.00", idem("old-429", "h2")).await;
+    assert_eq!((r.status, r.body.as_str(), r.replayed), (429, limited, true));
+    let out = bulkhead_server::reply::render(
+        &e.ledger
+            .submit(Command::Spend {
+                key: k.clone(),
+                scope: scope(PAY),
+                amount: m("2.00"),
+                memo: None,
+                idem: idem("old-429", "h2"),
+            })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(out.retry_after, Some(7));
+    assert_eq!(e.money("old-idem").await.0, m("4"), "nothing charged by a replay");
+    e.finish().await;
 }
 
 async fn idempotency_replay(db: Db) {
@@ -973,7 +1016,7 @@ async fn audit_every_decision(db: Db) {
     let mut n = e.intact().await;
     assert_eq!(n, 1);
     // (what to do, the event it must append: action, outcome, reason, amount)
-    async fn step(e: &Env, n: &mut i64, r: bulkhead_store::Reply, want: (&str, &str, Option<&str>, Option<&str>)) {
+    async fn step(e: &Env, n: &mut i64, r: Reply, want: (&str, &str, Option<&str>, Option<&str>)) {
         assert_eq!(r.status < 300, want.1 == "allowed", "{}", r.body);
         let ev = e.store.audit_page(None, *n, 10).await.unwrap();
         assert_eq!(ev.len(), 1, "exactly one event: {ev:?}");
@@ -1044,10 +1087,12 @@ async fn concurrent_spends_one_agent(db: Db) {
         tasks.push(tokio::spawn(async move {
             let mut allowed = 0i64;
             for _ in 0..2 {
-                let r = ledger
-                    .submit(Command::Spend { key: key.clone(), scope: scope(PAY), amount, memo: None, idem: None })
-                    .await
-                    .expect("the ledger answered");
+                let r = submit_to(
+                    &ledger,
+                    Command::Spend { key: key.clone(), scope: scope(PAY), amount, memo: None, idem: None },
+                )
+                .await
+                .expect("the ledger answered");
                 match r.status {
                     200 => allowed += 1,
                     402 => assert_eq!(r.code().as_deref(), Some("spending_cap_exceeded")),
@@ -1085,7 +1130,7 @@ async fn concurrent_spends_parent_and_child(db: Db) {
             } else {
                 Command::Spend { key, scope: scope(PAY), amount: m("0.30"), memo: None, idem: None }
             };
-            let r = ledger.submit(cmd).await.expect("the ledger answered");
+            let r = submit_to(&ledger, cmd).await.expect("the ledger answered");
             assert!(matches!(r.status, 200 | 201 | 402), "{}", r.body);
             i64::from(r.status != 402)
         }));
@@ -1120,7 +1165,7 @@ async fn postgres_two_replicas_share_caps_and_revocations() {
             spec: spec("shared-c", &[PAY], "10.00"),
             key_hash: key.clone(),
         };
-        (ledger_b.submit(cmd).await.unwrap(), key)
+        (submit_to(&ledger_b, cmd).await.unwrap(), key)
     };
     ok(&r, 201);
     let mut tasks = Vec::new();
@@ -1132,7 +1177,7 @@ async fn postgres_two_replicas_share_caps_and_revocations() {
             for _ in 0..2 {
                 let cmd =
                     Command::Spend { key: key.clone(), scope: scope(PAY), amount: m("0.30"), memo: None, idem: None };
-                let r = ledger.submit(cmd).await.expect("the ledger answered");
+                let r = submit_to(&ledger, cmd).await.expect("the ledger answered");
                 assert!(matches!(r.status, 200 | 402), "{}", r.body);
                 allowed += i64::from(r.status == 200);
             }
@@ -1156,13 +1201,16 @@ async fn postgres_two_replicas_share_caps_and_revocations() {
     assert!(other.authz_epoch().await.unwrap() > epoch, "the epoch moved on");
     // Said again (the first may not have answered yet when a retry comes): it waits as well.
     let t = std::time::Instant::now();
-    let r = ledger_b.submit(Command::Revoke { caller: Caller::Admin, handle: "shared".into(), reason: None }).await;
+    let r =
+        submit_to(&ledger_b, Command::Revoke { caller: Caller::Admin, handle: "shared".into(), reason: None }).await;
     ok(&r.unwrap(), 200);
     assert!(t.elapsed() >= bulkhead_store::EPOCH_SETTLE, "answered after {:?}", t.elapsed());
-    let r = ledger_b
-        .submit(Command::Spend { key: ck.clone(), scope: scope(PAY), amount: m("0.01"), memo: None, idem: None })
-        .await
-        .unwrap();
+    let r = submit_to(
+        &ledger_b,
+        Command::Spend { key: ck.clone(), scope: scope(PAY), amount: m("0.01"), memo: None, idem: None },
+    )
+    .await
+    .unwrap();
     err(&r, 401, "credential_revoked");
     assert_eq!(other.agent_for_key(&ck, e.now()).await.unwrap().unwrap_err(), DenyReason::CredentialRevoked);
     drop(ledger_b);
@@ -1223,7 +1271,7 @@ async fn gateway_holds(db: Db) {
     let k = e.admin_agent(spec("gw", &[PAY], "10")).await;
     let metered =
         |amount: &str| Command::MeteredHold { key: k.clone(), scope: scope(PAY), amount: m(amount), expires_ms: MIN };
-    let hold_id = |r: &bulkhead_store::Reply| json(r)["id"].as_str().unwrap().to_owned();
+    let hold_id = |r: &Reply| json(r)["id"].as_str().unwrap().to_owned();
 
     // Settled by hold id after the key was rotated mid-call: still charged.
     let r = e.submit(metered("2")).await;
@@ -1839,7 +1887,7 @@ async fn concurrent_leases_parent_and_child(db: Db) {
         let ledger = e.ledger.clone();
         let key = if i % 2 == 0 { pk.clone() } else { ck.clone() };
         tasks.push(tokio::spawn(async move {
-            let r = ledger.submit(lease_cmd(&key, "0.30", 4, HOUR)).await.expect("the ledger answered");
+            let r = submit_to(&ledger, lease_cmd(&key, "0.30", 4, HOUR)).await.expect("the ledger answered");
             match r.status {
                 201 => {
                     let v = json(&r);

@@ -360,7 +360,7 @@ async fn settle(
     open: bool,
     by_owner: bool,
     tenths: Option<i64>,
-) -> (Want, Option<bulkhead_store::Reply>) {
+) -> (Want, Option<Reply>) {
     model.expire();
     let open_ones: Vec<usize> = (0..model.holds.len()).filter(|&h| model.holds[h].open).collect();
     let h = if open && !open_ones.is_empty() {

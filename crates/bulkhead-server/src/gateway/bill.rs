@@ -37,8 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bulkhead_core::{KeyHash, Micros, Scope};
-use bulkhead_store::{Backend, Command, EPOCH_TRUSTED_FOR, Ledger, Reply, StoreError};
-use serde_json::Value;
+use bulkhead_store::{Answer, Backend, Command, EPOCH_TRUSTED_FOR, Ledger, Reply, StoreError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -260,11 +259,11 @@ impl Leases {
         let (me, slot) = (self.clone(), slot.clone());
         me.shared.granting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.shared.rt.spawn(async move {
-            let granted = me.shared.ledger.submit(cmd).await.map(|reply| {
-                me.lease_from(reply, unit, epoch).map(|lease| {
+            let granted = me.shared.ledger.submit(cmd).await.and_then(|reply| {
+                Ok(me.lease_from(reply, unit, epoch)?.map(|lease| {
                     me.install(&slot, lease.clone());
                     Taken { leases: me.clone(), lease: Some(lease) }
-                })
+                }))
             });
             // Unsent (the call is gone), the slot goes back as the answer is dropped, before the
             // next call of the key may look at the lease.
@@ -324,32 +323,25 @@ impl Leases {
     }
 
     /// A granted lease with its first slot taken, or the denial.
-    fn lease_from(&self, reply: Reply, unit: Micros, epoch: u64) -> Result<Arc<Lease>, Reply> {
-        if reply.status != 201 {
-            return Err(reply);
-        }
-        crate::api::record_outcome(&reply);
-        let v: Value = serde_json::from_str(&reply.body).unwrap_or(Value::Null);
-        let (Some(id), Some(slots)) = (v["id"].as_str(), v["slots"].as_u64().and_then(|n| u32::try_from(n).ok()))
-        else {
-            tracing::error!("a lease reply could not be read");
-            return Err(Reply::error(
-                500,
-                "internal_error",
-                "The lease could not be read; it is captured when it expires.",
-            ));
+    fn lease_from(&self, reply: Reply, unit: Micros, epoch: u64) -> Result<Result<Arc<Lease>, Reply>, StoreError> {
+        let grant = match &reply.answer {
+            Ok(Answer::LeaseGrant(g)) => g,
+            Err(_) => return Ok(Err(reply)),
+            Ok(other) => return Err(StoreError::Corrupt(format!("a lease was answered with {other:?}"))),
         };
+        crate::reply::record_outcome(&reply);
+        let slots = u32::try_from(grant.slots).unwrap_or(u32::MAX);
         metrics::counter!(GATEWAY_LEASES).increment(1);
         metrics::counter!(GATEWAY_LEASE_SLOTS).increment(u64::from(slots));
         let now = Instant::now();
-        Ok(Arc::new(Lease {
-            hold_id: id.to_owned(),
+        Ok(Ok(Arc::new(Lease {
+            hold_id: grant.hold_id.clone(),
             unit,
             slots,
             epoch,
             granted: now,
             accept_until: now + ACCEPT_FOR,
-            key_expires_ms: v["key_expires_at"].as_i64(),
+            key_expires_ms: grant.key_expires_at,
             state: Mutex::new(State {
                 free: slots.saturating_sub(1),
                 taken: 1,
@@ -358,7 +350,7 @@ impl Leases {
                 ..State::default()
             }),
             settling: tokio::sync::Mutex::new(()),
-        }))
+        })))
     }
 
     fn bill(&self, lease: Arc<Lease>, abandoned: Micros, upstream: &Arc<str>) -> Bill {
@@ -590,13 +582,13 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
             close,
         };
         match sh.ledger.submit(cmd).await {
-            Ok(reply) if reply.status == 200 => {
-                crate::api::record_outcome(&reply);
+            Ok(reply) if reply.answer.is_ok() => {
+                crate::reply::record_outcome(&reply);
                 metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "settled").increment(1);
                 return;
             }
             Ok(reply) => {
-                tracing::warn!(hold = %lease.hold_id, status = reply.status, code = ?reply.code(), "gateway settlement refused");
+                tracing::warn!(hold = %lease.hold_id, refusal = ?reply.answer.err(), "gateway settlement refused");
                 metrics::counter!(GATEWAY_SETTLEMENTS, "result" => "refused").increment(1);
                 lost("gateway settlement refused");
                 return;

@@ -363,7 +363,7 @@ impl Gateway {
             Acquired::Go(bill) => bill,
             Acquired::Denied(reply) => {
                 route.calls.denied.increment(1);
-                return Ok(crate::api::respond(reply));
+                return Ok(crate::reply::respond(reply));
             }
         };
 

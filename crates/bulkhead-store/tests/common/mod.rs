@@ -11,7 +11,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bulkhead_core::{ApiKey, Handle, KeyHash, ManualClock, Micros, Scope, ScopeSet, Span};
-use bulkhead_store::{AgentSpec, AgentView, Caller, Command, Idem, Ledger, LedgerConfig, Reply, Store, VerifyReport};
+use bulkhead_store::{
+    AgentSpec, AgentView, Answer, Caller, Command, Idem, Ledger, LedgerConfig, Refusal, Store, StoreError, VerifyReport,
+};
 use sqlx::ConnectOptions;
 use sqlx::any::AnyConnectOptions;
 
@@ -98,6 +100,35 @@ pub fn spec(handle: &str, scopes: &[&str], cap: &str) -> AgentSpec {
     }
 }
 
+/// A ledger answer as the API sends it, rendered by the server's own mapping (so these tests
+/// assert the contract's statuses and codes), with the typed answer beside it.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub replayed: bool,
+    pub answer: Result<Answer, Refusal>,
+}
+
+impl Reply {
+    /// The `error.code` of an error reply.
+    pub fn code(&self) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.body).ok()?;
+        v.get("error")?.get("code")?.as_str().map(str::to_owned)
+    }
+}
+
+/// Renders a ledger reply as the server would send it.
+pub fn rendered(r: bulkhead_store::Reply) -> Reply {
+    let out = bulkhead_server::reply::render(&r);
+    Reply { status: out.status, body: out.body, replayed: out.replayed, answer: r.answer }
+}
+
+/// Submits a command to `ledger` and renders its answer.
+pub async fn submit_to(ledger: &Ledger, cmd: Command) -> Result<Reply, StoreError> {
+    ledger.submit(cmd).await.map(rendered)
+}
+
 pub fn json(r: &Reply) -> serde_json::Value {
     serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("reply body is not JSON ({e}): {}", r.body))
 }
@@ -149,6 +180,12 @@ impl Env {
         Env { db, store, ledger, clock, url, writer, pg_name, dir }
     }
 
+    /// A pool of its own on this store, for tests that write rows directly.
+    pub async fn store_pool(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyPool::connect(&self.url).await.expect("connect to the test store")
+    }
+
     /// The SQLite file of this store (SQLite only).
     pub fn sqlite_file(&self) -> std::path::PathBuf {
         self.dir.as_ref().expect("a SQLite store").path().join("bulkhead.db")
@@ -176,7 +213,7 @@ impl Env {
     }
 
     pub async fn submit(&self, cmd: Command) -> Reply {
-        self.ledger.submit(cmd).await.expect("the ledger answered")
+        submit_to(&self.ledger, cmd).await.expect("the ledger answered")
     }
 
     pub async fn create(&self, caller: Caller, spec: AgentSpec) -> (Reply, KeyHash) {
