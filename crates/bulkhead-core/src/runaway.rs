@@ -6,8 +6,62 @@
 //!   a short fingerprint of the last request, how many times in a row it came, and since when.
 //!
 //! Both are pure: the caller hands in `now_ms` and the stored state and keeps what comes back.
+//! The settings of all three triggers (the denial window among them) are [`Breaker`], with an
+//! agent's own [`BreakerOverride`] over the configured defaults.
 
 use sha2::{Digest, Sha256};
+
+/// The runaway-loop breaker: `denials` denials within `window_ms` suspend the agent; so do,
+/// when turned on, more than `max_requests` spend/hold requests within `rate_window_ms`, and
+/// the same request `repeats` times in a row within `repeat_window_ms`. A count of 0 turns its
+/// trigger off; the two optional triggers are off by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Breaker {
+    pub denials: i64,
+    pub window_ms: i64,
+    pub max_requests: i64,
+    pub rate_window_ms: i64,
+    pub repeats: i64,
+    pub repeat_window_ms: i64,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            denials: 50,
+            window_ms: 60_000,
+            max_requests: 0,
+            rate_window_ms: 60_000,
+            repeats: 0,
+            repeat_window_ms: 60_000,
+        }
+    }
+}
+
+/// One agent's breaker settings: each field set overrides the config's, each `None` follows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakerOverride {
+    pub denials: Option<i64>,
+    pub window_ms: Option<i64>,
+    pub max_requests: Option<i64>,
+    pub rate_window_ms: Option<i64>,
+    pub repeats: Option<i64>,
+    pub repeat_window_ms: Option<i64>,
+}
+
+impl BreakerOverride {
+    /// These settings over `default`.
+    pub fn over(self, default: Breaker) -> Breaker {
+        Breaker {
+            denials: self.denials.unwrap_or(default.denials),
+            window_ms: self.window_ms.unwrap_or(default.window_ms),
+            max_requests: self.max_requests.unwrap_or(default.max_requests),
+            rate_window_ms: self.rate_window_ms.unwrap_or(default.rate_window_ms),
+            repeats: self.repeats.unwrap_or(default.repeats),
+            repeat_window_ms: self.repeat_window_ms.unwrap_or(default.repeat_window_ms),
+        }
+    }
+}
 
 /// The largest `max_requests` accepted (0 turns the rate trigger off).
 pub const MAX_REQUESTS_MAX: i64 = 1_000_000;

@@ -42,11 +42,9 @@ pub use answer::{
 };
 pub use audit::{AuditEvent, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
+pub use bulkhead_core::runaway::{Breaker, BreakerOverride};
 pub use history::{AlertRecord, AuditQuery, UsageBucket};
-pub use ledger::{
-    AgentSpec, Breaker, BreakerOverride, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig,
-    Patch,
-};
+pub use ledger::{AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig, Patch};
 pub use view::{AgentView, Usage, fmt_time};
 
 use std::str::FromStr;

@@ -3,12 +3,11 @@
 use bulkhead_core::decision::{AgentLimits, ChainMember, Counters};
 use bulkhead_core::duration::window_at;
 use bulkhead_core::ratelimit::RateLimit;
+use bulkhead_core::runaway::{Breaker, BreakerOverride};
 use bulkhead_core::{Micros, ScopeSet, Span};
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-
-use crate::ledger::{Breaker, BreakerOverride};
 
 /// Renders Unix milliseconds as RFC 3339 (UTC, millisecond precision).
 pub fn fmt_time(ms: i64) -> String {

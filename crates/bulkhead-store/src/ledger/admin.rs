@@ -1,0 +1,385 @@
+//! Admin commands: agents created (by the admin or a parent, with the child checks), patched,
+//! resumed, given a new key, and revoked with their subtree. Each moves the authorization epoch
+//! where it changes what a credential may do. No money moves here except the holds a
+//! revocation releases.
+
+use bulkhead_core::decision::{SpendCheck, precheck};
+use bulkhead_core::runaway::BreakerOverride;
+use bulkhead_core::{DenyReason, KeyHash, Micros, Scope};
+use serde_json::json;
+
+use super::batch::{Batch, HOLD_COLUMNS, HoldRow, R, corrupt};
+use super::{AGENT_DEPTH_MAX, AgentSpec, CHILDREN_PER_AGENT_MAX, Caller, Patch};
+use crate::answer::{Answer, Missing, Refusal, Reply, Revived};
+use crate::view::{AGENT_COLUMNS, AgentRow};
+
+impl Batch {
+    pub(super) async fn rotate_key(&mut self, handle: &str, key_hash: &KeyHash) -> R<Reply> {
+        let Some(id) = self.agent_by_handle(handle).await? else {
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
+        };
+        if self.row(id)?.status == "revoked" {
+            return Ok(Reply::refuse(Refusal::AgentRevoked(Revived::RotateKey)));
+        }
+        let old = self.row(id)?.key_hash.clone();
+        self.by_key.remove(&old);
+        self.by_key.insert(key_hash.as_str().to_owned(), id);
+        self.row_mut(id)?.key_hash = key_hash.as_str().to_owned();
+        self.authz = true;
+        let h = self.row(id)?.handle.clone();
+        self.event(&h, "agent.rotate_key", "allowed");
+        Ok(Reply::ok(Answer::KeyRotated))
+    }
+
+    /// Resumes a suspended agent (an active one is answered as it is); every breaker trigger
+    /// starts afresh.
+    pub(super) async fn resume(&mut self, handle: &str) -> R<Reply> {
+        let Some(id) = self.agent_by_handle(handle).await? else {
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
+        };
+        match self.row(id)?.status.as_str() {
+            "revoked" => {
+                return Ok(Reply::refuse(Refusal::AgentRevoked(Revived::Resume)));
+            }
+            "suspended" => {
+                let r = self.row_mut(id)?;
+                r.status = "active".into();
+                r.suspended_at = None;
+                r.clear_breaker_state();
+                let h = r.handle.clone();
+                self.event(&h, "agent.resume", "allowed");
+            }
+            _ => {}
+        }
+        self.agent_reply(id, false)
+    }
+
+    /// The agent as it stands in the batch: a new one (`created`) or a changed one.
+    pub(super) fn agent_reply(&self, id: i64, created: bool) -> R<Reply> {
+        let row = self.row(id)?;
+        let parent = match row.parent_id {
+            Some(p) => Some(self.row(p)?.handle.clone()),
+            None => None,
+        };
+        let view = Box::new(row.view(parent, 0, self.now));
+        Ok(Reply::ok(if created { Answer::Created(view) } else { Answer::Agent(view) }))
+    }
+
+    /// A parent's attempt to give a child more than it has: refused (403) and audited on the
+    /// parent's trail (it feeds neither `denied_count` nor the breaker).
+    pub(super) fn refuse_child(&mut self, parent: &str, spec: &AgentSpec, refusal: Refusal, code: &str) -> Reply {
+        let e = self.event(parent, "agent.create", "denied");
+        e.reason = Some(code.to_owned());
+        e.detail = Some(json!({"child": spec.handle.as_str()}).to_string());
+        Reply::refuse(refusal)
+    }
+
+    /// The parent an agent's key may create `spec` under: its credentials, suspension and
+    /// `spawn:agents` scope (in the contract's order), then the child checks (scopes and caps no
+    /// wider than its own) and the tree's limits. `Err`: the refusal to answer.
+    async fn spawning_parent(&mut self, key: &KeyHash, spec: &AgentSpec) -> R<Result<i64, Reply>> {
+        let Some(pid) = self.agent_by_key(key).await? else {
+            return Ok(Err(Reply::deny(DenyReason::InvalidCredentials)));
+        };
+        let revoked = self.chain_revoked(pid)?;
+        let p = self.row(pid)?;
+        let scopes = p.scope_set();
+        let spawn = Scope::parse("spawn:agents").map_err(|e| corrupt(&e))?;
+        let check = SpendCheck {
+            revoked,
+            key_expires_ms: p.key_expires_at,
+            suspended: p.status == "suspended",
+            scopes: &scopes,
+            scope: Some(&spawn),
+            rate: None,
+        };
+        if let Err(reason) = precheck(&check, self.now) {
+            return Ok(Err(self.deny(pid, "agent.create", reason, Some(&spawn), None)?));
+        }
+        if !scopes.covers_all(&spec.scopes) {
+            let h = p.handle.clone();
+            return Ok(Err(self.refuse_child(&h, spec, Refusal::ScopeEscalation, "scope_escalation")));
+        }
+        let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
+        let pl = p.limits();
+        let lifetime_ok = match (pl.lifetime_cap, spec.lifetime_cap) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(p), Some(c)) => c <= p,
+        };
+        if spec.spending_cap > pl.spending_cap || per_tx > pl.per_tx_limit || !lifetime_ok {
+            let h = p.handle.clone();
+            return Ok(Err(self.refuse_child(&h, spec, Refusal::CapEscalation, "cap_escalation")));
+        }
+        if p.depth + 1 > AGENT_DEPTH_MAX {
+            return Ok(Err(Reply::refuse(Refusal::TreeTooDeep { depth_max: AGENT_DEPTH_MAX })));
+        }
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM agents WHERE parent_id = $1")
+            .bind(pid)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        if n >= CHILDREN_PER_AGENT_MAX {
+            return Ok(Err(Reply::refuse(Refusal::TooManyChildren { children_max: CHILDREN_PER_AGENT_MAX })));
+        }
+        Ok(Ok(pid))
+    }
+
+    /// Creates an agent: the parent's checks, then one `INSERT` of every configured column (the
+    /// bulk of its length: one bind per column, kept in the column order of the statement), its
+    /// place in the tree, and the audit event.
+    pub(super) async fn create_agent(&mut self, caller: &Caller, spec: &AgentSpec, key_hash: &KeyHash) -> R<Reply> {
+        let now = self.now;
+        if !spec.enforce && matches!(caller, Caller::Agent(_)) {
+            return Ok(Reply::refuse(Refusal::ShadowNotRoot));
+        }
+        let parent = match caller {
+            Caller::Admin => None,
+            Caller::Agent(key) => match self.spawning_parent(key, spec).await? {
+                Ok(pid) => Some(pid),
+                Err(refused) => return Ok(refused),
+            },
+        };
+        let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
+        let (rate_requests, rate_per_ms) =
+            spec.rate_limit.map(|r| (Some(r.requests), Some(r.per_ms))).unwrap_or((None, None));
+        let scopes = spec.scopes.to_strings().join(" ");
+        let labels = serde_json::Value::Object(spec.labels.clone()).to_string();
+        let expires = spec.expires_in.map(|s| now.saturating_add(s.millis()));
+        let row: Option<(i64,)> = sqlx::query_as(
+            "INSERT INTO agents (handle, parent_id, root_id, path, depth, status, key_hash, key_expires_at, scopes, \
+             spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, rate_per_ms, breaker_denials, \
+             breaker_window_ms, breaker_max_requests, breaker_rate_window_ms, breaker_repeats, \
+             breaker_repeat_window_ms, labels, created_at, enforce) \
+             VALUES ($1, $2, 0, '', 0, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $20) \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(spec.handle.as_str())
+        .bind(parent)
+        .bind(key_hash.as_str())
+        .bind(expires)
+        .bind(&scopes)
+        .bind(spec.spending_cap.micros())
+        .bind(spec.window.millis())
+        .bind(per_tx.micros())
+        .bind(spec.lifetime_cap.map(Micros::micros))
+        .bind(rate_requests)
+        .bind(rate_per_ms)
+        .bind(spec.breaker.and_then(|b| b.denials))
+        .bind(spec.breaker.and_then(|b| b.window_ms))
+        .bind(spec.breaker.and_then(|b| b.max_requests))
+        .bind(spec.breaker.and_then(|b| b.rate_window_ms))
+        .bind(spec.breaker.and_then(|b| b.repeats))
+        .bind(spec.breaker.and_then(|b| b.repeat_window_ms))
+        .bind(&labels)
+        .bind(now)
+        .bind(i64::from(spec.enforce))
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        let Some((id,)) = row else {
+            return Ok(Reply::refuse(Refusal::HandleTaken));
+        };
+        let (root_id, path, depth) = match parent {
+            None => (id, format!(",{id},"), 0),
+            Some(pid) => {
+                let p = self.row(pid)?;
+                (p.root_id, format!("{}{id},", p.path), p.depth + 1)
+            }
+        };
+        sqlx::query("UPDATE agents SET root_id = $1, path = $2, depth = $3 WHERE id = $4")
+            .bind(root_id)
+            .bind(&path)
+            .bind(depth)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        let row: AgentRow = sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        self.cache(row);
+        let by = match parent {
+            None => "admin".to_owned(),
+            Some(p) => self.row(p)?.handle.clone(),
+        };
+        let e = self.event(spec.handle.as_str(), "agent.create", "allowed");
+        e.detail =
+            Some(json!({"by": by, "scopes": spec.scopes.to_strings(), "spending_cap": spec.spending_cap}).to_string());
+        self.agent_reply(id, true)
+    }
+
+    pub(super) async fn patch_agent(&mut self, handle: &str, p: &Patch) -> R<Reply> {
+        let Some(id) = self.agent_by_handle(handle).await? else {
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
+        };
+        let now = self.now;
+        if p.enforce == Some(false) && self.row(id)?.parent_id.is_some() {
+            return Ok(Reply::refuse(Refusal::ShadowNotRoot));
+        }
+        self.authz = true;
+        let row = self.row_mut(id)?;
+        let mut changed = serde_json::Map::new();
+        if let Some(e) = p.enforce {
+            row.enforce = i64::from(e);
+            changed.insert("enforce".into(), json!(e));
+        }
+        if let Some(c) = p.spending_cap {
+            row.spending_cap = c.micros();
+            changed.insert("spending_cap".into(), json!(c));
+        }
+        if let Some(w) = p.window {
+            // Keep what was spent: re-anchor the counters to the window that contains `now`
+            // under the new length, so changing the window never forgives spend.
+            let c = row.member(now).counters;
+            row.window_ms = w.millis();
+            let (k, _, _) = bulkhead_core::duration::window_at(row.created_at, row.window_ms, now);
+            row.set_counters(bulkhead_core::Counters { window_index: k, ..c });
+            changed.insert("window".into(), json!(w.to_string()));
+        }
+        if let Some(t) = p.per_tx_limit {
+            row.per_tx_limit = t.micros();
+            changed.insert("per_tx_limit".into(), json!(t));
+        }
+        if let Some(l) = p.lifetime_cap {
+            row.lifetime_cap = l.map(Micros::micros);
+            changed.insert("lifetime_cap".into(), json!(l));
+        }
+        if let Some(s) = &p.scopes {
+            row.scopes = s.to_strings().join(" ");
+            changed.insert("scopes".into(), json!(s.to_strings()));
+        }
+        if let Some(r) = p.rate_limit {
+            row.rate_requests = r.map(|r| r.requests);
+            row.rate_per_ms = r.map(|r| r.per_ms);
+            changed.insert("rate_limit".into(), json!(r.map(|r| json!({"requests": r.requests, "per_ms": r.per_ms}))));
+        }
+        if let Some(l) = &p.labels {
+            row.labels = serde_json::Value::Object(l.clone()).to_string();
+            changed.insert("labels".into(), serde_json::Value::Object(l.clone()));
+        }
+        if let Some(b) = p.breaker {
+            row.set_breaker_override(b);
+            changed.insert("breaker".into(), json!(b.map(breaker_json)));
+        }
+        let e = self.event(handle, "agent.update", "allowed");
+        e.detail = Some(serde_json::Value::Object(changed).to_string());
+        self.agent_reply(id, false)
+    }
+
+    pub(super) async fn revoke(&mut self, caller: &Caller, handle: &str, reason: Option<&str>) -> R<Reply> {
+        let now = self.now;
+        if let Caller::Agent(key) = caller
+            && let Some(refused) = self.parent_may_revoke(key, handle).await?
+        {
+            return Ok(refused);
+        }
+        let Some(tid) = self.agent_by_handle(handle).await? else {
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
+        };
+        let (root_id, like) = {
+            let t = self.row(tid)?;
+            (t.root_id, format!("%,{tid},%"))
+        };
+        let subtree: Vec<AgentRow> =
+            sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE root_id = $1 AND path LIKE $2"))
+                .bind(root_id)
+                .bind(&like)
+                .fetch_all(&mut *self.tx)
+                .await?;
+        let mut ids: Vec<(i64, i64, String)> = Vec::new();
+        for r in subtree {
+            ids.push((r.depth, r.id, r.handle.clone()));
+            self.cache(r);
+        }
+        ids.sort();
+        let by = match caller {
+            Caller::Admin => "admin".to_owned(),
+            Caller::Agent(k) => self
+                .by_key
+                .get(k.as_str())
+                .and_then(|id| self.agents.get(id))
+                .map(|r| r.handle.clone())
+                .unwrap_or_default(),
+        };
+        for (_, id, h) in &ids {
+            let row = self.row(*id)?;
+            if row.status == "revoked" {
+                continue;
+            }
+            self.authz = true;
+            let r = self.row_mut(*id)?;
+            r.status = "revoked".into();
+            r.revoked_at = Some(now);
+            r.revoke_reason = reason.map(str::to_owned);
+            let e = self.event(h, "agent.revoke", "allowed");
+            e.reason = reason.map(str::to_owned);
+            e.detail = Some(json!({"by": by, "target": handle}).to_string());
+            self.raise("agent_revoked", h, json!({"reason": reason, "by": by, "target": handle}));
+        }
+        // Holds already past their expiry (not swept yet) expired; they are not the revocation's.
+        self.expire_holds(Some(&[root_id])).await?;
+        self.flush_holds().await?;
+        self.release_revoked_holds(root_id, &like).await?;
+        let revoked_at = self.row(tid)?.revoked_at.unwrap_or(now);
+        let handles: Vec<String> = ids.into_iter().map(|(_, _, h)| h).collect();
+        Ok(Reply::ok(Answer::Revoked { handles, revoked_at }))
+    }
+
+    /// A parent may revoke only its own descendants, and only with a good credential.
+    /// `Some`: the refusal to answer.
+    async fn parent_may_revoke(&mut self, key: &KeyHash, handle: &str) -> R<Option<Reply>> {
+        let Some(cid) = self.agent_by_key(key).await? else {
+            return Ok(Some(Reply::deny(DenyReason::InvalidCredentials)));
+        };
+        let revoked = self.chain_revoked(cid)?;
+        let c = self.row(cid)?;
+        if revoked {
+            return Ok(Some(Reply::deny(DenyReason::CredentialRevoked)));
+        }
+        if c.key_expires_at.is_some_and(|t| self.now >= t) {
+            return Ok(Some(Reply::deny(DenyReason::CredentialExpired)));
+        }
+        let Some(tid) = self.agent_by_handle(handle).await? else {
+            return Ok(Some(Reply::refuse(Refusal::NotFound(Missing::Agent))));
+        };
+        let t = self.row(tid)?;
+        if tid == cid || !t.path_ids().contains(&cid) {
+            return Ok(Some(Reply::refuse(Refusal::NotFound(Missing::Descendant))));
+        }
+        Ok(None)
+    }
+
+    /// Releases the open API holds of a revoked subtree (`like`: its path pattern).
+    async fn release_revoked_holds(&mut self, root_id: i64, like: &str) -> R<()> {
+        let now = self.now;
+        // The agents' own holds are released. A gateway lease stays open: it pays for calls
+        // already forwarded, which its gateway settles at once (the revocation retires it), or
+        // it is captured in full at expiry. Releasing it would make those calls free.
+        let open: Vec<HoldRow> = sqlx::query_as(dsql!(
+            "SELECT {HOLD_COLUMNS} FROM holds \
+             WHERE root_id = $1 AND status = 'open' AND path LIKE $2 AND on_expiry = 'release'"
+        ))
+        .bind(root_id)
+        .bind(like)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        for h in open {
+            self.close_hold(&h, Micros::ZERO, "released", now).await?;
+            let handle = self.row(h.agent_id)?.handle.clone();
+            let e = self.event(&handle, "release", "allowed");
+            e.amount = Some(h.amount);
+            e.reference = Some(h.id.clone());
+            e.reason = Some("agent_revoked".into());
+        }
+        Ok(())
+    }
+}
+
+/// A breaker override as the audit event of a patch shows it.
+fn breaker_json(b: BreakerOverride) -> serde_json::Value {
+    json!({
+        "denials": b.denials, "window_ms": b.window_ms,
+        "max_requests": b.max_requests, "rate_window_ms": b.rate_window_ms,
+        "repeats": b.repeats, "repeat_window_ms": b.repeat_window_ms,
+    })
+}

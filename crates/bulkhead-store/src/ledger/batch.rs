@@ -1,0 +1,370 @@
+//! One batch: its transaction, the root locks (PostgreSQL), the row cache every command of the
+//! batch reads and changes, the prefetch that fills it in a few queries, and the dispatch of
+//! each command to the file that carries it out. It writes nothing itself (see `rows.rs`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use bulkhead_core::KeyHash;
+use bulkhead_core::runaway::Breaker;
+use sqlx::any::AnyArguments;
+use sqlx::{Any, Arguments, Transaction};
+
+use super::Command;
+use super::writer::BatchError;
+use crate::alerts::{AlertRules, NewAlert};
+use crate::answer::{Answer, HoldEnd, Reply};
+use crate::audit::NewEvent;
+use crate::view::{AGENT_COLUMNS, AgentRow};
+use crate::{Backend, StoreError};
+
+/// How a new hold ends if nobody settles it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HoldTerms {
+    pub(super) expires_at: i64,
+    /// `release` (API holds) or `capture` (gateway holds).
+    pub(super) on_expiry: &'static str,
+}
+
+/// Builds `prefix ($1, $2, …) suffix` binding every item.
+pub(super) fn in_list<T>(prefix: &str, items: &[T], suffix: &str) -> Result<(String, AnyArguments), StoreError>
+where
+    T: Clone + for<'q> sqlx::Encode<'q, Any> + sqlx::Type<Any> + 'static,
+{
+    let mut args = AnyArguments::default();
+    let mut sql = String::from(prefix);
+    sql.push('(');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("${}", i + 1));
+        args.add(item.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    }
+    sql.push(')');
+    sql.push_str(suffix);
+    Ok((sql, args))
+}
+
+pub(super) fn in_list_str(prefix: &str, items: &[&str], suffix: &str) -> Result<(String, AnyArguments), StoreError> {
+    let owned: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    in_list(prefix, &owned, suffix)
+}
+
+/// How a hold that is no longer open ended; one still marked open has expired.
+pub(super) fn hold_end(status: &str) -> HoldEnd {
+    match status {
+        "captured" => HoldEnd::Captured,
+        "released" => HoldEnd::Released,
+        _ => HoldEnd::Expired,
+    }
+}
+
+#[derive(Clone, sqlx::FromRow)]
+pub(super) struct HoldRow {
+    pub(super) id: String,
+    pub(super) agent_id: i64,
+    pub(super) path: String,
+    /// What the hold still holds (a lease's settled slots are gone from it).
+    pub(super) amount: i64,
+    /// What was captured of it so far (a lease is captured call by call while open).
+    pub(super) captured: i64,
+    /// The last `LeaseSettle` applied to it (its gateway numbers them 1, 2, …).
+    pub(super) settled_seq: i64,
+    pub(super) status: String,
+    pub(super) expires_at: i64,
+    pub(super) on_expiry: String,
+}
+
+/// The columns of a [`HoldRow`].
+pub(super) const HOLD_COLUMNS: &str =
+    "id, agent_id, path, amount, COALESCE(captured, 0) AS captured, status, expires_at, on_expiry, settled_seq";
+
+pub(super) fn path_ids(path: &str) -> Vec<i64> {
+    path.split(',').filter_map(|s| s.parse().ok()).collect()
+}
+
+pub(super) struct Batch {
+    pub(super) tx: Transaction<'static, Any>,
+    pub(super) backend: Backend,
+    pub(super) now: i64,
+    pub(super) breaker: Breaker,
+    pub(super) rules: Arc<AlertRules>,
+    /// Alerts raised by this batch, written to the outbox before the commit.
+    pub(super) alerts: Vec<NewAlert>,
+    pub(super) agents: HashMap<i64, AgentRow>,
+    pub(super) by_key: HashMap<String, i64>,
+    pub(super) by_handle: HashMap<String, i64>,
+    pub(super) dirty: BTreeSet<i64>,
+    /// Trees whose expired holds this batch has already closed.
+    pub(super) swept: BTreeSet<i64>,
+    pub(super) events: Vec<NewEvent>,
+    /// Hold rows this batch read or made, as they stand in the batch.
+    pub(super) holds: HashMap<String, HoldRow>,
+    /// Holds made by this batch and not yet written.
+    pub(super) new_holds: Vec<NewHold>,
+    /// Holds closed by this batch and not yet written: (id, status, captured, closed_at).
+    pub(super) closed_holds: Vec<(String, String, i64, i64)>,
+    /// Open leases this batch settled calls of (their `amount` and `captured` to write).
+    pub(super) touched_holds: BTreeSet<String>,
+    /// This batch changed what some credential may do (a revocation, a patch, a new key, a
+    /// suspension): the ledger's authorization epoch moves on once it commits.
+    pub(super) authz: bool,
+}
+
+/// A hold to insert.
+pub(super) struct NewHold {
+    pub(super) id: String,
+    pub(super) agent_id: i64,
+    pub(super) root_id: i64,
+    pub(super) path: String,
+    pub(super) scope: String,
+    pub(super) amount: i64,
+    pub(super) created_at: i64,
+    pub(super) expires_at: i64,
+    pub(super) on_expiry: &'static str,
+}
+
+pub(super) type R<T> = Result<T, BatchError>;
+
+pub(super) fn corrupt(msg: &str) -> BatchError {
+    BatchError::Before(StoreError::Corrupt(msg.to_owned()))
+}
+
+impl Batch {
+    /// Finds the root of every tree the batch will touch. Roots never change, so this may read
+    /// before the locks are taken.
+    pub(super) async fn resolve_roots(&mut self, cmds: &[&Command]) -> R<Vec<i64>> {
+        let mut keys: Vec<&str> = Vec::new();
+        let mut handles: Vec<&str> = Vec::new();
+        let mut holds: Vec<&str> = Vec::new();
+        for c in cmds {
+            if let Some(k) = c.key() {
+                keys.push(k.as_str());
+            }
+            match c {
+                Command::PatchAgent { handle, .. }
+                | Command::Revoke { handle, .. }
+                | Command::RotateKey { handle, .. }
+                | Command::Resume { handle } => handles.push(handle),
+                _ => {}
+            }
+            if let Some(h) = c.hold_id() {
+                holds.push(h);
+            }
+        }
+        let mut roots = BTreeSet::new();
+        for (prefix, items) in [
+            ("SELECT root_id FROM agents WHERE key_hash IN ", &keys),
+            ("SELECT root_id FROM agents WHERE handle IN ", &handles),
+            ("SELECT root_id FROM holds WHERE id IN ", &holds),
+        ] {
+            if items.is_empty() {
+                continue;
+            }
+            let mut uniq: Vec<&str> = items.clone();
+            uniq.sort_unstable();
+            uniq.dedup();
+            let (sql, args) = in_list_str(prefix, &uniq, "")?;
+            let rows: Vec<(i64,)> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            roots.extend(rows.into_iter().map(|r| r.0));
+        }
+        Ok(roots.into_iter().collect())
+    }
+
+    pub(super) async fn load_ids(&mut self, ids: &[i64]) -> R<()> {
+        let missing: Vec<i64> = ids.iter().copied().filter(|id| !self.agents.contains_key(id)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let (sql, args) = in_list(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN "), &missing, "")?;
+        let rows: Vec<AgentRow> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+        for r in rows {
+            self.cache(r);
+        }
+        Ok(())
+    }
+
+    pub(super) fn cache(&mut self, r: AgentRow) {
+        self.by_key.insert(r.key_hash.clone(), r.id);
+        self.by_handle.insert(r.handle.clone(), r.id);
+        self.agents.entry(r.id).or_insert(r);
+    }
+
+    pub(super) fn row(&self, id: i64) -> R<&AgentRow> {
+        self.agents.get(&id).ok_or_else(|| corrupt("agent row missing from batch"))
+    }
+
+    pub(super) fn row_mut(&mut self, id: i64) -> R<&mut AgentRow> {
+        self.dirty.insert(id);
+        self.agents.get_mut(&id).ok_or_else(|| corrupt("agent row missing from batch"))
+    }
+
+    /// The agent holding this key, with its whole chain loaded. `None`: no such (current) key.
+    pub(super) async fn agent_by_key(&mut self, key: &KeyHash) -> R<Option<i64>> {
+        let id = match self.by_key.get(key.as_str()) {
+            Some(id) => Some(*id),
+            None => {
+                let row: Option<AgentRow> =
+                    sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash = $1"))
+                        .bind(key.as_str())
+                        .fetch_optional(&mut *self.tx)
+                        .await?;
+                row.map(|r| {
+                    let id = r.id;
+                    self.cache(r);
+                    id
+                })
+            }
+        };
+        let Some(id) = id else { return Ok(None) };
+        // The cache may know this key from before a rotation in this same batch.
+        let row = self.row(id)?;
+        if !KeyHash::from_stored(row.key_hash.clone()).ct_eq(key) {
+            return Ok(None);
+        }
+        let ids = row.path_ids();
+        self.load_ids(&ids).await?;
+        Ok(Some(id))
+    }
+
+    pub(super) async fn agent_by_handle(&mut self, handle: &str) -> R<Option<i64>> {
+        if let Some(id) = self.by_handle.get(handle) {
+            let id = *id;
+            let ids = self.row(id)?.path_ids();
+            self.load_ids(&ids).await?;
+            return Ok(Some(id));
+        }
+        let row: Option<AgentRow> = sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents WHERE handle = $1"))
+            .bind(handle)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let (id, ids) = (r.id, r.path_ids());
+                self.cache(r);
+                self.load_ids(&ids).await?;
+                Ok(Some(id))
+            }
+        }
+    }
+
+    /// The agent first, then each ancestor up to the root.
+    pub(super) fn chain(&self, id: i64) -> R<Vec<i64>> {
+        let mut ids = self.row(id)?.path_ids();
+        ids.reverse();
+        Ok(ids)
+    }
+
+    pub(super) fn chain_revoked(&self, id: i64) -> R<bool> {
+        for a in self.chain(id)? {
+            if self.row(a)?.status == "revoked" {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    pub(super) fn event(&mut self, agent: &str, action: &str, outcome: &str) -> &mut NewEvent {
+        self.events.push(NewEvent {
+            at: self.now,
+            agent: agent.to_owned(),
+            action: action.to_owned(),
+            outcome: outcome.to_owned(),
+            reason: None,
+            scope: None,
+            amount: None,
+            reference: None,
+            detail: None,
+        });
+        self.events.last_mut().expect("just pushed")
+    }
+
+    /// Loads, in one query each, the rows of every key and handle the batch names and of their
+    /// ancestors, so that commands on many agents do not cost one round trip each.
+    pub(super) async fn prefetch(&mut self, cmds: &[&Command]) -> R<()> {
+        let mut keys: Vec<&str> = Vec::new();
+        let mut handles: Vec<&str> = Vec::new();
+        for c in cmds {
+            if let Some(k) = c.key()
+                && !self.by_key.contains_key(k.as_str())
+            {
+                keys.push(k.as_str());
+            }
+            match c {
+                Command::PatchAgent { handle, .. }
+                | Command::Revoke { handle, .. }
+                | Command::RotateKey { handle, .. }
+                | Command::Resume { handle }
+                    if !self.by_handle.contains_key(handle.as_str()) =>
+                {
+                    handles.push(handle)
+                }
+                _ => {}
+            }
+        }
+        let mut ancestors: BTreeSet<i64> = BTreeSet::new();
+        for (prefix, items) in [
+            (format!("SELECT {AGENT_COLUMNS} FROM agents WHERE key_hash IN "), &mut keys),
+            (format!("SELECT {AGENT_COLUMNS} FROM agents WHERE handle IN "), &mut handles),
+        ] {
+            if items.is_empty() {
+                continue;
+            }
+            items.sort_unstable();
+            items.dedup();
+            let (sql, args) = in_list_str(&prefix, items, "")?;
+            let rows: Vec<AgentRow> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            for r in rows {
+                ancestors.extend(r.path_ids());
+                self.cache(r);
+            }
+        }
+        // The holds that captures, releases and settlements name, in one query.
+        let mut hold_ids: Vec<&str> =
+            cmds.iter().filter_map(|c| c.hold_id()).filter(|id| !self.holds.contains_key(*id)).collect();
+        if !hold_ids.is_empty() {
+            hold_ids.sort_unstable();
+            hold_ids.dedup();
+            let (sql, args) = in_list_str(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id IN "), &hold_ids, "")?;
+            let rows: Vec<HoldRow> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            for h in rows {
+                ancestors.extend(path_ids(&h.path));
+                self.holds.insert(h.id.clone(), h);
+            }
+        }
+        // Rows cached before this batch came with their ancestors; only the new ones need theirs.
+        let missing: Vec<i64> = ancestors.into_iter().filter(|id| !self.agents.contains_key(id)).collect();
+        self.load_ids(&missing).await
+    }
+
+    pub(super) async fn apply(&mut self, cmd: &Command) -> R<Reply> {
+        match cmd {
+            Command::SweepExpired => {
+                self.expire_holds(None).await?;
+                Ok(Reply::ok(Answer::Swept))
+            }
+            Command::CreateAgent { caller, spec, key_hash } => self.create_agent(caller, spec, key_hash).await,
+            Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
+            Command::Revoke { caller, handle, reason } => self.revoke(caller, handle, reason.as_deref()).await,
+            Command::RotateKey { handle, key_hash } => self.rotate_key(handle, key_hash).await,
+            Command::Resume { handle } => self.resume(handle).await,
+            Command::Settle { hold_id, amount } => {
+                self.settle_hold(None, hold_id, if amount.is_zero() { None } else { Some(*amount) }).await
+            }
+            Command::LeaseSettle { hold_id, seq, unit, costs, release, close } => {
+                self.lease_settle(hold_id, *seq, *unit, costs, *release, *close).await
+            }
+            Command::Spend { .. }
+            | Command::Hold { .. }
+            | Command::MeteredHold { .. }
+            | Command::Lease { .. }
+            | Command::Capture { .. }
+            | Command::Release { .. } => self.money(cmd).await,
+        }
+    }
+}

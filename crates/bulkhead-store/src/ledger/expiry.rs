@@ -1,0 +1,115 @@
+//! Holds that expire: before a decision on a tree whose chain holds money, and by the sweeper
+//! everywhere. An API hold is released at expiry, a gateway hold captured in full. It never
+//! waits for a tree's lock it did not take up front (PostgreSQL: `SKIP LOCKED`).
+
+use std::collections::BTreeSet;
+
+use bulkhead_core::Micros;
+use bulkhead_core::decision::Movement;
+use serde_json::json;
+use sqlx::Arguments;
+
+use super::SWEEP_HOLDS_MAX;
+use super::batch::{Batch, HOLD_COLUMNS, HoldRow, R, corrupt, in_list, path_ids};
+use crate::Backend;
+
+impl Batch {
+    /// Before a decision on `id`'s chain: if any member has money held, close the tree's holds
+    /// that are past their expiry, so that they stop counting exactly at `expires_at`. With
+    /// nothing held anywhere on the chain there is nothing that could have expired.
+    pub(super) async fn expire_for_chain(&mut self, chain: &[i64]) -> R<()> {
+        let root = self.row(chain[chain.len() - 1])?.root_id;
+        if self.swept.contains(&root) {
+            return Ok(());
+        }
+        let mut any_held = false;
+        for a in chain {
+            any_held |= self.row(*a)?.held > 0;
+        }
+        if any_held {
+            self.expire_holds(Some(&[root])).await?;
+        }
+        self.swept.insert(root);
+        Ok(())
+    }
+
+    /// Expires open holds past their expiry, in the given trees (or everywhere).
+    pub(super) async fn expire_holds(&mut self, roots: Option<&[i64]>) -> R<()> {
+        // Scans read the table: what this batch changed must be in it first.
+        self.flush_holds().await?;
+        let rows: Vec<HoldRow> = match roots {
+            Some([]) => return Ok(()),
+            Some(roots) => {
+                let (sql, mut args) = in_list(
+                    &format!("SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'open' AND root_id IN "),
+                    roots,
+                    "",
+                )?;
+                let sql = format!("{sql} AND expires_at <= ${}", roots.len() + 1);
+                args.add(self.now).map_err(|e| corrupt(&e.to_string()))?;
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?
+            }
+            None => {
+                sqlx::query_as(dsql!(
+                    "SELECT {HOLD_COLUMNS} FROM holds \
+                     WHERE status = 'open' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+                ))
+                .bind(self.now)
+                .bind(SWEEP_HOLDS_MAX)
+                .fetch_all(&mut *self.tx)
+                .await?
+            }
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut rows = rows;
+        if roots.is_none() && self.backend == Backend::Postgres {
+            // A global sweep did not lock these trees up front. Waiting for their locks now
+            // could deadlock with another replica's batch, so take only the free ones; a busy
+            // tree is swept next time (and its own decisions expire its holds anyway).
+            let mut rs: Vec<i64> = rows.iter().filter_map(|h| path_ids(&h.path).first().copied()).collect();
+            rs.sort_unstable();
+            rs.dedup();
+            let (sql, args) =
+                in_list("SELECT id FROM agents WHERE id IN ", &rs, " ORDER BY id FOR UPDATE SKIP LOCKED")?;
+            let locked: Vec<(i64,)> =
+                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+            let locked: BTreeSet<i64> = locked.into_iter().map(|r| r.0).collect();
+            rows.retain(|h| path_ids(&h.path).first().is_some_and(|r| locked.contains(r)));
+        }
+        for h in rows {
+            // A gateway hold nobody settled (the server died mid-call) is charged in full: a
+            // call is never free.
+            let captured = if h.on_expiry == "capture" { crate::view::micros(h.amount) } else { Micros::ZERO };
+            self.close_hold(&h, captured, "expired", h.expires_at).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes an open hold: `captured` of it is spent, the rest released.
+    pub(super) async fn close_hold(&mut self, h: &HoldRow, captured: Micros, status: &str, at: i64) -> R<()> {
+        let ids = path_ids(&h.path);
+        self.load_ids(&ids).await?;
+        let held = Micros::from_micros(h.amount).ok_or_else(|| corrupt("negative hold"))?;
+        let cached = self.holds.entry(h.id.clone()).or_insert_with(|| h.clone());
+        if cached.status != "open" {
+            return Err(corrupt("hold closed twice"));
+        }
+        cached.status = status.to_owned();
+        let total = cached.captured.checked_add(captured.micros()).ok_or_else(|| corrupt("capture overflow"))?;
+        cached.captured = total;
+        self.move_chain(&ids, Movement::Settle { held, captured })?;
+        self.closed_holds.push((h.id.clone(), status.to_owned(), total, at));
+        if status == "expired" {
+            let handle = self.row(h.agent_id)?.handle.clone();
+            let e = self.event(&handle, "hold.expire", "allowed");
+            e.amount = Some(h.amount);
+            if !captured.is_zero() {
+                e.detail = Some(json!({"captured": captured}).to_string());
+            }
+            e.reference = Some(h.id.clone());
+        }
+        Ok(())
+    }
+}

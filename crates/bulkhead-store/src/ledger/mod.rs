@@ -1,0 +1,180 @@
+//! The ledger: every write, decided by the core and committed in groups.
+//!
+//! One writer task per process takes the commands waiting in its queue (up to `batch_max`),
+//! runs them one after another inside a single transaction and commits once. Each command's
+//! reply is sent only after that commit, so a 2xx always means "on disk". While one batch
+//! commits, the next one fills up: under load, the cost of an fsync is shared by many requests.
+//!
+//! Within a batch, agent rows are read once into a cache, changed in memory and written back
+//! once before the commit. That is safe because the batch holds the write lock for every row
+//! it touches: SQLite has one writer, and on PostgreSQL the batch locks each touched tree's root
+//! row (`FOR UPDATE`, in id order) before reading anything of that tree.
+//!
+//! The files of this folder, in the order a command meets them:
+//! - `command.rs`: the commands and their checked inputs (what the server hands in);
+//! - `writer.rs`: the writer task and group commit (batch, commit, answer; the epoch's wait);
+//! - `batch.rs`: one batch: root locks, the row cache, prefetch, and the dispatch of commands;
+//! - `money.rs`: money movements: credentials and idempotency, spends and holds, their denials
+//!   and the breaker, captures and releases, the cap assertion and alert thresholds;
+//! - `expiry.rs`: holds that expire (lazily per tree, and by the sweeper);
+//! - `lease.rs`: the gateway's leases and their settlement;
+//! - `admin.rs`: agents created, patched, resumed, given a new key and revoked;
+//! - `rows.rs`: the SQL that writes a batch's changed rows back (agents, holds, alerts).
+//!
+//! It never renders an answer (that is the server's) and never decides on its own: every rule
+//! is the core's.
+
+mod admin;
+mod batch;
+mod command;
+mod expiry;
+mod lease;
+mod money;
+mod rows;
+mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bulkhead_core::Clock;
+use bulkhead_core::runaway::Breaker;
+use tokio::sync::{mpsc, oneshot};
+
+pub use self::command::{AgentSpec, Caller, Command, Idem, Patch};
+use self::writer::{Cache, Writer};
+use crate::alerts::AlertRules;
+use crate::answer::Reply;
+use crate::{Store, StoreError};
+
+/// How long an idempotency record is replayed.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// The deepest tree of agents (a root is depth 0).
+pub const AGENT_DEPTH_MAX: i64 = 8;
+/// The most children one agent may spawn.
+pub const CHILDREN_PER_AGENT_MAX: i64 = 1000;
+/// The most holds one sweep expires.
+const SWEEP_HOLDS_MAX: i64 = 1000;
+
+/// Settings of the ledger.
+#[derive(Clone, Debug)]
+pub struct LedgerConfig {
+    pub breaker: Breaker,
+    /// The most commands in one transaction.
+    pub batch_max: usize,
+    /// Which alerts to raise, and for which webhooks.
+    pub alerts: AlertRules,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { breaker: Breaker::default(), batch_max: 512, alerts: AlertRules::default() }
+    }
+}
+
+/// How long a process may go on trusting an authorization epoch it read from a shared store
+/// (PostgreSQL), counted from when the read was sent. See [`EPOCH_SETTLE`].
+pub const EPOCH_TRUSTED_FOR: Duration = Duration::from_millis(20);
+
+/// On a shared store, an answer to a command that moved the authorization epoch (a revocation,
+/// suspension, patch or new key) goes out this long after its commit: by then every read of the
+/// older epoch, by any replica, is older than [`EPOCH_TRUSTED_FOR`], so once the answer is out no
+/// replica lets a call through on what was decided before it.
+pub const EPOCH_SETTLE: Duration = EPOCH_TRUSTED_FOR.saturating_add(Duration::from_millis(5));
+
+struct Job {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+/// The write side of the store. Cheap to clone; the writer stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Job>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Ledger {
+    /// Starts the writer task. `handle` lets the caller wait for it to drain at shutdown.
+    pub fn start(store: Store, clock: Arc<dyn Clock>, cfg: LedgerConfig) -> (Ledger, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
+        let rules = Arc::new(cfg.alerts.clone());
+        let epoch = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            store: store.clone(),
+            clock: clock.clone(),
+            cfg,
+            rules,
+            cache: Cache::default(),
+            epoch: epoch.clone(),
+            settling: tokio::task::JoinSet::new(),
+        };
+        // The writer gets a thread and a runtime of its own: the commit path never waits in the
+        // queue behind request handlers.
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new().name("bulkhead-ledger".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(writer.run(rx)),
+                Err(e) => tracing::error!(error = %e, "cannot start the ledger's runtime"),
+            }
+            let _ = done_tx.send(());
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the ledger's thread");
+        }
+        let handle = tokio::spawn(async move {
+            let _ = done_rx.await;
+        });
+        (Ledger { tx, store, clock, epoch }, handle)
+    }
+
+    /// Runs one command and waits until it is committed (or failed).
+    pub async fn submit(&self, cmd: Command) -> Result<Reply, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { cmd, reply }).await.map_err(|_| StoreError::ShutDown)?;
+        rx.await.map_err(|_| StoreError::ShutDown)?
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The authorization epoch: it moves on, before the answer goes out, after every commit
+    /// that revoked, suspended or patched an agent or gave one a new key through this ledger.
+    /// What was decided under an older epoch (a gateway lease) must be decided again.
+    pub fn authz_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Starts the periodic sweep of expired holds and old idempotency records.
+    pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let ledger = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if ledger.tx.is_closed() {
+                    break;
+                }
+                if let Err(e) = ledger.submit(Command::SweepExpired).await {
+                    tracing::warn!(error = %e, "hold sweep failed");
+                }
+                let cutoff = ledger.now_ms() - IDEMPOTENCY_TTL_MS;
+                if let Err(e) = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
+                    .bind(cutoff)
+                    .execute(&ledger.store.pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "idempotency sweep failed");
+                }
+            }
+        })
+    }
+}
