@@ -100,6 +100,18 @@ impl DenyReason {
         }
     }
 
+    /// Whether this denial counts towards the runaway-loop breaker's denials: refused
+    /// credentials and suspension do not (they are not the agent looping on a limit).
+    pub fn feeds_breaker(self) -> bool {
+        !matches!(
+            self,
+            DenyReason::InvalidCredentials
+                | DenyReason::CredentialRevoked
+                | DenyReason::CredentialExpired
+                | DenyReason::AgentSuspended
+        )
+    }
+
     /// Parses a stored code back (for audit reads and idempotent replays).
     pub fn from_code(code: &str) -> Option<DenyReason> {
         Some(match code {
@@ -140,15 +152,24 @@ pub struct SpendCheck<'a> {
     pub rate: Option<(RateLimit, i64)>,
 }
 
+/// The credential check, the first of the contract's checks and the one every caller makes
+/// (a money call before its idempotent replay, a settlement, a parent's revocation, the
+/// breaker's triggers, `GET /v1/me`): no agent of the chain is revoked, and the key has not
+/// expired at `now_ms`.
+pub fn credential(revoked: bool, key_expires_ms: Option<i64>, now_ms: i64) -> Result<(), DenyReason> {
+    if revoked {
+        return Err(DenyReason::CredentialRevoked);
+    }
+    if key_expires_ms.is_some_and(|t| now_ms >= t) {
+        return Err(DenyReason::CredentialExpired);
+    }
+    Ok(())
+}
+
 /// Checks credentials, suspension, scope and rate limit, in that order.
 /// `Ok(Some(tat))` carries the rate limiter's new state to store.
 pub fn precheck(c: &SpendCheck<'_>, now_ms: i64) -> Result<Option<i64>, DenyReason> {
-    if c.revoked {
-        return Err(DenyReason::CredentialRevoked);
-    }
-    if c.key_expires_ms.is_some_and(|t| now_ms >= t) {
-        return Err(DenyReason::CredentialExpired);
-    }
+    credential(c.revoked, c.key_expires_ms, now_ms)?;
     if c.suspended {
         return Err(DenyReason::AgentSuspended);
     }
@@ -230,6 +251,101 @@ pub fn decide(
     Ok(tat)
 }
 
+/// What a spend or hold comes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// A shadow agent's movement that enforcement would deny: let through, and recorded as the
+    /// denial it would have been.
+    ShadowAllow(DenyReason),
+    Deny(DenyReason),
+}
+
+/// Decides a spend or hold of `amount` by `chain[0]` (counters brought to `now_ms`): the
+/// ordered checks, then every limit of the chain. A shadow agent is let through whatever they
+/// say, except a revoked or expired credential, which is refused all the same.
+///
+/// Also returns the rate limiter's new state when the request took a token: it keeps it even
+/// when a limit then denies the request.
+pub fn verdict(
+    c: &SpendCheck<'_>,
+    chain: &[ChainMember],
+    amount: Micros,
+    shadow: bool,
+    now_ms: i64,
+) -> (Verdict, Option<i64>) {
+    let credential_refused = |r: DenyReason| matches!(r, DenyReason::CredentialRevoked | DenyReason::CredentialExpired);
+    let tat = match precheck(c, now_ms) {
+        Ok(tat) => tat,
+        Err(r) if shadow && !credential_refused(r) => return (Verdict::ShadowAllow(r), None),
+        Err(r) => return (Verdict::Deny(r), None),
+    };
+    match authorize(chain, amount) {
+        Ok(()) => (Verdict::Allow, tat),
+        Err(r) if shadow => (Verdict::ShadowAllow(r), tat),
+        Err(r) => (Verdict::Deny(r), tat),
+    }
+}
+
+/// Why a parent may not create the child it asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Escalation {
+    /// A scope of the child is not covered by the parent's.
+    Scope,
+    /// A cap or the per-transaction limit of the child is above the parent's (compared as
+    /// amounts, whatever the windows), or the parent has a lifetime cap and the child none or a
+    /// larger one.
+    Cap,
+}
+
+/// The child checks: a child gets no scope and no limit its parent does not have. Scopes are
+/// checked first.
+pub fn child_check(
+    parent_scopes: &ScopeSet,
+    parent: &AgentLimits,
+    scopes: &ScopeSet,
+    spending_cap: Micros,
+    per_tx_limit: Micros,
+    lifetime_cap: Option<Micros>,
+) -> Result<(), Escalation> {
+    if !parent_scopes.covers_all(scopes) {
+        return Err(Escalation::Scope);
+    }
+    let lifetime_ok = match (parent.lifetime_cap, lifetime_cap) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(p), Some(c)) => c <= p,
+    };
+    if spending_cap > parent.spending_cap || per_tx_limit > parent.per_tx_limit || !lifetime_ok {
+        return Err(Escalation::Cap);
+    }
+    Ok(())
+}
+
+/// How many slots a gateway lease adds to its first (which was decided like any hold): the
+/// `slots - 1` asked for, at most as many `unit`s as `room` holds (all of them for a free
+/// `unit`), and none when each call must be decided on its own (`one_by_one`: shadow agents,
+/// agents not active, agents with a runaway trigger). The rate limit may cut it further.
+pub fn lease_extra_slots(slots: u32, one_by_one: bool, room: Micros, unit: Micros) -> u64 {
+    let extra = if one_by_one { 0 } else { u64::from(slots.saturating_sub(1)) };
+    if extra == 0 || unit.is_zero() {
+        return extra;
+    }
+    extra.min(u64::try_from(room.micros() / unit.micros()).unwrap_or(0))
+}
+
+/// `(window_spent + held) / spending_cap`. `None` for a zero cap with something used, which
+/// has no finite ratio: its callers say what it counts as (the agent object shows 1.0; alert
+/// thresholds see it as infinitely far past every threshold).
+pub fn utilization(window_spent: Micros, held: Micros, spending_cap: Micros) -> Option<f64> {
+    let used = window_spent.micros().saturating_add(held.micros());
+    let cap = spending_cap.micros();
+    if cap == 0 {
+        return (used == 0).then_some(0.0);
+    }
+    Some(used as f64 / cap as f64)
+}
+
 /// A change to apply to every member of a chain once a decision allowed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Movement {
@@ -284,6 +400,98 @@ mod tests {
             },
             counters: Counters::default(),
         }
+    }
+
+    fn scopes(v: &[&str]) -> ScopeSet {
+        ScopeSet::parse(v).unwrap()
+    }
+
+    fn check<'a>(set: &'a ScopeSet, scope: &'a Scope) -> SpendCheck<'a> {
+        SpendCheck {
+            revoked: false,
+            key_expires_ms: None,
+            suspended: false,
+            scopes: set,
+            scope: Some(scope),
+            rate: None,
+        }
+    }
+
+    #[test]
+    fn credential_refuses_revoked_before_expired() {
+        assert_eq!(credential(false, None, 10), Ok(()));
+        assert_eq!(credential(false, Some(11), 10), Ok(()));
+        assert_eq!(credential(false, Some(10), 10), Err(DenyReason::CredentialExpired));
+        assert_eq!(credential(true, Some(10), 10), Err(DenyReason::CredentialRevoked));
+    }
+
+    #[test]
+    fn verdicts_enforced_and_shadow() {
+        let set = scopes(&["pay:write"]);
+        let (pay, other) = (Scope::parse("pay:write").unwrap(), Scope::parse("read:x").unwrap());
+        let chain = [member("10", "5", None)];
+        let cases: [(&Scope, &str, bool, bool, Verdict); 8] = [
+            (&pay, "5", false, false, Verdict::Allow),
+            (&pay, "6", false, false, Verdict::Deny(DenyReason::PerTxLimit)),
+            (&other, "1", false, false, Verdict::Deny(DenyReason::ScopeNotGranted)),
+            (&pay, "1", false, true, Verdict::Deny(DenyReason::CredentialRevoked)),
+            (&pay, "6", true, false, Verdict::ShadowAllow(DenyReason::PerTxLimit)),
+            (&other, "6", true, false, Verdict::ShadowAllow(DenyReason::ScopeNotGranted)),
+            (&pay, "1", true, false, Verdict::Allow),
+            // A shadow agent's revoked credential is refused all the same.
+            (&pay, "1", true, true, Verdict::Deny(DenyReason::CredentialRevoked)),
+        ];
+        for (scope, amount, shadow, revoked, want) in cases {
+            let c = SpendCheck { revoked, ..check(&set, scope) };
+            assert_eq!(verdict(&c, &chain, m(amount), shadow, 0).0, want, "{scope:?} {amount} {shadow} {revoked}");
+        }
+    }
+
+    #[test]
+    fn a_denied_request_keeps_its_rate_token() {
+        let set = scopes(&["pay:write"]);
+        let pay = Scope::parse("pay:write").unwrap();
+        let c = SpendCheck { rate: Some((RateLimit { requests: 2, per_ms: 1_000 }, 0)), ..check(&set, &pay) };
+        let (v, tat) = verdict(&c, &[member("1", "1", None)], m("2"), false, 100);
+        assert_eq!(v, Verdict::Deny(DenyReason::PerTxLimit));
+        assert!(tat.is_some(), "the request took a token");
+        let (v, tat) = verdict(&SpendCheck { revoked: true, ..c }, &[member("1", "1", None)], m("1"), false, 100);
+        assert_eq!((v, tat), (Verdict::Deny(DenyReason::CredentialRevoked), None));
+    }
+
+    #[test]
+    fn children_get_nothing_their_parent_lacks() {
+        let parent = member("10", "5", Some("100")).limits;
+        let ps = scopes(&["read:*", "pay:write"]);
+        let ok = |s: &[&str], cap: &str, tx: &str, life: Option<&str>| {
+            child_check(&ps, &parent, &scopes(s), m(cap), m(tx), life.map(m))
+        };
+        assert_eq!(ok(&["read:x"], "10", "5", Some("100")), Ok(()));
+        assert_eq!(ok(&["write:x"], "10", "5", Some("100")), Err(Escalation::Scope));
+        assert_eq!(ok(&["write:x"], "11", "5", Some("100")), Err(Escalation::Scope), "scopes first");
+        assert_eq!(ok(&["read:x"], "10.000001", "5", Some("100")), Err(Escalation::Cap));
+        assert_eq!(ok(&["read:x"], "10", "5.000001", Some("100")), Err(Escalation::Cap));
+        assert_eq!(ok(&["read:x"], "10", "5", None), Err(Escalation::Cap), "a lifetime cap binds the child");
+        assert_eq!(ok(&["read:x"], "10", "5", Some("100.000001")), Err(Escalation::Cap));
+        let free = member("10", "5", None).limits;
+        assert_eq!(child_check(&ps, &free, &scopes(&["pay:write"]), m("1"), m("1"), None), Ok(()));
+    }
+
+    #[test]
+    fn lease_sizes() {
+        assert_eq!(lease_extra_slots(8, false, m("10"), m("1")), 7);
+        assert_eq!(lease_extra_slots(8, false, m("3.5"), m("1")), 3);
+        assert_eq!(lease_extra_slots(8, true, m("10"), m("1")), 0);
+        assert_eq!(lease_extra_slots(0, false, m("10"), m("1")), 0);
+        assert_eq!(lease_extra_slots(8, false, Micros::ZERO, Micros::ZERO), 7, "a free slot always fits");
+    }
+
+    #[test]
+    fn utilization_of_zero_caps_has_no_ratio() {
+        assert_eq!(utilization(m("1"), m("1"), m("4")), Some(0.5));
+        assert_eq!(utilization(Micros::ZERO, Micros::ZERO, Micros::ZERO), Some(0.0));
+        assert_eq!(utilization(m("1"), Micros::ZERO, Micros::ZERO), None);
+        assert_eq!(utilization(Micros::ZERO, m("1"), Micros::ZERO), None);
     }
 
     #[test]

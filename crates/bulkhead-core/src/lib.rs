@@ -18,7 +18,8 @@ pub mod scope;
 
 pub use clock::{Clock, ManualClock};
 pub use decision::{
-    AgentLimits, ChainMember, Counters, DenyReason, Movement, SpendCheck, authorize, decide, precheck, room,
+    AgentLimits, ChainMember, Counters, DenyReason, Escalation, Movement, SpendCheck, Verdict, authorize, child_check,
+    credential, decide, lease_extra_slots, precheck, room, utilization, verdict,
 };
 pub use duration::Span;
 pub use handle::Handle;

@@ -63,6 +63,23 @@ impl BreakerOverride {
     }
 }
 
+/// One denial fed to the breaker's denial trigger, a true sliding window: `recent` holds the
+/// times of the agent's last denials (oldest first, at most `denials` of them). Returns the new
+/// list and whether all `denials` of them now fall within `window_ms` of this one (it trips).
+/// `denials` must be positive (0 turns the trigger off: do not call this).
+pub fn denial_step(recent: &[i64], denials: i64, window_ms: i64, now_ms: i64) -> (Vec<i64>, bool) {
+    let mut kept: std::collections::VecDeque<i64> = recent.iter().copied().collect();
+    kept.push_back(now_ms);
+    while kept.front().is_some_and(|t| now_ms - *t >= window_ms) {
+        kept.pop_front();
+    }
+    while kept.len() as i64 > denials {
+        kept.pop_front();
+    }
+    let tripped = kept.len() as i64 >= denials;
+    (kept.into(), tripped)
+}
+
 /// The largest `max_requests` accepted (0 turns the rate trigger off).
 pub const MAX_REQUESTS_MAX: i64 = 1_000_000;
 /// The largest `repeats` accepted (0 turns the repeat trigger off; 1 would trip on anything).
@@ -134,6 +151,23 @@ mod tests {
     use super::*;
 
     const T: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn the_denial_window_slides() {
+        // Three denials within 10 s trip; older ones fall out of the window.
+        let (recent, trip) = denial_step(&[], 3, 10_000, T);
+        assert_eq!((recent.as_slice(), trip), (&[T][..], false));
+        let (recent, trip) = denial_step(&recent, 3, 10_000, T + 9_000);
+        assert!(!trip);
+        let (recent, trip) = denial_step(&recent, 3, 10_000, T + 10_000);
+        assert_eq!((recent.as_slice(), trip), (&[T + 9_000, T + 10_000][..], false), "the first fell out");
+        let (recent, trip) = denial_step(&recent, 3, 10_000, T + 12_000);
+        assert_eq!((recent.as_slice(), trip), (&[T + 9_000, T + 10_000, T + 12_000][..], true));
+        // At most `denials` times are kept.
+        let (recent, _) = denial_step(&recent, 3, 10_000, T + 13_000);
+        assert_eq!(recent.len(), 3);
+        assert!(denial_step(&[], 1, 10_000, T).1, "one denial trips a breaker of one");
+    }
 
     fn burst(max: i64, window: i64, n: usize, at: i64, mut tat: i64) -> (i64, Vec<bool>) {
         let mut trips = Vec::new();

@@ -89,11 +89,8 @@ impl Store {
         .bind(&row.path)
         .fetch_one(&self.pool)
         .await?;
-        if revoked > 0 {
-            return Ok(Err(DenyReason::CredentialRevoked));
-        }
-        if row.key_expires_at.is_some_and(|t| now_ms >= t) {
-            return Ok(Err(DenyReason::CredentialExpired));
+        if let Err(reason) = bulkhead_core::credential(revoked > 0, row.key_expires_at, now_ms) {
+            return Ok(Err(reason));
         }
         Ok(Ok(self.views(vec![row], now_ms).await?.remove(0)))
     }

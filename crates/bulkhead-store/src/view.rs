@@ -176,9 +176,9 @@ impl AgentRow {
         let m = self.member(now_ms);
         let held = micros(self.held - expired_held);
         let (_, start, end) = window_at(self.created_at, self.window_ms.max(1), now_ms);
-        let cap = m.limits.spending_cap.micros();
-        let used = m.counters.window_spent.micros().saturating_add(held.micros());
-        let utilization = if cap == 0 { if used == 0 { 0.0 } else { 1.0 } } else { used as f64 / cap as f64 };
+        // A zero cap with something used shows as full.
+        let utilization =
+            bulkhead_core::utilization(m.counters.window_spent, held, m.limits.spending_cap).unwrap_or(1.0);
         AgentView {
             handle: self.handle.clone(),
             parent,

@@ -3,7 +3,7 @@
 //! where it changes what a credential may do. No money moves here except the holds a
 //! revocation releases.
 
-use bulkhead_core::decision::{SpendCheck, precheck};
+use bulkhead_core::decision::{Escalation, SpendCheck, child_check, credential, precheck};
 use bulkhead_core::runaway::BreakerOverride;
 use bulkhead_core::{DenyReason, KeyHash, Micros, Scope};
 use serde_json::json;
@@ -96,20 +96,16 @@ impl Batch {
         if let Err(reason) = precheck(&check, self.now) {
             return Ok(Err(self.deny(pid, "agent.create", reason, Some(&spawn), None)?));
         }
-        if !scopes.covers_all(&spec.scopes) {
-            let h = p.handle.clone();
-            return Ok(Err(self.refuse_child(&h, spec, Refusal::ScopeEscalation, "scope_escalation")));
-        }
         let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
-        let pl = p.limits();
-        let lifetime_ok = match (pl.lifetime_cap, spec.lifetime_cap) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some(p), Some(c)) => c <= p,
-        };
-        if spec.spending_cap > pl.spending_cap || per_tx > pl.per_tx_limit || !lifetime_ok {
+        let escalation =
+            child_check(&scopes, &p.limits(), &spec.scopes, spec.spending_cap, per_tx, spec.lifetime_cap).err();
+        if let Some(e) = escalation {
+            let (refusal, code) = match e {
+                Escalation::Scope => (Refusal::ScopeEscalation, "scope_escalation"),
+                Escalation::Cap => (Refusal::CapEscalation, "cap_escalation"),
+            };
             let h = p.handle.clone();
-            return Ok(Err(self.refuse_child(&h, spec, Refusal::CapEscalation, "cap_escalation")));
+            return Ok(Err(self.refuse_child(&h, spec, refusal, code)));
         }
         if p.depth + 1 > AGENT_DEPTH_MAX {
             return Ok(Err(Reply::refuse(Refusal::TreeTooDeep { depth_max: AGENT_DEPTH_MAX })));
@@ -331,13 +327,8 @@ impl Batch {
         let Some(cid) = self.agent_by_key(key).await? else {
             return Ok(Some(Reply::deny(DenyReason::InvalidCredentials)));
         };
-        let revoked = self.chain_revoked(cid)?;
-        let c = self.row(cid)?;
-        if revoked {
-            return Ok(Some(Reply::deny(DenyReason::CredentialRevoked)));
-        }
-        if c.key_expires_at.is_some_and(|t| self.now >= t) {
-            return Ok(Some(Reply::deny(DenyReason::CredentialExpired)));
+        if let Err(reason) = credential(self.chain_revoked(cid)?, self.row(cid)?.key_expires_at, self.now) {
+            return Ok(Some(Reply::deny(reason)));
         }
         let Some(tid) = self.agent_by_handle(handle).await? else {
             return Ok(Some(Reply::refuse(Refusal::NotFound(Missing::Agent))));

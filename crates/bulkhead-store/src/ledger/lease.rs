@@ -38,12 +38,8 @@ impl Batch {
         row.tx_count -= 1;
         let b = row.breaker(default_breaker);
         let one_by_one = row.enforce == 0 || row.status != "active" || b.max_requests > 0 || b.repeats > 0;
-        let mut extra = if one_by_one { 0 } else { u64::from(slots.saturating_sub(1)) };
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
-        if extra > 0 && !unit.is_zero() {
-            let fit = bulkhead_core::room(&members).micros() / unit.micros();
-            extra = extra.min(u64::try_from(fit).unwrap_or(0));
-        }
+        let mut extra = bulkhead_core::lease_extra_slots(slots, one_by_one, bulkhead_core::room(&members), unit);
         if extra > 0
             && let Some(limit) = self.row(id)?.rate_limit()
         {

@@ -3,8 +3,9 @@
 //! allowed movement with its cap assertion and alert thresholds. It never writes SQL of its own
 //! beyond the idempotency record.
 
-use bulkhead_core::decision::{Movement, SpendCheck, authorize, precheck};
+use bulkhead_core::decision::{Movement, SpendCheck, Verdict, credential, precheck, verdict};
 use bulkhead_core::key::random_base62;
+use bulkhead_core::runaway::denial_step;
 use bulkhead_core::{DenyReason, Micros, Scope};
 use serde_json::json;
 
@@ -18,11 +19,10 @@ use crate::answer::{
 use crate::audit::NewEvent;
 use crate::view::fmt_time;
 
-/// `(window_spent + held) / spending_cap` of a chain member (1.0 for a full zero cap).
+/// The utilization alert thresholds are compared with: a zero cap with something used is past
+/// every threshold.
 fn utilization(m: &bulkhead_core::ChainMember) -> f64 {
-    let used = m.counters.window_spent.micros().saturating_add(m.counters.held.micros()) as f64;
-    let cap = m.limits.spending_cap.micros() as f64;
-    if cap <= 0.0 { if used > 0.0 { f64::INFINITY } else { 0.0 } } else { used / cap }
+    bulkhead_core::utilization(m.counters.window_spent, m.counters.held, m.limits.spending_cap).unwrap_or(f64::INFINITY)
 }
 
 impl Batch {
@@ -109,7 +109,7 @@ impl Batch {
         };
         // Credentials come first, even before a replay: a revoked or expired key never gets an
         // earlier 2xx back (the call below denies it), and its denial is not stored.
-        let key_good = !self.chain_revoked(id)? && self.row(id)?.key_expires_at.is_none_or(|t| self.now < t);
+        let key_good = credential(self.chain_revoked(id)?, self.row(id)?.key_expires_at, self.now).is_ok();
         let idem = idem.filter(|_| key_good);
         if let Some(idem) = idem {
             let prior: Option<(String, i64, String, i64)> = sqlx::query_as(
@@ -181,28 +181,12 @@ impl Batch {
         let row = self.row_mut(id)?;
         row.denied_count += 1;
         let mut suspended = false;
-        let counts_for_breaker = !matches!(
-            reason,
-            DenyReason::InvalidCredentials
-                | DenyReason::CredentialRevoked
-                | DenyReason::CredentialExpired
-                | DenyReason::AgentSuspended
-        );
-        if counts_for_breaker && row.status == "active" {
+        if reason.feeds_breaker() && row.status == "active" {
             let b = row.breaker(default_breaker);
             if b.denials > 0 {
-                // A sliding window: keep the times of the last `denials` denials and trip when
-                // all of them fall within `window_ms` of this one.
-                let mut recent: std::collections::VecDeque<i64> =
-                    row.breaker_recent.split(',').filter_map(|t| t.parse().ok()).collect();
-                recent.push_back(now);
-                while recent.front().is_some_and(|t| now - *t >= b.window_ms) {
-                    recent.pop_front();
-                }
-                while recent.len() as i64 > b.denials {
-                    recent.pop_front();
-                }
-                suspended = recent.len() as i64 >= b.denials;
+                let recent: Vec<i64> = row.breaker_recent.split(',').filter_map(|t| t.parse().ok()).collect();
+                let (recent, tripped) = denial_step(&recent, b.denials, b.window_ms, now);
+                suspended = tripped;
                 row.breaker_recent = recent.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
             }
         }
@@ -262,7 +246,7 @@ impl Batch {
         let default_breaker = self.breaker;
         let revoked = self.chain_revoked(id)?;
         let row = self.row(id)?;
-        let credential_bad = revoked || row.key_expires_at.is_some_and(|t| now >= t);
+        let credential_bad = credential(revoked, row.key_expires_at, now).is_err();
         let b = row.breaker(default_breaker);
         if row.enforce == 0 || row.status != "active" || credential_bad || (b.max_requests <= 0 && b.repeats <= 0) {
             return Ok(None);
@@ -336,29 +320,18 @@ impl Batch {
             scope: Some(scope),
             rate: agent.rate_limit().map(|r| (r, agent.rate_tat)),
         };
-        // Shadow mode (root agents only) records what would have been denied and lets it through;
-        // a revoked or expired credential is refused all the same.
+        // Shadow mode (root agents only) records what would have been denied and lets it through.
         let shadow = agent.enforce == 0;
-        let mut would_deny: Option<DenyReason> = None;
-        match precheck(&check, now) {
-            Ok(Some(tat)) => self.row_mut(id)?.rate_tat = tat,
-            Ok(None) => {}
-            Err(reason)
-                if shadow && !matches!(reason, DenyReason::CredentialRevoked | DenyReason::CredentialExpired) =>
-            {
-                would_deny = Some(reason)
-            }
-            Err(reason) => return self.deny(id, action, reason, Some(scope), Some(amount)),
-        }
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
-        if would_deny.is_none()
-            && let Err(reason) = authorize(&members, amount)
-        {
-            if !shadow {
-                return self.deny(id, action, reason, Some(scope), Some(amount));
-            }
-            would_deny = Some(reason);
+        let (verdict, tat) = verdict(&check, &members, amount, shadow, now);
+        if let Some(tat) = tat {
+            self.row_mut(id)?.rate_tat = tat;
         }
+        let would_deny = match verdict {
+            Verdict::Allow => None,
+            Verdict::ShadowAllow(reason) => Some(reason),
+            Verdict::Deny(reason) => return self.deny(id, action, reason, Some(scope), Some(amount)),
+        };
         let movement = if hold_expires.is_some() { Movement::Hold(amount) } else { Movement::Spend(amount) };
         // A shadow agent's over-cap spend is the one movement that may break a cap, by design.
         self.move_allowed(&chain, &members, movement, would_deny.is_some())?;
