@@ -107,7 +107,7 @@ impl Store {
         let advice = tally.finish(&grant, until);
         Ok(Some(AgentAdvice {
             handle: row.handle.clone(),
-            status: row.status.clone(),
+            status: row.status.as_str().to_owned(),
             window: Span::from_secs(row.window_ms / 1000).map(|s| s.to_string()).unwrap_or_default(),
             created_at: fmt_time(row.created_at),
             observed_until: fmt_time(advice.until_ms),

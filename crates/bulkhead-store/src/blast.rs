@@ -8,7 +8,7 @@ use bulkhead_core::Micros;
 use bulkhead_core::decision::max_spend_per_day;
 use serde::Serialize;
 
-use crate::view::{AGENT_COLUMNS, AgentRow};
+use crate::view::{AGENT_COLUMNS, AgentRow, AgentStatus};
 use crate::{Store, StoreError};
 
 /// One agent's blast radius.
@@ -78,7 +78,7 @@ impl Store {
         let by_id: HashMap<i64, &AgentRow> = rows.iter().map(|r| (r.id, r)).collect();
         let mut children: HashMap<i64, i64> = HashMap::new();
         let mut descendants: HashMap<i64, i64> = HashMap::new();
-        for r in rows.iter().filter(|r| r.status != "revoked") {
+        for r in rows.iter().filter(|r| r.status != AgentStatus::Revoked) {
             if let Some(p) = r.parent_id {
                 *children.entry(p).or_default() += 1;
             }
@@ -88,7 +88,7 @@ impl Store {
         }
         let mut fleet = Micros::ZERO;
         let mut agents = Vec::new();
-        for r in rows.iter().filter(|r| r.status != "revoked") {
+        for r in rows.iter().filter(|r| r.status != AgentStatus::Revoked) {
             let limits = r.limits();
             let mut effective = limits.spending_cap;
             let mut effective_day = max_spend_per_day(&limits);
@@ -107,7 +107,7 @@ impl Store {
             agents.push(AgentBlast {
                 handle: r.handle.clone(),
                 parent: r.parent_id.and_then(|p| by_id.get(&p)).map(|p| p.handle.clone()),
-                status: r.status.clone(),
+                status: r.status.as_str().to_owned(),
                 max_spend_per_period: limits.spending_cap,
                 window: view.window,
                 effective_max_spend_per_period: effective,

@@ -6,6 +6,9 @@ use bulkhead_core::ratelimit::RateLimit;
 use bulkhead_core::runaway::{Breaker, BreakerOverride};
 use bulkhead_core::{Micros, ScopeSet, Span};
 use serde::Serialize;
+use sqlx::Arguments;
+use sqlx::any::AnyArguments;
+use sqlx::error::BoxDynError;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -31,7 +34,8 @@ pub(crate) struct AgentRow {
     pub root_id: i64,
     pub path: String,
     pub depth: i64,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: AgentStatus,
     pub key_hash: String,
     pub key_expires_at: Option<i64>,
     pub scopes: String,
@@ -75,13 +79,146 @@ pub(crate) struct AgentRow {
     pub denied_count: i64,
 }
 
-pub(crate) const AGENT_COLUMNS: &str = "id, handle, parent_id, root_id, path, depth, status, key_hash, \
-    key_expires_at, scopes, spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, \
-    rate_per_ms, rate_tat, breaker_denials, breaker_window_ms, breaker_recent, \
-    breaker_max_requests, breaker_rate_window_ms, breaker_repeats, breaker_repeat_window_ms, \
-    breaker_rate_tat_us, breaker_repeat_hash, breaker_repeat_count, breaker_repeat_since, cap_alerted_window, enforce, labels, \
-    created_at, revoked_at, revoke_reason, suspended_at, window_index, window_spent, held, \
-    lifetime_spent, tx_count, denied_count";
+/// An agent's status, as stored in `agents.status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AgentStatus {
+    Active,
+    /// By an operator or by the breaker, until resumed.
+    Suspended,
+    /// For good, with its subtree.
+    Revoked,
+}
+
+impl AgentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Active => "active",
+            AgentStatus::Suspended => "suspended",
+            AgentStatus::Revoked => "revoked",
+        }
+    }
+}
+
+impl TryFrom<String> for AgentStatus {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<AgentStatus, String> {
+        match s.as_str() {
+            "active" => Ok(AgentStatus::Active),
+            "suspended" => Ok(AgentStatus::Suspended),
+            "revoked" => Ok(AgentStatus::Revoked),
+            _ => Err(format!("unknown agent status {s:?}")),
+        }
+    }
+}
+
+/// A value of the agent row bound to a generated statement.
+trait Bind {
+    fn bind(&self, args: &mut AnyArguments) -> Result<(), BoxDynError>;
+}
+
+impl Bind for i64 {
+    fn bind(&self, args: &mut AnyArguments) -> Result<(), BoxDynError> {
+        args.add(*self)
+    }
+}
+
+impl Bind for Option<i64> {
+    fn bind(&self, args: &mut AnyArguments) -> Result<(), BoxDynError> {
+        args.add(*self)
+    }
+}
+
+impl Bind for String {
+    fn bind(&self, args: &mut AnyArguments) -> Result<(), BoxDynError> {
+        args.add(self.clone())
+    }
+}
+
+impl Bind for Option<String> {
+    fn bind(&self, args: &mut AnyArguments) -> Result<(), BoxDynError> {
+        args.add(self.clone())
+    }
+}
+
+impl Bind for AgentStatus {
+    fn bind(&self, args: &mut AnyArguments) -> Result<(), BoxDynError> {
+        args.add(self.as_str().to_owned())
+    }
+}
+
+/// The columns of `agents`, stated once. From this list come [`AGENT_COLUMNS`] (every column,
+/// for each `SELECT`), [`AGENT_WRITTEN`] with [`AgentRow::bind_written`] (the columns a batch
+/// writes back, with the SQL types a `VALUES` list needs, in one order) and
+/// [`AGENT_INSERTED`] with [`AgentRow::bind_inserted`] (every column but the generated `id`).
+/// A column is *fixed* when it never changes after the agent is created.
+macro_rules! agent_columns {
+    (fixed: [$($fixed:ident),* $(,)?], written: [$($col:ident: $ty:literal),* $(,)?] $(,)?) => {
+        /// Every column of `agents`, for `SELECT`.
+        pub(crate) const AGENT_COLUMNS: &str =
+            concat!("id" $(, ", ", stringify!($fixed))* $(, ", ", stringify!($col))*);
+        /// The columns a batch writes back, with their SQL types, in [`AgentRow::bind_written`]'s order.
+        pub(crate) const AGENT_WRITTEN: &[(&str, &str)] = &[$((stringify!($col), $ty)),*];
+        /// The columns of a new agent, in [`AgentRow::bind_inserted`]'s order.
+        pub(crate) const AGENT_INSERTED: &[&str] = &[$(stringify!($fixed),)* $(stringify!($col)),*];
+
+        impl AgentRow {
+            /// Binds the [`AGENT_WRITTEN`] columns of this row, in their order.
+            pub(crate) fn bind_written(&self, args: &mut AnyArguments) -> Result<(), BoxDynError> {
+                $( Bind::bind(&self.$col, args)?; )*
+                Ok(())
+            }
+
+            /// Binds the [`AGENT_INSERTED`] columns of this row, in their order.
+            pub(crate) fn bind_inserted(&self, args: &mut AnyArguments) -> Result<(), BoxDynError> {
+                $( Bind::bind(&self.$fixed, args)?; )*
+                self.bind_written(args)
+            }
+        }
+    };
+}
+
+agent_columns! {
+    fixed: [handle, parent_id, depth, created_at],
+    written: [
+        status: "TEXT",
+        key_hash: "TEXT",
+        key_expires_at: "BIGINT",
+        scopes: "TEXT",
+        spending_cap: "BIGINT",
+        window_ms: "BIGINT",
+        per_tx_limit: "BIGINT",
+        lifetime_cap: "BIGINT",
+        rate_requests: "BIGINT",
+        rate_per_ms: "BIGINT",
+        rate_tat: "BIGINT",
+        breaker_denials: "BIGINT",
+        breaker_window_ms: "BIGINT",
+        breaker_recent: "TEXT",
+        breaker_max_requests: "BIGINT",
+        breaker_rate_window_ms: "BIGINT",
+        breaker_repeats: "BIGINT",
+        breaker_repeat_window_ms: "BIGINT",
+        breaker_rate_tat_us: "BIGINT",
+        breaker_repeat_hash: "TEXT",
+        breaker_repeat_count: "BIGINT",
+        breaker_repeat_since: "BIGINT",
+        labels: "TEXT",
+        revoked_at: "BIGINT",
+        revoke_reason: "TEXT",
+        suspended_at: "BIGINT",
+        window_index: "BIGINT",
+        window_spent: "BIGINT",
+        held: "BIGINT",
+        lifetime_spent: "BIGINT",
+        tx_count: "BIGINT",
+        denied_count: "BIGINT",
+        root_id: "BIGINT",
+        path: "TEXT",
+        cap_alerted_window: "BIGINT",
+        enforce: "BIGINT",
+    ],
+}
 
 impl AgentRow {
     pub fn limits(&self) -> AgentLimits {
@@ -182,7 +319,7 @@ impl AgentRow {
         AgentView {
             handle: self.handle.clone(),
             parent,
-            status: self.status.clone(),
+            status: self.status.as_str().to_owned(),
             scopes: self.scope_set().to_strings(),
             spending_cap: m.limits.spending_cap,
             window: Span::from_secs(self.window_ms / 1000).map(|s| s.to_string()).unwrap_or_default(),

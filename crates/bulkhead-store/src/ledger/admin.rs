@@ -7,18 +7,19 @@ use bulkhead_core::decision::{Escalation, SpendCheck, child_check, credential, p
 use bulkhead_core::runaway::BreakerOverride;
 use bulkhead_core::{DenyReason, KeyHash, Micros, Scope};
 use serde_json::json;
+use sqlx::any::AnyArguments;
 
-use super::batch::{Batch, HOLD_COLUMNS, HoldRow, R, corrupt};
+use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, R, corrupt};
 use super::{AGENT_DEPTH_MAX, AgentSpec, CHILDREN_PER_AGENT_MAX, Caller, Patch};
 use crate::answer::{Answer, Missing, Refusal, Reply, Revived};
-use crate::view::{AGENT_COLUMNS, AgentRow};
+use crate::view::{AGENT_COLUMNS, AGENT_INSERTED, AgentRow, AgentStatus};
 
 impl Batch {
     pub(super) async fn rotate_key(&mut self, handle: &str, key_hash: &KeyHash) -> R<Reply> {
         let Some(id) = self.agent_by_handle(handle).await? else {
             return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
         };
-        if self.row(id)?.status == "revoked" {
+        if self.row(id)?.status == AgentStatus::Revoked {
             return Ok(Reply::refuse(Refusal::AgentRevoked(Revived::RotateKey)));
         }
         let old = self.row(id)?.key_hash.clone();
@@ -37,19 +38,19 @@ impl Batch {
         let Some(id) = self.agent_by_handle(handle).await? else {
             return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
         };
-        match self.row(id)?.status.as_str() {
-            "revoked" => {
+        match self.row(id)?.status {
+            AgentStatus::Revoked => {
                 return Ok(Reply::refuse(Refusal::AgentRevoked(Revived::Resume)));
             }
-            "suspended" => {
+            AgentStatus::Suspended => {
                 let r = self.row_mut(id)?;
-                r.status = "active".into();
+                r.status = AgentStatus::Active;
                 r.suspended_at = None;
                 r.clear_breaker_state();
                 let h = r.handle.clone();
                 self.event(&h, "agent.resume", "allowed");
             }
-            _ => {}
+            AgentStatus::Active => {}
         }
         self.agent_reply(id, false)
     }
@@ -88,7 +89,7 @@ impl Batch {
         let check = SpendCheck {
             revoked,
             key_expires_ms: p.key_expires_at,
-            suspended: p.status == "suspended",
+            suspended: p.status == AgentStatus::Suspended,
             scopes: &scopes,
             scope: Some(&spawn),
             rate: None,
@@ -120,9 +121,9 @@ impl Batch {
         Ok(Ok(pid))
     }
 
-    /// Creates an agent: the parent's checks, then one `INSERT` of every configured column (the
-    /// bulk of its length: one bind per column, kept in the column order of the statement), its
-    /// place in the tree, and the audit event.
+    /// Creates an agent: the parent's checks, then the new row (the bulk of its length: a literal
+    /// naming every column, so that none is left to a default by oversight) inserted through the
+    /// column list of `view.rs`, its place in the tree, and the audit event.
     pub(super) async fn create_agent(&mut self, caller: &Caller, spec: &AgentSpec, key_hash: &KeyHash) -> R<Reply> {
         let now = self.now;
         if !spec.enforce && matches!(caller, Caller::Agent(_)) {
@@ -141,37 +142,62 @@ impl Batch {
         let scopes = spec.scopes.to_strings().join(" ");
         let labels = serde_json::Value::Object(spec.labels.clone()).to_string();
         let expires = spec.expires_in.map(|s| now.saturating_add(s.millis()));
-        let row: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO agents (handle, parent_id, root_id, path, depth, status, key_hash, key_expires_at, scopes, \
-             spending_cap, window_ms, per_tx_limit, lifetime_cap, rate_requests, rate_per_ms, breaker_denials, \
-             breaker_window_ms, breaker_max_requests, breaker_rate_window_ms, breaker_repeats, \
-             breaker_repeat_window_ms, labels, created_at, enforce) \
-             VALUES ($1, $2, 0, '', 0, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20) \
-             ON CONFLICT DO NOTHING RETURNING id",
-        )
-        .bind(spec.handle.as_str())
-        .bind(parent)
-        .bind(key_hash.as_str())
-        .bind(expires)
-        .bind(&scopes)
-        .bind(spec.spending_cap.micros())
-        .bind(spec.window.millis())
-        .bind(per_tx.micros())
-        .bind(spec.lifetime_cap.map(Micros::micros))
-        .bind(rate_requests)
-        .bind(rate_per_ms)
-        .bind(spec.breaker.and_then(|b| b.denials))
-        .bind(spec.breaker.and_then(|b| b.window_ms))
-        .bind(spec.breaker.and_then(|b| b.max_requests))
-        .bind(spec.breaker.and_then(|b| b.rate_window_ms))
-        .bind(spec.breaker.and_then(|b| b.repeats))
-        .bind(spec.breaker.and_then(|b| b.repeat_window_ms))
-        .bind(&labels)
-        .bind(now)
-        .bind(i64::from(spec.enforce))
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        // Every column of the new row, each as its column's default would have it where the
+        // spec says nothing; its place in the tree (root, path, depth) follows once it has an id.
+        let mut new = AgentRow {
+            id: 0,
+            handle: spec.handle.as_str().to_owned(),
+            parent_id: parent,
+            root_id: 0,
+            path: String::new(),
+            depth: 0,
+            status: AgentStatus::Active,
+            key_hash: key_hash.as_str().to_owned(),
+            key_expires_at: expires,
+            scopes,
+            spending_cap: spec.spending_cap.micros(),
+            window_ms: spec.window.millis(),
+            per_tx_limit: per_tx.micros(),
+            lifetime_cap: spec.lifetime_cap.map(Micros::micros),
+            rate_requests,
+            rate_per_ms,
+            rate_tat: 0,
+            breaker_denials: None,
+            breaker_window_ms: None,
+            breaker_recent: String::new(),
+            breaker_max_requests: None,
+            breaker_rate_window_ms: None,
+            breaker_repeats: None,
+            breaker_repeat_window_ms: None,
+            breaker_rate_tat_us: 0,
+            breaker_repeat_hash: String::new(),
+            breaker_repeat_count: 0,
+            breaker_repeat_since: 0,
+            cap_alerted_window: -1,
+            enforce: i64::from(spec.enforce),
+            labels,
+            created_at: now,
+            revoked_at: None,
+            revoke_reason: None,
+            suspended_at: None,
+            window_index: 0,
+            window_spent: 0,
+            held: 0,
+            lifetime_spent: 0,
+            tx_count: 0,
+            denied_count: 0,
+        };
+        new.set_breaker_override(spec.breaker);
+        let params: Vec<String> = (1..=AGENT_INSERTED.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "INSERT INTO agents ({}) VALUES ({}) ON CONFLICT DO NOTHING RETURNING id",
+            AGENT_INSERTED.join(", "),
+            params.join(", ")
+        );
+        let mut args = AnyArguments::default();
+        new.bind_inserted(&mut args).map_err(|e| corrupt(&e.to_string()))?;
+        let row: Option<(i64,)> =
+            sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_optional(&mut *self.tx).await?;
         let Some((id,)) = row else {
             return Ok(Reply::refuse(Refusal::HandleTaken));
         };
@@ -299,12 +325,12 @@ impl Batch {
         };
         for (_, id, h) in &ids {
             let row = self.row(*id)?;
-            if row.status == "revoked" {
+            if row.status == AgentStatus::Revoked {
                 continue;
             }
             self.authz = true;
             let r = self.row_mut(*id)?;
-            r.status = "revoked".into();
+            r.status = AgentStatus::Revoked;
             r.revoked_at = Some(now);
             r.revoke_reason = reason.map(str::to_owned);
             let e = self.event(h, "agent.revoke", "allowed");
@@ -355,7 +381,7 @@ impl Batch {
         .fetch_all(&mut *self.tx)
         .await?;
         for h in open {
-            self.close_hold(&h, Micros::ZERO, "released", now).await?;
+            self.close_hold(&h, Micros::ZERO, HoldStatus::Released, now).await?;
             let handle = self.row(h.agent_id)?.handle.clone();
             let e = self.event(&handle, "release", "allowed");
             e.amount = Some(h.amount);

@@ -15,7 +15,7 @@ use super::writer::BatchError;
 use crate::alerts::{AlertRules, NewAlert};
 use crate::answer::{Answer, HoldEnd, Reply};
 use crate::audit::NewEvent;
-use crate::view::{AGENT_COLUMNS, AgentRow};
+use crate::view::{AGENT_COLUMNS, AgentRow, AgentStatus};
 use crate::{Backend, StoreError};
 
 /// How a new hold ends if nobody settles it.
@@ -52,11 +52,45 @@ pub(super) fn in_list_str(prefix: &str, items: &[&str], suffix: &str) -> Result<
 }
 
 /// How a hold that is no longer open ended; one still marked open has expired.
-pub(super) fn hold_end(status: &str) -> HoldEnd {
+pub(super) fn hold_end(status: HoldStatus) -> HoldEnd {
     match status {
-        "captured" => HoldEnd::Captured,
-        "released" => HoldEnd::Released,
-        _ => HoldEnd::Expired,
+        HoldStatus::Captured => HoldEnd::Captured,
+        HoldStatus::Released => HoldEnd::Released,
+        HoldStatus::Open | HoldStatus::Expired => HoldEnd::Expired,
+    }
+}
+
+/// A hold's status, as stored in `holds.status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum HoldStatus {
+    Open,
+    Captured,
+    Released,
+    Expired,
+}
+
+impl HoldStatus {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Open => "open",
+            HoldStatus::Captured => "captured",
+            HoldStatus::Released => "released",
+            HoldStatus::Expired => "expired",
+        }
+    }
+}
+
+impl TryFrom<String> for HoldStatus {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<HoldStatus, String> {
+        match s.as_str() {
+            "open" => Ok(HoldStatus::Open),
+            "captured" => Ok(HoldStatus::Captured),
+            "released" => Ok(HoldStatus::Released),
+            "expired" => Ok(HoldStatus::Expired),
+            _ => Err(format!("unknown hold status {s:?}")),
+        }
     }
 }
 
@@ -71,7 +105,8 @@ pub(super) struct HoldRow {
     pub(super) captured: i64,
     /// The last `LeaseSettle` applied to it (its gateway numbers them 1, 2, …).
     pub(super) settled_seq: i64,
-    pub(super) status: String,
+    #[sqlx(try_from = "String")]
+    pub(super) status: HoldStatus,
     pub(super) expires_at: i64,
     pub(super) on_expiry: String,
 }
@@ -104,7 +139,7 @@ pub(super) struct Batch {
     /// Holds made by this batch and not yet written.
     pub(super) new_holds: Vec<NewHold>,
     /// Holds closed by this batch and not yet written: (id, status, captured, closed_at).
-    pub(super) closed_holds: Vec<(String, String, i64, i64)>,
+    pub(super) closed_holds: Vec<(String, HoldStatus, i64, i64)>,
     /// Open leases this batch settled calls of (their `amount` and `captured` to write).
     pub(super) touched_holds: BTreeSet<String>,
     /// This batch changed what some credential may do (a revocation, a patch, a new key, a
@@ -260,7 +295,7 @@ impl Batch {
 
     pub(super) fn chain_revoked(&self, id: i64) -> R<bool> {
         for a in self.chain(id)? {
-            if self.row(a)?.status == "revoked" {
+            if self.row(a)?.status == AgentStatus::Revoked {
                 return Ok(true);
             }
         }

@@ -10,7 +10,7 @@ use serde_json::json;
 use sqlx::Arguments;
 
 use super::SWEEP_HOLDS_MAX;
-use super::batch::{Batch, HOLD_COLUMNS, HoldRow, R, corrupt, in_list, path_ids};
+use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, R, corrupt, in_list, path_ids};
 use crate::Backend;
 
 impl Batch {
@@ -82,26 +82,26 @@ impl Batch {
             // A gateway hold nobody settled (the server died mid-call) is charged in full: a
             // call is never free.
             let captured = if h.on_expiry == "capture" { crate::view::micros(h.amount) } else { Micros::ZERO };
-            self.close_hold(&h, captured, "expired", h.expires_at).await?;
+            self.close_hold(&h, captured, HoldStatus::Expired, h.expires_at).await?;
         }
         Ok(())
     }
 
     /// Closes an open hold: `captured` of it is spent, the rest released.
-    pub(super) async fn close_hold(&mut self, h: &HoldRow, captured: Micros, status: &str, at: i64) -> R<()> {
+    pub(super) async fn close_hold(&mut self, h: &HoldRow, captured: Micros, status: HoldStatus, at: i64) -> R<()> {
         let ids = path_ids(&h.path);
         self.load_ids(&ids).await?;
         let held = Micros::from_micros(h.amount).ok_or_else(|| corrupt("negative hold"))?;
         let cached = self.holds.entry(h.id.clone()).or_insert_with(|| h.clone());
-        if cached.status != "open" {
+        if cached.status != HoldStatus::Open {
             return Err(corrupt("hold closed twice"));
         }
-        cached.status = status.to_owned();
+        cached.status = status;
         let total = cached.captured.checked_add(captured.micros()).ok_or_else(|| corrupt("capture overflow"))?;
         cached.captured = total;
         self.move_chain(&ids, Movement::Settle { held, captured })?;
-        self.closed_holds.push((h.id.clone(), status.to_owned(), total, at));
-        if status == "expired" {
+        self.closed_holds.push((h.id.clone(), status, total, at));
+        if status == HoldStatus::Expired {
             let handle = self.row(h.agent_id)?.handle.clone();
             let e = self.event(&handle, "hold.expire", "allowed");
             e.amount = Some(h.amount);

@@ -7,8 +7,9 @@ use bulkhead_core::Scope;
 use bulkhead_core::decision::Movement;
 use serde_json::json;
 
-use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldTerms, R, corrupt, hold_end, path_ids};
+use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, HoldTerms, R, corrupt, hold_end, path_ids};
 use crate::answer::{AmountProblem, Answer, LeaseGrant, LeaseSettled, Missing, Outcome, Refusal, Reply};
+use crate::view::AgentStatus;
 
 impl Batch {
     /// A gateway lease: the first slot is a `MeteredHold` of `unit` in every respect; the hold
@@ -37,7 +38,7 @@ impl Batch {
         // Each call under the lease counts as it is settled, not the lease itself.
         row.tx_count -= 1;
         let b = row.breaker(default_breaker);
-        let one_by_one = row.enforce == 0 || row.status != "active" || b.max_requests > 0 || b.repeats > 0;
+        let one_by_one = row.enforce == 0 || row.status != AgentStatus::Active || b.max_requests > 0 || b.repeats > 0;
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
         let mut extra = bulkhead_core::lease_extra_slots(slots, one_by_one, bulkhead_core::room(&members), unit);
         if extra > 0
@@ -115,8 +116,8 @@ impl Batch {
         if seq <= hold.settled_seq {
             return Ok(Reply::ok(Answer::LeaseSettled(LeaseSettled::Before { hold_id: hold.id, seq })));
         }
-        if hold.status != "open" || hold.expires_at <= self.now {
-            return Ok(Reply::refuse(Refusal::HoldClosed { lease: true, was: hold_end(&hold.status) }));
+        if hold.status != HoldStatus::Open || hold.expires_at <= self.now {
+            return Ok(Reply::refuse(Refusal::HoldClosed { lease: true, was: hold_end(hold.status) }));
         }
         let slots = u64::try_from(costs.len()).unwrap_or(u64::MAX).saturating_add(u64::from(release));
         let held = i64::try_from(slots).ok().and_then(|n| unit.micros().checked_mul(n)).and_then(Micros::from_micros);
@@ -154,7 +155,7 @@ impl Batch {
             release,
         );
         if close {
-            let status = if left.captured > 0 { "captured" } else { "released" };
+            let status = if left.captured > 0 { HoldStatus::Captured } else { HoldStatus::Released };
             self.close_hold(&left, Micros::ZERO, status, self.now).await?;
         }
         let reply = Reply::ok(Answer::LeaseSettled(LeaseSettled::Applied {

@@ -11,13 +11,13 @@ use serde_json::json;
 
 use super::Command;
 use super::IDEMPOTENCY_TTL_MS;
-use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldTerms, NewHold, R, corrupt, hold_end, path_ids};
+use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, HoldTerms, NewHold, R, corrupt, hold_end, path_ids};
 use crate::alerts::NewAlert;
 use crate::answer::{
     AmountProblem, Answer, Held, Missing, Outcome, RECORD_TYPED, Recorded, Refusal, Remaining, Reply, Settled, Spent,
 };
 use crate::audit::NewEvent;
-use crate::view::fmt_time;
+use crate::view::{AgentStatus, fmt_time};
 
 /// The utilization alert thresholds are compared with: a zero cap with something used is past
 /// every threshold.
@@ -181,7 +181,7 @@ impl Batch {
         let row = self.row_mut(id)?;
         row.denied_count += 1;
         let mut suspended = false;
-        if reason.feeds_breaker() && row.status == "active" {
+        if reason.feeds_breaker() && row.status == AgentStatus::Active {
             let b = row.breaker(default_breaker);
             if b.denials > 0 {
                 let recent: Vec<i64> = row.breaker_recent.split(',').filter_map(|t| t.parse().ok()).collect();
@@ -215,10 +215,10 @@ impl Batch {
     pub(super) fn suspend(&mut self, id: i64, reason: &str) -> R<()> {
         let now = self.now;
         let row = self.row_mut(id)?;
-        if row.status != "active" {
+        if row.status != AgentStatus::Active {
             return Ok(());
         }
-        row.status = "suspended".into();
+        row.status = AgentStatus::Suspended;
         row.suspended_at = Some(now);
         self.authz = true;
         let row = self.row_mut(id)?;
@@ -248,7 +248,11 @@ impl Batch {
         let row = self.row(id)?;
         let credential_bad = credential(revoked, row.key_expires_at, now).is_err();
         let b = row.breaker(default_breaker);
-        if row.enforce == 0 || row.status != "active" || credential_bad || (b.max_requests <= 0 && b.repeats <= 0) {
+        if row.enforce == 0
+            || row.status != AgentStatus::Active
+            || credential_bad
+            || (b.max_requests <= 0 && b.repeats <= 0)
+        {
             return Ok(None);
         }
         let row = self.row_mut(id)?;
@@ -315,7 +319,7 @@ impl Batch {
         let check = SpendCheck {
             revoked,
             key_expires_ms: agent.key_expires_at,
-            suspended: agent.status == "suspended",
+            suspended: agent.status == AgentStatus::Suspended,
             scopes: &scopes,
             scope: Some(scope),
             rate: agent.rate_limit().map(|r| (r, agent.rate_tat)),
@@ -410,7 +414,7 @@ impl Batch {
                 amount: amount.micros(),
                 captured: 0,
                 settled_seq: 0,
-                status: "open".into(),
+                status: HoldStatus::Open,
                 expires_at,
                 on_expiry: on_expiry.into(),
             },
@@ -473,8 +477,8 @@ impl Batch {
         let ids = path_ids(&hold.path);
         self.load_ids(&ids).await?;
         let handle = self.row(hold.agent_id)?.handle.clone();
-        if hold.status != "open" || hold.expires_at <= self.now {
-            return Ok(Reply::refuse(Refusal::HoldClosed { lease: false, was: hold_end(&hold.status) }));
+        if hold.status != HoldStatus::Open || hold.expires_at <= self.now {
+            return Ok(Reply::refuse(Refusal::HoldClosed { lease: false, was: hold_end(hold.status) }));
         }
         let held = Micros::from_micros(hold.amount).ok_or_else(|| corrupt("negative hold"))?;
         let captured = amount.unwrap_or(Micros::ZERO);
@@ -482,7 +486,13 @@ impl Batch {
             return Ok(Reply::refuse(Refusal::InvalidAmount(AmountProblem::CaptureAboveHold { held })));
         }
         let released = held.checked_sub(captured).ok_or_else(|| corrupt("capture above hold"))?;
-        self.close_hold(&hold, captured, if amount.is_some() { "captured" } else { "released" }, self.now).await?;
+        self.close_hold(
+            &hold,
+            captured,
+            if amount.is_some() { HoldStatus::Captured } else { HoldStatus::Released },
+            self.now,
+        )
+        .await?;
         let e = self.event(&handle, action, "allowed");
         e.amount = Some(if amount.is_some() { captured.micros() } else { released.micros() });
         e.reference = Some(hold.id.clone());

@@ -5,7 +5,8 @@
 use sqlx::Arguments;
 use sqlx::any::AnyArguments;
 
-use super::batch::{Batch, R, corrupt};
+use super::batch::{Batch, HoldStatus, R, corrupt};
+use crate::view::AGENT_WRITTEN;
 
 impl Batch {
     pub(super) async fn write_alerts(&mut self) -> R<()> {
@@ -51,7 +52,7 @@ impl Batch {
                 args.add(h.path.clone()).map_err(bad)?;
                 args.add(h.scope.clone()).map_err(bad)?;
                 args.add(h.amount).map_err(bad)?;
-                args.add("open".to_owned()).map_err(bad)?;
+                args.add(HoldStatus::Open.as_str().to_owned()).map_err(bad)?;
                 args.add(h.created_at).map_err(bad)?;
                 args.add(h.expires_at).map_err(bad)?;
                 args.add(h.on_expiry.to_owned()).map_err(bad)?;
@@ -84,7 +85,7 @@ impl Batch {
             &closed,
             |args, (id, status, captured, at)| {
                 args.add(id.clone())?;
-                args.add(status.clone())?;
+                args.add(status.as_str().to_owned())?;
                 args.add(*captured)?;
                 args.add(*at)
             },
@@ -128,104 +129,31 @@ impl Batch {
 
     pub(super) async fn flush(&mut self) -> R<()> {
         self.flush_holds().await?;
-        const COLS: [(&str, &str); 37] = [
-            ("status", "TEXT"),
-            ("key_hash", "TEXT"),
-            ("key_expires_at", "BIGINT"),
-            ("scopes", "TEXT"),
-            ("spending_cap", "BIGINT"),
-            ("window_ms", "BIGINT"),
-            ("per_tx_limit", "BIGINT"),
-            ("lifetime_cap", "BIGINT"),
-            ("rate_requests", "BIGINT"),
-            ("rate_per_ms", "BIGINT"),
-            ("rate_tat", "BIGINT"),
-            ("breaker_denials", "BIGINT"),
-            ("breaker_window_ms", "BIGINT"),
-            ("breaker_recent", "TEXT"),
-            ("breaker_max_requests", "BIGINT"),
-            ("breaker_rate_window_ms", "BIGINT"),
-            ("breaker_repeats", "BIGINT"),
-            ("breaker_repeat_window_ms", "BIGINT"),
-            ("breaker_rate_tat_us", "BIGINT"),
-            ("breaker_repeat_hash", "TEXT"),
-            ("breaker_repeat_count", "BIGINT"),
-            ("breaker_repeat_since", "BIGINT"),
-            ("labels", "TEXT"),
-            ("revoked_at", "BIGINT"),
-            ("revoke_reason", "TEXT"),
-            ("suspended_at", "BIGINT"),
-            ("window_index", "BIGINT"),
-            ("window_spent", "BIGINT"),
-            ("held", "BIGINT"),
-            ("lifetime_spent", "BIGINT"),
-            ("tx_count", "BIGINT"),
-            ("denied_count", "BIGINT"),
-            ("root_id", "BIGINT"),
-            ("path", "TEXT"),
-            ("cap_alerted_window", "BIGINT"),
-            ("enforce", "BIGINT"),
-            ("id", "BIGINT"),
-        ];
         const CHUNK: usize = 100;
+        // Every column a batch writes, then the id its row is found by.
+        let n = AGENT_WRITTEN.len() + 1;
+        let types: Vec<Option<&str>> =
+            AGENT_WRITTEN.iter().map(|(_, ty)| Some(*ty)).chain(std::iter::once(Some("BIGINT"))).collect();
         let dirty: Vec<i64> = std::mem::take(&mut self.dirty).into_iter().collect();
         for ids in dirty.chunks(CHUNK) {
             let mut sql = String::from("UPDATE agents SET ");
-            for (n, (col, _)) in COLS[..COLS.len() - 1].iter().enumerate() {
-                if n > 0 {
+            for (k, (col, _)) in AGENT_WRITTEN.iter().enumerate() {
+                if k > 0 {
                     sql.push_str(", ");
                 }
-                sql.push_str(&format!("{col} = v.column{}", n + 1));
+                sql.push_str(&format!("{col} = v.column{}", k + 1));
             }
             sql.push_str(" FROM (VALUES ");
             let mut args = AnyArguments::default();
-            let bad = |e: sqlx::error::BoxDynError| corrupt(&e.to_string());
             for (k, id) in ids.iter().enumerate() {
                 if k > 0 {
                     sql.push_str(", ");
                 }
-                let types: Vec<Option<&str>> = COLS.iter().map(|(_, ty)| Some(*ty)).collect();
-                sql.push_str(&self.backend.values_row(k * COLS.len() + 1, &types));
-                let r = self.row(*id)?.clone();
-                args.add(r.status).map_err(bad)?;
-                args.add(r.key_hash).map_err(bad)?;
-                args.add(r.key_expires_at).map_err(bad)?;
-                args.add(r.scopes).map_err(bad)?;
-                args.add(r.spending_cap).map_err(bad)?;
-                args.add(r.window_ms).map_err(bad)?;
-                args.add(r.per_tx_limit).map_err(bad)?;
-                args.add(r.lifetime_cap).map_err(bad)?;
-                args.add(r.rate_requests).map_err(bad)?;
-                args.add(r.rate_per_ms).map_err(bad)?;
-                args.add(r.rate_tat).map_err(bad)?;
-                args.add(r.breaker_denials).map_err(bad)?;
-                args.add(r.breaker_window_ms).map_err(bad)?;
-                args.add(r.breaker_recent).map_err(bad)?;
-                args.add(r.breaker_max_requests).map_err(bad)?;
-                args.add(r.breaker_rate_window_ms).map_err(bad)?;
-                args.add(r.breaker_repeats).map_err(bad)?;
-                args.add(r.breaker_repeat_window_ms).map_err(bad)?;
-                args.add(r.breaker_rate_tat_us).map_err(bad)?;
-                args.add(r.breaker_repeat_hash).map_err(bad)?;
-                args.add(r.breaker_repeat_count).map_err(bad)?;
-                args.add(r.breaker_repeat_since).map_err(bad)?;
-                args.add(r.labels).map_err(bad)?;
-                args.add(r.revoked_at).map_err(bad)?;
-                args.add(r.revoke_reason).map_err(bad)?;
-                args.add(r.suspended_at).map_err(bad)?;
-                args.add(r.window_index).map_err(bad)?;
-                args.add(r.window_spent).map_err(bad)?;
-                args.add(r.held).map_err(bad)?;
-                args.add(r.lifetime_spent).map_err(bad)?;
-                args.add(r.tx_count).map_err(bad)?;
-                args.add(r.denied_count).map_err(bad)?;
-                args.add(r.root_id).map_err(bad)?;
-                args.add(r.path).map_err(bad)?;
-                args.add(r.cap_alerted_window).map_err(bad)?;
-                args.add(r.enforce).map_err(bad)?;
-                args.add(r.id).map_err(bad)?;
+                sql.push_str(&self.backend.values_row(k * n + 1, &types));
+                let r = self.row(*id)?;
+                r.bind_written(&mut args).and_then(|()| args.add(r.id)).map_err(|e| corrupt(&e.to_string()))?;
             }
-            sql.push_str(&format!(") AS v WHERE agents.id = v.column{}", COLS.len()));
+            sql.push_str(&format!(") AS v WHERE agents.id = v.column{n}"));
             let done = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *self.tx).await?;
             if done.rows_affected() != ids.len() as u64 {
                 return Err(corrupt("an agent row vanished during its batch"));
