@@ -52,6 +52,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/agents/{handle}", get(get_agent).patch(patch_agent))
         .route("/v1/agents/{handle}/revoke", post(revoke))
         .route("/v1/agents/{handle}/keys", post(rotate_key))
+        .route("/v1/agents/{handle}/suspend", post(suspend))
         .route("/v1/agents/{handle}/resume", post(resume))
         .route("/v1/agents/{handle}/audit", get(agent_audit))
         .route("/v1/spend", post(spend))
@@ -279,6 +280,18 @@ async fn rotate_key(
         return Ok(respond(reply));
     }
     Ok((StatusCode::CREATED, Json(json!({"key": key.expose()}))).into_response())
+}
+
+async fn suspend(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    P(handle): P<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    admin(&state, &headers)?;
+    let req = body.json::<RevokeReq>()?;
+    let reason = crate::input::note(req.reason, "reason")?;
+    Ok(respond(state.ledger.submit(Command::Suspend { handle, reason }).await?))
 }
 
 async fn resume(

@@ -14,6 +14,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<i64>,
+    /// A 402's recovery fields, beside `error`: `remaining` and `window_resets_at`.
+    pub recovery: Option<(bulkhead_store::Remaining, i64)>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            recovery: None,
         }
     }
 
@@ -56,6 +59,10 @@ impl ApiError {
         if let Some(r) = self.retry_after {
             body["error"]["retry_after"] = json!(r);
         }
+        if let Some((remaining, resets)) = self.recovery {
+            body["remaining"] = json!({"window": remaining.window, "lifetime": remaining.lifetime});
+            body["window_resets_at"] = json!(bulkhead_store::fmt_time(resets));
+        }
         body
     }
 }
@@ -75,6 +82,12 @@ impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> ApiError {
         match r {
             Refusal::Deny(reason) => ApiError::deny(reason),
+            Refusal::OverLimit(o) => {
+                let mut e = ApiError::deny(o.reason);
+                e.recovery = Some((o.remaining, o.window_resets_at));
+                e.retry_after = o.retry_after_ms.map(|ms| ((ms + 999) / 1000).max(1));
+                e
+            }
             Refusal::NotFound(what) => {
                 let what = match what {
                     Missing::Agent => "agent",
@@ -105,14 +118,22 @@ impl From<Refusal> for ApiError {
             Refusal::AgentRevoked(Revived::Resume) => {
                 ApiError::new(409, "agent_revoked", "A revoked agent cannot be resumed.")
             }
+            Refusal::AgentRevoked(Revived::Suspend) => {
+                ApiError::new(409, "agent_revoked", "A revoked agent cannot be suspended.")
+            }
             Refusal::HandleTaken => ApiError::new(409, "handle_taken", "An agent with this handle already exists."),
             Refusal::ScopeEscalation => {
                 ApiError::new(403, "scope_escalation", "A child's scopes must be covered by its parent's scopes.")
             }
-            Refusal::CapEscalation => ApiError::new(
+            Refusal::CapEscalation(None) => ApiError::new(
                 403,
                 "cap_escalation",
                 "A child's caps and per-transaction limit may not exceed its parent's.",
+            ),
+            Refusal::CapEscalation(Some(what)) => ApiError::new(
+                403,
+                "cap_escalation",
+                format!("A child's {} may not be looser than its parent's.", what.name()),
             ),
             Refusal::ShadowNotRoot => ApiError::invalid("Shadow mode (enforce: false) is for root agents only."),
             Refusal::TreeTooDeep { depth_max } => {
