@@ -648,6 +648,11 @@ async fn parent_revokes_only_descendants(db: Db) {
     err(&e.revoke(Caller::Agent(ck.clone()), "pr-s").await, 404, "not_found");
     err(&e.revoke(Caller::Agent(ck.clone()), "pr-x").await, 404, "not_found");
     err(&e.revoke(Caller::Agent(ck.clone()), "pr-c").await, 404, "not_found");
+    // Hardening finding 10: an outside handle that exists and one that does not are answered
+    // alike, so an agent cannot probe for other agents.
+    let outside = e.revoke(Caller::Agent(ck.clone()), "pr-x").await;
+    let unknown = e.revoke(Caller::Agent(ck.clone()), "pr-nobody").await;
+    assert_eq!((outside.status, &outside.body), (unknown.status, &unknown.body));
     err(&e.revoke(Caller::Agent(new_key()), "pr-g").await, 401, "invalid_credentials");
     for k in [&pk, &ck, &gk, &sk, &xk] {
         ok(&e.spend(k, "1").await, 200);

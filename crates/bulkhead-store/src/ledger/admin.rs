@@ -401,8 +401,10 @@ impl Batch {
         if let Err(reason) = self.chain_credential(cid)? {
             return Ok(Some(Reply::deny(reason)));
         }
+        // An unknown handle and someone else's agent get the same answer: an agent learns
+        // nothing about agents outside its subtree.
         let Some(tid) = self.agent_by_handle(handle).await? else {
-            return Ok(Some(Reply::refuse(Refusal::NotFound(Missing::Agent))));
+            return Ok(Some(Reply::refuse(Refusal::NotFound(Missing::Descendant))));
         };
         let t = self.row(tid)?;
         if tid == cid || !t.path_ids().contains(&cid) {
