@@ -3,7 +3,15 @@
 //! Each event's hash covers every stored field and the previous event's hash, so changing,
 //! removing or reordering any stored event breaks the chain at that point. Events are appended
 //! by the ledger inside the same transaction as the decision they describe.
+//!
+//! The chain is keyed (contract §12): a server with an audit key (kept outside the database)
+//! hashes each new event with HMAC-SHA-256 under it, stored as `k1:<hex>`, so write access to
+//! the database alone cannot rewrite history and recompute the chain. Events written before a
+//! key was in use keep their plain SHA-256 (`<hex>`) and still verify; once the chain holds a
+//! keyed event, every later one must be keyed, so a rewritten tail cannot fall back to plain
+//! hashes.
 
+use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyArguments;
@@ -52,9 +60,46 @@ pub(crate) struct EventRow {
 pub(crate) const EVENT_COLUMNS: &str =
     "seq, at, agent, action, outcome, reason, scope, amount, ref, detail, prev_hash, hash";
 
-/// The hash of one event: SHA-256 over a JSON array of every field and the previous hash.
-fn event_hash(seq: i64, e: &NewEvent, prev_hash: &str) -> String {
-    let canonical = serde_json::json!([
+/// The prefix of a keyed event hash.
+const KEYED: &str = "k1:";
+
+/// The key audit events are hashed under: 32 bytes, kept outside the database.
+pub struct AuditKey([u8; 32]);
+
+impl AuditKey {
+    /// A fresh random key.
+    pub fn generate() -> AuditKey {
+        AuditKey(rand::random())
+    }
+
+    /// Reads a key as written by [`AuditKey::to_hex`]: 64 hex digits (surrounding whitespace
+    /// ignored).
+    pub fn from_hex(text: &str) -> Result<AuditKey, String> {
+        let t = text.trim();
+        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("an audit key is 64 hex digits".into());
+        }
+        let mut k = [0u8; 32];
+        for (i, byte) in k.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        Ok(AuditKey(k))
+    }
+
+    pub fn to_hex(&self) -> String {
+        bulkhead_core::key::hex_lower(&self.0)
+    }
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(…)")
+    }
+}
+
+/// The canonical text of one event: a JSON array of every field and the previous hash.
+fn canonical(seq: i64, e: &NewEvent, prev_hash: &str) -> String {
+    serde_json::json!([
         seq,
         e.at,
         e.agent,
@@ -66,8 +111,21 @@ fn event_hash(seq: i64, e: &NewEvent, prev_hash: &str) -> String {
         e.reference,
         e.detail,
         prev_hash
-    ]);
-    bulkhead_core::key::hex_lower(&Sha256::digest(canonical.to_string().as_bytes()))
+    ])
+    .to_string()
+}
+
+/// The hash of one event: `k1:` + HMAC-SHA-256 under `key`, or plain SHA-256 without one.
+fn hash_with(key: Option<&AuditKey>, seq: i64, e: &NewEvent, prev_hash: &str) -> String {
+    let text = canonical(seq, e, prev_hash);
+    match key {
+        Some(k) => {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&k.0).expect("HMAC takes any key length");
+            mac.update(text.as_bytes());
+            format!("{KEYED}{}", bulkhead_core::key::hex_lower(&mac.finalize().into_bytes()))
+        }
+        None => bulkhead_core::key::hex_lower(&Sha256::digest(text.as_bytes())),
+    }
 }
 
 impl EventRow {
@@ -128,6 +186,7 @@ pub struct AuditEvent {
 pub(crate) async fn append_events(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
+    key: Option<&AuditKey>,
     events: Vec<NewEvent>,
     known_head: Option<(i64, String)>,
 ) -> Result<Option<(i64, String)>, StoreError> {
@@ -148,7 +207,7 @@ pub(crate) async fn append_events(
         let mut args = AnyArguments::default();
         for (i, e) in chunk.iter().enumerate() {
             seq += 1;
-            let hash = event_hash(seq, e, &prev);
+            let hash = hash_with(key, seq, e, &prev);
             if i > 0 {
                 sql.push_str(", ");
             }
@@ -181,8 +240,11 @@ pub(crate) async fn append_events(
 /// The result of `audit verify`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VerifyReport {
-    /// Every event checks out.
-    Intact { events: i64 },
+    /// Every event checks out; `unkeyed` of them (the first ones) were written before an audit
+    /// key was in use and are checked by their plain hash.
+    Intact { events: i64, unkeyed: i64 },
+    /// The chain is keyed from event `seq` on, and no audit key was given to check it.
+    KeyNeeded { seq: i64 },
     /// The first event at which the chain breaks, and why.
     Broken { seq: i64, problem: String },
 }
@@ -218,8 +280,12 @@ pub(crate) async fn page(
 
 impl Store {
     /// Walks the whole chain and checks every link and every hash. The chain head row must
-    /// match the last event, so removing events from the end is caught too.
+    /// match the last event, so removing events from the end is caught too. Keyed events are
+    /// checked under this store's audit key ([`Store::with_audit_key`]); a keyed chain without
+    /// the key is reported, not passed.
     pub async fn verify_audit(&self, mut progress: impl FnMut(i64)) -> Result<VerifyReport, StoreError> {
+        let key = self.audit_key.as_deref();
+        let mut keyed_since: Option<i64> = None;
         let (head_seq, head_hash): (i64, String) =
             sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(&self.pool).await?;
         let mut prev = GENESIS_HASH.to_owned();
@@ -243,11 +309,27 @@ impl Store {
                         problem: "its prev_hash does not match the previous event's hash".into(),
                     });
                 }
-                if event_hash(r.seq, &r.as_new(), &prev) != r.hash {
+                let keyed = r.hash.starts_with(KEYED);
+                if keyed && key.is_none() {
+                    return Ok(VerifyReport::KeyNeeded { seq: r.seq });
+                }
+                if !keyed && keyed_since.is_some() {
                     return Ok(VerifyReport::Broken {
                         seq: r.seq,
-                        problem: "its contents do not match its hash (a field was changed)".into(),
+                        problem: "it has a plain hash after keyed events (the chain was rewritten)".into(),
                     });
+                }
+                if keyed {
+                    keyed_since.get_or_insert(r.seq);
+                }
+                let want = hash_with(if keyed { key } else { None }, r.seq, &r.as_new(), &prev);
+                if want != r.hash {
+                    let problem = if keyed {
+                        "its contents do not match its keyed hash (a field was changed, or this is not the store's audit key)"
+                    } else {
+                        "its contents do not match its hash (a field was changed)"
+                    };
+                    return Ok(VerifyReport::Broken { seq: r.seq, problem: problem.into() });
                 }
                 prev = r.hash.clone();
                 expected_seq += 1;
@@ -273,7 +355,17 @@ impl Store {
             };
             return Ok(VerifyReport::Broken { seq, problem });
         }
-        Ok(VerifyReport::Intact { events: count })
+        let unkeyed = match keyed_since {
+            Some(first) => first - 1,
+            None => count,
+        };
+        Ok(VerifyReport::Intact { events: count, unkeyed })
+    }
+
+    /// The same store, hashing new audit events under `key` and verifying keyed ones with it.
+    pub fn with_audit_key(mut self, key: AuditKey) -> Store {
+        self.audit_key = Some(std::sync::Arc::new(key));
+        self
     }
 
     /// Events in `seq` order, optionally for one agent.

@@ -40,7 +40,7 @@ pub use answer::{
     AmountProblem, Answer, Held, HoldEnd, LeaseGrant, LeaseSettled, Missing, Outcome, OverLimit, Refusal, Remaining,
     Reply, Revived, Settled, Spent,
 };
-pub use audit::{AuditEvent, VerifyReport};
+pub use audit::{AuditEvent, AuditKey, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
 pub use bulkhead_core::runaway::{Breaker, BreakerOverride};
 pub use history::{AlertRecord, AuditQuery, UsageBucket};
@@ -129,6 +129,8 @@ impl StoreError {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The key new audit events are hashed under (contract §12); `None`: plain SHA-256.
+    audit_key: Option<std::sync::Arc<audit::AuditKey>>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -174,7 +176,7 @@ impl Store {
                     .await?
             }
         };
-        Ok(Store { pool, backend })
+        Ok(Store { pool, backend, audit_key: None })
     }
 
     /// Opens (creating if needed) the SQLite store inside a data directory.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use bulkhead_store::{Caller, Command, Patch, Store, VerifyReport};
+use bulkhead_store::{AuditKey, Caller, Command, Ledger, LedgerConfig, Patch, Store, VerifyReport};
 use common::*;
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -69,7 +69,7 @@ async fn assert_broken_at(e: &Env, seq: i64, what: &str) {
     let report = e.store.verify_audit(|_| {}).await.unwrap();
     match &report {
         VerifyReport::Broken { seq: got, .. } => assert_eq!(*got, seq, "{what}: {report:?}"),
-        VerifyReport::Intact { .. } => panic!("{what}: tampering went unnoticed ({report:?})"),
+        other => panic!("{what}: tampering went unnoticed ({other:?})"),
     }
     let dir = e.sqlite_file().parent().unwrap().to_owned();
     let offline = Store::open_existing_dir(&dir).await.unwrap();
@@ -83,7 +83,7 @@ async fn untouched_trail_is_intact() {
     let dir = e.sqlite_file().parent().unwrap().to_owned();
     // Offline verify works while the ledger is still running.
     let offline = Store::open_existing_dir(&dir).await.unwrap();
-    assert_eq!(offline.verify_audit(|_| {}).await.unwrap(), VerifyReport::Intact { events: n });
+    assert_eq!(offline.verify_audit(|_| {}).await.unwrap(), VerifyReport::Intact { events: n, unkeyed: n });
     let ev = offline.audit_page(None, 0, 1000).await.unwrap();
     assert_eq!(ev.len() as i64, n);
     for w in ev.windows(2) {
@@ -321,4 +321,98 @@ async fn tampering_beyond_the_first_page_is_found() {
     tamper(&e, &["DELETE FROM audit_events WHERE seq = 5000"]).await;
     assert_broken_at(&e, 5_000, "a deletion at the page boundary").await;
     e.finish().await;
+}
+
+/// A few decisions through a ledger on `store` (an agent and two spends); returns how many
+/// events they wrote.
+async fn some_decisions(store: Store, handle: &str) -> i64 {
+    let clock = std::sync::Arc::new(bulkhead_core::ManualClock::new(T0));
+    let (ledger, writer) = Ledger::start(store.clone(), clock, LedgerConfig::default());
+    let key = new_key();
+    let r = submit_to(
+        &ledger,
+        Command::CreateAgent { caller: Caller::Admin, spec: spec(handle, &[PAY], "10"), key_hash: key.clone() },
+    )
+    .await
+    .unwrap();
+    ok(&r, 201);
+    for _ in 0..2 {
+        let spend = Command::Spend { key: key.clone(), scope: scope(PAY), amount: m("1"), memo: None, idem: None };
+        ok(&submit_to(&ledger, spend).await.unwrap(), 200);
+    }
+    drop(ledger);
+    writer.await.unwrap();
+    store.close().await;
+    3
+}
+
+/// Hardening finding 9 (contract §12): with an audit key kept outside the database, write access
+/// to the database alone no longer lets a forger rewrite history and recompute the chain.
+/// Events written before the key still verify by their plain hash.
+#[tokio::test]
+async fn a_keyed_chain_cannot_be_rewritten_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bulkhead.db");
+    let url = format!("sqlite://{}?mode=rwc", file.display());
+    let before = some_decisions(Store::open(&url).await.unwrap(), "before-key").await;
+    let key = AuditKey::generate().to_hex();
+    let keyed = || async { Store::open(&url).await.unwrap().with_audit_key(AuditKey::from_hex(&key).unwrap()) };
+    let after = some_decisions(keyed().await, "after-key").await;
+    let n = before + after;
+
+    let s = keyed().await;
+    assert_eq!(s.verify_audit(|_| {}).await.unwrap(), VerifyReport::Intact { events: n, unkeyed: before });
+    let ev = s.audit_page(None, 0, 100).await.unwrap();
+    assert!(ev[..before as usize].iter().all(|e| e.hash.len() == 64), "the old events keep their plain hash");
+    assert!(ev[before as usize..].iter().all(|e| e.hash.starts_with("k1:")), "new events are keyed");
+    s.close().await;
+    let unkeyed = Store::open(&url).await.unwrap();
+    assert_eq!(unkeyed.verify_audit(|_| {}).await.unwrap(), VerifyReport::KeyNeeded { seq: before + 1 });
+    unkeyed.close().await;
+    let other = Store::open(&url).await.unwrap().with_audit_key(AuditKey::generate());
+    assert!(matches!(other.verify_audit(|_| {}).await.unwrap(), VerifyReport::Broken { seq, .. } if seq == before + 1));
+    other.close().await;
+
+    // A forger changes a keyed event and recomputes the rest of the chain, links and head
+    // included, the only way they can: with plain hashes.
+    let forged_from = before + 2;
+    let mut conn = SqliteConnectOptions::new().filename(&file).connect().await.unwrap();
+    sqlx::query("UPDATE audit_events SET amount = 1 WHERE seq = $1")
+        .bind(forged_from)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut prev: String = sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = $1")
+        .bind(forged_from - 1)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    for seq in forged_from..=n {
+        sqlx::query("UPDATE audit_events SET prev_hash = $1 WHERE seq = $2")
+            .bind(&prev)
+            .bind(seq)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let row =
+            sqlx::query("SELECT * FROM audit_events WHERE seq = $1").bind(seq).fetch_one(&mut conn).await.unwrap();
+        prev = forge_hash(&row);
+        sqlx::query("UPDATE audit_events SET hash = $1 WHERE seq = $2")
+            .bind(&prev)
+            .bind(seq)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1").bind(&prev).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let s = keyed().await;
+    match s.verify_audit(|_| {}).await.unwrap() {
+        VerifyReport::Broken { seq, problem } => {
+            assert_eq!(seq, forged_from, "{problem}");
+            assert!(problem.contains("plain hash after keyed"), "{problem}");
+        }
+        other => panic!("a rewritten keyed chain went unnoticed: {other:?}"),
+    }
+    s.close().await;
 }

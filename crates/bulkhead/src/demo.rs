@@ -74,6 +74,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .join(format!("bulkhead-demo-{}", bulkhead_core::key::random_base62(&mut rand::rng(), 8).to_lowercase()));
     println!("Bulkhead demo: a fleet of agents, one of them loops. Data dir: {}", dir.display());
     let store = Store::open_dir(&dir).await.context("cannot open the demo store")?;
+    // Like `serve`: the chain is keyed, with the key kept in the data dir, outside the database.
+    let store = store.with_audit_key(crate::serve::audit_key(&dir)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (ledger, writer) = Ledger::start(store.clone(), clock, LedgerConfig::default());
     let admin = format!("bha_{}", bulkhead_core::key::random_base62(&mut rand::rng(), 40));
@@ -229,8 +231,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     server.await??;
     let _ = writer.await;
     match store.verify_audit(|_| {}).await? {
-        VerifyReport::Intact { events } => println!("  audit chain intact: {events} events verified"),
+        VerifyReport::Intact { events, .. } => println!("  audit chain intact: {events} events verified (keyed)"),
         VerifyReport::Broken { seq, problem } => println!("  audit chain BROKEN at {seq}: {problem}"),
+        VerifyReport::KeyNeeded { seq } => println!("  audit chain keyed from {seq}, and no key to check it"),
     }
     store.close().await;
     if args.keep {

@@ -82,6 +82,10 @@ pub struct StoreArgs {
     /// PostgreSQL URL of a shared store.
     #[arg(long)]
     database_url: Option<String>,
+    /// The audit key file (default: `BULKHEAD_AUDIT_KEY`, else `DIR/audit-key` of an embedded
+    /// store). A keyed chain cannot be verified without it.
+    #[arg(long, value_name = "FILE")]
+    audit_key: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -97,6 +101,12 @@ impl StoreArgs {
                 std::env::var("BULKHEAD_DATABASE_URL").ok().filter(|s| !s.is_empty())
             }
         });
+        let mut key = match &self.audit_key {
+            Some(file) => Some(
+                serve::read_audit_key(file)?.ok_or_else(|| anyhow::anyhow!("no audit key at {}", file.display()))?,
+            ),
+            None => serve::env_audit_key()?,
+        };
         let store = match url {
             Some(url) => bulkhead_store::Store::connect(&url).await?,
             None => {
@@ -105,17 +115,24 @@ impl StoreArgs {
                     .clone()
                     .or_else(|| std::env::var_os("BULKHEAD_DATA").map(PathBuf::from))
                     .unwrap_or_else(|| PathBuf::from("./bulkhead-data"));
+                if key.is_none() {
+                    key = serve::read_audit_key(&dir.join("audit-key"))?;
+                }
                 if migrate {
                     datadir::make_private(&dir)?;
-                    return Ok(bulkhead_store::Store::open_dir(&dir).await?);
+                    bulkhead_store::Store::open_dir(&dir).await?
+                } else {
+                    bulkhead_store::Store::open_existing_dir(&dir).await?
                 }
-                bulkhead_store::Store::open_existing_dir(&dir).await?
             }
         };
         if migrate {
             store.migrate().await?;
         }
-        Ok(store)
+        Ok(match key {
+            Some(k) => store.with_audit_key(k),
+            None => store,
+        })
     }
 }
 

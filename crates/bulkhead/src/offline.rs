@@ -37,9 +37,22 @@ pub async fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
                 })
                 .await?;
             match report {
-                VerifyReport::Intact { events } => {
+                VerifyReport::Intact { events, unkeyed } => {
                     println!("audit chain intact: {events} events verified");
+                    if unkeyed > 0 && unkeyed < events {
+                        println!(
+                            "  the first {unkeyed} were written before the audit key and are checked by plain hash"
+                        );
+                    } else if unkeyed > 0 {
+                        println!("  none is keyed: they were written without an audit key");
+                    }
                     Ok(ExitCode::SUCCESS)
+                }
+                VerifyReport::KeyNeeded { seq } => {
+                    println!(
+                        "audit chain keyed from event {seq}: give its key with --audit-key FILE or BULKHEAD_AUDIT_KEY"
+                    );
+                    Ok(ExitCode::from(2))
                 }
                 VerifyReport::Broken { seq, problem } => {
                     println!("audit chain BROKEN at event {seq}: {problem}");

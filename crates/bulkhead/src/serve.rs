@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bulkhead_core::Clock;
 use bulkhead_server::{AppState, Gateway, app, install_metrics, spawn_metrics_upkeep};
-use bulkhead_store::{Ledger, LedgerConfig, Store};
+use bulkhead_store::{AuditKey, Ledger, LedgerConfig, Store};
 
 use crate::ServeArgs;
 use crate::config::Config;
@@ -60,6 +60,42 @@ pub fn admin_token(data: &Path) -> anyhow::Result<String> {
     write_secret(&path, &token)?;
     eprintln!("generated an admin token; it is in {} (mode 0600)", path.display());
     Ok(token)
+}
+
+/// The audit key (contract §12): from `BULKHEAD_AUDIT_KEY`, else from `DIR/audit-key`, generated
+/// on first start. Servers sharing a PostgreSQL store must share it (the same variable, or a copy
+/// of the file).
+pub fn audit_key(data: &Path) -> anyhow::Result<AuditKey> {
+    if let Some(k) = env_audit_key()? {
+        return Ok(k);
+    }
+    let path = data.join("audit-key");
+    if let Some(k) = read_audit_key(&path)? {
+        return Ok(k);
+    }
+    let key = AuditKey::generate();
+    write_secret(&path, &format!("{}\n", key.to_hex()))?;
+    eprintln!("generated an audit key; it is in {} (mode 0600): keep a copy, `audit verify` needs it", path.display());
+    Ok(key)
+}
+
+/// `BULKHEAD_AUDIT_KEY`, when set.
+pub fn env_audit_key() -> anyhow::Result<Option<AuditKey>> {
+    match std::env::var("BULKHEAD_AUDIT_KEY") {
+        Ok(t) if !t.is_empty() => {
+            AuditKey::from_hex(&t).map(Some).map_err(|e| anyhow::anyhow!("BULKHEAD_AUDIT_KEY: {e}"))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// An audit key file, when it exists.
+pub fn read_audit_key(path: &Path) -> anyhow::Result<Option<AuditKey>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => AuditKey::from_hex(&t).map(Some).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
 }
 
 #[cfg(unix)]
@@ -175,10 +211,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(_) => None,
         None => Some(lock_data_dir(&args.data)?),
     };
+    let audit_key = audit_key(&args.data)?;
     let store = match &args.database_url {
         Some(url) => Store::open(url).await.context("cannot open the PostgreSQL store")?,
         None => Store::open_dir(&args.data).await.context("cannot open the embedded store")?,
     };
+    let store = store.with_audit_key(audit_key);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let alerting = !alert_rules.webhooks.is_empty();
     let (ledger, writer) = Ledger::start(

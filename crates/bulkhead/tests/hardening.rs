@@ -273,3 +273,36 @@ async fn a_child_cannot_escape_its_parent() {
         b.assert_audit_intact().await;
     }
 }
+
+/// Finding 9: the audit chain was unkeyed, so anyone able to write the database could rewrite
+/// events and recompute the chain. `serve` now keeps an audit key outside the database
+/// (`DIR/audit-key`, 0600), hashes events under it, and `audit verify` needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_is_keyed_outside_the_database() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Backend::sqlite();
+    let srv = Server::start(&b).await;
+    let api = srv.api();
+    let key = api.create(ADMIN, json!({"handle": "f9", "scopes": [common::SCOPE], "spending_cap": "5"})).await;
+    assert_eq!(api.try_spend(&key, "1").await.unwrap().status, 200);
+    let events = b.export("f9").await;
+    assert!(events.iter().all(|e| e["hash"].as_str().unwrap().starts_with("k1:")), "keyed hashes: {events:?}");
+    let file = b.data().join("audit-key");
+    let mode = std::fs::metadata(&file).expect("the audit key file").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    b.assert_audit_intact().await;
+    drop(srv);
+
+    // Without the key a keyed chain cannot be vouched for; with another key it does not verify.
+    let kept = b.scratch("audit-key.kept");
+    std::fs::rename(&file, &kept).unwrap();
+    let out = b.offline(&["audit", "verify"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--audit-key"), "it says how to give the key");
+    let other = b.scratch("other-key");
+    std::fs::write(&other, "ab".repeat(32)).unwrap();
+    let out = b.offline(&["audit", "verify", "--audit-key", other.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = b.offline(&["audit", "verify", "--audit-key", kept.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

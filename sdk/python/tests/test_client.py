@@ -14,7 +14,6 @@ from bulkhead import (
     HoldClosed,
     InvalidAmount,
     InvalidCredentials,
-    NotFound,
     RateLimit,
     Receipt,
     Settlement,

@@ -179,7 +179,8 @@ def test_spending_cap_exceeded(make_account: MakeAccount) -> None:
     expect(caught, SpendingCapExceeded, 402, "spending_cap_exceeded")
     _check_remaining(caught.value, "1.00")
     retry_after = caught.value.retry_after
-    assert retry_after is not None and 0 < retry_after <= 24 * 3600  # the window cap resets then
+    assert retry_after is not None
+    assert 0 < retry_after <= 24 * 3600  # the window cap resets then
     assert account.usage().window_spent == Decimal("4.00")  # nothing was charged
 
 

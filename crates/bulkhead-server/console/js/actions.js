@@ -168,9 +168,6 @@ export async function revokeAgent(a) {
   }
 }
 
-/** Whether this server answers operator suspension; unknown until first tried. */
-export const suspendSupport = { known: sessionStorage.getItem("bulkhead.suspend") };
-
 export async function suspendAgent(a) {
   const all = subtree(a.handle);
   const reason = h("input#suspend-reason", { placeholder: "e.g. investigating spend" });
@@ -183,21 +180,9 @@ export async function suspendAgent(a) {
       affected(all),
       field("suspend-reason", "Reason", reason),
     ],
-    submit: async () => {
-      try {
-        return await api("POST", `/v1/agents/${enc(a.handle)}/suspend`, { reason: reason.value.trim() || "suspended from the console" });
-      } catch (e) {
-        if (e.status === 405 || (e.status === 404 && !/agent/i.test(e.message))) {
-          sessionStorage.setItem("bulkhead.suspend", "unsupported");
-          suspendSupport.known = "unsupported";
-          return { unsupported: true };
-        }
-        throw e;
-      }
-    },
+    submit: () => api("POST", `/v1/agents/${enc(a.handle)}/suspend`, { reason: reason.value.trim() || "suspended from the console" }),
   });
-  if (r?.unsupported) toast("This server does not offer operator suspension yet.");
-  else if (r) toast(`Suspended ${a.handle}.`);
+  if (r) toast(`Suspended ${a.handle}.`);
   if (r) await refetch(all);
   return r;
 }

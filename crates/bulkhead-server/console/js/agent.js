@@ -2,7 +2,7 @@
 // audit trail; with every action on it.
 
 import { api, enc } from "./api.js";
-import { editAgent, resumeAgent, revokeAgent, rotateKey, suspendAgent, suspendSupport } from "./actions.js";
+import { editAgent, resumeAgent, revokeAgent, rotateKey, suspendAgent } from "./actions.js";
 import { spendChart } from "./chart.js";
 import { children, fleet, onChange, refetch } from "./live.js";
 import { agentLink, badge, clear, h, money, utilBar, when } from "./ui.js";
@@ -37,11 +37,6 @@ export function renderAgent(root, handle) {
     }
     const u = a.usage;
     const suspendBtn = h("button#act-suspend", { type: "button", on: { click: () => suspendAgent(a) } }, "Suspend");
-    if (suspendSupport.known === "unsupported") {
-      suspendBtn.disabled = true;
-      suspendBtn.title = "This server does not offer operator suspension yet (no POST /v1/agents/{handle}/suspend).";
-      suspendBtn.setAttribute("aria-describedby", "suspend-note");
-    }
     const live = a.status !== "revoked";
     clear(top,
       h("h1", handle, " ", badge(a.status)),
@@ -54,10 +49,7 @@ export function renderAgent(root, handle) {
           ? h("button#act-resume", { type: "button", on: { click: () => resumeAgent(a) } }, "Resume")
           : suspendBtn,
         h("button#act-rotate", { type: "button", on: { click: () => rotateKey(a) } }, "Rotate key"),
-        h("button.danger#act-revoke", { type: "button", on: { click: () => revokeAgent(a) } }, "Revoke…")) : null,
-      suspendSupport.known === "unsupported" && a.status === "active"
-        ? h("p.hint#suspend-note", "Suspend is unavailable: this server does not answer POST /v1/agents/{handle}/suspend yet. Revoke stops the agent for good.")
-        : null);
+        h("button.danger#act-revoke", { type: "button", on: { click: () => revokeAgent(a) } }, "Revoke…")) : null);
     clear(facts,
       h("section.card", { "aria-labelledby": "caps-h" }, h("h2#caps-h", "Caps and usage"),
         h("dl.facts#caps",

@@ -206,7 +206,8 @@ impl Writer {
             sqlx::query("UPDATE authz_epoch SET n = n + 1 WHERE id = 1").execute(&mut *b.tx).await?;
         }
         let events = std::mem::take(&mut b.events);
-        let head = append_events(&mut b.tx, b.backend, events, cache.head).await?;
+        let key = self.store.audit_key.as_deref();
+        let head = append_events(&mut b.tx, b.backend, key, events, cache.head).await?;
         let authz = b.authz;
         let committed = b.tx.commit().await;
         if authz {

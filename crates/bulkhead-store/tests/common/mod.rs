@@ -283,7 +283,7 @@ impl Env {
     /// Asserts the audit chain is intact; returns its length.
     pub async fn intact(&self) -> i64 {
         match self.store.verify_audit(|_| {}).await.expect("verify") {
-            VerifyReport::Intact { events } => events,
+            VerifyReport::Intact { events, .. } => events,
             broken => panic!("audit chain broken: {broken:?}"),
         }
     }

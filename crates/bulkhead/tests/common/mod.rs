@@ -80,7 +80,16 @@ impl Backend {
     /// The store flags of offline commands (`audit verify`, `audit export`).
     pub fn store_args(&self) -> Vec<String> {
         match &self.db {
-            Some(url) => vec!["--database-url".into(), url.clone()],
+            Some(url) => {
+                // The servers keep the audit key in their data dir; a store no server has
+                // served yet has none.
+                let key = self.data().join("audit-key");
+                let mut args = vec!["--database-url".into(), url.clone()];
+                if key.exists() {
+                    args.extend(["--audit-key".into(), key.display().to_string()]);
+                }
+                args
+            }
             None => vec!["--data".into(), self.data().display().to_string()],
         }
     }
