@@ -15,6 +15,7 @@ use crate::{Store, StoreError};
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AgentBlast {
     pub handle: String,
+    #[schema(required = true)]
     pub parent: Option<String>,
     #[schema(schema_with = crate::view::status_schema)]
     pub status: String,
@@ -25,6 +26,7 @@ pub struct AgentBlast {
     /// The most it can spend in a day, through its ancestors' limits too.
     pub effective_max_spend_per_day: Micros,
     pub per_tx_limit: Micros,
+    #[schema(required = true)]
     pub lifetime_cap: Option<Micros>,
     pub scopes: Vec<String>,
     pub wildcard_scopes: bool,

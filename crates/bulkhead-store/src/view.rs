@@ -364,6 +364,7 @@ impl AgentRow {
 pub struct AgentView {
     pub handle: String,
     /// The parent's handle; `null` for a root agent.
+    #[schema(required = true)]
     pub parent: Option<String>,
     #[schema(schema_with = status_schema)]
     pub status: String,
@@ -372,10 +373,13 @@ pub struct AgentView {
     /// The cap's fixed reset period, `<n>s|m|h|d`, anchored at `created_at`.
     pub window: String,
     pub per_tx_limit: Micros,
+    #[schema(required = true)]
     pub lifetime_cap: Option<Micros>,
+    #[schema(required = true)]
     pub rate_limit: Option<RateLimitView>,
     /// Only when the agent has breaker settings of its own.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = BreakerView)]
     pub breaker: Option<BreakerView>,
     /// `false`: shadow mode, every decision is recorded as it would have been but none enforced.
     pub enforce: bool,
@@ -384,11 +388,11 @@ pub struct AgentView {
     #[schema(format = DateTime)]
     pub created_at: String,
     /// When the key expires; `null`: never.
-    #[schema(format = DateTime)]
+    #[schema(format = DateTime, required = true)]
     pub expires_at: Option<String>,
-    #[schema(format = DateTime)]
+    #[schema(format = DateTime, required = true)]
     pub revoked_at: Option<String>,
-    #[schema(format = DateTime)]
+    #[schema(format = DateTime, required = true)]
     pub suspended_at: Option<String>,
     pub usage: Usage,
 }
@@ -397,9 +401,7 @@ pub struct AgentView {
 pub(crate) fn status_schema() -> utoipa::openapi::schema::Object {
     utoipa::openapi::schema::ObjectBuilder::new()
         .schema_type(utoipa::openapi::schema::Type::String)
-        .enum_values(Some(
-            [AgentStatus::Active, AgentStatus::Suspended, AgentStatus::Revoked].map(AgentStatus::as_str),
-        ))
+        .enum_values(Some([AgentStatus::Active, AgentStatus::Suspended, AgentStatus::Revoked].map(AgentStatus::as_str)))
         .build()
 }
 
@@ -415,16 +417,22 @@ pub struct RateLimitView {
 #[schema(as = Breaker)]
 pub struct BreakerView {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = i64)]
     pub denials: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = i64)]
     pub max_requests: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub rate_window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = i64)]
     pub repeats: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub repeat_window: Option<String>,
 }
 
