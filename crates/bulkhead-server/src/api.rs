@@ -55,7 +55,7 @@ impl AppState {
 /// The whole API as one router.
 pub fn app(state: AppState) -> Router {
     let (api, doc) = api_routes().split_for_parts();
-    let doc = Document(serde_json::to_string(&doc).unwrap_or_else(|_| "{}".into()).into());
+    let doc = Document(serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec()).into());
     api.merge(crate::console::routes())
         .layer(Extension(doc))
         .fallback(fallback)
@@ -92,9 +92,9 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(crate::history::alerts))
 }
 
-/// The OpenAPI document as JSON text, made once per router.
+/// The OpenAPI document as JSON, made once per router.
 #[derive(Clone)]
-struct Document(Arc<str>);
+struct Document(axum::body::Bytes);
 
 /// This OpenAPI 3.1 document.
 ///
@@ -106,7 +106,7 @@ struct Document(Arc<str>);
     responses((status = 200, description = "The OpenAPI document.", body = Object))
 )]
 async fn openapi_json(Extension(doc): Extension<Document>) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], doc.0.to_string()).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], doc.0).into_response()
 }
 
 async fn fallback() -> ApiError {
@@ -548,7 +548,7 @@ async fn agent_audit(
     params(("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
     request_body = SpendReq,
     responses(
-        (status = 200, description = "Charged.", body = SpendReceipt),
+        (status = 200, description = "Charged.", body = SpendReceipt, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
         (status = 400, response = InvalidRequest),
         (status = 401, response = Unauthorized),
         (status = 402, response = LimitExceeded),
@@ -588,7 +588,7 @@ async fn spend(
     params(("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
     request_body = HoldReq,
     responses(
-        (status = 201, description = "Held.", body = HoldReceipt),
+        (status = 201, description = "Held.", body = HoldReceipt, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
         (status = 400, response = InvalidRequest),
         (status = 401, response = Unauthorized),
         (status = 402, response = LimitExceeded),
@@ -634,7 +634,7 @@ async fn hold(
     params(("id" = String, Path, description = "The hold's id, as `POST /v1/holds` answered it."), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
     request_body = CaptureReq,
     responses(
-        (status = 200, description = "Captured.", body = Captured),
+        (status = 200, description = "Captured.", body = Captured, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
         (status = 400, response = InvalidRequest),
         (status = 401, response = Unauthorized),
         (status = 404, response = NotFound),
@@ -670,7 +670,7 @@ async fn capture(
     params(("id" = String, Path, description = "The hold's id, as `POST /v1/holds` answered it."), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
     request_body = Option<EmptyReq>,
     responses(
-        (status = 200, description = "Released.", body = Released),
+        (status = 200, description = "Released.", body = Released, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
         (status = 400, response = InvalidRequest),
         (status = 401, response = Unauthorized),
         (status = 404, response = NotFound),
