@@ -55,7 +55,7 @@ impl AppState {
 /// The whole API as one router.
 pub fn app(state: AppState) -> Router {
     let (api, doc) = api_routes().split_for_parts();
-    let doc = Document(serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec()).into());
+    let doc = Document(serde_json::to_vec(&crate::openapi::to_json(&doc)).unwrap_or_else(|_| b"{}".to_vec()).into());
     api.merge(crate::console::routes())
         .layer(Extension(doc))
         .fallback(fallback)

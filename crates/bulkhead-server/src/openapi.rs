@@ -73,6 +73,44 @@ configured upstream with the agent's key checked and its cost held; its own refu
 )]
 pub struct ApiDoc;
 
+/// The document as JSON, with what utoipa cannot say about optional inputs: an optional request
+/// body (`Option<T>` in `request_body`) may be left out but is never a JSON `null` (the server
+/// takes an object or nothing), and an optional header is absent, not null.
+pub fn to_json(doc: &utoipa::openapi::OpenApi) -> serde_json::Value {
+    let mut v = serde_json::to_value(doc).unwrap_or_default();
+    for item in v.get_mut("paths").and_then(|p| p.as_object_mut()).into_iter().flat_map(|p| p.values_mut()) {
+        for op in item.as_object_mut().into_iter().flat_map(|i| i.values_mut()) {
+            if let Some(schema) = op.pointer_mut("/requestBody/content/application~1json/schema") {
+                not_null(schema);
+            }
+            for p in op.get_mut("parameters").and_then(|p| p.as_array_mut()).into_iter().flatten() {
+                if p["in"] == "header" {
+                    not_null(&mut p["schema"]);
+                }
+            }
+        }
+    }
+    v
+}
+
+/// `{"oneOf": [X, {"type": "null"}]}` → `X`; `{"type": [T, "null"]}` → `{"type": T}`.
+fn not_null(schema: &mut serde_json::Value) {
+    let null = serde_json::json!({"type": "null"});
+    if let Some(one_of) = schema.get("oneOf").and_then(|o| o.as_array())
+        && one_of.len() == 2
+        && one_of.contains(&null)
+        && let Some(other) = one_of.iter().find(|s| **s != null).cloned()
+    {
+        *schema = other;
+    }
+    if let Some(types) = schema.get_mut("type").and_then(|t| t.as_array_mut()) {
+        types.retain(|t| t != "null");
+        if types.len() == 1 {
+            schema["type"] = types[0].clone();
+        }
+    }
+}
+
 /// The two bearer credentials.
 struct Security;
 

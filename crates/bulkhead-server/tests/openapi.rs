@@ -248,6 +248,9 @@ async fn the_document_is_openapi_3_1_and_self_consistent() {
             assert!(op_ids.insert(op["operationId"].as_str().expect("operationId").to_owned()), "{what}");
             assert!(op["tags"].as_array().is_some_and(|t| !t.is_empty()), "{what}: no tag");
             assert!(op["summary"].as_str().is_some_and(|s| !s.is_empty()), "{what}: no summary");
+            // Inputs are never a JSON null: an optional body or header is left out.
+            let body = &op["requestBody"]["content"]["application/json"]["schema"];
+            assert!(!body.to_string().contains(r#""null""#), "{what}: the request body admits null: {body}");
             let params = op["parameters"].as_array().cloned().unwrap_or_default();
             let in_path: BTreeSet<String> = params
                 .iter()
