@@ -8,6 +8,7 @@
 use crate::duration::window_at;
 use crate::money::Micros;
 use crate::ratelimit::{RateLimit, gcra};
+use crate::runaway::Breaker;
 use crate::scope::{Scope, ScopeSet};
 
 /// An agent's configured limits.
@@ -138,24 +139,35 @@ impl Counters {
     }
 }
 
-/// Everything the ordered checks need to know about the calling agent.
+/// One agent of a chain as the ordered checks see it. A chain lists the calling agent first,
+/// then each ancestor up to the root: an ancestor's revocation, key expiry, suspension, scopes
+/// and rate limit bind every descendant (contract §12).
 #[derive(Clone, Debug)]
-pub struct SpendCheck<'a> {
-    /// The agent or an ancestor is revoked.
+pub struct Link {
     pub revoked: bool,
     pub key_expires_ms: Option<i64>,
     pub suspended: bool,
-    pub scopes: &'a ScopeSet,
-    /// The scope the request names; `None` for calls that need no scope (capture, release).
-    pub scope: Option<&'a Scope>,
+    pub scopes: ScopeSet,
     /// The agent's rate limit and its stored TAT.
     pub rate: Option<(RateLimit, i64)>,
 }
 
+/// Everything the ordered checks need to know about the calling agent and its ancestors.
+#[derive(Clone, Debug)]
+pub struct SpendCheck<'a> {
+    /// The agent first, then each ancestor.
+    pub chain: &'a [Link],
+    /// The scope the request names; `None` for calls that need no scope (capture, release).
+    pub scope: Option<&'a Scope>,
+}
+
+/// New rate-limiter states to store, as `(index in the chain, TAT)`.
+pub type Taken = Vec<(usize, i64)>;
+
 /// The credential check, the first of the contract's checks and the one every caller makes
 /// (a money call before its idempotent replay, a settlement, a parent's revocation, the
-/// breaker's triggers, `GET /v1/me`): no agent of the chain is revoked, and the key has not
-/// expired at `now_ms`.
+/// breaker's triggers, `GET /v1/me`): no agent of the chain is revoked, and no key of the chain
+/// has expired at `now_ms` (`key_expires_ms`: the earliest expiry of the chain).
 pub fn credential(revoked: bool, key_expires_ms: Option<i64>, now_ms: i64) -> Result<(), DenyReason> {
     if revoked {
         return Err(DenyReason::CredentialRevoked);
@@ -166,23 +178,42 @@ pub fn credential(revoked: bool, key_expires_ms: Option<i64>, now_ms: i64) -> Re
     Ok(())
 }
 
-/// Checks credentials, suspension, scope and rate limit, in that order.
-/// `Ok(Some(tat))` carries the rate limiter's new state to store.
-pub fn precheck(c: &SpendCheck<'_>, now_ms: i64) -> Result<Option<i64>, DenyReason> {
-    credential(c.revoked, c.key_expires_ms, now_ms)?;
-    if c.suspended {
+/// [`credential`] over a whole chain.
+pub fn chain_credential(chain: &[Link], now_ms: i64) -> Result<(), DenyReason> {
+    credential(chain.iter().any(|l| l.revoked), earliest_expiry(chain), now_ms)
+}
+
+/// The earliest key expiry of a chain: when the agent's credential stops working.
+pub fn earliest_expiry(chain: &[Link]) -> Option<i64> {
+    chain.iter().filter_map(|l| l.key_expires_ms).min()
+}
+
+/// Checks credentials, suspension, scope and rate limit, in that order, over the whole chain:
+/// the request passes each check only when every agent of the chain does. A request takes a
+/// token from every rate limit of the chain, or from none when one of them refuses it.
+pub fn precheck(c: &SpendCheck<'_>, now_ms: i64) -> Result<Taken, DenyReason> {
+    chain_credential(c.chain, now_ms)?;
+    if c.chain.iter().any(|l| l.suspended) {
         return Err(DenyReason::AgentSuspended);
     }
     if let Some(scope) = c.scope
-        && !c.scopes.grants(scope)
+        && !c.chain.iter().all(|l| l.scopes.grants(scope))
     {
         return Err(DenyReason::ScopeNotGranted);
     }
-    match c.rate {
-        None => Ok(None),
-        Some((limit, tat)) => {
-            gcra(limit, tat, now_ms).map(Some).map_err(|retry_after_ms| DenyReason::RateLimited { retry_after_ms })
+    let mut taken = Vec::new();
+    let mut wait: Option<i64> = None;
+    for (i, l) in c.chain.iter().enumerate() {
+        if let Some((limit, tat)) = l.rate {
+            match gcra(limit, tat, now_ms) {
+                Ok(t) => taken.push((i, t)),
+                Err(ms) => wait = Some(wait.map_or(ms, |w| w.max(ms))),
+            }
         }
+    }
+    match wait {
+        Some(retry_after_ms) => Err(DenyReason::RateLimited { retry_after_ms }),
+        None => Ok(taken),
     }
 }
 
@@ -239,16 +270,11 @@ pub fn room(chain: &[ChainMember]) -> Micros {
         .unwrap_or(Micros::ZERO)
 }
 
-/// Full decision: prechecks, then limits. Returns the new rate-limiter state on `Allow`.
-pub fn decide(
-    c: &SpendCheck<'_>,
-    chain: &[ChainMember],
-    amount: Micros,
-    now_ms: i64,
-) -> Result<Option<i64>, DenyReason> {
-    let tat = precheck(c, now_ms)?;
+/// Full decision: prechecks, then limits. Returns the new rate-limiter states on `Allow`.
+pub fn decide(c: &SpendCheck<'_>, chain: &[ChainMember], amount: Micros, now_ms: i64) -> Result<Taken, DenyReason> {
+    let taken = precheck(c, now_ms)?;
     authorize(chain, amount)?;
-    Ok(tat)
+    Ok(taken)
 }
 
 /// What a spend or hold comes to.
@@ -265,7 +291,7 @@ pub enum Verdict {
 /// ordered checks, then every limit of the chain. A shadow agent is let through whatever they
 /// say, except a revoked or expired credential, which is refused all the same.
 ///
-/// Also returns the rate limiter's new state when the request took a token: it keeps it even
+/// Also returns the rate limiters' new states when the request took tokens: it keeps them even
 /// when a limit then denies the request.
 pub fn verdict(
     c: &SpendCheck<'_>,
@@ -273,17 +299,17 @@ pub fn verdict(
     amount: Micros,
     shadow: bool,
     now_ms: i64,
-) -> (Verdict, Option<i64>) {
+) -> (Verdict, Taken) {
     let credential_refused = |r: DenyReason| matches!(r, DenyReason::CredentialRevoked | DenyReason::CredentialExpired);
-    let tat = match precheck(c, now_ms) {
-        Ok(tat) => tat,
-        Err(r) if shadow && !credential_refused(r) => return (Verdict::ShadowAllow(r), None),
-        Err(r) => return (Verdict::Deny(r), None),
+    let taken = match precheck(c, now_ms) {
+        Ok(taken) => taken,
+        Err(r) if shadow && !credential_refused(r) => return (Verdict::ShadowAllow(r), Vec::new()),
+        Err(r) => return (Verdict::Deny(r), Vec::new()),
     };
     match authorize(chain, amount) {
-        Ok(()) => (Verdict::Allow, tat),
-        Err(r) if shadow => (Verdict::ShadowAllow(r), tat),
-        Err(r) => (Verdict::Deny(r), tat),
+        Ok(()) => (Verdict::Allow, taken),
+        Err(r) if shadow => (Verdict::ShadowAllow(r), taken),
+        Err(r) => (Verdict::Deny(r), taken),
     }
 }
 
@@ -296,6 +322,71 @@ pub enum Escalation {
     /// amounts, whatever the windows), or the parent has a lifetime cap and the child none or a
     /// larger one.
     Cap,
+    /// The child's rate limit, key expiry or breaker is looser than its parent's.
+    Looser(Bound),
+}
+
+/// A setting a child may not have looser than its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    RateLimit,
+    KeyExpiry,
+    Breaker,
+}
+
+impl Bound {
+    pub fn name(self) -> &'static str {
+        match self {
+            Bound::RateLimit => "rate limit",
+            Bound::KeyExpiry => "key expiry",
+            Bound::Breaker => "breaker",
+        }
+    }
+}
+
+/// What a child's settings may not loosen beside its scopes and caps (contract §12): a rate
+/// limit, the key's expiry (the earliest of the parent's chain), the breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub rate: Option<RateLimit>,
+    pub expires_ms: Option<i64>,
+    pub breaker: Breaker,
+}
+
+/// `a` per `a_ms` is at most `b` per `b_ms`, compared exactly.
+fn rate_at_most(a: i64, a_ms: i64, b: i64, b_ms: i64) -> bool {
+    i128::from(a) * i128::from(b_ms.max(1)) <= i128::from(b) * i128::from(a_ms.max(1))
+}
+
+/// A child's bounds against its parent's: a rate limit no faster and with no larger burst, an
+/// expiry no later, and each breaker trigger the parent has on, on in the child and no more
+/// lenient (no more events needed to trip, over no shorter a window).
+pub fn bounds_check(parent: &Bounds, child: &Bounds) -> Result<(), Escalation> {
+    if let Some(p) = parent.rate {
+        let ok = child
+            .rate
+            .is_some_and(|c| c.requests <= p.requests && rate_at_most(c.requests, c.per_ms, p.requests, p.per_ms));
+        if !ok {
+            return Err(Escalation::Looser(Bound::RateLimit));
+        }
+    }
+    if let Some(p) = parent.expires_ms
+        && child.expires_ms.is_none_or(|c| c > p)
+    {
+        return Err(Escalation::Looser(Bound::KeyExpiry));
+    }
+    let (p, c) = (parent.breaker, child.breaker);
+    let trigger_ok = |pn: i64, pw: i64, cn: i64, cw: i64| pn <= 0 || (cn > 0 && cn <= pn && cw >= pw);
+    let rate_ok = p.max_requests <= 0
+        || (c.max_requests > 0 && rate_at_most(c.max_requests, c.rate_window_ms, p.max_requests, p.rate_window_ms));
+    if !trigger_ok(p.denials, p.window_ms, c.denials, c.window_ms)
+        || !trigger_ok(p.repeats, p.repeat_window_ms, c.repeats, c.repeat_window_ms)
+        || !rate_ok
+    {
+        return Err(Escalation::Looser(Bound::Breaker));
+    }
+    Ok(())
 }
 
 /// The child checks: a child gets no scope and no limit its parent does not have. Scopes are
@@ -406,15 +497,8 @@ mod tests {
         ScopeSet::parse(v).unwrap()
     }
 
-    fn check<'a>(set: &'a ScopeSet, scope: &'a Scope) -> SpendCheck<'a> {
-        SpendCheck {
-            revoked: false,
-            key_expires_ms: None,
-            suspended: false,
-            scopes: set,
-            scope: Some(scope),
-            rate: None,
-        }
+    fn link(set: &ScopeSet) -> Link {
+        Link { revoked: false, key_expires_ms: None, suspended: false, scopes: set.clone(), rate: None }
     }
 
     #[test]
@@ -442,7 +526,8 @@ mod tests {
             (&pay, "1", true, true, Verdict::Deny(DenyReason::CredentialRevoked)),
         ];
         for (scope, amount, shadow, revoked, want) in cases {
-            let c = SpendCheck { revoked, ..check(&set, scope) };
+            let links = [Link { revoked, ..link(&set) }];
+            let c = SpendCheck { chain: &links, scope: Some(scope) };
             assert_eq!(verdict(&c, &chain, m(amount), shadow, 0).0, want, "{scope:?} {amount} {shadow} {revoked}");
         }
     }
@@ -451,12 +536,15 @@ mod tests {
     fn a_denied_request_keeps_its_rate_token() {
         let set = scopes(&["pay:write"]);
         let pay = Scope::parse("pay:write").unwrap();
-        let c = SpendCheck { rate: Some((RateLimit { requests: 2, per_ms: 1_000 }, 0)), ..check(&set, &pay) };
+        let links = [Link { rate: Some((RateLimit { requests: 2, per_ms: 1_000 }, 0)), ..link(&set) }];
+        let c = SpendCheck { chain: &links, scope: Some(&pay) };
         let (v, tat) = verdict(&c, &[member("1", "1", None)], m("2"), false, 100);
         assert_eq!(v, Verdict::Deny(DenyReason::PerTxLimit));
-        assert!(tat.is_some(), "the request took a token");
-        let (v, tat) = verdict(&SpendCheck { revoked: true, ..c }, &[member("1", "1", None)], m("1"), false, 100);
-        assert_eq!((v, tat), (Verdict::Deny(DenyReason::CredentialRevoked), None));
+        assert_eq!(tat.len(), 1, "the request took a token");
+        let revoked = [Link { revoked: true, ..links[0].clone() }];
+        let c = SpendCheck { chain: &revoked, scope: Some(&pay) };
+        let (v, tat) = verdict(&c, &[member("1", "1", None)], m("1"), false, 100);
+        assert_eq!((v, tat), (Verdict::Deny(DenyReason::CredentialRevoked), vec![]));
     }
 
     #[test]
@@ -546,25 +634,95 @@ mod tests {
         let scopes = ScopeSet::parse(&["a:b"]).unwrap();
         let want = Scope::parse("a:c").unwrap();
         let rl = RateLimit { requests: 1, per_ms: 1_000 };
-        let mut c = SpendCheck {
+        let mut l = Link {
             revoked: true,
             key_expires_ms: Some(0),
             suspended: true,
-            scopes: &scopes,
-            scope: Some(&want),
+            scopes: scopes.clone(),
             rate: Some((rl, 10_000)),
         };
-        assert_eq!(precheck(&c, 5), Err(DenyReason::CredentialRevoked));
-        c.revoked = false;
-        assert_eq!(precheck(&c, 5), Err(DenyReason::CredentialExpired));
-        c.key_expires_ms = None;
-        assert_eq!(precheck(&c, 5), Err(DenyReason::AgentSuspended));
-        c.suspended = false;
-        assert_eq!(precheck(&c, 5), Err(DenyReason::ScopeNotGranted));
-        c.scope = None;
-        assert!(matches!(precheck(&c, 5), Err(DenyReason::RateLimited { .. })));
-        c.rate = Some((rl, 0));
-        assert_eq!(precheck(&c, 5), Ok(Some(1_005)));
+        let run = |l: &Link, scope: Option<&Scope>| precheck(&SpendCheck { chain: std::slice::from_ref(l), scope }, 5);
+        assert_eq!(run(&l, Some(&want)), Err(DenyReason::CredentialRevoked));
+        l.revoked = false;
+        assert_eq!(run(&l, Some(&want)), Err(DenyReason::CredentialExpired));
+        l.key_expires_ms = None;
+        assert_eq!(run(&l, Some(&want)), Err(DenyReason::AgentSuspended));
+        l.suspended = false;
+        assert_eq!(run(&l, Some(&want)), Err(DenyReason::ScopeNotGranted));
+        assert!(matches!(run(&l, None), Err(DenyReason::RateLimited { .. })));
+        l.rate = Some((rl, 0));
+        assert_eq!(run(&l, None), Ok(vec![(0, 1_005)]));
+    }
+
+    /// Finding 1 of the hardening review: whatever an ancestor may no longer do, its
+    /// descendants may not do either.
+    #[test]
+    fn every_ancestor_binds_the_chain() {
+        let wide = scopes(&["pay:write", "read:x"]);
+        let pay = Scope::parse("pay:write").unwrap();
+        let child = link(&wide);
+        let check = |parent: Link| {
+            let chain = [child.clone(), link(&wide), parent];
+            precheck(&SpendCheck { chain: &chain, scope: Some(&pay) }, 100)
+        };
+        assert_eq!(check(link(&wide)), Ok(vec![]));
+        assert_eq!(check(Link { suspended: true, ..link(&wide) }), Err(DenyReason::AgentSuspended));
+        assert_eq!(check(Link { key_expires_ms: Some(100), ..link(&wide) }), Err(DenyReason::CredentialExpired));
+        assert_eq!(check(Link { revoked: true, ..link(&wide) }), Err(DenyReason::CredentialRevoked));
+        assert_eq!(check(link(&scopes(&["read:x"]))), Err(DenyReason::ScopeNotGranted));
+        // The root's rate limit of 2 per minute admits two requests of the whole tree, then none.
+        let rl = RateLimit { requests: 2, per_ms: 60_000 };
+        let mut tat = 0;
+        for _ in 0..2 {
+            let taken = check(Link { rate: Some((rl, tat)), ..link(&wide) }).unwrap();
+            assert_eq!(taken.len(), 1);
+            assert_eq!(taken[0].0, 2, "the root's limiter took the token");
+            tat = taken[0].1;
+        }
+        assert!(matches!(check(Link { rate: Some((rl, tat)), ..link(&wide) }), Err(DenyReason::RateLimited { .. })));
+        assert_eq!(earliest_expiry(&[link(&wide), Link { key_expires_ms: Some(7), ..link(&wide) }]), Some(7));
+    }
+
+    #[test]
+    fn a_child_is_bound_no_looser_than_its_parent() {
+        let b = Breaker::default();
+        let rl = |requests, per_ms| Some(RateLimit { requests, per_ms });
+        let parent = Bounds { rate: rl(10, 60_000), expires_ms: Some(1_000), breaker: b };
+        let ok = Bounds { rate: rl(5, 60_000), expires_ms: Some(900), breaker: b };
+        assert_eq!(bounds_check(&parent, &ok), Ok(()));
+        assert_eq!(bounds_check(&parent, &parent), Ok(()), "as tight as the parent is allowed");
+        let looser = |c: Bounds| bounds_check(&parent, &c).unwrap_err();
+        assert_eq!(looser(Bounds { rate: None, ..ok }), Escalation::Looser(Bound::RateLimit));
+        assert_eq!(looser(Bounds { rate: rl(11, 60_000), ..ok }), Escalation::Looser(Bound::RateLimit));
+        assert_eq!(looser(Bounds { rate: rl(10, 59_999), ..ok }), Escalation::Looser(Bound::RateLimit));
+        assert_eq!(
+            looser(Bounds { rate: rl(20, 120_000), ..ok }),
+            Escalation::Looser(Bound::RateLimit),
+            "a larger burst"
+        );
+        assert_eq!(looser(Bounds { expires_ms: None, ..ok }), Escalation::Looser(Bound::KeyExpiry));
+        assert_eq!(looser(Bounds { expires_ms: Some(1_001), ..ok }), Escalation::Looser(Bound::KeyExpiry));
+        let off = Breaker { denials: 0, ..b };
+        assert_eq!(looser(Bounds { breaker: off, ..ok }), Escalation::Looser(Bound::Breaker));
+        assert_eq!(looser(Bounds { breaker: Breaker { denials: 51, ..b }, ..ok }), Escalation::Looser(Bound::Breaker));
+        assert_eq!(
+            looser(Bounds { breaker: Breaker { window_ms: 59_999, ..b }, ..ok }),
+            Escalation::Looser(Bound::Breaker)
+        );
+        let strict = Breaker { denials: 5, window_ms: 120_000, max_requests: 10, repeats: 3, ..b };
+        assert_eq!(bounds_check(&parent, &Bounds { breaker: strict, ..ok }), Ok(()));
+        let p2 = Bounds { breaker: strict, ..parent };
+        assert_eq!(
+            bounds_check(&p2, &Bounds { breaker: Breaker { max_requests: 0, ..strict }, ..ok }),
+            Err(Escalation::Looser(Bound::Breaker))
+        );
+        assert_eq!(
+            bounds_check(&p2, &Bounds { breaker: Breaker { repeats: 4, ..strict }, ..ok }),
+            Err(Escalation::Looser(Bound::Breaker))
+        );
+        // A parent without limits binds nothing.
+        let free = Bounds { rate: None, expires_ms: None, breaker: off };
+        assert_eq!(bounds_check(&free, &Bounds { rate: None, expires_ms: None, breaker: off }), Ok(()));
     }
 
     #[test]

@@ -18,8 +18,9 @@ pub mod scope;
 
 pub use clock::{Clock, ManualClock};
 pub use decision::{
-    AgentLimits, ChainMember, Counters, DenyReason, Escalation, Movement, SpendCheck, Verdict, authorize, child_check,
-    credential, decide, lease_extra_slots, precheck, room, utilization, verdict,
+    AgentLimits, Bound, Bounds, ChainMember, Counters, DenyReason, Escalation, Link, Movement, SpendCheck, Verdict,
+    authorize, bounds_check, chain_credential, child_check, credential, decide, lease_extra_slots, precheck, room,
+    utilization, verdict,
 };
 pub use duration::Span;
 pub use handle::Handle;

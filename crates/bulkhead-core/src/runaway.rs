@@ -50,6 +50,18 @@ pub struct BreakerOverride {
 }
 
 impl BreakerOverride {
+    /// These settings, each unset one taken from `other`.
+    pub fn or(self, other: BreakerOverride) -> BreakerOverride {
+        BreakerOverride {
+            denials: self.denials.or(other.denials),
+            window_ms: self.window_ms.or(other.window_ms),
+            max_requests: self.max_requests.or(other.max_requests),
+            rate_window_ms: self.rate_window_ms.or(other.rate_window_ms),
+            repeats: self.repeats.or(other.repeats),
+            repeat_window_ms: self.repeat_window_ms.or(other.repeat_window_ms),
+        }
+    }
+
     /// These settings over `default`.
     pub fn over(self, default: Breaker) -> Breaker {
         Breaker {

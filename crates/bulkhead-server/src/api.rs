@@ -78,6 +78,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_agent, patch_agent))
         .routes(routes!(revoke))
         .routes(routes!(rotate_key))
+        .routes(routes!(suspend))
         .routes(routes!(resume))
         .routes(routes!(agent_audit))
         .routes(routes!(spend))
@@ -469,6 +470,41 @@ async fn rotate_key(
         return Ok(respond(reply));
     }
     Ok((StatusCode::CREATED, Json(NewKey { key: key.expose().to_owned() })).into_response())
+}
+
+/// Suspend an agent and its subtree.
+///
+/// Refused with 403 `agent_suspended` (it and its descendants) until resumed. Takes effect like a
+/// revocation: once answered, on every server sharing the store.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{handle}/suspend",
+    tag = "agents",
+    security(("admin_token" = [])),
+    params(("handle" = String, Path, description = "The agent's handle.")),
+    request_body = Option<RevokeReq>,
+    responses(
+        (status = 200, description = "The agent, suspended.", body = AgentView),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 409, response = Conflict),
+        (status = 413, response = BodyTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
+async fn suspend(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    P(handle): P<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    admin(&state, &headers)?;
+    let req = body.json::<RevokeReq>()?;
+    let reason = crate::input::note(req.reason, "reason")?;
+    Ok(respond(state.ledger.submit(Command::Suspend { handle, reason }).await?))
 }
 
 /// Resume a suspended agent.

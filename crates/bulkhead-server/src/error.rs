@@ -15,6 +15,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<i64>,
+    /// A 402's recovery fields, beside `error`: `remaining` and `window_resets_at`.
+    pub recovery: Option<(bulkhead_store::Remaining, i64)>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            recovery: None,
         }
     }
 
@@ -51,12 +54,13 @@ impl ApiError {
         ApiError::new(401, "invalid_credentials", "This call needs the admin token.")
     }
 
-    /// The contract's error body: `{"error": {"code", "message"}}`, and `retry_after` on a 429.
+    /// The contract's error body: `{"error": {"code", "message"}}`, `retry_after` on a 429 or a
+    /// window cap's 402, and a 402's `remaining` and `window_resets_at` beside `error`.
     pub(crate) fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail { code: self.code, message: self.message.clone(), retry_after: self.retry_after },
-            remaining: None,
-            window_resets_at: None,
+            remaining: self.recovery.map(|(r, _)| r.into()),
+            window_resets_at: self.recovery.map(|(_, at)| bulkhead_store::fmt_time(at)),
         }
     }
 }
@@ -66,12 +70,11 @@ impl ApiError {
 #[schema(as = Error)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
-    /// A 402's denial only: what the agent may still spend (contract §5). This version does not
-    /// report it yet; clients must treat it as optional.
+    /// A 402 only: what the agent may still spend under every cap of its chain (contract §5).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = crate::bodies::Remaining)]
     pub remaining: Option<crate::bodies::Remaining>,
-    /// A 402's denial only: when the window cap resets (contract §5); optional as `remaining`.
+    /// A 402 only: when the agent's window resets (contract §5).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = String, format = DateTime)]
     pub window_resets_at: Option<String>,
@@ -84,7 +87,8 @@ pub struct ErrorDetail {
     pub code: &'static str,
     /// One human sentence.
     pub message: String,
-    /// Seconds to wait before retrying (429 and 503 answers, which also set `Retry-After`).
+    /// Seconds to wait before retrying (429, 503 and a window cap's 402, which also set
+    /// `Retry-After`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = i64)]
     pub retry_after: Option<i64>,
@@ -105,6 +109,12 @@ impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> ApiError {
         match r {
             Refusal::Deny(reason) => ApiError::deny(reason),
+            Refusal::OverLimit(o) => {
+                let mut e = ApiError::deny(o.reason);
+                e.recovery = Some((o.remaining, o.window_resets_at));
+                e.retry_after = o.retry_after_ms.map(|ms| ((ms + 999) / 1000).max(1));
+                e
+            }
             Refusal::NotFound(what) => {
                 let what = match what {
                     Missing::Agent => "agent",
@@ -135,14 +145,22 @@ impl From<Refusal> for ApiError {
             Refusal::AgentRevoked(Revived::Resume) => {
                 ApiError::new(409, "agent_revoked", "A revoked agent cannot be resumed.")
             }
+            Refusal::AgentRevoked(Revived::Suspend) => {
+                ApiError::new(409, "agent_revoked", "A revoked agent cannot be suspended.")
+            }
             Refusal::HandleTaken => ApiError::new(409, "handle_taken", "An agent with this handle already exists."),
             Refusal::ScopeEscalation => {
                 ApiError::new(403, "scope_escalation", "A child's scopes must be covered by its parent's scopes.")
             }
-            Refusal::CapEscalation => ApiError::new(
+            Refusal::CapEscalation(None) => ApiError::new(
                 403,
                 "cap_escalation",
                 "A child's caps and per-transaction limit may not exceed its parent's.",
+            ),
+            Refusal::CapEscalation(Some(what)) => ApiError::new(
+                403,
+                "cap_escalation",
+                format!("A child's {} may not be looser than its parent's.", what.name()),
             ),
             Refusal::ShadowNotRoot => ApiError::invalid("Shadow mode (enforce: false) is for root agents only."),
             Refusal::TreeTooDeep { depth_max } => {

@@ -406,7 +406,7 @@ pub struct CaptureReq {
 #[schema(as = EmptyRequest)]
 pub struct EmptyReq {}
 
-/// `POST /v1/agents/{handle}/revoke`.
+/// `POST /v1/agents/{handle}/revoke` and `…/suspend`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = RevokeRequest)]

@@ -184,7 +184,8 @@ error_responses! {
     /// 402.
     LimitExceeded = "The spend or hold would break a limit; nothing was charged: \
         `per_tx_limit_exceeded`, `spending_cap_exceeded`, `lifetime_cap_exceeded`, \
-        `ancestor_cap_exceeded`.", retry_after: false;
+        `ancestor_cap_exceeded`. The body adds `remaining` and `window_resets_at` beside `error`; \
+        a window cap's denial sets `Retry-After` (seconds until the window resets).", retry_after: true;
     /// 403.
     Forbidden = "`agent_suspended`, `scope_not_granted`; for a child, `scope_escalation` or \
         `cap_escalation`.", retry_after: false;
@@ -194,7 +195,7 @@ error_responses! {
     RequestTimeout = "`request_timeout`: the body did not arrive within 30 seconds.", retry_after: false;
     /// 409.
     Conflict = "`handle_taken`, `hold_closed` (already captured, released or expired), \
-        `agent_revoked` (a revoked agent cannot get a key or be resumed).", retry_after: false;
+        `agent_revoked` (a revoked agent cannot get a key, be suspended or be resumed).", retry_after: false;
     /// 413.
     BodyTooLarge = "`body_too_large`: the body is over 1 MiB.", retry_after: false;
     /// 422.

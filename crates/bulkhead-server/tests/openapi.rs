@@ -195,6 +195,7 @@ const SECURITY: &[(&str, &str, &str)] = &[
     ("PATCH", "/v1/agents/{handle}", "admin"),
     ("POST", "/v1/agents/{handle}/revoke", "either"),
     ("POST", "/v1/agents/{handle}/keys", "admin"),
+    ("POST", "/v1/agents/{handle}/suspend", "admin"),
     ("POST", "/v1/agents/{handle}/resume", "admin"),
     ("GET", "/v1/agents/{handle}/audit", "admin"),
     ("GET", "/v1/agents/{handle}/usage", "admin"),
@@ -704,9 +705,10 @@ async fn a_real_flow_answers_as_the_document_says() {
     for _ in 0..3 {
         c.post("/v1/spend", "/v1/spend", pk, json!({"scope": "pay:x", "amount": "5"})).await;
     }
-    c.post("/v1/spend", "/v1/spend", pk, json!({"scope": "pay:x", "amount": "5"}))
-        .await
-        .err(402, "spending_cap_exceeded");
+    let over = c.post("/v1/spend", "/v1/spend", pk, json!({"scope": "pay:x", "amount": "5"})).await;
+    over.err(402, "spending_cap_exceeded");
+    assert!(over.json["remaining"]["window"].is_string() && over.json["window_resets_at"].is_string(), "{}", over.text);
+    assert!(over.headers.contains_key("retry-after"), "a window cap's 402 says when to retry");
 
     // Rate limit.
     let (_, limited) = c
@@ -735,6 +737,15 @@ async fn a_real_flow_answers_as_the_document_says() {
     let resumed = c.call("POST", "/v1/agents/{handle}/resume", "/v1/agents/tripped/resume", admin, &[], None).await;
     resumed.expect(200, None);
     assert_eq!(resumed.json["status"], "active");
+
+    // Suspension by an operator.
+    let suspended =
+        c.post("/v1/agents/{handle}/suspend", "/v1/agents/tripped/suspend", admin, json!({"reason": "audit"})).await;
+    suspended.expect(200, None);
+    assert_eq!(suspended.json["status"], "suspended");
+    c.post("/v1/spend", "/v1/spend", tk, json!({"scope": "pay:x", "amount": "0.5"})).await.err(403, "agent_suspended");
+    c.post("/v1/agents/{handle}/suspend", "/v1/agents/nobody/suspend", admin, json!({})).await.err(404, "not_found");
+    c.call("POST", "/v1/agents/{handle}/resume", "/v1/agents/tripped/resume", admin, &[], None).await.expect(200, None);
 
     // The caller's own view and every history read.
     c.get("/v1/me", "/v1/me", pk).await.expect(200, None);

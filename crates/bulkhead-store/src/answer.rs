@@ -68,6 +68,18 @@ pub struct Remaining {
     pub lifetime: Option<Micros>,
 }
 
+/// A limit's denial and how to recover from it: what may still be spent under every cap of the
+/// agent's chain, when its window resets and, for the window cap, how long until then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverLimit {
+    pub reason: DenyReason,
+    pub remaining: Remaining,
+    /// Milliseconds since the epoch.
+    pub window_resets_at: i64,
+    /// Set for a window cap: milliseconds until the window resets.
+    pub retry_after_ms: Option<i64>,
+}
+
 /// An allowed spend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spent {
@@ -136,6 +148,8 @@ pub enum LeaseSettled {
 pub enum Refusal {
     /// A decision's denial: credentials, suspension, scope, rate limit or a limit.
     Deny(DenyReason),
+    /// A denial by a limit (a 402), with what the agent needs to recover (contract §5).
+    OverLimit(OverLimit),
     /// The named thing does not exist (or is not the caller's to name).
     NotFound(Missing),
     /// The hold (or lease) was already captured, released or expired.
@@ -148,8 +162,9 @@ pub enum Refusal {
     HandleTaken,
     /// A parent tried to give a child scopes it does not hold.
     ScopeEscalation,
-    /// A parent tried to give a child caps above its own.
-    CapEscalation,
+    /// A parent tried to give a child caps above its own, or (named) a rate limit, key expiry or
+    /// breaker looser than its own.
+    CapEscalation(Option<bulkhead_core::decision::Bound>),
     /// Shadow mode was asked for an agent that is not a root.
     ShadowNotRoot,
     /// The child would be deeper than `depth_max`.
@@ -208,6 +223,7 @@ pub enum AmountProblem {
 pub enum Revived {
     RotateKey,
     Resume,
+    Suspend,
 }
 
 impl Reply {

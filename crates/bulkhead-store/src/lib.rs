@@ -37,8 +37,8 @@ mod view;
 pub use advice::AgentAdvice;
 pub use alerts::{AlertRules, OutboxRow, retry_delay_ms};
 pub use answer::{
-    AmountProblem, Answer, Held, HoldEnd, LeaseGrant, LeaseSettled, Missing, Outcome, Refusal, Remaining, Reply,
-    Revived, Settled, Spent,
+    AmountProblem, Answer, Held, HoldEnd, LeaseGrant, LeaseSettled, Missing, Outcome, OverLimit, Refusal, Remaining,
+    Reply, Revived, Settled, Spent,
 };
 pub use audit::{AuditEvent, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};

@@ -82,14 +82,16 @@ impl Store {
         let Some(row) = row.filter(|r| KeyHash::from_stored(r.key_hash.clone()).ct_eq(key)) else {
             return Ok(Err(DenyReason::InvalidCredentials));
         };
-        let (revoked,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM agents WHERE root_id = $1 AND status = 'revoked' AND $2 LIKE '%,' || id || ',%'",
+        // The chain binds: any agent of it revoked, or any key of it expired.
+        let (revoked, expires): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(CASE WHEN status = 'revoked' THEN 1 END), MIN(key_expires_at) FROM agents \
+             WHERE root_id = $1 AND $2 LIKE '%,' || id || ',%'",
         )
         .bind(row.root_id)
         .bind(&row.path)
         .fetch_one(&self.pool)
         .await?;
-        if let Err(reason) = bulkhead_core::credential(revoked > 0, row.key_expires_at, now_ms) {
+        if let Err(reason) = bulkhead_core::credential(revoked > 0, expires, now_ms) {
             return Ok(Err(reason));
         }
         Ok(Ok(self.views(vec![row], now_ms).await?.remove(0)))

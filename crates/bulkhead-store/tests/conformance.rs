@@ -44,6 +44,10 @@ conformance! {
     child_spend_counts_against_parent,
     ancestor_cap_exceeded,
     scope_and_cap_escalation,
+    ancestors_bind_their_subtree,
+    children_no_looser_than_parents,
+    operator_suspension,
+    denials_say_how_to_recover,
     revoke_cascades,
     parent_revokes_only_descendants,
     revocation_releases_holds,
@@ -437,6 +441,167 @@ async fn scope_and_cap_escalation(db: Db) {
     e.finish().await;
 }
 
+/// Hardening finding 1: a parent's suspension, narrowed scopes, rate limit and key expiry bind
+/// every descendant from the moment the change answers.
+async fn ancestors_bind_their_subtree(db: Db) {
+    let e = Env::new(db).await;
+    let mut ps = spec("sub-root", PARENT_SCOPES, "100");
+    ps.expires_in = Some(span("2h"));
+    let pk = e.admin_agent(ps).await;
+    let mut cs = spec("sub-mid", &[PAY, "spawn:agents"], "50");
+    cs.expires_in = Some(span("1h"));
+    let ck = e.child_agent(&pk, cs).await;
+    let gk = e.child_agent(&ck, spec("sub-leaf", &[PAY], "10")).await;
+    ok(&e.spend(&gk, "1").await, 200);
+    // Suspension of the root binds the grandchild; resuming frees it.
+    ok(&e.submit(Command::Suspend { handle: "sub-root".into(), reason: Some("audit".into()) }).await, 200);
+    err(&e.spend(&gk, "1").await, 403, "agent_suspended");
+    err(&e.spend(&ck, "1").await, 403, "agent_suspended");
+    let (r, _) = e.create(Caller::Agent(ck.clone()), spec("sub-new", &[PAY], "1")).await;
+    err(&r, 403, "agent_suspended");
+    ok(&e.submit(Command::Resume { handle: "sub-root".into() }).await, 200);
+    ok(&e.spend(&gk, "1").await, 200);
+    // A scope the middle agent no longer holds, its child may not use.
+    let narrow =
+        Patch { scopes: Some(bulkhead_core::ScopeSet::parse(&["invoices:read"]).unwrap()), ..Patch::default() };
+    ok(&e.submit(Command::PatchAgent { handle: "sub-mid".into(), patch: narrow }).await, 200);
+    err(&e.spend(&gk, "1").await, 403, "scope_not_granted");
+    let back =
+        Patch { scopes: Some(bulkhead_core::ScopeSet::parse(&[PAY, "spawn:agents"]).unwrap()), ..Patch::default() };
+    ok(&e.submit(Command::PatchAgent { handle: "sub-mid".into(), patch: back }).await, 200);
+    // The root's rate limit of 2 a minute is the whole tree's.
+    let limited = Patch { rate_limit: Some(Some(RateLimit { requests: 2, per_ms: 60_000 })), ..Patch::default() };
+    ok(&e.submit(Command::PatchAgent { handle: "sub-root".into(), patch: limited }).await, 200);
+    ok(&e.spend(&gk, "1").await, 200);
+    ok(&e.spend(&ck, "1").await, 200);
+    err(&e.spend(&gk, "1").await, 429, "rate_limited");
+    let unlimited = Patch { rate_limit: Some(None), ..Patch::default() };
+    ok(&e.submit(Command::PatchAgent { handle: "sub-root".into(), patch: unlimited }).await, 200);
+    // The middle agent's key expires at 1h: its whole subtree stops with it.
+    e.advance(HOUR);
+    err(&e.spend(&gk, "1").await, 401, "credential_expired");
+    assert_eq!(e.store.agent_for_key(&gk, e.now()).await.unwrap().unwrap_err(), DenyReason::CredentialExpired);
+    ok(&e.spend(&pk, "1").await, 200);
+    e.advance(HOUR);
+    err(&e.spend(&pk, "1").await, 401, "credential_expired");
+    e.intact().await;
+    e.finish().await;
+}
+
+/// Hardening finding 1: a child's rate limit, key expiry and breaker may not be looser than its
+/// parent's; what it does not name, it takes from its parent.
+async fn children_no_looser_than_parents(db: Db) {
+    let e = Env::new(db).await;
+    let mut ps = spec("nl-parent", PARENT_SCOPES, "100");
+    ps.rate_limit = Some(RateLimit { requests: 10, per_ms: 60_000 });
+    ps.expires_in = Some(span("1h"));
+    ps.breaker = Some(BreakerOverride { denials: Some(5), ..Default::default() });
+    let pk = e.admin_agent(ps).await;
+    let child = || spec("nl-child", &[PAY], "1");
+    let mut cases = Vec::new();
+    let mut s = child();
+    s.rate_limit = Some(RateLimit { requests: 11, per_ms: 60_000 });
+    cases.push(("rate limit", s));
+    let mut s = child();
+    s.rate_limit = Some(RateLimit { requests: 10, per_ms: 30_000 });
+    cases.push(("rate limit", s));
+    let mut s = child();
+    s.expires_in = Some(span("2h"));
+    cases.push(("key expiry", s));
+    let mut s = child();
+    s.breaker = Some(BreakerOverride { denials: Some(0), ..Default::default() });
+    cases.push(("breaker", s));
+    for (what, s) in cases {
+        let (r, _) = e.create(Caller::Agent(pk.clone()), s).await;
+        err(&r, 403, "cap_escalation");
+        assert!(r.body.contains(what), "the message names the {what}: {}", r.body);
+    }
+    assert!(e.store.get_agent("nl-child", e.now()).await.unwrap().is_none(), "nothing was created");
+    // Named and tighter, or not named at all (taken from the parent), both are fine.
+    let mut tight = spec("nl-tight", &[PAY], "1");
+    tight.rate_limit = Some(RateLimit { requests: 5, per_ms: 60_000 });
+    tight.expires_in = Some(span("30m"));
+    let (r, _) = e.create(Caller::Agent(pk.clone()), tight).await;
+    ok(&r, 201);
+    assert_eq!(json(&r)["rate_limit"]["requests"], 5);
+    let (r, _) = e.create(Caller::Agent(pk.clone()), spec("nl-plain", &[PAY], "1")).await;
+    ok(&r, 201);
+    assert_eq!(json(&r)["rate_limit"]["requests"], 10, "the parent's rate limit: {}", r.body);
+    let row = e.agent("nl-plain").await;
+    assert_eq!(row.rate_limit.map(|r| r.requests), Some(10));
+    e.advance(HOUR);
+    let plain = e.store.list_agents(None, 100, e.now()).await.unwrap();
+    assert!(plain.iter().any(|a| a.handle == "nl-plain"));
+    e.finish().await;
+}
+
+/// `POST /v1/agents/{handle}/suspend`: suspended until resumed, audited and alerted once; a
+/// revoked agent cannot be suspended.
+async fn operator_suspension(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("op-s", &[PAY], "10")).await;
+    let hid = e.hold_ok(&k, "1", HOUR).await;
+    let r = e.submit(Command::Suspend { handle: "op-s".into(), reason: Some("investigating".into()) }).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["status"], "suspended");
+    ok(&e.submit(Command::Suspend { handle: "op-s".into(), reason: None }).await, 200);
+    err(&e.spend(&k, "1").await, 403, "agent_suspended");
+    // Releasing what it holds is still allowed: refusing would keep money reserved longer.
+    ok(&e.release(&k, &hid).await, 200);
+    let ev = e.store.audit_page(Some("op-s"), 0, 100).await.unwrap();
+    let suspends: Vec<_> = ev.iter().filter(|x| x.action == "agent.suspend").collect();
+    assert_eq!(suspends.len(), 1, "a second suspension changes nothing");
+    assert_eq!(suspends[0].reason.as_deref(), Some("investigating"));
+    ok(&e.submit(Command::Resume { handle: "op-s".into() }).await, 200);
+    ok(&e.spend(&k, "1").await, 200);
+    err(&e.submit(Command::Suspend { handle: "nobody".into(), reason: None }).await, 404, "not_found");
+    ok(&e.submit(Command::Revoke { caller: Caller::Admin, handle: "op-s".into(), reason: None }).await, 200);
+    err(&e.submit(Command::Suspend { handle: "op-s".into(), reason: None }).await, 409, "agent_revoked");
+    e.intact().await;
+    e.finish().await;
+}
+
+/// Hardening finding 12 (contract §5): a 402 carries `remaining` and `window_resets_at`, and a
+/// window cap's denial says how long until the window resets.
+async fn denials_say_how_to_recover(db: Db) {
+    let e = Env::new(db).await;
+    let mut ps = spec("rec-p", PARENT_SCOPES, "5");
+    ps.window = span("1h");
+    ps.lifetime_cap = Some(m("9"));
+    let pk = e.admin_agent(ps).await;
+    ok(&e.spend(&pk, "4").await, 200);
+    e.advance(10 * 60_000);
+    let r = e.spend_with(&pk, PAY, "1.01", idem("rec-1", "h")).await;
+    err(&r, 402, "spending_cap_exceeded");
+    let v = json(&r);
+    assert_eq!(v["remaining"]["window"], "1.00");
+    assert_eq!(v["remaining"]["lifetime"], "5.00");
+    assert_eq!(v["window_resets_at"], fmt_time(T0 + HOUR));
+    assert_eq!(v["error"]["retry_after"], 50 * 60, "seconds until the window resets");
+    // A replay answers the same.
+    let again = e.spend_with(&pk, PAY, "1.01", idem("rec-1", "h")).await;
+    assert_eq!((again.status, again.body.as_str(), again.replayed), (402, r.body.as_str(), true));
+    // A child is told what its whole chain leaves it, and a per-tx denial has no wait.
+    let mut cs = spec("rec-c", &[PAY], "5");
+    cs.per_tx_limit = Some(m("2"));
+    cs.lifetime_cap = Some(m("9"));
+    let ck = e.child_agent(&pk, cs).await;
+    let r = e.spend(&ck, "1.5").await;
+    err(&r, 402, "ancestor_cap_exceeded");
+    let v = json(&r);
+    assert_eq!((v["remaining"]["window"].as_str(), v["remaining"]["lifetime"].as_str()), (Some("1.00"), Some("5.00")));
+    assert_eq!(v["window_resets_at"], fmt_time(T0 + 10 * 60_000 + 24 * HOUR), "the child's own window");
+    assert!(v["error"].get("retry_after").is_none(), "{v}");
+    let r = e.spend(&ck, "2.5").await;
+    err(&r, 402, "per_tx_limit_exceeded");
+    assert_eq!(json(&r)["remaining"]["window"], "1.00");
+    // Other denials carry none of it.
+    let r = e.spend_with(&ck, "x:y", "1", None).await;
+    err(&r, 403, "scope_not_granted");
+    assert!(json(&r).get("remaining").is_none());
+    e.finish().await;
+}
+
 async fn revoke_cascades(db: Db) {
     let e = Env::new(db).await;
     let pk = e.admin_agent(spec("rv-p", PARENT_SCOPES, "20")).await;
@@ -483,6 +648,11 @@ async fn parent_revokes_only_descendants(db: Db) {
     err(&e.revoke(Caller::Agent(ck.clone()), "pr-s").await, 404, "not_found");
     err(&e.revoke(Caller::Agent(ck.clone()), "pr-x").await, 404, "not_found");
     err(&e.revoke(Caller::Agent(ck.clone()), "pr-c").await, 404, "not_found");
+    // Hardening finding 10: an outside handle that exists and one that does not are answered
+    // alike, so an agent cannot probe for other agents.
+    let outside = e.revoke(Caller::Agent(ck.clone()), "pr-x").await;
+    let unknown = e.revoke(Caller::Agent(ck.clone()), "pr-nobody").await;
+    assert_eq!((outside.status, &outside.body), (unknown.status, &unknown.body));
     err(&e.revoke(Caller::Agent(new_key()), "pr-g").await, 401, "invalid_credentials");
     for k in [&pk, &ck, &gk, &sk, &xk] {
         ok(&e.spend(k, "1").await, 200);

@@ -175,7 +175,8 @@ impl Model {
         if self.revoked(who) {
             return self.deny(who, "credential_revoked", 401, false);
         }
-        if self.a[who].status == Status::Suspended {
+        // An ancestor's suspension binds its whole subtree.
+        if chain(who).iter().any(|&i| self.a[i].status == Status::Suspended) {
             return self.deny(who, "agent_suspended", 403, false);
         }
         if let Some(code) = self.a[who].misfit(amount) {

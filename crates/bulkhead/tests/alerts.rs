@@ -185,3 +185,49 @@ async fn sqlite_alerts_survive_kill_9_before_delivery() {
 async fn postgres_alerts_survive_kill_9_before_delivery() {
     alerts_survive_kill_9(Backend::pg().await).await;
 }
+
+/// Alert delivery writes the outbox beside the ledger's writer. On SQLite a writer transaction
+/// that began deferred could not upgrade to a write while a delivery attempt was writing, and
+/// answered 503 `store_unavailable`. With a webhook that always fails (every attempt writes its
+/// retry) and many agents crossing thresholds at once, every answer must still be a decision.
+async fn failing_webhooks_never_fail_a_decision(mut b: Backend) {
+    let rx = Receiver::start(&b.scratch("hook.log"), u32::MAX, 0);
+    let cfg = b.scratch("bulkhead.toml");
+    let thresholds: Vec<String> = (1..10).map(|t| format!("0.{t}")).collect();
+    let text = format!("[alerts]\nwebhooks = [\"{}\"]\nthresholds = [{}]\n", rx.url(), thresholds.join(", "));
+    std::fs::write(&cfg, text).expect("write config");
+    b.config = Some(cfg);
+    let srv = Server::start(&b).await;
+    let api = srv.api();
+    let mut keys = Vec::new();
+    for i in 0..48 {
+        keys.push(api.create(ADMIN, root_agent(&format!("hot-{i}"), "1.00", &[SCOPE])).await);
+    }
+    let mut tasks = Vec::new();
+    for chunk in keys.chunks(6) {
+        let (api, chunk) = (api.clone(), chunk.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..12 {
+                for key in &chunk {
+                    statuses.push(api.try_spend(key, "0.10").await.expect("an answer").status);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.expect("task"));
+    }
+    let bad: Vec<_> = statuses.iter().filter(|s| !matches!(s, 200 | 402)).collect();
+    assert!(bad.is_empty(), "every spend is decided, none fails: {bad:?}\n{}", srv.logs());
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 48 * 10, "ten spends of 0.10 fill each cap");
+    assert!(rx.deliveries().is_empty(), "the receiver acknowledged nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_failing_webhooks_never_fail_a_decision() {
+    failing_webhooks_never_fail_a_decision(Backend::sqlite()).await;
+}

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{ADMIN, Backend, Server};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends one raw HTTP/1.1 request and returns (status, whole answer as text).
@@ -215,5 +216,60 @@ async fn the_bearer_scheme_is_case_insensitive() {
         let (status, text) = raw(&srv, &get("/v1/agents", "127.0.0.1", &format!("Authorization: {auth}\r\n"))).await;
         assert_eq!(status, 401, "{auth:?}: {text}");
         assert!(text.contains("invalid_credentials"), "{text}");
+    }
+}
+
+/// Finding 1: a child escaped its parent — it kept spending after the parent was suspended or
+/// lost the scope, and past the parent's rate limit. Through the real binary, on both stores:
+/// the operator's `suspend`, a narrowed scope and a rate limit of the parent bind the child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_cannot_escape_its_parent() {
+    for b in [Backend::sqlite(), Backend::pg().await] {
+        let srv = Server::start(&b).await;
+        let api = srv.api();
+        let parent = api
+            .create(
+                ADMIN,
+                json!({"handle": "f1-parent", "scopes": [common::SCOPE, "spawn:agents"], "spending_cap": "50"}),
+            )
+            .await;
+        let child =
+            api.create(&parent, json!({"handle": "f1-child", "scopes": [common::SCOPE], "spending_cap": "10"})).await;
+        assert_eq!(api.try_spend(&child, "1").await.unwrap().status, 200);
+
+        let r = api.post("/v1/agents/f1-parent/suspend", ADMIN, &json!({"reason": "investigating"})).await;
+        assert_eq!((r.status, r.str("status")), (200, "suspended"), "{}", r.body);
+        let r = api.try_spend(&child, "1").await.unwrap();
+        assert_eq!((r.status, r.code()), (403, "agent_suspended"), "{}", r.body);
+        let r = api.post("/v1/agents/f1-parent/resume", ADMIN, &json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(api.try_spend(&child, "1").await.unwrap().status, 200);
+
+        let narrowed = json!({"scopes": ["spawn:agents"]});
+        let r = api.try_send(reqwest::Method::PATCH, "/v1/agents/f1-parent", ADMIN, Some(&narrowed)).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = api.try_spend(&child, "1").await.unwrap();
+        assert_eq!((r.status, r.code()), (403, "scope_not_granted"), "{}", r.body);
+
+        let limited = json!({"scopes": [common::SCOPE, "spawn:agents"], "rate_limit": {"requests": 3, "per": "1m"}});
+        let r = api.try_send(reqwest::Method::PATCH, "/v1/agents/f1-parent", ADMIN, Some(&limited)).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        // A child may not be given a looser rate limit than its parent's (the attempt is a
+        // request of the parent's, and takes one of its 3 a minute).
+        let fast = json!({"handle": "f1-fast", "scopes": [common::SCOPE], "spending_cap": "1",
+                          "rate_limit": {"requests": 100, "per": "1m"}});
+        let r = api.post("/v1/agents", &parent, &fast).await;
+        assert_eq!((r.status, r.code()), (403, "cap_escalation"), "{}", r.body);
+        let mut statuses = Vec::new();
+        for _ in 0..10 {
+            statuses.push(api.try_spend(&child, "0.10").await.unwrap().status);
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "the parent's 3 a minute: {statuses:?}");
+        assert!(statuses[2..].iter().all(|s| *s == 429), "{statuses:?}");
+        let r = api.post("/v1/agents/nobody/suspend", ADMIN, &json!({})).await;
+        assert_eq!((r.status, r.code()), (404, "not_found"), "{}", r.body);
+        let r = api.post("/v1/agents/f1-parent/suspend", &child, &json!({})).await;
+        assert_eq!(r.status, 401, "suspend is the operator's: {}", r.body);
+        b.assert_audit_intact().await;
     }
 }

@@ -287,10 +287,7 @@ def test_client_revokes_a_descendant(make_account: MakeAccount) -> None:
 def test_suspend_and_resume(make_account: MakeAccount) -> None:
     account = make_account(spending_cap="10.00")
     client = account.client()
-    try:
-        suspended = account.suspend(reason="investigating")
-    except NotFound:
-        pytest.skip("this server has no POST /v1/agents/{handle}/suspend yet")
+    suspended = account.suspend(reason="investigating")
     assert suspended.status == "suspended"
     with pytest.raises(AgentSuspended):
         client.spend("1.00", scope="payments:write")

@@ -156,9 +156,9 @@ def test_credential_expired(make_account: MakeAccount) -> None:
 
 
 def _check_remaining(err: BulkheadError, window: str) -> None:
-    """Where the server reports what is left, the SDK reads it exactly."""
-    if isinstance(err.body, dict) and ("remaining" in err.body or "remaining" in err.body.get("error", {})):
-        assert err.remaining == Decimal(window)
+    """A 402 reports what is left and when the window resets; the SDK reads it exactly."""
+    assert err.remaining == Decimal(window)
+    assert err.window_resets_at is not None
 
 
 def test_per_tx_limit_exceeded(make_account: MakeAccount) -> None:
@@ -178,6 +178,8 @@ def test_spending_cap_exceeded(make_account: MakeAccount) -> None:
         client.spend("1.01", scope=W)
     expect(caught, SpendingCapExceeded, 402, "spending_cap_exceeded")
     _check_remaining(caught.value, "1.00")
+    retry_after = caught.value.retry_after
+    assert retry_after is not None and 0 < retry_after <= 24 * 3600  # the window cap resets then
     assert account.usage().window_spent == Decimal("4.00")  # nothing was charged
 
 

@@ -3,7 +3,7 @@
 //! where it changes what a credential may do. No money moves here except the holds a
 //! revocation releases.
 
-use bulkhead_core::decision::{Escalation, SpendCheck, child_check, credential, precheck};
+use bulkhead_core::decision::{Bounds, Escalation, SpendCheck, bounds_check, child_check, earliest_expiry, precheck};
 use bulkhead_core::runaway::BreakerOverride;
 use bulkhead_core::{DenyReason, KeyHash, Micros, Scope};
 use serde_json::json;
@@ -55,6 +55,34 @@ impl Batch {
         self.agent_reply(id, false)
     }
 
+    /// An operator's suspension (contract §4): the agent, and through the chain checks its whole
+    /// subtree, is refused with `agent_suspended` until resumed. A suspended agent is answered as
+    /// it is. Like a revocation, it moves the authorization epoch, so every server sees it once
+    /// answered.
+    pub(super) async fn suspend_agent(&mut self, handle: &str, reason: Option<&str>) -> R<Reply> {
+        let Some(id) = self.agent_by_handle(handle).await? else {
+            return Ok(Reply::refuse(Refusal::NotFound(Missing::Agent)));
+        };
+        match self.row(id)?.status {
+            AgentStatus::Revoked => return Ok(Reply::refuse(Refusal::AgentRevoked(Revived::Suspend))),
+            AgentStatus::Suspended => {}
+            AgentStatus::Active => {
+                let now = self.now;
+                let r = self.row_mut(id)?;
+                r.status = AgentStatus::Suspended;
+                r.suspended_at = Some(now);
+                r.clear_breaker_state();
+                self.authz = true;
+                let reason = reason.unwrap_or("operator");
+                self.raise("agent_suspended", handle, json!({"reason": reason, "by": "admin"}));
+                let e = self.event(handle, "agent.suspend", "allowed");
+                e.reason = Some(reason.to_owned());
+                e.detail = Some(json!({"by": "admin"}).to_string());
+            }
+        }
+        self.agent_reply(id, false)
+    }
+
     /// The agent as it stands in the batch: a new one (`created`) or a changed one.
     pub(super) fn agent_reply(&self, id: i64, created: bool) -> R<Reply> {
         let row = self.row(id)?;
@@ -75,38 +103,55 @@ impl Batch {
         Reply::refuse(refusal)
     }
 
-    /// The parent an agent's key may create `spec` under: its credentials, suspension and
-    /// `spawn:agents` scope (in the contract's order), then the child checks (scopes and caps no
-    /// wider than its own) and the tree's limits. `Err`: the refusal to answer.
-    async fn spawning_parent(&mut self, key: &KeyHash, spec: &AgentSpec) -> R<Result<i64, Reply>> {
+    /// The parent an agent's key may create `spec` under: its chain's credentials, suspension,
+    /// `spawn:agents` scope and rate limits (in the contract's order), then the child checks
+    /// (scopes and caps no wider than its own; rate limit, key expiry and breaker no looser, a
+    /// child that names none taking its parent's) and the tree's limits. `Ok`: the parent and
+    /// the spec as the child gets it; `Err`: the refusal to answer.
+    async fn spawning_parent(&mut self, key: &KeyHash, spec: &AgentSpec) -> R<Result<Spawn, Reply>> {
         let Some(pid) = self.agent_by_key(key).await? else {
             return Ok(Err(Reply::deny(DenyReason::InvalidCredentials)));
         };
-        let revoked = self.chain_revoked(pid)?;
+        let spawn = Scope::parse("spawn:agents").map_err(|e| corrupt(&e))?;
+        let links = self.links(pid)?;
+        let chain = self.chain(pid)?;
+        match precheck(&SpendCheck { chain: &links, scope: Some(&spawn) }, self.now) {
+            Ok(taken) => self.store_taken(&chain, &taken)?,
+            Err(reason) => return Ok(Err(self.deny(pid, "agent.create", reason, Some(&spawn), None)?)),
+        }
         let p = self.row(pid)?;
         let scopes = p.scope_set();
-        let spawn = Scope::parse("spawn:agents").map_err(|e| corrupt(&e))?;
-        let check = SpendCheck {
-            revoked,
-            key_expires_ms: p.key_expires_at,
-            suspended: p.status == AgentStatus::Suspended,
-            scopes: &scopes,
-            scope: Some(&spawn),
-            rate: None,
-        };
-        if let Err(reason) = precheck(&check, self.now) {
-            return Ok(Err(self.deny(pid, "agent.create", reason, Some(&spawn), None)?));
-        }
         let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
-        let escalation =
-            child_check(&scopes, &p.limits(), &spec.scopes, spec.spending_cap, per_tx, spec.lifetime_cap).err();
+        let mut spec = spec.clone();
+        // What the child does not name, it takes from its parent.
+        let parent_expiry = earliest_expiry(&links);
+        spec.rate_limit = spec.rate_limit.or(p.rate_limit());
+        let expires_at = match spec.expires_in {
+            Some(d) => Some(self.now.saturating_add(d.millis())),
+            None => parent_expiry,
+        };
+        spec.breaker = match (spec.breaker, p.breaker_override()) {
+            (Some(c), Some(parent)) => Some(c.or(parent)),
+            (c, parent) => c.or(parent),
+        };
+        let parent_bounds =
+            Bounds { rate: p.rate_limit(), expires_ms: parent_expiry, breaker: p.breaker(self.breaker) };
+        let child_bounds = Bounds {
+            rate: spec.rate_limit,
+            expires_ms: expires_at,
+            breaker: spec.breaker.map_or(self.breaker, |o| o.over(self.breaker)),
+        };
+        let escalation = child_check(&scopes, &p.limits(), &spec.scopes, spec.spending_cap, per_tx, spec.lifetime_cap)
+            .and_then(|()| bounds_check(&parent_bounds, &child_bounds))
+            .err();
         if let Some(e) = escalation {
             let (refusal, code) = match e {
                 Escalation::Scope => (Refusal::ScopeEscalation, "scope_escalation"),
-                Escalation::Cap => (Refusal::CapEscalation, "cap_escalation"),
+                Escalation::Cap => (Refusal::CapEscalation(None), "cap_escalation"),
+                Escalation::Looser(what) => (Refusal::CapEscalation(Some(what)), "cap_escalation"),
             };
             let h = p.handle.clone();
-            return Ok(Err(self.refuse_child(&h, spec, refusal, code)));
+            return Ok(Err(self.refuse_child(&h, &spec, refusal, code)));
         }
         if p.depth + 1 > AGENT_DEPTH_MAX {
             return Ok(Err(Reply::refuse(Refusal::TreeTooDeep { depth_max: AGENT_DEPTH_MAX })));
@@ -118,7 +163,7 @@ impl Batch {
         if n >= CHILDREN_PER_AGENT_MAX {
             return Ok(Err(Reply::refuse(Refusal::TooManyChildren { children_max: CHILDREN_PER_AGENT_MAX })));
         }
-        Ok(Ok(pid))
+        Ok(Ok(Spawn { parent: pid, spec, key_expires_at: expires_at }))
     }
 
     /// Creates an agent: the parent's checks, then the new row (the bulk of its length: a literal
@@ -129,19 +174,19 @@ impl Batch {
         if !spec.enforce && matches!(caller, Caller::Agent(_)) {
             return Ok(Reply::refuse(Refusal::ShadowNotRoot));
         }
-        let parent = match caller {
-            Caller::Admin => None,
+        let (parent, spec, expires) = match caller {
+            Caller::Admin => (None, spec.clone(), spec.expires_in.map(|s| now.saturating_add(s.millis()))),
             Caller::Agent(key) => match self.spawning_parent(key, spec).await? {
-                Ok(pid) => Some(pid),
+                Ok(s) => (Some(s.parent), s.spec, s.key_expires_at),
                 Err(refused) => return Ok(refused),
             },
         };
+        let spec = &spec;
         let per_tx = spec.per_tx_limit.unwrap_or(spec.spending_cap);
         let (rate_requests, rate_per_ms) =
             spec.rate_limit.map(|r| (Some(r.requests), Some(r.per_ms))).unwrap_or((None, None));
         let scopes = spec.scopes.to_strings().join(" ");
         let labels = serde_json::Value::Object(spec.labels.clone()).to_string();
-        let expires = spec.expires_in.map(|s| now.saturating_add(s.millis()));
         // Every column of the new row, each as its column's default would have it where the
         // spec says nothing; its place in the tree (root, path, depth) follows once it has an id.
         let mut new = AgentRow {
@@ -353,11 +398,13 @@ impl Batch {
         let Some(cid) = self.agent_by_key(key).await? else {
             return Ok(Some(Reply::deny(DenyReason::InvalidCredentials)));
         };
-        if let Err(reason) = credential(self.chain_revoked(cid)?, self.row(cid)?.key_expires_at, self.now) {
+        if let Err(reason) = self.chain_credential(cid)? {
             return Ok(Some(Reply::deny(reason)));
         }
+        // An unknown handle and someone else's agent get the same answer: an agent learns
+        // nothing about agents outside its subtree.
         let Some(tid) = self.agent_by_handle(handle).await? else {
-            return Ok(Some(Reply::refuse(Refusal::NotFound(Missing::Agent))));
+            return Ok(Some(Reply::refuse(Refusal::NotFound(Missing::Descendant))));
         };
         let t = self.row(tid)?;
         if tid == cid || !t.path_ids().contains(&cid) {
@@ -390,6 +437,14 @@ impl Batch {
         }
         Ok(())
     }
+}
+
+/// A parent's go-ahead for a child: the child's spec as it gets it (what it did not name taken
+/// from its parent) and its key's expiry.
+struct Spawn {
+    parent: i64,
+    spec: AgentSpec,
+    key_expires_at: Option<i64>,
 }
 
 /// A breaker override as the audit event of a patch shows it.

@@ -5,8 +5,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use bulkhead_core::KeyHash;
 use bulkhead_core::runaway::Breaker;
+use bulkhead_core::{DenyReason, KeyHash};
 use sqlx::any::AnyArguments;
 use sqlx::{Any, Arguments, Transaction};
 
@@ -181,7 +181,8 @@ impl Batch {
                 Command::PatchAgent { handle, .. }
                 | Command::Revoke { handle, .. }
                 | Command::RotateKey { handle, .. }
-                | Command::Resume { handle } => handles.push(handle),
+                | Command::Resume { handle }
+                | Command::Suspend { handle, .. } => handles.push(handle),
                 _ => {}
             }
             if let Some(h) = c.hold_id() {
@@ -293,13 +294,50 @@ impl Batch {
         Ok(ids)
     }
 
-    pub(super) fn chain_revoked(&self, id: i64) -> R<bool> {
+    /// The chain as the core's ordered checks see it: the agent first, then each ancestor.
+    pub(super) fn links(&self, id: i64) -> R<Vec<bulkhead_core::Link>> {
+        self.chain(id)?
+            .into_iter()
+            .map(|a| {
+                let r = self.row(a)?;
+                Ok(bulkhead_core::Link {
+                    revoked: r.status == AgentStatus::Revoked,
+                    key_expires_ms: r.key_expires_at,
+                    suspended: r.status == AgentStatus::Suspended,
+                    scopes: r.scope_set(),
+                    rate: r.rate_limit().map(|l| (l, r.rate_tat)),
+                })
+            })
+            .collect()
+    }
+
+    /// The credential check over the agent's chain: no agent of it revoked, no key of it expired.
+    pub(super) fn chain_credential(&self, id: i64) -> R<Result<(), DenyReason>> {
+        let mut revoked = false;
         for a in self.chain(id)? {
-            if self.row(a)?.status == AgentStatus::Revoked {
-                return Ok(true);
+            revoked |= self.row(a)?.status == AgentStatus::Revoked;
+        }
+        Ok(bulkhead_core::credential(revoked, self.chain_expiry(id)?, self.now))
+    }
+
+    /// When the agent's credential expires: the earliest key expiry of its chain.
+    pub(super) fn chain_expiry(&self, id: i64) -> R<Option<i64>> {
+        let mut expiry = None::<i64>;
+        for a in self.chain(id)? {
+            if let Some(k) = self.row(a)?.key_expires_at {
+                expiry = Some(expiry.map_or(k, |e| e.min(k)));
             }
         }
-        Ok(false)
+        Ok(expiry)
+    }
+
+    /// Stores the rate limiters' states a decision took tokens from (`chain`: as `links` gave it).
+    pub(super) fn store_taken(&mut self, chain: &[i64], taken: &[(usize, i64)]) -> R<()> {
+        for (i, tat) in taken {
+            let id = *chain.get(*i).ok_or_else(|| corrupt("a rate limiter outside the chain"))?;
+            self.row_mut(id)?.rate_tat = *tat;
+        }
+        Ok(())
     }
 
     pub(super) fn event(&mut self, agent: &str, action: &str, outcome: &str) -> &mut NewEvent {
@@ -333,6 +371,7 @@ impl Batch {
                 | Command::Revoke { handle, .. }
                 | Command::RotateKey { handle, .. }
                 | Command::Resume { handle }
+                | Command::Suspend { handle, .. }
                     if !self.by_handle.contains_key(handle.as_str()) =>
                 {
                     handles.push(handle)
@@ -388,6 +427,7 @@ impl Batch {
             Command::Revoke { caller, handle, reason } => self.revoke(caller, handle, reason.as_deref()).await,
             Command::RotateKey { handle, key_hash } => self.rotate_key(handle, key_hash).await,
             Command::Resume { handle } => self.resume(handle).await,
+            Command::Suspend { handle, reason } => self.suspend_agent(handle, reason.as_deref()).await,
             Command::Settle { hold_id, amount } => {
                 self.settle_hold(None, hold_id, if amount.is_zero() { None } else { Some(*amount) }).await
             }

@@ -74,6 +74,11 @@ pub enum Command {
     Resume {
         handle: String,
     },
+    /// An operator's suspension: the agent and its subtree are refused until resumed.
+    Suspend {
+        handle: String,
+        reason: Option<String>,
+    },
     Spend {
         key: KeyHash,
         scope: Scope,

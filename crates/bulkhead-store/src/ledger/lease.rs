@@ -41,12 +41,20 @@ impl Batch {
         let one_by_one = row.enforce == 0 || row.status != AgentStatus::Active || b.max_requests > 0 || b.repeats > 0;
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
         let mut extra = bulkhead_core::lease_extra_slots(slots, one_by_one, bulkhead_core::room(&members), unit);
-        if extra > 0
-            && let Some(limit) = self.row(id)?.rate_limit()
-        {
-            let (got, tat) = bulkhead_core::ratelimit::take(limit, self.row(id)?.rate_tat, now, extra);
-            self.row_mut(id)?.rate_tat = tat;
-            extra = got;
+        // Every rate limit of the chain binds the lease: it gets as many slots as the tightest
+        // admits, and each limiter gives exactly that many tokens.
+        for a in &chain {
+            if let Some(limit) = self.row(*a)?.rate_limit() {
+                extra = bulkhead_core::ratelimit::take(limit, self.row(*a)?.rate_tat, now, extra).0;
+            }
+        }
+        if extra > 0 {
+            for a in &chain {
+                if let Some(limit) = self.row(*a)?.rate_limit() {
+                    let (_, tat) = bulkhead_core::ratelimit::take(limit, self.row(*a)?.rate_tat, now, extra);
+                    self.row_mut(*a)?.rate_tat = tat;
+                }
+            }
         }
         if extra > 0 {
             let more = i64::try_from(extra)
@@ -79,7 +87,7 @@ impl Batch {
             slots: n,
             amount: crate::view::micros(amount),
             expires_at: terms.expires_at,
-            key_expires_at: self.row(id)?.key_expires_at,
+            key_expires_at: self.chain_expiry(id)?,
             room: bulkhead_core::room(&members),
             shadow_denied,
         };

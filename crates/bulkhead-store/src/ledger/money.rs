@@ -3,7 +3,7 @@
 //! allowed movement with its cap assertion and alert thresholds. It never writes SQL of its own
 //! beyond the idempotency record.
 
-use bulkhead_core::decision::{Movement, SpendCheck, Verdict, credential, precheck, verdict};
+use bulkhead_core::decision::{Movement, SpendCheck, Verdict, verdict};
 use bulkhead_core::key::random_base62;
 use bulkhead_core::runaway::denial_step;
 use bulkhead_core::{DenyReason, Micros, Scope};
@@ -14,7 +14,8 @@ use super::IDEMPOTENCY_TTL_MS;
 use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, HoldTerms, NewHold, R, corrupt, hold_end, path_ids};
 use crate::alerts::NewAlert;
 use crate::answer::{
-    AmountProblem, Answer, Held, Missing, Outcome, RECORD_TYPED, Recorded, Refusal, Remaining, Reply, Settled, Spent,
+    AmountProblem, Answer, Held, Missing, Outcome, OverLimit, RECORD_TYPED, Recorded, Refusal, Remaining, Reply,
+    Settled, Spent,
 };
 use crate::audit::NewEvent;
 use crate::view::{AgentStatus, fmt_time};
@@ -109,7 +110,7 @@ impl Batch {
         };
         // Credentials come first, even before a replay: a revoked or expired key never gets an
         // earlier 2xx back (the call below denies it), and its denial is not stored.
-        let key_good = credential(self.chain_revoked(id)?, self.row(id)?.key_expires_at, self.now).is_ok();
+        let key_good = self.chain_credential(id)?.is_ok();
         let idem = idem.filter(|_| key_good);
         if let Some(idem) = idem {
             let prior: Option<(String, i64, String, i64)> = sqlx::query_as(
@@ -207,7 +208,41 @@ impl Batch {
         if suspended {
             self.suspend(id, "runaway_loop_breaker")?;
         }
-        Ok(Reply::deny(reason).with_outcome(Outcome { agent: handle, allowed: false, reason: reason.code(), spent: 0 }))
+        let reply = match reason {
+            DenyReason::PerTxLimit | DenyReason::SpendingCap | DenyReason::LifetimeCap | DenyReason::AncestorCap => {
+                Reply::refuse(Refusal::OverLimit(self.over_limit(id, reason)?))
+            }
+            _ => Reply::deny(reason),
+        };
+        Ok(reply.with_outcome(Outcome { agent: handle, allowed: false, reason: reason.code(), spent: 0 }))
+    }
+
+    /// How an agent denied by a limit can recover: what it may still spend under every cap of its
+    /// chain (its window and lifetime caps and each ancestor's), when its window resets and, when
+    /// its own window cap refused, how long until then.
+    fn over_limit(&self, id: i64, reason: DenyReason) -> R<OverLimit> {
+        let now = self.now;
+        let mut window: Option<Micros> = None;
+        let mut lifetime: Option<Micros> = None;
+        for a in self.chain(id)? {
+            let m = self.row(a)?.member(now);
+            let used = m.counters.window_spent.checked_add(m.counters.held).unwrap_or(Micros::MAX);
+            let w = m.limits.spending_cap.saturating_sub(used);
+            window = Some(window.map_or(w, |x| x.min(w)));
+            if let Some(cap) = m.limits.lifetime_cap {
+                let used = m.counters.lifetime_spent.checked_add(m.counters.held).unwrap_or(Micros::MAX);
+                let l = cap.saturating_sub(used);
+                lifetime = Some(lifetime.map_or(l, |x| x.min(l)));
+            }
+        }
+        let m = self.row(id)?.member(now);
+        let resets = m.limits.created_ms + (m.counters.window_index + 1) * m.limits.window_ms;
+        Ok(OverLimit {
+            reason,
+            remaining: Remaining { window: window.unwrap_or(Micros::ZERO), lifetime },
+            window_resets_at: resets,
+            retry_after_ms: (reason == DenyReason::SpendingCap).then(|| (resets - now).max(0)),
+        })
     }
 
     /// Suspends an active agent by its breaker: status, `suspended_at`, the audit event and the
@@ -244,9 +279,8 @@ impl Batch {
         use bulkhead_core::runaway::{Repeats, fingerprint, rate_step, repeat_step};
         let now = self.now;
         let default_breaker = self.breaker;
-        let revoked = self.chain_revoked(id)?;
+        let credential_bad = self.chain_credential(id)?.is_err();
         let row = self.row(id)?;
-        let credential_bad = credential(revoked, row.key_expires_at, now).is_err();
         let b = row.breaker(default_breaker);
         if row.enforce == 0
             || row.status != AgentStatus::Active
@@ -313,24 +347,13 @@ impl Batch {
         let action = if hold_expires.is_some() { "hold" } else { "spend" };
         let chain = self.chain(id)?;
         self.expire_for_chain(&chain).await?;
-        let revoked = self.chain_revoked(id)?;
-        let agent = self.row(id)?;
-        let scopes = agent.scope_set();
-        let check = SpendCheck {
-            revoked,
-            key_expires_ms: agent.key_expires_at,
-            suspended: agent.status == AgentStatus::Suspended,
-            scopes: &scopes,
-            scope: Some(scope),
-            rate: agent.rate_limit().map(|r| (r, agent.rate_tat)),
-        };
+        let links = self.links(id)?;
+        let check = SpendCheck { chain: &links, scope: Some(scope) };
         // Shadow mode (root agents only) records what would have been denied and lets it through.
-        let shadow = agent.enforce == 0;
+        let shadow = self.row(id)?.enforce == 0;
         let members = chain.iter().map(|a| self.row(*a).map(|r| r.member(now))).collect::<R<Vec<_>>>()?;
-        let (verdict, tat) = verdict(&check, &members, amount, shadow, now);
-        if let Some(tat) = tat {
-            self.row_mut(id)?.rate_tat = tat;
-        }
+        let (verdict, taken) = verdict(&check, &members, amount, shadow, now);
+        self.store_taken(&chain, &taken)?;
         let would_deny = match verdict {
             Verdict::Allow => None,
             Verdict::ShadowAllow(reason) => Some(reason),
@@ -436,20 +459,9 @@ impl Batch {
     /// Captures `amount` of a hold (releasing the rest), or releases it whole when `None`.
     pub(super) async fn settle(&mut self, id: i64, hold_id: &str, amount: Option<Micros>) -> R<Reply> {
         let action = if amount.is_some() { "capture" } else { "release" };
-        let revoked = self.chain_revoked(id)?;
-        let agent = self.row(id)?;
-        let scopes = agent.scope_set();
         // Settling an existing hold is allowed while suspended and is not rate limited: refusing
-        // it would only keep money reserved longer.
-        let check = SpendCheck {
-            revoked,
-            key_expires_ms: agent.key_expires_at,
-            suspended: false,
-            scopes: &scopes,
-            scope: None,
-            rate: None,
-        };
-        if let Err(reason) = precheck(&check, self.now) {
+        // it would only keep money reserved longer. Only the credentials are checked.
+        if let Err(reason) = self.chain_credential(id)? {
             return self.deny(id, action, reason, None, amount);
         }
         self.settle_hold(Some(id), hold_id, amount).await

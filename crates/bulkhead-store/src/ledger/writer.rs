@@ -146,7 +146,14 @@ impl Writer {
         cache: Cache,
     ) -> Result<(Vec<(Reply, bool)>, Cache), BatchError> {
         let now = self.clock.now_ms();
-        let tx = self.store.pool.begin().await?;
+        // SQLite: take the write lock when the transaction begins. A deferred transaction that
+        // read first could not upgrade while another connection (alert delivery, the hourly
+        // sweep, an offline command) was writing: SQLite refuses the upgrade at once, without
+        // waiting out the busy timeout. Taken up front, the lock is waited for.
+        let tx = match self.store.backend {
+            Backend::Sqlite => self.store.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.store.pool.begin().await?,
+        };
         let mut b = Batch {
             tx,
             backend: self.store.backend,

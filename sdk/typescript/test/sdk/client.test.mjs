@@ -280,7 +280,7 @@ describe("AgentAccount and AgentClient", () => {
     await assert.rejects(b.client().spend({ amount: "0.10", scope: W }), CredentialRevoked);
   });
 
-  test("suspend by an operator", { todo: "the server answers 404 to POST /v1/agents/{handle}/suspend so far" }, async () => {
+  test("suspend by an operator", async () => {
     const account = await make();
     assert.equal((await account.suspend({ reason: "look" })).status, "suspended");
     await assert.rejects(account.client().spend({ amount: "1.00", scope: W }), (e) => e.code === "agent_suspended");
