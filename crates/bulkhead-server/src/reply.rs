@@ -211,6 +211,19 @@ mod tests {
         for (answer, status, body) in cases {
             assert_eq!(answer_body(&answer), (status, body.to_owned()), "{answer:?}");
         }
+        let over = bulkhead_store::OverLimit {
+            reason: DenyReason::SpendingCap,
+            remaining: Remaining { window: m("0.5"), lifetime: Some(m("3")) },
+            window_resets_at: 3_600_000,
+            retry_after_ms: Some(1001),
+        };
+        let r =
+            render(&Reply { answer: Err(bulkhead_store::Refusal::OverLimit(over)), replayed: false, outcome: None });
+        assert_eq!((r.status, r.retry_after), (402, Some(2)));
+        assert_eq!(
+            r.body,
+            r#"{"error":{"code":"spending_cap_exceeded","message":"The amount would exceed the agent's spending cap for this window; nothing was charged.","retry_after":2},"remaining":{"window":"0.50","lifetime":"3.00"},"window_resets_at":"1970-01-01T01:00:00Z"}"#
+        );
         let denied = Reply {
             answer: Err(bulkhead_store::Refusal::Deny(DenyReason::RateLimited { retry_after_ms: 1500 })),
             replayed: false,
