@@ -167,6 +167,34 @@ impl<'de> serde::Deserialize<'de> for Micros {
     }
 }
 
+/// How an amount is rendered, as a regular expression (ECMA-262, as OpenAPI's `pattern`): the
+/// decimal text [`Micros`] serializes to, with 2 to 6 decimals.
+pub const AMOUNT_PATTERN: &str = r"^[0-9]+\.[0-9]{2,6}$";
+
+/// `Amount` in the OpenAPI document: the decimal string [`Micros`] serializes to.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Micros {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(AMOUNT_PATTERN))
+            .description(Some(
+                "An amount in the currency's major unit, as a decimal string with 2 to 6 decimals \
+                 (exact: never a float).",
+            ))
+            .examples(["5.00", "0.000150"])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Micros {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Amount".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,19 +7,28 @@ use std::time::Instant;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bulkhead_core::key::secret_eq;
 use bulkhead_core::{ApiKey, KeyHash, Micros};
+use bulkhead_store::{AgentView, BlastRadius};
 use bulkhead_store::{Answer, Caller, Command, Idem, Ledger, Store};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::bodies::{
+    AgentList, AuditPage, Captured, Health, HoldReceipt, NewAgent, NewKey, Released, Revoked, SpendReceipt,
+};
 use crate::error::ApiError;
 use crate::input::{
     BODY_BYTES_MAX, Body, CaptureReq, CreateAgentReq, EmptyReq, HOLD_EXPIRY_SECS_DEFAULT, HOLD_EXPIRY_SECS_MAX,
     HoldReq, P, PageQuery, PatchReq, Q, RevokeReq, SpendReq,
+};
+use crate::openapi::{
+    BodyTooLarge, Conflict, Forbidden, IdempotencyKeyReused, InternalError, InvalidRequest, LimitExceeded, NotFound,
+    RateLimited, RequestTimeout, StoreUnavailable, Unauthorized,
 };
 use crate::reply::respond;
 
@@ -45,32 +54,60 @@ impl AppState {
 
 /// The whole API as one router.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/v1/agents", post(create_agent).get(list_agents))
-        .route("/v1/agents/{handle}", get(get_agent).patch(patch_agent))
-        .route("/v1/agents/{handle}/revoke", post(revoke))
-        .route("/v1/agents/{handle}/keys", post(rotate_key))
-        .route("/v1/agents/{handle}/suspend", post(suspend))
-        .route("/v1/agents/{handle}/resume", post(resume))
-        .route("/v1/agents/{handle}/audit", get(agent_audit))
-        .route("/v1/spend", post(spend))
-        .route("/v1/holds", post(hold))
-        .route("/v1/holds/{id}/capture", post(capture))
-        .route("/v1/holds/{id}/release", post(release))
-        .route("/v1/blast-radius", get(blast_radius))
-        .route("/v1/me", get(me))
-        .route("/v1/me/audit", get(me_audit))
-        .route("/v1/agents/{handle}/usage", get(crate::history::usage))
-        .route("/v1/audit", get(crate::history::audit))
-        .route("/v1/alerts", get(crate::history::alerts))
-        .merge(crate::console::routes())
+    let (api, doc) = api_routes().split_for_parts();
+    let doc = Document(serde_json::to_vec(&crate::openapi::to_json(&doc)).unwrap_or_else(|_| b"{}".to_vec()).into());
+    api.merge(crate::console::routes())
+        .layer(Extension(doc))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn(crate::metrics::track_requests))
         .with_state(state)
+}
+
+/// Every route of the JSON API, each registered together with its OpenAPI operation (the
+/// handler's `#[utoipa::path]`, whose path and method are the route's): the one place routes are
+/// listed, so the document and the router cannot disagree. Register new routes here, through
+/// `routes!`, never with a bare `.route(…)`.
+pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(create_agent, list_agents))
+        .routes(routes!(get_agent, patch_agent))
+        .routes(routes!(revoke))
+        .routes(routes!(rotate_key))
+        .routes(routes!(suspend))
+        .routes(routes!(resume))
+        .routes(routes!(agent_audit))
+        .routes(routes!(spend))
+        .routes(routes!(hold))
+        .routes(routes!(capture))
+        .routes(routes!(release))
+        .routes(routes!(blast_radius))
+        .routes(routes!(me))
+        .routes(routes!(me_audit))
+        .routes(routes!(crate::history::usage))
+        .routes(routes!(crate::history::audit))
+        .routes(routes!(crate::history::alerts))
+}
+
+/// The OpenAPI document as JSON, made once per router.
+#[derive(Clone)]
+struct Document(axum::body::Bytes);
+
+/// This OpenAPI 3.1 document.
+///
+/// Generated from the server's own routes and types. No credentials needed.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "The OpenAPI document.", body = Object))
+)]
+async fn openapi_json(Extension(doc): Extension<Document>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], doc.0).into_response()
 }
 
 async fn fallback() -> ApiError {
@@ -152,11 +189,41 @@ fn idem(headers: &HeaderMap, method: &Method, path: &str, body: &[u8]) -> Result
     Ok(Some(Idem { key: key.to_owned(), request_hash: hex::encode(h.finalize()) }))
 }
 
-async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Health.
+///
+/// 200 once the store is open and migrated and answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "monitoring",
+    responses(
+        (status = 200, description = "The store answers.", body = Health),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
+async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     state.store().ping().await?;
-    Ok(Json(json!({"status": "ok"})))
+    Ok(Json(Health { status: "ok" }))
 }
 
+/// Prometheus metrics.
+///
+/// The text exposition format: decisions, spend, cap utilization per agent, revocation times.
+/// Without the admin token only to a loopback peer that addressed a loopback host, on a server
+/// listening on loopback.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "monitoring",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Prometheus text exposition.", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn metrics(
     State(state): State<AppState>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
@@ -199,6 +266,28 @@ fn is_loopback_host(host: &str) -> bool {
         || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.to_canonical().is_loopback())
 }
 
+/// Create an agent.
+///
+/// With the admin token, a root agent; with an agent's key holding `spawn:agents`, a child of that
+/// agent, whose scopes and caps its own must cover. The answer carries the key, shown this once.
+#[utoipa::path(
+    post,
+    path = "/v1/agents",
+    tag = "agents",
+    security(("admin_token" = []), ("agent_key" = [])),
+    request_body = CreateAgentReq,
+    responses(
+        (status = 201, description = "The agent, with its key.", body = NewAgent),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 409, response = Conflict),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn create_agent(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let caller = match who(&state, &headers)? {
         Who::Admin => Caller::Admin,
@@ -210,31 +299,87 @@ async fn create_agent(State(state): State<AppState>, headers: HeaderMap, body: B
     let Ok(Answer::Created(agent)) = &reply.answer else {
         return Ok(respond(reply));
     };
-    let mut v = serde_json::to_value(agent).map_err(|_| ApiError::new(500, "internal_error", "bad reply"))?;
-    v["key"] = json!(key.expose());
-    Ok((StatusCode::CREATED, Json(v)).into_response())
+    let body = NewAgent { agent: (**agent).clone(), key: key.expose().to_owned() };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+/// List agents.
+///
+/// In handle order, after `after`.
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    tag = "agents",
+    security(("admin_token" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of agents.", body = AgentList),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn list_agents(
     State(state): State<AppState>,
     headers: HeaderMap,
     Q(q): Q<PageQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AgentList>, ApiError> {
     admin(&state, &headers)?;
     let agents = state.store().list_agents(q.after.as_deref(), q.limit()?, state.ledger.now_ms()).await?;
-    Ok(Json(json!({"agents": agents})))
+    Ok(Json(AgentList { agents }))
 }
 
+/// Get an agent.
+///
+/// Its usage includes the spends and holds of all its descendants.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{handle}",
+    tag = "agents",
+    security(("admin_token" = [])),
+    params(("handle" = String, Path, description = "The agent's handle.")),
+    responses(
+        (status = 200, description = "The agent.", body = AgentView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn get_agent(
     State(state): State<AppState>,
     headers: HeaderMap,
     P(handle): P<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AgentView>, ApiError> {
     admin(&state, &headers)?;
     let agent = state.store().get_agent(&handle, state.ledger.now_ms()).await?;
-    agent.map(|a| Json(json!(a))).ok_or_else(|| ApiError::not_found("No agent with that handle exists."))
+    agent.map(Json).ok_or_else(|| ApiError::not_found("No agent with that handle exists."))
 }
 
+/// Change an agent.
+///
+/// Caps, window, scopes, rate limit, labels, breaker settings, enforcement: each field given
+/// replaces the agent's.
+#[utoipa::path(
+    patch,
+    path = "/v1/agents/{handle}",
+    tag = "agents",
+    security(("admin_token" = [])),
+    params(("handle" = String, Path, description = "The agent's handle.")),
+    request_body = PatchReq,
+    responses(
+        (status = 200, description = "The agent as changed.", body = AgentView),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn patch_agent(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -246,6 +391,29 @@ async fn patch_agent(
     Ok(respond(state.ledger.submit(Command::PatchAgent { handle, patch }).await?))
 }
 
+/// Revoke an agent and its descendants.
+///
+/// Idempotent. Once answered, no request with any of their keys is allowed, on any server sharing
+/// the store; their open holds are released. An agent's key may revoke its own descendants only.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{handle}/revoke",
+    tag = "agents",
+    security(("admin_token" = []), ("agent_key" = [])),
+    params(("handle" = String, Path, description = "The agent's handle.")),
+    request_body = Option<RevokeReq>,
+    responses(
+        (status = 200, description = "Every handle revoked.", body = Revoked),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn revoke(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -266,6 +434,28 @@ async fn revoke(
     Ok(respond(reply))
 }
 
+/// Rotate an agent's key.
+///
+/// The old key stops working at once.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{handle}/keys",
+    tag = "agents",
+    security(("admin_token" = [])),
+    params(("handle" = String, Path, description = "The agent's handle.")),
+    request_body = Option<EmptyReq>,
+    responses(
+        (status = 201, description = "The new key, shown this once.", body = NewKey),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 409, response = Conflict),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn rotate_key(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -279,9 +469,32 @@ async fn rotate_key(
     if !matches!(reply.answer, Ok(Answer::KeyRotated)) {
         return Ok(respond(reply));
     }
-    Ok((StatusCode::CREATED, Json(json!({"key": key.expose()}))).into_response())
+    Ok((StatusCode::CREATED, Json(NewKey { key: key.expose().to_owned() })).into_response())
 }
 
+/// Suspend an agent and its subtree.
+///
+/// Refused with 403 `agent_suspended` (it and its descendants) until resumed. Takes effect like a
+/// revocation: once answered, on every server sharing the store.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{handle}/suspend",
+    tag = "agents",
+    security(("admin_token" = [])),
+    params(("handle" = String, Path, description = "The agent's handle.")),
+    request_body = Option<RevokeReq>,
+    responses(
+        (status = 200, description = "The agent, suspended.", body = AgentView),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 409, response = Conflict),
+        (status = 413, response = BodyTooLarge),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn suspend(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -294,6 +507,28 @@ async fn suspend(
     Ok(respond(state.ledger.submit(Command::Suspend { handle, reason }).await?))
 }
 
+/// Resume a suspended agent.
+///
+/// Lifts a suspension by an operator or by the runaway-loop breaker.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{handle}/resume",
+    tag = "agents",
+    security(("admin_token" = [])),
+    params(("handle" = String, Path, description = "The agent's handle.")),
+    request_body = Option<EmptyReq>,
+    responses(
+        (status = 200, description = "The agent, active again.", body = AgentView),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 409, response = Conflict),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn resume(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -305,20 +540,63 @@ async fn resume(
     Ok(respond(state.ledger.submit(Command::Resume { handle }).await?))
 }
 
+/// An agent's audit trail.
+///
+/// Its events in `seq` order after `after`: every decision, allowed or denied, and every admin
+/// action, hash-chained.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{handle}/audit",
+    tag = "audit",
+    security(("admin_token" = [])),
+    params(("handle" = String, Path, description = "The agent's handle."), PageQuery),
+    responses(
+        (status = 200, description = "A page of events.", body = AuditPage),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn agent_audit(
     State(state): State<AppState>,
     headers: HeaderMap,
     P(handle): P<String>,
     Q(q): Q<PageQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditPage>, ApiError> {
     admin(&state, &headers)?;
     if state.store().get_agent(&handle, state.ledger.now_ms()).await?.is_none() {
         return Err(ApiError::not_found("No agent with that handle exists."));
     }
     let events = state.store().audit_page(Some(&handle), q.after_seq()?, q.limit()?).await?;
-    Ok(Json(json!({"events": events})))
+    Ok(Json(AuditPage { events }))
 }
 
+/// Spend.
+///
+/// Charged at once against the agent's caps and every ancestor's, if all allow it.
+#[utoipa::path(
+    post,
+    path = "/v1/spend",
+    tag = "spending",
+    security(("agent_key" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
+    request_body = SpendReq,
+    responses(
+        (status = 200, description = "Charged.", body = SpendReceipt, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 402, response = LimitExceeded),
+        (status = 403, response = Forbidden),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 422, response = IdempotencyKeyReused),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn spend(
     State(state): State<AppState>,
     method: Method,
@@ -334,6 +612,31 @@ async fn spend(
     Ok(respond(state.ledger.submit(Command::Spend { key, scope, amount, memo, idem }).await?))
 }
 
+/// Place a hold.
+///
+/// Counts against every cap from the moment it is granted until it is captured, released or
+/// expires.
+#[utoipa::path(
+    post,
+    path = "/v1/holds",
+    tag = "spending",
+    security(("agent_key" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
+    request_body = HoldReq,
+    responses(
+        (status = 201, description = "Held.", body = HoldReceipt, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 402, response = LimitExceeded),
+        (status = 403, response = Forbidden),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 422, response = IdempotencyKeyReused),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn hold(
     State(state): State<AppState>,
     method: Method,
@@ -356,6 +659,29 @@ async fn hold(
     Ok(respond(state.ledger.submit(Command::Hold { key, scope, amount, expires_ms: expires_secs * 1000, idem }).await?))
 }
 
+/// Capture a hold.
+///
+/// Charges `amount` (at most what is held) and releases the rest. Allowed while suspended.
+#[utoipa::path(
+    post,
+    path = "/v1/holds/{id}/capture",
+    tag = "spending",
+    security(("agent_key" = [])),
+    params(("id" = String, Path, description = "The hold's id, as `POST /v1/holds` answered it."), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
+    request_body = CaptureReq,
+    responses(
+        (status = 200, description = "Captured.", body = Captured, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 409, response = Conflict),
+        (status = 422, response = IdempotencyKeyReused),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn capture(
     State(state): State<AppState>,
     method: Method,
@@ -369,6 +695,29 @@ async fn capture(
     Ok(respond(state.ledger.submit(Command::Capture { key, hold_id: id, amount, idem }).await?))
 }
 
+/// Release a hold.
+///
+/// Nothing is charged. Allowed while suspended.
+#[utoipa::path(
+    post,
+    path = "/v1/holds/{id}/release",
+    tag = "spending",
+    security(("agent_key" = [])),
+    params(("id" = String, Path, description = "The hold's id, as `POST /v1/holds` answered it."), ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters: the first answer to this key and body is stored for 24 h per credential and replayed (`Idempotent-Replayed: true`); the same key with another body is 422.")),
+    request_body = Option<EmptyReq>,
+    responses(
+        (status = 200, description = "Released.", body = Released, headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 408, response = RequestTimeout),
+        (status = 413, response = BodyTooLarge),
+        (status = 409, response = Conflict),
+        (status = 422, response = IdempotencyKeyReused),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn release(
     State(state): State<AppState>,
     method: Method,
@@ -382,33 +731,80 @@ async fn release(
     Ok(respond(state.ledger.submit(Command::Release { key, hold_id: id, idem }).await?))
 }
 
-async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+/// The caller's agent.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "agents",
+    security(("agent_key" = [])),
+    responses(
+        (status = 200, description = "The agent whose key this is.", body = AgentView),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
+async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<AgentView>, ApiError> {
     let key = agent_key(&headers)?;
     match state.store().agent_for_key(&key, state.ledger.now_ms()).await? {
-        Ok(a) => Ok(Json(json!(a))),
+        Ok(a) => Ok(Json(a)),
         Err(reason) => Err(ApiError::deny(reason)),
     }
 }
 
+/// The caller's audit trail.
+#[utoipa::path(
+    get,
+    path = "/v1/me/audit",
+    tag = "audit",
+    security(("agent_key" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of the caller's events.", body = AuditPage),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn me_audit(
     State(state): State<AppState>,
     headers: HeaderMap,
     Q(q): Q<PageQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditPage>, ApiError> {
     let key = agent_key(&headers)?;
     let agent = match state.store().agent_for_key(&key, state.ledger.now_ms()).await? {
         Ok(a) => a,
         Err(reason) => return Err(ApiError::deny(reason)),
     };
     let events = state.store().audit_page(Some(&agent.handle), q.after_seq()?, q.limit()?).await?;
-    Ok(Json(json!({"events": events})))
+    Ok(Json(AuditPage { events }))
 }
 
+/// The fleet's blast radius.
+///
+/// Per agent: the most it can spend per period and per day, through its ancestors' caps too, its
+/// scopes, and how fast a revocation takes effect; and the fleet's per-day total. The list pages
+/// by handle; the total covers every agent.
+#[utoipa::path(
+    get,
+    path = "/v1/blast-radius",
+    tag = "monitoring",
+    security(("admin_token" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "The blast radius.", body = BlastRadius),
+        (status = 400, response = InvalidRequest),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalError),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 async fn blast_radius(
     State(state): State<AppState>,
     headers: HeaderMap,
     Q(q): Q<PageQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BlastRadius>, ApiError> {
     admin(&state, &headers)?;
     let limit = q.limit()? as usize;
     let mut b = state.store().blast_radius(crate::metrics::revocation_p99_ms()).await?;
@@ -416,7 +812,7 @@ async fn blast_radius(
     let after = q.after.clone().unwrap_or_default();
     b.agents.retain(|a| a.handle > after);
     b.agents.truncate(limit);
-    Ok(Json(json!(b)))
+    Ok(Json(b))
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bulkhead_core::DenyReason;
 use bulkhead_store::{AmountProblem, Missing, Refusal, Revived, StoreError};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// A failure with its public status, code and message. The internal cause (if any) goes to the
 /// log, never into the answer.
@@ -53,18 +54,44 @@ impl ApiError {
         ApiError::new(401, "invalid_credentials", "This call needs the admin token.")
     }
 
-    /// The contract's error body: `{"error": {"code", "message"}}`, and `retry_after` on a 429.
-    pub(crate) fn body(&self) -> serde_json::Value {
-        let mut body = json!({"error": {"code": self.code, "message": self.message}});
-        if let Some(r) = self.retry_after {
-            body["error"]["retry_after"] = json!(r);
+    /// The contract's error body: `{"error": {"code", "message"}}`, `retry_after` on a 429 or a
+    /// window cap's 402, and a 402's `remaining` and `window_resets_at` beside `error`.
+    pub(crate) fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail { code: self.code, message: self.message.clone(), retry_after: self.retry_after },
+            remaining: self.recovery.map(|(r, _)| r.into()),
+            window_resets_at: self.recovery.map(|(_, at)| bulkhead_store::fmt_time(at)),
         }
-        if let Some((remaining, resets)) = self.recovery {
-            body["remaining"] = json!({"window": remaining.window, "lifetime": remaining.lifetime});
-            body["window_resets_at"] = json!(bulkhead_store::fmt_time(resets));
-        }
-        body
     }
+}
+
+/// Every non-2xx answer of the API (contract §3); `Error` in the OpenAPI document.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+    /// A 402 only: what the agent may still spend under every cap of its chain (contract §5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = crate::bodies::Remaining)]
+    pub remaining: Option<crate::bodies::Remaining>,
+    /// A 402 only: when the agent's window resets (contract §5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, format = DateTime)]
+    pub window_resets_at: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The error's snake_case code, e.g. `spending_cap_exceeded`.
+    #[schema(value_type = String, examples("spending_cap_exceeded"))]
+    pub code: &'static str,
+    /// One human sentence.
+    pub message: String,
+    /// Seconds to wait before retrying (429, 503 and a window cap's 402, which also set
+    /// `Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = i64)]
+    pub retry_after: Option<i64>,
 }
 
 /// The status of a denial: credentials 401, suspension and scope 403, rate limit 429, limits 402.

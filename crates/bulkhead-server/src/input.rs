@@ -16,6 +16,7 @@ use bulkhead_store::{AgentSpec, BreakerOverride, Patch};
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::error::ApiError;
 
@@ -80,6 +81,27 @@ pub struct RawAmount(Box<RawValue>);
 impl<'de> Deserialize<'de> for RawAmount {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Box::<RawValue>::deserialize(d).map(RawAmount)
+    }
+}
+
+/// `AmountInput` in the OpenAPI document: a decimal string or a JSON number.
+impl utoipa::PartialSchema for RawAmount {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+        ObjectBuilder::new()
+            .schema_type([Type::String, Type::Number].into_iter().collect::<SchemaType>())
+            .description(Some(
+                "An amount in the currency's major unit: a decimal string (`\"5.00\"`) or a JSON number, \
+                 read exactly from its text; at most 6 decimals, at most 10^12, no exponent.",
+            ))
+            .examples(["2.50"])
+            .into()
+    }
+}
+
+impl ToSchema for RawAmount {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "AmountInput".into()
     }
 }
 
@@ -172,10 +194,13 @@ fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RateLimitRequest)]
 pub struct RateLimitReq {
+    /// 1 to 1000000.
     requests: i64,
+    /// The period, `<n>s|m|h|d`.
     per: String,
 }
 
@@ -190,8 +215,9 @@ impl RateLimitReq {
 }
 
 /// A per-agent `breaker` object: each field given overrides the config's, each left out follows it.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = BreakerRequest)]
 pub struct BreakerReq {
     denials: Option<i64>,
     window: Option<String>,
@@ -247,19 +273,35 @@ pub fn note(s: Option<String>, field: &str) -> Result<Option<String>, ApiError> 
     }
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/agents`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateAgentRequest)]
 pub struct CreateAgentReq {
+    /// 1 to 64 of `a-z 0-9 . _ -`, starting with a letter or digit.
+    #[schema(examples("invoice-processor-prod-01"))]
     handle: String,
+    /// `resource:action` patterns; `*` may stand for a whole segment.
+    #[schema(examples(json!(["payments:write", "invoices:read"])))]
     scopes: Vec<String>,
     spending_cap: RawAmount,
+    /// The cap's reset period, `<n>s|m|h|d`; default `24h`.
     window: Option<String>,
+    /// Default: the spending cap.
     per_tx_limit: Option<RawAmount>,
+    /// Default: none.
     lifetime_cap: Option<RawAmount>,
+    #[schema(value_type = Option<RateLimitReq>)]
     rate_limit: Option<Obj<RateLimitReq>>,
+    /// The key's lifetime, `<n>s|m|h|d`; default: it never expires.
     expires_in: Option<String>,
+    /// At most 64 string labels.
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
     labels: Option<Labels>,
+    /// Overrides of the runaway-loop breaker's config, field by field.
+    #[schema(value_type = Option<BreakerReq>)]
     breaker: Option<Obj<BreakerReq>>,
+    /// `false`: shadow mode (root agents only), decisions recorded but never enforced.
     enforce: Option<bool>,
 }
 
@@ -281,19 +323,26 @@ impl CreateAgentReq {
     }
 }
 
-#[derive(Deserialize)]
+/// `PATCH /v1/agents/{handle}`: each field given replaces the agent's; `null` clears a lifetime
+/// cap, rate limit or breaker override.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PatchAgentRequest)]
 pub struct PatchReq {
     spending_cap: Option<RawAmount>,
     window: Option<String>,
     per_tx_limit: Option<RawAmount>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<RawAmount>)]
     lifetime_cap: Option<Option<RawAmount>>,
     scopes: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<RateLimitReq>)]
     rate_limit: Option<Option<Obj<RateLimitReq>>>,
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
     labels: Option<Labels>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<BreakerReq>)]
     breaker: Option<Option<Obj<BreakerReq>>>,
     enforce: Option<bool>,
 }
@@ -314,36 +363,55 @@ impl PatchReq {
     }
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/spend`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = SpendRequest)]
 pub struct SpendReq {
+    /// The scope the spend is made under; the key must hold it.
+    #[schema(examples("payments:write"))]
     pub scope: String,
+    /// Above zero.
     pub amount: RawAmount,
+    /// At most 1000 characters, kept in the audit trail.
     pub memo: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/holds`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = HoldRequest)]
 pub struct HoldReq {
+    #[schema(examples("payments:write"))]
     pub scope: String,
+    /// Above zero.
     pub amount: RawAmount,
+    /// `<n>s|m|h|d`, default `5m`, at most `24h`; an expired hold releases itself.
     pub expires_in: Option<String>,
     pub memo: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/holds/{id}/capture`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CaptureRequest)]
 pub struct CaptureReq {
+    /// At most what the hold holds; the rest is released.
     pub amount: RawAmount,
 }
 
-#[derive(Deserialize)]
+/// No fields: an empty body or `{}`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = EmptyRequest)]
 pub struct EmptyReq {}
 
-#[derive(Deserialize)]
+/// `POST /v1/agents/{handle}/revoke` and `…/suspend`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RevokeRequest)]
 pub struct RevokeReq {
+    /// At most 1000 characters, kept in the audit trail.
     pub reason: Option<String>,
 }
 
@@ -358,10 +426,15 @@ pub struct Q<T>(pub T);
 pub struct P<T>(pub T);
 
 /// `?limit=&after=` of every list.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// The most items to return: default 100; larger values are clamped to 1000.
+    #[param(value_type = Option<u32>)]
     pub limit: Option<String>,
+    /// Return the items after this one: the last `seq` seen (audit events), handle (agents, blast
+    /// radius) or alert id (alerts).
     pub after: Option<String>,
 }
 

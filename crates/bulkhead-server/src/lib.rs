@@ -6,6 +6,7 @@
 
 pub mod alerts;
 mod api;
+mod bodies;
 mod console;
 mod error;
 pub mod gateway;
@@ -13,6 +14,7 @@ mod history;
 pub mod http;
 mod input;
 mod metrics;
+mod openapi;
 pub mod reply;
 
 pub use api::{AppState, app};

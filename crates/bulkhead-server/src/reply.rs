@@ -10,8 +10,12 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bulkhead_store::{Answer, LeaseSettled, Reply, fmt_time};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
+use crate::bodies::{
+    Empty, HoldReceipt, LeaseGrantBody, LeaseSettledBefore, LeaseSettledNow, Revoked, Settlement, SpendReceipt,
+};
 use crate::error::ApiError;
 use crate::metrics::{DECISIONS, SPENT};
 
@@ -39,66 +43,44 @@ pub fn render(reply: &Reply) -> Rendered {
         }
         Err(refusal) => {
             let e = ApiError::from(*refusal);
-            (e.status.as_u16(), e.body().to_string(), e.retry_after)
+            (e.status.as_u16(), json(&e.body()), e.retry_after)
         }
     };
     Rendered { status, body, retry_after, replayed: reply.replayed }
 }
 
-/// The status and JSON body of an answer that went through.
+/// The status and JSON body of an answer that went through, rendered through the types of
+/// [`crate::bodies`] (the ones the OpenAPI document describes).
 fn answer_body(answer: &Answer) -> (u16, String) {
-    let shadow = |mut body: Value, denied: Option<bulkhead_core::DenyReason>| {
-        if let Some(r) = denied {
-            body["shadow_denied"] = json!(r.code());
-        }
-        body
-    };
-    let (status, body) = match answer {
-        Answer::Rendered { status, body } => return (*status, body.clone()),
-        Answer::Spent(s) => (
-            200,
-            shadow(
-                json!({"id": s.id, "amount": s.amount, "remaining": {"window": s.remaining.window, "lifetime": s.remaining.lifetime}, "window_resets_at": fmt_time(s.window_resets_at)}),
-                s.shadow_denied,
-            ),
-        ),
-        Answer::Held(h) => (
-            201,
-            shadow(
-                json!({"id": h.id, "amount": h.amount, "expires_at": fmt_time(h.expires_at), "remaining": {"window": h.remaining.window, "lifetime": h.remaining.lifetime}}),
-                h.shadow_denied,
-            ),
-        ),
-        Answer::Settled(s) => match s.captured {
-            Some(c) => (200, json!({"id": s.id, "captured": c, "released": s.released})),
-            None => (200, json!({"id": s.id, "released": s.released})),
+    match answer {
+        Answer::Rendered { status, body } => (*status, body.clone()),
+        Answer::Spent(s) => (200, json(&SpendReceipt::from(s))),
+        Answer::Held(h) => (201, json(&HoldReceipt::from(h))),
+        Answer::Settled(s) => match Settlement::from(s) {
+            Settlement::Captured(c) => (200, json(&c)),
+            Settlement::Released(r) => (200, json(&r)),
         },
-        Answer::LeaseGrant(g) => (
-            201,
-            shadow(
-                json!({"id": g.hold_id, "slots": g.slots, "amount": g.amount, "expires_at": fmt_time(g.expires_at), "key_expires_at": g.key_expires_at, "room": g.room}),
-                g.shadow_denied,
-            ),
-        ),
+        Answer::LeaseGrant(g) => (201, json(&LeaseGrantBody::from(g))),
         Answer::LeaseSettled(LeaseSettled::Before { hold_id, seq }) => {
-            (200, json!({"id": hold_id, "seq": seq, "applied": "before"}))
+            (200, json(&LeaseSettledBefore { id: hold_id, seq: *seq, applied: "before" }))
         }
         Answer::LeaseSettled(LeaseSettled::Applied { hold_id, captured, released, closed }) => {
-            (200, json!({"id": hold_id, "captured": captured, "released": released, "closed": closed}))
+            (200, json(&LeaseSettledNow { id: hold_id, captured: *captured, released: *released, closed: *closed }))
         }
-        Answer::Created(view) => return (201, agent_json(view)),
-        Answer::Agent(view) => return (200, agent_json(view)),
+        Answer::Created(view) => (201, json(view)),
+        Answer::Agent(view) => (200, json(view)),
         Answer::Revoked { handles, revoked_at } => {
-            (200, json!({"revoked": handles, "revoked_at": fmt_time(*revoked_at)}))
+            (200, json(&Revoked { revoked: handles.clone(), revoked_at: fmt_time(*revoked_at) }))
         }
-        Answer::KeyRotated => (201, json!({})),
-        Answer::Swept => (200, json!({})),
-    };
-    (status, body.to_string())
+        Answer::KeyRotated => (201, json(&Empty {})),
+        Answer::Swept => (200, json(&Empty {})),
+    }
 }
 
-fn agent_json(view: &bulkhead_store::AgentView) -> String {
-    serde_json::to_string(view).unwrap_or_else(|_| "{}".into())
+/// A body as JSON text. Serializing these types cannot fail (string keys, no non-finite floats
+/// but `utilization`, which is finite); `{}` is the fallback all the same.
+fn json<T: Serialize + ?Sized>(body: &T) -> String {
+    serde_json::to_string(body).unwrap_or_else(|_| "{}".into())
 }
 
 /// Records the decision metrics of a committed reply.
@@ -128,4 +110,130 @@ pub(crate) fn respond(reply: Reply) -> Response {
         resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_core::{DenyReason, Micros};
+    use bulkhead_store::{Held, LeaseGrant, Remaining, Settled, Spent};
+
+    use super::*;
+
+    fn m(s: &str) -> Micros {
+        Micros::parse(s).unwrap()
+    }
+
+    /// The typed bodies render exactly the bytes the contract's shapes had when they were
+    /// written as `json!` literals: same fields, same order, amounts as strings, explicit nulls.
+    #[test]
+    fn answers_render_byte_for_byte() {
+        let remaining = Remaining { window: m("47.5"), lifetime: None };
+        let cases = [
+            (
+                Answer::Spent(Spent {
+                    id: "sp_1".into(),
+                    amount: m("2.5"),
+                    remaining,
+                    window_resets_at: 0,
+                    shadow_denied: None,
+                }),
+                200,
+                r#"{"id":"sp_1","amount":"2.50","remaining":{"window":"47.50","lifetime":null},"window_resets_at":"1970-01-01T00:00:00Z"}"#,
+            ),
+            (
+                Answer::Spent(Spent {
+                    id: "sp_2".into(),
+                    amount: m("2.5"),
+                    remaining: Remaining { window: m("0"), lifetime: Some(m("1.000001")) },
+                    window_resets_at: 0,
+                    shadow_denied: Some(DenyReason::SpendingCap),
+                }),
+                200,
+                r#"{"id":"sp_2","amount":"2.50","remaining":{"window":"0.00","lifetime":"1.000001"},"window_resets_at":"1970-01-01T00:00:00Z","shadow_denied":"spending_cap_exceeded"}"#,
+            ),
+            (
+                Answer::Held(Held {
+                    id: "hold_1".into(),
+                    amount: m("1"),
+                    expires_at: 1000,
+                    remaining,
+                    shadow_denied: None,
+                }),
+                201,
+                r#"{"id":"hold_1","amount":"1.00","expires_at":"1970-01-01T00:00:01Z","remaining":{"window":"47.50","lifetime":null}}"#,
+            ),
+            (
+                Answer::Settled(Settled { id: "hold_1".into(), captured: Some(m("0.4")), released: m("0.6") }),
+                200,
+                r#"{"id":"hold_1","captured":"0.40","released":"0.60"}"#,
+            ),
+            (
+                Answer::Settled(Settled { id: "hold_1".into(), captured: None, released: m("1") }),
+                200,
+                r#"{"id":"hold_1","released":"1.00"}"#,
+            ),
+            (
+                Answer::Revoked { handles: vec!["a".into(), "b".into()], revoked_at: 0 },
+                200,
+                r#"{"revoked":["a","b"],"revoked_at":"1970-01-01T00:00:00Z"}"#,
+            ),
+            (
+                Answer::LeaseGrant(LeaseGrant {
+                    hold_id: "hold_2".into(),
+                    slots: 3,
+                    amount: m("1.5"),
+                    expires_at: 0,
+                    key_expires_at: None,
+                    room: m("10"),
+                    shadow_denied: None,
+                }),
+                201,
+                r#"{"id":"hold_2","slots":3,"amount":"1.50","expires_at":"1970-01-01T00:00:00Z","key_expires_at":null,"room":"10.00"}"#,
+            ),
+            (
+                Answer::LeaseSettled(LeaseSettled::Before { hold_id: "hold_2".into(), seq: 4 }),
+                200,
+                r#"{"id":"hold_2","seq":4,"applied":"before"}"#,
+            ),
+            (
+                Answer::LeaseSettled(LeaseSettled::Applied {
+                    hold_id: "hold_2".into(),
+                    captured: m("0.5"),
+                    released: m("1"),
+                    closed: true,
+                }),
+                200,
+                r#"{"id":"hold_2","captured":"0.50","released":"1.00","closed":true}"#,
+            ),
+            (Answer::KeyRotated, 201, "{}"),
+            (Answer::Swept, 200, "{}"),
+        ];
+        for (answer, status, body) in cases {
+            assert_eq!(answer_body(&answer), (status, body.to_owned()), "{answer:?}");
+        }
+        let over = bulkhead_store::OverLimit {
+            reason: DenyReason::SpendingCap,
+            remaining: Remaining { window: m("0.5"), lifetime: Some(m("3")) },
+            window_resets_at: 3_600_000,
+            retry_after_ms: Some(1001),
+        };
+        let r =
+            render(&Reply { answer: Err(bulkhead_store::Refusal::OverLimit(over)), replayed: false, outcome: None });
+        assert_eq!((r.status, r.retry_after), (402, Some(2)));
+        assert_eq!(
+            r.body,
+            r#"{"error":{"code":"spending_cap_exceeded","message":"The amount would exceed the agent's spending cap for this window; nothing was charged.","retry_after":2},"remaining":{"window":"0.50","lifetime":"3.00"},"window_resets_at":"1970-01-01T01:00:00Z"}"#
+        );
+        let denied = Reply {
+            answer: Err(bulkhead_store::Refusal::Deny(DenyReason::RateLimited { retry_after_ms: 1500 })),
+            replayed: false,
+            outcome: None,
+        };
+        let r = render(&denied);
+        assert_eq!(r.status, 429);
+        assert_eq!(
+            r.body,
+            r#"{"error":{"code":"rate_limited","message":"The agent's request rate limit was reached; retry later.","retry_after":2}}"#
+        );
+    }
 }

@@ -162,18 +162,27 @@ impl EventRow {
 }
 
 /// The public shape of an audit event (contract §6).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditEvent {
     pub seq: i64,
+    #[schema(format = DateTime)]
     pub at: String,
     pub agent: String,
     pub action: String,
+    /// `allowed` or `denied`.
     pub outcome: String,
+    /// The error code of a denial.
+    #[schema(required = true)]
     pub reason: Option<String>,
+    #[schema(required = true)]
     pub scope: Option<String>,
+    #[schema(value_type = Option<bulkhead_core::Micros>, required = true)]
     pub amount: Option<String>,
+    /// The spend, hold or agent the event is about.
     #[serde(rename = "ref")]
+    #[schema(required = true)]
     pub reference: Option<String>,
+    #[schema(value_type = Option<Object>, required = true)]
     pub detail: Option<serde_json::Value>,
     pub hash: String,
     pub prev_hash: String,

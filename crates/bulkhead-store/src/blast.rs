@@ -12,10 +12,12 @@ use crate::view::{AGENT_COLUMNS, AgentRow, AgentStatus};
 use crate::{Store, StoreError};
 
 /// One agent's blast radius.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AgentBlast {
     pub handle: String,
+    #[schema(required = true)]
     pub parent: Option<String>,
+    #[schema(schema_with = crate::view::status_schema)]
     pub status: String,
     pub max_spend_per_period: Micros,
     pub window: String,
@@ -24,6 +26,7 @@ pub struct AgentBlast {
     /// The most it can spend in a day, through its ancestors' limits too.
     pub effective_max_spend_per_day: Micros,
     pub per_tx_limit: Micros,
+    #[schema(required = true)]
     pub lifetime_cap: Option<Micros>,
     pub scopes: Vec<String>,
     pub wildcard_scopes: bool,
@@ -37,7 +40,7 @@ pub struct AgentBlast {
 }
 
 /// The fleet's blast radius.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct BlastRadius {
     pub agents: Vec<AgentBlast>,
     /// The sum over root agents of their per-day maximum (a child's spend always counts against
@@ -47,6 +50,7 @@ pub struct BlastRadius {
     /// Where `revocation_ms` comes from: "measured" (p99 of real revocations) or "expected"
     /// (one store commit, timed now, plus, on PostgreSQL, the wait that lets every replica
     /// see it: `EPOCH_SETTLE`).
+    #[schema(value_type = String, examples("measured", "expected"))]
     pub revocation_source: &'static str,
 }
 

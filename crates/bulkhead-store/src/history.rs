@@ -14,10 +14,11 @@ use crate::view::{fmt_time, micros};
 use crate::{AuditEvent, Store, StoreError};
 
 /// One bucket of an agent's usage: what it and its descendants spent, and their decisions.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct UsageBucket {
     /// The bucket's start (RFC 3339); buckets are aligned to multiples of their length since
     /// the Unix epoch.
+    #[schema(format = DateTime)]
     pub start: String,
     /// Allowed spends plus captured holds.
     pub spent: Micros,
@@ -42,10 +43,11 @@ pub struct AuditQuery {
 }
 
 /// One alert as raised, with how far its delivery got.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AlertRecord {
     pub id: String,
     /// The alert as it is POSTed: `{"id", "type", "agent", "at", …}`.
+    #[schema(value_type = Object)]
     pub alert: serde_json::Value,
     /// Every webhook acknowledged it.
     pub delivered: bool,

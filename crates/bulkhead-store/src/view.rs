@@ -357,50 +357,82 @@ impl AgentRow {
     }
 }
 
-/// The public agent object (contract §4).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// The public agent object (contract §4). Its OpenAPI schema (`Agent`) is derived from this type,
+/// so the document and the wire are one.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = Agent)]
 pub struct AgentView {
     pub handle: String,
+    /// The parent's handle; `null` for a root agent.
+    #[schema(required = true)]
     pub parent: Option<String>,
+    #[schema(schema_with = status_schema)]
     pub status: String,
     pub scopes: Vec<String>,
     pub spending_cap: Micros,
+    /// The cap's fixed reset period, `<n>s|m|h|d`, anchored at `created_at`.
     pub window: String,
     pub per_tx_limit: Micros,
+    #[schema(required = true)]
     pub lifetime_cap: Option<Micros>,
+    #[schema(required = true)]
     pub rate_limit: Option<RateLimitView>,
+    /// Only when the agent has breaker settings of its own.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = BreakerView)]
     pub breaker: Option<BreakerView>,
     /// `false`: shadow mode, every decision is recorded as it would have been but none enforced.
     pub enforce: bool,
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub labels: serde_json::Map<String, serde_json::Value>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    /// When the key expires; `null`: never.
+    #[schema(format = DateTime, required = true)]
     pub expires_at: Option<String>,
+    #[schema(format = DateTime, required = true)]
     pub revoked_at: Option<String>,
+    #[schema(format = DateTime, required = true)]
     pub suspended_at: Option<String>,
     pub usage: Usage,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// The `status` of the agent object: one of [`AgentStatus`]'s names.
+pub(crate) fn status_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some([AgentStatus::Active, AgentStatus::Suspended, AgentStatus::Revoked].map(AgentStatus::as_str)))
+        .build()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = RateLimit)]
 pub struct RateLimitView {
     pub requests: i64,
     pub per: String,
 }
 
 /// An agent's own breaker settings; a field left out follows the config.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = Breaker)]
 pub struct BreakerView {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = i64)]
     pub denials: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = i64)]
     pub max_requests: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub rate_window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = i64)]
     pub repeats: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub repeat_window: Option<String>,
 }
 
@@ -410,13 +442,16 @@ pub(crate) fn span_text(ms: i64) -> String {
 }
 
 /// Usage figures of an agent, its descendants included.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub window_spent: Micros,
     pub window_held: Micros,
+    #[schema(format = DateTime)]
     pub window_started_at: String,
+    #[schema(format = DateTime)]
     pub window_resets_at: String,
     pub lifetime_spent: Micros,
+    /// (window_spent + window_held) / spending_cap, to 4 decimals.
     pub utilization: f64,
     pub tx_count: i64,
     pub denied_count: i64,
