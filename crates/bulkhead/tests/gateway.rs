@@ -177,6 +177,15 @@ read_timeout = "1s"
 charge_failures = true
 
 [[upstream]]
+name = "routed"
+base_url = "{m}"
+scope = "llm:openai"
+secret_env = "GW_TEST_OPENAI_KEY"
+max_cost_per_request = "0.01"
+pricing = {{ kind = "openai_usage", input_per_million = "2.50", output_per_million = "10.00" }}
+routes = ["POST /v1/chat/completions", "GET /v1/models/*"]
+
+[[upstream]]
 name = "dead"
 base_url = "http://127.0.0.1:{dead}"
 scope = "tools:search"
@@ -794,7 +803,14 @@ async fn responses_api_is_metered_exactly() {
     let sent: Value =
         serde_json::from_str(mock.records().await.last().expect("record")["body"].as_str().expect("body"))
             .expect("forwarded body is JSON");
-    assert_eq!(sent, stream, "a Responses request is forwarded as sent, without stream_options");
+    // Forwarded as sent, without stream_options, its output bounded to what the 0.50 hold leaves
+    // after the body's worst-case input (one token a byte at 2.50 per million).
+    let body_len = serde_json::to_vec(&stream).unwrap().len() as i64;
+    let input_worst = (body_len * 2_500_000 + 999_999) / 1_000_000;
+    let allowed = (500_000 - input_worst) * 1_000_000 / 10_000_000;
+    let mut want = stream.clone();
+    want["max_output_tokens"] = json!(allowed);
+    assert_eq!(sent, want, "a Responses request is forwarded as sent, without stream_options, bounded");
     expected += tokens(3001, "2.50") + tokens(7, "10.00");
     assert_eq!(settled(&api, "responses").await, (expected, 0), "streamed Responses usage");
     b.assert_audit_intact().await;
@@ -1255,4 +1271,58 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
     assert_eq!(conns.load(Ordering::SeqCst), 2, "a closed connection is replaced once");
     assert_eq!(requests.load(Ordering::SeqCst), 8, "every call reached the upstream once");
     assert_eq!(settled(&api, "kept").await, (micros("0.08"), 0));
+}
+
+/// Hardening finding 3: the hold did not bound the cost (an answer reporting ~$1,250 was charged
+/// 0.50) and any method and path was forwarded. Now a token-priced call asks for no more output
+/// than its hold pays for after its worst-case input, an input that could cost the whole hold is
+/// refused unsent, and an upstream's `routes` forwards nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_hold_bounds_the_cost_and_routes_bind() {
+    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+    let api = srv.api();
+    let key = agent(&api, "bounded", "10.00", &["llm:openai"]).await;
+    let c = http();
+    let post = reqwest::Method::POST;
+    for (method, path) in [(post.clone(), "/proxy/routed/v1/batches"), (reqwest::Method::GET, "/proxy/routed/v1/files")]
+    {
+        let a = call(&c, &srv, method, path, Some(&key), &[], Some(json!({"x": 1}))).await;
+        assert_eq!(a.status, 403, "{path}: {}", a.body);
+        assert!(a.body.contains("route_not_allowed"), "{}", a.body);
+    }
+    assert!(mock.records().await.is_empty(), "nothing outside the routes reached the upstream");
+    let a = call(&c, &srv, reqwest::Method::GET, "/proxy/routed/v1/models/m1", Some(&key), &[], None).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+
+    // The agent asks for 10 million output tokens; the upstream is told what 0.01 pays for.
+    let req = json!({"model": "m", "max_tokens": 10_000_000, "messages": [{"role": "user", "content": "hi"}]});
+    let a = call(
+        &c,
+        &srv,
+        post.clone(),
+        "/proxy/routed/v1/chat/completions",
+        Some(&key),
+        &[("x-mock-usage", "20,30")],
+        Some(req.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let sent: Value = serde_json::from_str(mock.records().await.last().unwrap()["body"].as_str().unwrap()).unwrap();
+    let body_len = serde_json::to_vec(&req).unwrap().len() as i64;
+    let input_worst = tokens(body_len, "2.50");
+    let allowed = (micros("0.01") - input_worst) * 1_000_000 / micros("10.00");
+    assert_eq!(sent["max_tokens"], allowed, "lowered to what the hold affords: {sent}");
+    assert!(input_worst + tokens(allowed, "10.00") <= micros("0.01"), "the worst case fits the hold");
+
+    // A body whose input alone could cost more than the hold never leaves.
+    let before = mock.records().await.len();
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(5_000)}]});
+    let a = call(&c, &srv, post, "/proxy/routed/v1/chat/completions", Some(&key), &[], Some(big)).await;
+    assert_eq!(a.status, 402, "{}", a.body);
+    assert!(a.body.contains("max_cost_exceeded"), "{}", a.body);
+    assert_eq!(mock.records().await.len(), before, "the refused call was not forwarded");
+    // Charged: the models call (0.01, no usage read) and the completion's usage; nothing else.
+    let (spent, held) = settled(&api, "bounded").await;
+    assert_eq!(held, 0);
+    assert!(spent <= 2 * micros("0.01"), "refused calls cost nothing: {spent}");
 }

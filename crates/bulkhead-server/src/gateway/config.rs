@@ -45,6 +45,9 @@ pub struct UpstreamSpec {
     pub max_duration: Option<String>,
     /// Whether upstream 5xx answers and connection failures are charged (default: not).
     pub charge_failures: Option<bool>,
+    /// The only calls forwarded, as `"METHOD /path"` under the upstream (`*` for any method; a
+    /// path ending in `/*` for everything below it). Default: every call.
+    pub routes: Option<Vec<String>>,
 }
 
 /// `pricing = { kind = "…", … }` as written. Amounts are decimal strings, read exactly.
@@ -143,6 +146,55 @@ pub struct Upstream {
     pub read_timeout: Duration,
     pub max_duration: Duration,
     pub charge_failures: bool,
+    /// `None`: every call is forwarded.
+    pub routes: Option<Vec<RouteRule>>,
+}
+
+/// One entry of an upstream's `routes` allow-list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteRule {
+    /// `None`: any method.
+    method: Option<String>,
+    /// The path under the upstream, without its leading `/`.
+    path: String,
+    /// The rule covers every path below `path` (written `…/*`).
+    below: bool,
+}
+
+impl RouteRule {
+    /// Parses `"POST /v1/chat/completions"`, `"GET /v1/models/*"`, `"* /v1/files"`.
+    pub fn parse(upstream: &str, text: &str) -> Result<RouteRule, String> {
+        let bad = |why: &str| format!("upstream {upstream:?}: routes entry {text:?}: {why}");
+        let (method, path) = text.trim().split_once(' ').ok_or_else(|| bad("write it as \"METHOD /path\""))?;
+        let path = path.trim();
+        let method = match method {
+            "*" => None,
+            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(m.to_owned()),
+            _ => return Err(bad("the method is an upper-case HTTP method or *")),
+        };
+        let path = path.strip_prefix('/').ok_or_else(|| bad("the path starts with /"))?;
+        let (path, below) = match path.strip_suffix("/*") {
+            Some(p) => (p, true),
+            None if path == "*" => ("", true),
+            None => (path, false),
+        };
+        if path.contains('*') || path.contains('?') || path.split('/').any(|s| s == "." || s == "..") {
+            return Err(bad("the path is a plain path, with at most a final /*"));
+        }
+        Ok(RouteRule { method, path: path.trim_end_matches('/').to_owned(), below })
+    }
+
+    /// Whether a call of `method` to `rest` (the path under the upstream, no leading `/`) is
+    /// allowed by this rule.
+    pub fn allows(&self, method: &str, rest: &str) -> bool {
+        if self.method.as_deref().is_some_and(|m| m != method) {
+            return false;
+        }
+        let rest = rest.trim_end_matches('/');
+        rest == self.path
+            || (self.below
+                && (self.path.is_empty() || rest.strip_prefix(&self.path).is_some_and(|r| r.starts_with('/'))))
+    }
 }
 
 impl Upstream {
@@ -299,6 +351,10 @@ impl UpstreamSpec {
             read_timeout: duration(name, "read_timeout", self.read_timeout.as_deref(), READ_TIMEOUT_DEFAULT)?,
             max_duration,
             charge_failures: self.charge_failures.unwrap_or(false),
+            routes: match &self.routes {
+                None => None,
+                Some(list) => Some(list.iter().map(|r| RouteRule::parse(name, r)).collect::<Result<Vec<_>, _>>()?),
+            },
         })
     }
 }
@@ -438,5 +494,24 @@ mod tests {
         assert_eq!(dialect, Dialect::Anthropic);
         assert_eq!(prices.cache_write, prices.input);
         assert_eq!(prices.cache_read, Micros::from_micros(300_000).expect("m"));
+    }
+
+    #[test]
+    fn route_rules_allow_only_what_they_name() {
+        let r = |t: &str| RouteRule::parse("u", t).unwrap();
+        let chat = r("POST /v1/chat/completions");
+        assert!(chat.allows("POST", "v1/chat/completions"));
+        assert!(chat.allows("POST", "v1/chat/completions/"));
+        assert!(!chat.allows("GET", "v1/chat/completions"));
+        assert!(!chat.allows("POST", "v1/chat/completions/x"));
+        assert!(!chat.allows("POST", "v1/batches"));
+        let models = r("GET /v1/models/*");
+        assert!(models.allows("GET", "v1/models/gpt-x") && models.allows("GET", "v1/models"));
+        assert!(!models.allows("GET", "v1/modelsx"), "a prefix is whole segments");
+        assert!(r("* /v1/files").allows("DELETE", "v1/files"));
+        assert!(r("GET /*").allows("GET", "anything/at/all"));
+        for bad in ["POST", "post /v1/x", "POST v1/x", "POST /v1/*/x", "POST /v1/../x", "POST /v1?x"] {
+            assert!(RouteRule::parse("u", bad).is_err(), "{bad}");
+        }
     }
 }

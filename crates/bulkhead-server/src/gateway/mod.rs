@@ -25,6 +25,7 @@
 
 pub mod bill;
 pub mod body;
+pub mod bound;
 pub mod config;
 pub mod meter;
 pub mod path;
@@ -332,27 +333,9 @@ impl Gateway {
 
         let tokens = matches!(up.pricing, Pricing::Tokens { .. });
         let openai = matches!(up.pricing, Pricing::Tokens { dialect: Dialect::OpenAi, .. });
-        let over = Arc::new(AtomicBool::new(false));
-        let mut strip = false;
-        let mut replaced_len = None;
-        // Only the completions APIs take `stream_options`; the Responses API always reports a
-        // stream's usage in its `response.completed` event and refuses fields it does not know.
-        let completions = rest.ends_with("completions");
-        let body = if openai && completions && parts.method == Method::POST && is_json(&parts.headers) {
-            let bytes = read_limited(body, up.max_request_bytes).await.inspect_err(|e| {
-                if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    route.calls.too_large.increment(1);
-                }
-            })?;
-            let (bytes, s) = ask_for_stream_usage(bytes);
-            strip = s;
-            replaced_len = Some(bytes.len());
-            Body::from(bytes)
-        } else {
-            Body::new(LimitBody::new(body, up.max_request_bytes, over.clone()))
-        };
 
-        // The slot: every check of the contract, in its order, decided by a committed lease.
+        // The slot: every check of the contract, in its order, decided by a committed lease. It
+        // comes before the body is read: a refused key costs no body read.
         let abandoned = match up.pricing {
             Pricing::PerRequest(p) => p,
             _ => up.max_cost,
@@ -365,6 +348,75 @@ impl Gateway {
                 route.calls.denied.increment(1);
                 return Ok(crate::reply::respond(reply));
             }
+        };
+        if let Some(rules) = &up.routes
+            && !rules.iter().any(|r| r.allows(parts.method.as_str(), rest))
+        {
+            bill.finish(Micros::ZERO);
+            route.calls.denied.increment(1);
+            return Err(ApiError::new(
+                403,
+                "route_not_allowed",
+                format!("{} /{rest} is not among this upstream's routes; it was not forwarded.", parts.method),
+            ));
+        }
+
+        let over = Arc::new(AtomicBool::new(false));
+        let mut strip = false;
+        let mut replaced_len = None;
+        // A token-priced JSON call is read whole, within read_timeout, to bound its worst case
+        // (see `bound`). Only the completions APIs take `stream_options`; the Responses API
+        // always reports a stream's usage in its `response.completed` event and refuses fields
+        // it does not know.
+        let completions = rest.ends_with("completions");
+        let body = match &up.pricing {
+            Pricing::Tokens { dialect, prices } if parts.method == Method::POST && is_json(&parts.headers) => {
+                let read = tokio::time::timeout(up.read_timeout, read_limited(body, up.max_request_bytes)).await;
+                let bytes = match read {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                            route.calls.too_large.increment(1);
+                        }
+                        bill.finish(Micros::ZERO);
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        bill.finish(Micros::ZERO);
+                        return Err(ApiError::new(
+                            408,
+                            "request_timeout",
+                            "The request body did not arrive within the upstream's read_timeout; nothing was sent.",
+                        ));
+                    }
+                };
+                let bytes = match bound::bound(bytes, rest, *dialect, prices, up.max_cost) {
+                    Ok(b) => b,
+                    Err(bound::Unbounded::InputTooDear { bytes }) => {
+                        bill.finish(Micros::ZERO);
+                        route.calls.denied.increment(1);
+                        return Err(ApiError::new(
+                            402,
+                            "max_cost_exceeded",
+                            format!(
+                                "A {bytes}-byte request could use up to {bytes} input tokens, more than this \
+                                 upstream's max_cost_per_request of {} pays for; nothing was sent or charged.",
+                                up.max_cost
+                            ),
+                        ));
+                    }
+                };
+                let bytes = if openai && completions {
+                    let (b, s) = ask_for_stream_usage(bytes);
+                    strip = s;
+                    b
+                } else {
+                    bytes
+                };
+                replaced_len = Some(bytes.len());
+                Body::from(bytes)
+            }
+            _ => Body::new(LimitBody::new(body, up.max_request_bytes, over.clone())),
         };
 
         // The forwarded request, its URI in origin form.
