@@ -162,6 +162,23 @@ pub(crate) fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiErro
     }
 }
 
+/// An agent's key for a money call, checked before the body is read: a key the ledger has
+/// refused for good (or, for a spend or hold, suspended) is answered at once, from memory
+/// (contract §12). `SPENDS`: the call spends or holds.
+pub(crate) struct MoneyKey<const SPENDS: bool>(pub KeyHash);
+
+impl<const SPENDS: bool> axum::extract::FromRequestParts<AppState> for MoneyKey<SPENDS> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, Response> {
+        let key = agent_key(&parts.headers).map_err(IntoResponse::into_response)?;
+        match state.ledger.known_refusal(&key, SPENDS) {
+            Some(reply) => Err(respond(reply)),
+            None => Ok(MoneyKey(key)),
+        }
+    }
+}
+
 pub(crate) fn agent_key(headers: &HeaderMap) -> Result<KeyHash, ApiError> {
     let token = bearer(headers)?;
     ApiKey::parse(token).map(|k| k.hash()).ok_or_else(|| ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))
@@ -601,9 +618,9 @@ async fn spend(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
+    MoneyKey(key): MoneyKey<true>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = agent_key(&headers)?;
     let idem = idem(&headers, &method, "/v1/spend", &body.0)?;
     let req = body.json::<SpendReq>()?;
     let scope = crate::input::scope(&req.scope)?;
@@ -641,9 +658,9 @@ async fn hold(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
+    MoneyKey(key): MoneyKey<true>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = agent_key(&headers)?;
     let idem = idem(&headers, &method, "/v1/holds", &body.0)?;
     let req = body.json::<HoldReq>()?;
     let scope = crate::input::scope(&req.scope)?;
@@ -686,10 +703,10 @@ async fn capture(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
+    MoneyKey(key): MoneyKey<false>,
     P(id): P<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = agent_key(&headers)?;
     let idem = idem(&headers, &method, &format!("/v1/holds/{id}/capture"), &body.0)?;
     let amount: Micros = body.json::<CaptureReq>()?.amount.parse("amount")?;
     Ok(respond(state.ledger.submit(Command::Capture { key, hold_id: id, amount, idem }).await?))
@@ -722,10 +739,10 @@ async fn release(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
+    MoneyKey(key): MoneyKey<false>,
     P(id): P<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = agent_key(&headers)?;
     let idem = idem(&headers, &method, &format!("/v1/holds/{id}/release"), &body.0)?;
     body.json::<EmptyReq>()?;
     Ok(respond(state.ledger.submit(Command::Release { key, hold_id: id, idem }).await?))

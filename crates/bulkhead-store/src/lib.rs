@@ -44,7 +44,10 @@ pub use audit::{AuditEvent, AuditKey, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
 pub use bulkhead_core::runaway::{Breaker, BreakerOverride};
 pub use history::{AlertRecord, AuditQuery, UsageBucket};
-pub use ledger::{AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig, Patch};
+pub use ledger::{
+    AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig, Patch,
+    REFUSALS_AUDITED_EVERY, REFUSED_KEYS_MAX, Tally,
+};
 pub use view::{AgentView, Usage, fmt_time};
 
 use std::str::FromStr;

@@ -48,6 +48,7 @@ conformance! {
     children_no_looser_than_parents,
     operator_suspension,
     denials_say_how_to_recover,
+    refusals_cost_no_writes,
     revoke_cascades,
     parent_revokes_only_descendants,
     revocation_releases_holds,
@@ -599,6 +600,80 @@ async fn denials_say_how_to_recover(db: Db) {
     let r = e.spend_with(&ck, "x:y", "1", None).await;
     err(&r, 403, "scope_not_granted");
     assert!(json(&r).get("remaining").is_none());
+    e.finish().await;
+}
+
+/// Hardening finding 4: a revoked, expired, suspended or unknown key wrote an audit event and a
+/// row update per request (200 requests, 200 events). Once refused, such a key is answered from
+/// memory, and its refusals are audited coalesced: one event per agent and reason, with a count.
+async fn refusals_cost_no_writes(db: Db) {
+    let e = Env::new(db).await;
+    let events = |h: &'static str| {
+        let store = e.store.clone();
+        async move { store.audit_page(Some(h), 0, 10_000).await.unwrap() }
+    };
+    let k = e.admin_agent(spec("rf-revoked", &[PAY], "10")).await;
+    ok(&e.revoke(Caller::Admin, "rf-revoked").await, 200);
+    let before = events("rf-revoked").await.len();
+    for _ in 0..200 {
+        err(&e.spend(&k, "1").await, 401, "credential_revoked");
+    }
+    err(&e.hold(&k, "1", MIN).await, 401, "credential_revoked");
+    let after = events("rf-revoked").await.len();
+    assert_eq!(after, before + 1, "only the first refusal was written");
+    assert_eq!(e.agent("rf-revoked").await.usage.denied_count, 1);
+    e.ledger.audit_refusals().await;
+    let ev = events("rf-revoked").await;
+    let last = ev.last().unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.outcome.as_str(), last.reason.as_deref()),
+        ("refused", "denied", Some("credential_revoked"))
+    );
+    let detail = last.detail.clone().expect("a detail");
+    assert_eq!(detail["count"], 200, "the 200 refusals answered from memory, in one event: {detail}");
+    assert_eq!(e.agent("rf-revoked").await.usage.denied_count, 201);
+    e.ledger.audit_refusals().await;
+    assert_eq!(events("rf-revoked").await.len(), ev.len(), "nothing new to audit");
+
+    // An unknown key: refused, nothing written anywhere.
+    let total = e.intact().await;
+    let stranger = new_key();
+    for _ in 0..100 {
+        err(&e.spend(&stranger, "1").await, 401, "invalid_credentials");
+    }
+    e.ledger.audit_refusals().await;
+    assert_eq!(e.intact().await, total);
+
+    // A suspended agent: spends refused from memory, but it may still settle what it holds,
+    // and a resume is obeyed at once.
+    let sk = e.admin_agent(spec("rf-susp", &[PAY], "10")).await;
+    let hid = e.hold_ok(&sk, "1", HOUR).await;
+    ok(&e.submit(Command::Suspend { handle: "rf-susp".into(), reason: None }).await, 200);
+    for _ in 0..20 {
+        err(&e.spend(&sk, "1").await, 403, "agent_suspended");
+    }
+    assert_eq!(e.agent("rf-susp").await.usage.denied_count, 1, "one refusal written, the rest from memory");
+    ok(&e.capture(&sk, &hid, "0.5").await, 200);
+    ok(&e.submit(Command::Resume { handle: "rf-susp".into() }).await, 200);
+    ok(&e.spend(&sk, "1").await, 200);
+    // The memory of a suspension lasts a second at most: a suspension made elsewhere (another
+    // replica) and lifted is not refused for longer than that.
+    ok(&e.submit(Command::Suspend { handle: "rf-susp".into(), reason: None }).await, 200);
+    err(&e.spend(&sk, "1").await, 403, "agent_suspended");
+    e.advance(1_000);
+    err(&e.spend(&sk, "1").await, 403, "agent_suspended");
+    assert_eq!(e.agent("rf-susp").await.usage.denied_count, 3, "decided afresh after a second");
+
+    // An expired key, likewise.
+    let mut xs = spec("rf-exp", &[PAY], "10");
+    xs.expires_in = Some(span("1m"));
+    let xk = e.admin_agent(xs).await;
+    e.advance(MIN);
+    for _ in 0..50 {
+        err(&e.spend(&xk, "1").await, 401, "credential_expired");
+    }
+    assert_eq!(e.agent("rf-exp").await.usage.denied_count, 1);
+    e.intact().await;
     e.finish().await;
 }
 
@@ -2035,15 +2110,16 @@ async fn authz_epoch(db: Db) {
     assert_eq!(e.agent("ep-c").await.status, "suspended");
     moved(&e, &mut last, "a suspension by the breaker", true);
     ok(&e.submit(Command::Resume { handle: "ep-c".into() }).await, 200);
-    last = e.ledger.authz_epoch();
+    // A resume moves it too: refusals of the suspension remembered in memory lapse with it.
+    moved(&e, &mut last, "a resume", true);
     ok(&e.spend(&pk, "1").await, 200);
     e.lease_ok(&ck2, "1", 2, MIN).await;
     moved(&e, &mut last, "a spend and a lease", false);
     ok(&e.revoke(Caller::Admin, "ep-c").await, 200);
     moved(&e, &mut last, "a revocation", true);
     // The store's epoch, which other replicas read, moved with every one of them: a patch, a
-    // rotation, a suspension and a revocation.
-    assert_eq!(e.store.authz_epoch().await.expect("epoch"), store_start + 4);
+    // rotation, a suspension, a resume and a revocation.
+    assert_eq!(e.store.authz_epoch().await.expect("epoch"), store_start + 5);
     e.intact().await;
     e.finish().await;
 }

@@ -341,6 +341,8 @@ fn micros(v: i64) -> Micros {
 
 async fn check_reads(e: &Env, model: &mut Model, step: usize, op: &Op) {
     model.expire();
+    // Refusals answered from memory count once they are audited (coalesced): audit them now.
+    e.ledger.audit_refusals().await;
     for who in [P, C] {
         let v = e.agent(HANDLES[who]).await;
         let a = &model.a[who];

@@ -306,3 +306,39 @@ async fn the_audit_chain_is_keyed_outside_the_database() {
     let out = b.offline(&["audit", "verify", "--audit-key", kept.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// Finding 4: a revoked key wrote an audit event and a row update per request (200 requests,
+/// 200 events), and bodies were read before the key was checked. Now a key refused for good is
+/// answered from memory, before its body is read, and its refusals are audited coalesced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_keys_cost_no_writes_and_no_body_read() {
+    let b = Backend::sqlite();
+    let srv = Server::start(&b).await;
+    let api = srv.api();
+    let key = api.create(ADMIN, json!({"handle": "f4", "scopes": [common::SCOPE], "spending_cap": "5"})).await;
+    assert_eq!(api.post("/v1/agents/f4/revoke", ADMIN, &json!({})).await.status, 200);
+    let before = api.audit(ADMIN, "f4").await.len();
+    for _ in 0..200 {
+        let r = api.try_spend(&key, "1").await.unwrap();
+        assert_eq!((r.status, r.code()), (401, "credential_revoked"));
+    }
+    let after = api.audit(ADMIN, "f4").await.len();
+    assert!(after <= before + 2, "200 refusals wrote {} events", after - before);
+    // A request that announces a 900 KiB body and never sends it is answered at once: the key
+    // is refused before the body is awaited (else: 408 after the 30 s body deadline).
+    let head = format!(
+        "POST /v1/spend HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 921600\r\nConnection: close\r\n\r\n"
+    );
+    let addr = srv.base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered without waiting for the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("credential_revoked"), "{text}");
+}

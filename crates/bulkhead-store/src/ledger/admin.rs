@@ -48,6 +48,8 @@ impl Batch {
                 r.suspended_at = None;
                 r.clear_breaker_state();
                 let h = r.handle.clone();
+                // Refusals of the suspension remembered in memory lapse with the epoch.
+                self.authz = true;
                 self.event(&h, "agent.resume", "allowed");
             }
             AgentStatus::Active => {}

@@ -422,6 +422,20 @@ impl Batch {
                 self.expire_holds(None).await?;
                 Ok(Reply::ok(Answer::Swept))
             }
+            Command::RecordRefusals(tallies) => {
+                for t in tallies {
+                    let Some(id) = self.agent_by_handle(&t.agent).await? else { continue };
+                    self.row_mut(id)?.denied_count += t.count;
+                    let e = self.event(&t.agent, "refused", "denied");
+                    e.reason = Some(t.reason.code().to_owned());
+                    e.detail = Some(
+                        serde_json::json!({"count": t.count, "first_at": crate::view::fmt_time(t.first_ms),
+                            "last_at": crate::view::fmt_time(t.last_ms), "coalesced": true})
+                        .to_string(),
+                    );
+                }
+                Ok(Reply::ok(Answer::Swept))
+            }
             Command::CreateAgent { caller, spec, key_hash } => self.create_agent(caller, spec, key_hash).await,
             Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
             Command::Revoke { caller, handle, reason } => self.revoke(caller, handle, reason.as_deref()).await,

@@ -145,6 +145,8 @@ pub enum Command {
     },
     /// Expires holds past their expiry (run periodically).
     SweepExpired,
+    /// Audits refusals answered from memory: one event per agent and reason (run periodically).
+    RecordRefusals(Vec<super::Tally>),
 }
 
 impl Command {

@@ -30,6 +30,7 @@ mod command;
 mod expiry;
 mod lease;
 mod money;
+mod refusals;
 mod rows;
 mod writer;
 
@@ -42,6 +43,8 @@ use bulkhead_core::runaway::Breaker;
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::command::{AgentSpec, Caller, Command, Idem, Patch};
+use self::refusals::Refusals;
+pub use self::refusals::{KEYS_MAX as REFUSED_KEYS_MAX, Tally};
 use self::writer::{Cache, Writer};
 use crate::alerts::AlertRules;
 use crate::answer::Reply;
@@ -94,7 +97,11 @@ pub struct Ledger {
     store: Store,
     clock: Arc<dyn Clock>,
     epoch: Arc<AtomicU64>,
+    refusals: Arc<Refusals>,
 }
+
+/// How often refusals answered from memory are written to the audit trail, coalesced.
+pub const REFUSALS_AUDITED_EVERY: Duration = Duration::from_secs(10);
 
 impl Ledger {
     /// Starts the writer task. `handle` lets the caller wait for it to drain at shutdown.
@@ -127,14 +134,29 @@ impl Ledger {
         let handle = tokio::spawn(async move {
             let _ = done_rx.await;
         });
-        (Ledger { tx, store, clock, epoch }, handle)
+        (Ledger { tx, store, clock, epoch, refusals: Arc::default() }, handle)
     }
 
-    /// Runs one command and waits until it is committed (or failed).
+    /// Runs one command and waits until it is committed (or failed). A command whose key is
+    /// known to be refused is answered at once (see `refusals.rs`).
     pub async fn submit(&self, cmd: Command) -> Result<Reply, StoreError> {
+        if let Some(r) = self.refusals.for_command(&cmd, self.clock.now_ms(), self.authz_epoch()) {
+            return Ok(r);
+        }
+        let key = cmd.key().cloned();
         let (reply, rx) = oneshot::channel();
         self.tx.send(Job { cmd, reply }).await.map_err(|_| StoreError::ShutDown)?;
-        rx.await.map_err(|_| StoreError::ShutDown)?
+        let reply = rx.await.map_err(|_| StoreError::ShutDown)??;
+        if let Some(k) = key {
+            self.refusals.learn(&k, &reply, self.clock.now_ms(), self.authz_epoch());
+        }
+        Ok(reply)
+    }
+
+    /// The answer to a call with `key` when that key is known to be refused (unknown, revoked,
+    /// expired, or for `spends`, suspended): what a handler sends before reading the body.
+    pub fn known_refusal(&self, key: &bulkhead_core::KeyHash, spends: bool) -> Option<Reply> {
+        self.refusals.answer(key, spends, self.clock.now_ms(), self.authz_epoch())
     }
 
     pub fn store(&self) -> &Store {
@@ -152,16 +174,33 @@ impl Ledger {
         self.clock.now_ms()
     }
 
+    /// Writes the refusals answered from memory since the last time to the audit trail, one
+    /// event per agent and reason. The sweeper does it every [`REFUSALS_AUDITED_EVERY`].
+    pub async fn audit_refusals(&self) {
+        let tallies = self.refusals.drain();
+        if tallies.is_empty() {
+            return;
+        }
+        if let Err(e) = self.submit(Command::RecordRefusals(tallies)).await {
+            tracing::warn!(error = %e, "refusals could not be audited");
+        }
+    }
+
     /// Starts the periodic sweep of expired holds and old idempotency records.
     pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let ledger = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut audited = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 if ledger.tx.is_closed() {
                     break;
+                }
+                if audited.elapsed() >= REFUSALS_AUDITED_EVERY {
+                    audited = tokio::time::Instant::now();
+                    ledger.audit_refusals().await;
                 }
                 if let Err(e) = ledger.submit(Command::SweepExpired).await {
                     tracing::warn!(error = %e, "hold sweep failed");
