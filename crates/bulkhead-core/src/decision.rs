@@ -64,6 +64,8 @@ pub enum DenyReason {
     LifetimeCap,
     /// The amount would take an ancestor past one of its limits.
     AncestorCap,
+    /// The agent already has as many open holds as one agent may have.
+    TooManyOpenHolds,
 }
 
 impl DenyReason {
@@ -79,6 +81,7 @@ impl DenyReason {
             DenyReason::SpendingCap => "spending_cap_exceeded",
             DenyReason::LifetimeCap => "lifetime_cap_exceeded",
             DenyReason::AncestorCap => "ancestor_cap_exceeded",
+            DenyReason::TooManyOpenHolds => "too_many_open_holds",
         }
     }
 
@@ -95,6 +98,9 @@ impl DenyReason {
                 "The amount would exceed the agent's spending cap for this window; nothing was charged."
             }
             DenyReason::LifetimeCap => "The amount would exceed the agent's lifetime cap; nothing was charged.",
+            DenyReason::TooManyOpenHolds => {
+                "The agent has as many open holds as it may have; capture or release one first."
+            }
             DenyReason::AncestorCap => {
                 "The amount would exceed a limit of one of the agent's ancestors; nothing was charged."
             }
@@ -126,6 +132,7 @@ impl DenyReason {
             "spending_cap_exceeded" => DenyReason::SpendingCap,
             "lifetime_cap_exceeded" => DenyReason::LifetimeCap,
             "ancestor_cap_exceeded" => DenyReason::AncestorCap,
+            "too_many_open_holds" => DenyReason::TooManyOpenHolds,
             _ => return None,
         })
     }

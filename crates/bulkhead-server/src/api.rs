@@ -646,6 +646,7 @@ async fn spend(
         (status = 401, response = Unauthorized),
         (status = 402, response = LimitExceeded),
         (status = 403, response = Forbidden),
+        (status = 409, response = Conflict),
         (status = 408, response = RequestTimeout),
         (status = 413, response = BodyTooLarge),
         (status = 422, response = IdempotencyKeyReused),

@@ -100,6 +100,7 @@ fn deny_status(reason: DenyReason) -> u16 {
         DenyReason::InvalidCredentials | DenyReason::CredentialRevoked | DenyReason::CredentialExpired => 401,
         DenyReason::AgentSuspended | DenyReason::ScopeNotGranted => 403,
         DenyReason::RateLimited { .. } => 429,
+        DenyReason::TooManyOpenHolds => 409,
         _ => 402,
     }
 }
@@ -165,6 +166,9 @@ impl From<Refusal> for ApiError {
             Refusal::ShadowNotRoot => ApiError::invalid("Shadow mode (enforce: false) is for root agents only."),
             Refusal::TreeTooDeep { depth_max } => {
                 ApiError::invalid(format!("Agent trees are at most {depth_max} levels deep."))
+            }
+            Refusal::TreeTooLarge { agents_max } => {
+                ApiError::invalid(format!("An agent tree holds at most {agents_max} agents."))
             }
             Refusal::TooManyChildren { children_max } => {
                 ApiError::invalid(format!("An agent may spawn at most {children_max} children."))

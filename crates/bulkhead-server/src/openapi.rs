@@ -195,7 +195,8 @@ error_responses! {
     RequestTimeout = "`request_timeout`: the body did not arrive within 30 seconds.", retry_after: false;
     /// 409.
     Conflict = "`handle_taken`, `hold_closed` (already captured, released or expired), \
-        `agent_revoked` (a revoked agent cannot get a key, be suspended or be resumed).", retry_after: false;
+        `agent_revoked` (a revoked agent cannot get a key, be suspended or be resumed), \
+        `too_many_open_holds` (the agent has as many open holds as it may: 1,000 by default).", retry_after: false;
     /// 413.
     BodyTooLarge = "`body_too_large`: the body is over 1 MiB.", retry_after: false;
     /// 422.

@@ -167,6 +167,8 @@ pub enum Refusal {
     CapEscalation(Option<bulkhead_core::decision::Bound>),
     /// Shadow mode was asked for an agent that is not a root.
     ShadowNotRoot,
+    /// The tree already holds `agents_max` agents.
+    TreeTooLarge { agents_max: i64 },
     /// The child would be deeper than `depth_max`.
     TreeTooDeep { depth_max: i64 },
     /// The parent has `children_max` children already.

@@ -49,6 +49,7 @@ conformance! {
     operator_suspension,
     denials_say_how_to_recover,
     refusals_cost_no_writes,
+    limits_bound_growth,
     revoke_cascades,
     parent_revokes_only_descendants,
     revocation_releases_holds,
@@ -673,6 +674,55 @@ async fn refusals_cost_no_writes(db: Db) {
         err(&e.spend(&xk, "1").await, 401, "credential_expired");
     }
     assert_eq!(e.agent("rf-exp").await.usage.denied_count, 1);
+    e.intact().await;
+    e.finish().await;
+}
+
+/// Hardening finding 5: a tree could grow without limit, an agent could keep unlimited holds
+/// open, and a revocation closed them all in one transaction. Now a tree has at most
+/// `agents_per_tree` agents, an agent at most `open_holds_per_agent` open holds (gateway leases
+/// aside), and a revocation releases a chunk of holds, the sweeper the rest.
+async fn limits_bound_growth(db: Db) {
+    let limits = bulkhead_store::Limits { agents_per_tree: 4, open_holds_per_agent: 3, revoked_holds_chunk: 2 };
+    let e = Env::with_config(db, LedgerConfig { limits, ..LedgerConfig::default() }).await;
+    let pk = e.admin_agent(spec("lim-root", PARENT_SCOPES, "100")).await;
+    let ck = e.child_agent(&pk, spec("lim-a", &[PAY, "spawn:agents"], "50")).await;
+    let bk = e.child_agent(&ck, spec("lim-b", &[PAY], "10")).await;
+    e.child_agent(&pk, spec("lim-c", &[PAY], "10")).await;
+    let (r, _) = e.create(Caller::Agent(ck.clone()), spec("lim-d", &[PAY], "1")).await;
+    err(&r, 400, "invalid_request");
+    assert!(r.body.contains("at most 4 agents"), "{}", r.body);
+    // Another tree is not affected.
+    e.admin_agent(spec("lim-other", &[PAY], "1")).await;
+
+    let holds: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(e.hold_ok(&ck, "1", HOUR).await);
+        }
+        v
+    };
+    let r = e.hold(&ck, "1", HOUR).await;
+    err(&r, 409, "too_many_open_holds");
+    assert_eq!(e.money("lim-a").await.1, m("3"), "the refused hold holds nothing");
+    e.lease_ok(&ck, "1", 1, MIN).await;
+    ok(&e.release(&ck, &holds[0]).await, 200);
+    let h4 = e.hold_ok(&ck, "1", HOUR).await;
+    assert!(!h4.is_empty());
+    let ev = e.store.audit_page(Some("lim-a"), 0, 100).await.unwrap();
+    assert!(ev.iter().any(|x| x.reason.as_deref() == Some("too_many_open_holds")), "the refusal is audited");
+
+    // lim-a's subtree holds four API holds (three of lim-a, one of lim-b) and a lease. Its
+    // revocation releases two of them, the sweeper two more a sweep; the lease stays for its
+    // gateway. Meanwhile the root counts what is still held, never less.
+    e.hold_ok(&bk, "1", HOUR).await;
+    assert_eq!(e.money("lim-root").await.1, m("5"));
+    ok(&e.revoke(Caller::Admin, "lim-a").await, 200);
+    assert_eq!(e.money("lim-root").await.1, m("3"), "a chunk of two released by the revocation");
+    ok(&e.submit(Command::SweepExpired).await, 200);
+    assert_eq!(e.money("lim-root").await.1, m("1"), "the rest by the sweeper, a chunk at a time");
+    ok(&e.submit(Command::SweepExpired).await, 200);
+    assert_eq!(e.money("lim-root").await.1, m("1"), "the lease is left to its gateway");
     e.intact().await;
     e.finish().await;
 }

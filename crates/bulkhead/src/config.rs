@@ -17,6 +17,17 @@ pub struct Config {
     /// `[[upstream]]`: the agent gateway's upstreams (contract §8).
     #[serde(default)]
     pub upstream: Vec<bulkhead_server::gateway::UpstreamSpec>,
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
+}
+
+/// `[limits]`: how far agents may grow (defaults in `bulkhead_store::Limits`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub agents_per_tree: Option<i64>,
+    pub open_holds_per_agent: Option<i64>,
+    pub revoked_holds_chunk: Option<i64>,
 }
 
 /// `[alerts]`: where alerts go and when utilization alerts fire.
@@ -80,6 +91,27 @@ impl Config {
     pub fn upstreams(&self) -> anyhow::Result<Vec<bulkhead_server::gateway::Upstream>> {
         bulkhead_server::gateway::check_upstreams(&self.upstream, &|var| std::env::var(var).ok())
             .map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))
+    }
+
+    /// `[limits]` over the defaults; each at least 1.
+    pub fn limits(&self) -> anyhow::Result<bulkhead_store::Limits> {
+        let mut l = bulkhead_store::Limits::default();
+        if let Some(c) = &self.limits {
+            for (field, value, slot) in [
+                ("agents_per_tree", c.agents_per_tree, &mut l.agents_per_tree),
+                ("open_holds_per_agent", c.open_holds_per_agent, &mut l.open_holds_per_agent),
+                ("revoked_holds_chunk", c.revoked_holds_chunk, &mut l.revoked_holds_chunk),
+            ] {
+                if let Some(v) = value {
+                    anyhow::ensure!(
+                        (1..=1_000_000_000).contains(&v),
+                        "[limits] {field} must be between 1 and 1000000000"
+                    );
+                    *slot = v;
+                }
+            }
+        }
+        Ok(l)
     }
 
     pub fn breaker(&self) -> anyhow::Result<Breaker> {

@@ -197,6 +197,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.as_deref())?;
     let upstreams = config.upstreams()?;
     let breaker = config.breaker()?;
+    let limits = config.limits()?;
     let (alert_rules, alert_secret) = config.alerts()?;
     if !alert_rules.webhooks.is_empty() && alert_secret.is_none() {
         tracing::warn!("[alerts] has no secret_env: webhook deliveries are not signed");
@@ -222,7 +223,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let (ledger, writer) = Ledger::start(
         store.clone(),
         clock.clone(),
-        LedgerConfig { breaker, alerts: alert_rules, ..LedgerConfig::default() },
+        LedgerConfig { breaker, alerts: alert_rules, limits, ..LedgerConfig::default() },
     );
     let sweeper = ledger.spawn_sweeper(Duration::from_secs(1));
     // Deliveries also drain alerts left in the outbox by an earlier run.

@@ -9,7 +9,7 @@ use bulkhead_core::{DenyReason, KeyHash, Micros, Scope};
 use serde_json::json;
 use sqlx::any::AnyArguments;
 
-use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, R, corrupt};
+use super::batch::{Batch, HOLD_COLUMNS, HoldRow, R, corrupt};
 use super::{AGENT_DEPTH_MAX, AgentSpec, CHILDREN_PER_AGENT_MAX, Caller, Patch};
 use crate::answer::{Answer, Missing, Refusal, Reply, Revived};
 use crate::view::{AGENT_COLUMNS, AGENT_INSERTED, AgentRow, AgentStatus};
@@ -155,6 +155,7 @@ impl Batch {
             let h = p.handle.clone();
             return Ok(Err(self.refuse_child(&h, &spec, refusal, code)));
         }
+        let root_id = p.root_id;
         if p.depth + 1 > AGENT_DEPTH_MAX {
             return Ok(Err(Reply::refuse(Refusal::TreeTooDeep { depth_max: AGENT_DEPTH_MAX })));
         }
@@ -164,6 +165,14 @@ impl Batch {
             .await?;
         if n >= CHILDREN_PER_AGENT_MAX {
             return Ok(Err(Reply::refuse(Refusal::TooManyChildren { children_max: CHILDREN_PER_AGENT_MAX })));
+        }
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM agents WHERE root_id = $1")
+            .bind(root_id)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        let agents_max = self.limits.agents_per_tree;
+        if n >= agents_max {
+            return Ok(Err(Reply::refuse(Refusal::TreeTooLarge { agents_max })));
         }
         Ok(Ok(Spawn { parent: pid, spec, key_expires_at: expires_at }))
     }
@@ -417,25 +426,22 @@ impl Batch {
 
     /// Releases the open API holds of a revoked subtree (`like`: its path pattern).
     async fn release_revoked_holds(&mut self, root_id: i64, like: &str) -> R<()> {
-        let now = self.now;
         // The agents' own holds are released. A gateway lease stays open: it pays for calls
         // already forwarded, which its gateway settles at once (the revocation retires it), or
         // it is captured in full at expiry. Releasing it would make those calls free.
+        // At most a chunk here, so that a revocation of many holds never stalls the other
+        // decisions of its batch; the sweeper releases the rest, a chunk a second.
         let open: Vec<HoldRow> = sqlx::query_as(dsql!(
             "SELECT {HOLD_COLUMNS} FROM holds \
-             WHERE root_id = $1 AND status = 'open' AND path LIKE $2 AND on_expiry = 'release'"
+             WHERE root_id = $1 AND status = 'open' AND path LIKE $2 AND on_expiry = 'release' LIMIT $3"
         ))
         .bind(root_id)
         .bind(like)
+        .bind(self.limits.revoked_holds_chunk)
         .fetch_all(&mut *self.tx)
         .await?;
         for h in open {
-            self.close_hold(&h, Micros::ZERO, HoldStatus::Released, now).await?;
-            let handle = self.row(h.agent_id)?.handle.clone();
-            let e = self.event(&handle, "release", "allowed");
-            e.amount = Some(h.amount);
-            e.reference = Some(h.id.clone());
-            e.reason = Some("agent_revoked".into());
+            self.release_revoked(&h).await?;
         }
         Ok(())
     }

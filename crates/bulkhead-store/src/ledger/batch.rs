@@ -124,6 +124,7 @@ pub(super) struct Batch {
     pub(super) backend: Backend,
     pub(super) now: i64,
     pub(super) breaker: Breaker,
+    pub(super) limits: super::Limits,
     pub(super) rules: Arc<AlertRules>,
     /// Alerts raised by this batch, written to the outbox before the commit.
     pub(super) alerts: Vec<NewAlert>,
@@ -420,6 +421,7 @@ impl Batch {
         match cmd {
             Command::SweepExpired => {
                 self.expire_holds(None).await?;
+                self.sweep_revoked_holds().await?;
                 Ok(Reply::ok(Answer::Swept))
             }
             Command::RecordRefusals(tallies) => {

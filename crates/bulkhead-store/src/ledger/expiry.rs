@@ -64,19 +64,8 @@ impl Batch {
             return Ok(());
         }
         let mut rows = rows;
-        if roots.is_none() && self.backend == Backend::Postgres {
-            // A global sweep did not lock these trees up front. Waiting for their locks now
-            // could deadlock with another replica's batch, so take only the free ones; a busy
-            // tree is swept next time (and its own decisions expire its holds anyway).
-            let mut rs: Vec<i64> = rows.iter().filter_map(|h| path_ids(&h.path).first().copied()).collect();
-            rs.sort_unstable();
-            rs.dedup();
-            let (sql, args) =
-                in_list("SELECT id FROM agents WHERE id IN ", &rs, " ORDER BY id FOR UPDATE SKIP LOCKED")?;
-            let locked: Vec<(i64,)> =
-                sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
-            let locked: BTreeSet<i64> = locked.into_iter().map(|r| r.0).collect();
-            rows.retain(|h| path_ids(&h.path).first().is_some_and(|r| locked.contains(r)));
+        if roots.is_none() {
+            self.keep_lockable(&mut rows).await?;
         }
         for h in rows {
             // A gateway hold nobody settled (the server died mid-call) is charged in full: a
@@ -84,6 +73,52 @@ impl Batch {
             let captured = if h.on_expiry == "capture" { crate::view::micros(h.amount) } else { Micros::ZERO };
             self.close_hold(&h, captured, HoldStatus::Expired, h.expires_at).await?;
         }
+        Ok(())
+    }
+
+    /// Of holds a global sweep found, keeps those whose tree it may change now. On PostgreSQL the
+    /// sweep did not lock their trees up front, and waiting for the locks could deadlock with
+    /// another replica's batch: only the free trees are taken; a busy one is swept next time.
+    async fn keep_lockable(&mut self, rows: &mut Vec<HoldRow>) -> R<()> {
+        if self.backend != Backend::Postgres || rows.is_empty() {
+            return Ok(());
+        }
+        let mut rs: Vec<i64> = rows.iter().filter_map(|h| path_ids(&h.path).first().copied()).collect();
+        rs.sort_unstable();
+        rs.dedup();
+        let (sql, args) = in_list("SELECT id FROM agents WHERE id IN ", &rs, " ORDER BY id FOR UPDATE SKIP LOCKED")?;
+        let locked: Vec<(i64,)> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+        let locked: BTreeSet<i64> = locked.into_iter().map(|r| r.0).collect();
+        rows.retain(|h| path_ids(&h.path).first().is_some_and(|r| locked.contains(r)));
+        Ok(())
+    }
+
+    /// Releases open API holds of revoked agents that their revocation left (it releases at
+    /// most `revoked_holds_chunk` of them): a chunk per sweep.
+    pub(super) async fn sweep_revoked_holds(&mut self) -> R<()> {
+        self.flush_holds().await?;
+        let mut rows: Vec<HoldRow> = sqlx::query_as(dsql!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'open' AND on_expiry = 'release' \
+             AND agent_id IN (SELECT id FROM agents WHERE status = 'revoked') LIMIT $1"
+        ))
+        .bind(self.limits.revoked_holds_chunk)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        self.keep_lockable(&mut rows).await?;
+        for h in rows {
+            self.release_revoked(&h).await?;
+        }
+        Ok(())
+    }
+
+    /// Releases one open hold of a revoked agent, audited as the revocation's.
+    pub(super) async fn release_revoked(&mut self, h: &HoldRow) -> R<()> {
+        self.close_hold(h, Micros::ZERO, HoldStatus::Released, self.now).await?;
+        let handle = self.row(h.agent_id)?.handle.clone();
+        let e = self.event(&handle, "release", "allowed");
+        e.amount = Some(h.amount);
+        e.reference = Some(h.id.clone());
+        e.reason = Some("agent_revoked".into());
         Ok(())
     }
 

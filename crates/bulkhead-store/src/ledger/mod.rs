@@ -56,6 +56,24 @@ pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 pub const AGENT_DEPTH_MAX: i64 = 8;
 /// The most children one agent may spawn.
 pub const CHILDREN_PER_AGENT_MAX: i64 = 1000;
+/// Limits on what agents may grow (contract §12, "everything has a limit").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The most agents in one tree (a root and all its descendants).
+    pub agents_per_tree: i64,
+    /// The most open holds (`POST /v1/holds`) one agent may have at once.
+    pub open_holds_per_agent: i64,
+    /// The most holds of revoked agents one revocation (or one sweep) releases; the sweeper
+    /// releases the rest, a chunk a second, so that a revocation never stalls other decisions.
+    pub revoked_holds_chunk: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { agents_per_tree: 10_000, open_holds_per_agent: 1_000, revoked_holds_chunk: 1_000 }
+    }
+}
+
 /// The most holds one sweep expires.
 const SWEEP_HOLDS_MAX: i64 = 1000;
 
@@ -67,11 +85,17 @@ pub struct LedgerConfig {
     pub batch_max: usize,
     /// Which alerts to raise, and for which webhooks.
     pub alerts: AlertRules,
+    pub limits: Limits,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { breaker: Breaker::default(), batch_max: 512, alerts: AlertRules::default() }
+        LedgerConfig {
+            breaker: Breaker::default(),
+            batch_max: 512,
+            alerts: AlertRules::default(),
+            limits: Limits::default(),
+        }
     }
 }
 

@@ -359,10 +359,39 @@ impl Batch {
             Verdict::ShadowAllow(reason) => Some(reason),
             Verdict::Deny(reason) => return self.deny(id, action, reason, Some(scope), Some(amount)),
         };
+        if hold_expires.is_some_and(|t| t.on_expiry == "release")
+            && self.open_holds_of(id).await? >= self.limits.open_holds_per_agent
+        {
+            return self.deny(id, action, DenyReason::TooManyOpenHolds, Some(scope), Some(amount));
+        }
         let movement = if hold_expires.is_some() { Movement::Hold(amount) } else { Movement::Spend(amount) };
         // A shadow agent's over-cap spend is the one movement that may break a cap, by design.
         self.move_allowed(&chain, &members, movement, would_deny.is_some())?;
         self.record_allowed(id, scope, amount, hold_expires, memo, would_deny)
+    }
+
+    /// How many API holds (`on_expiry = release`) `id` has open: those in the table, as this
+    /// batch last saw them, and those it opened. Nothing held on the agent's subtree means none.
+    async fn open_holds_of(&mut self, id: i64) -> R<i64> {
+        let row = self.row(id)?;
+        if row.held == 0 {
+            return Ok(0);
+        }
+        let root = row.root_id;
+        let stored: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM holds WHERE root_id = $1 AND agent_id = $2 AND status = 'open' AND on_expiry = 'release'",
+        )
+        .bind(root)
+        .bind(id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let in_table = stored.iter().filter(|(h,)| !self.holds.contains_key(h)).count();
+        let in_batch = self
+            .holds
+            .values()
+            .filter(|h| h.agent_id == id && h.status == HoldStatus::Open && h.on_expiry == "release")
+            .count();
+        Ok(i64::try_from(in_table + in_batch).unwrap_or(i64::MAX))
     }
 
     /// After an allowed spend or hold was applied: counts it, opens the hold, writes the audit

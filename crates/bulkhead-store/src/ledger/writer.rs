@@ -159,6 +159,7 @@ impl Writer {
             backend: self.store.backend,
             now,
             breaker: self.cfg.breaker,
+            limits: self.cfg.limits,
             rules: self.rules.clone(),
             alerts: Vec::new(),
             agents: cache.agents,
