@@ -750,8 +750,9 @@ pub fn max_spend_per_day(limits: &AgentLimits) -> Micros {
     let cap = i128::from(limits.spending_cap.micros());
     let window = i128::from(limits.window_ms.max(1));
     let per_day = if window >= DAY_MS { cap } else { (cap * DAY_MS + window - 1) / window };
+    // Never above the largest amount: a per-day figure past it is shown as that, saturated.
     let per_day = i64::try_from(per_day).unwrap_or(i64::MAX);
-    let per_day = Micros::from_micros(per_day).unwrap_or(Micros::ZERO);
+    let per_day = Micros::from_micros(per_day).unwrap_or(Micros::ZERO).min(Micros::MAX);
     match limits.lifetime_cap {
         Some(l) if l < per_day => l,
         _ => per_day,

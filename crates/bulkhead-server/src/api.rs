@@ -56,6 +56,7 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     let (api, doc) = api_routes().split_for_parts();
     let doc = Document(serde_json::to_vec(&crate::openapi::to_json(&doc)).unwrap_or_else(|_| b"{}".to_vec()).into());
+    let api = api.layer(axum::middleware::from_fn_with_state(state.clone(), credentials_first));
     api.merge(crate::console::routes())
         .layer(Extension(doc))
         .fallback(fallback)
@@ -91,6 +92,24 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(crate::history::usage))
         .routes(routes!(crate::history::audit))
         .routes(routes!(crate::history::alerts))
+}
+
+/// A call that sends a body (`POST`, `PATCH`, …) to the JSON API must first show credentials of
+/// the right form: the admin token, or an agent key with a good checksum. Anything else is
+/// refused before its body is read (contract §12); the handler checks the rest.
+async fn credentials_first(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let has_body = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if has_body
+        && req.uri().path().starts_with("/v1/")
+        && let Err(e) = who(&state, req.headers())
+    {
+        return e.into_response();
+    }
+    next.run(req).await
 }
 
 /// The OpenAPI document as JSON, made once per router.

@@ -90,7 +90,9 @@ impl Store {
                 *descendants.entry(a).or_default() += 1;
             }
         }
-        let mut fleet = Micros::ZERO;
+        // Summed exactly in i128 and saturated once at the end: a sum clamped on the way could
+        // come out smaller than it was before the clamp.
+        let mut fleet: i128 = 0;
         let mut agents = Vec::new();
         for r in rows.iter().filter(|r| r.status != AgentStatus::Revoked) {
             let limits = r.limits();
@@ -104,7 +106,7 @@ impl Store {
                 }
             }
             if r.parent_id.is_none() {
-                fleet = fleet.checked_add(effective_day).unwrap_or(Micros::MAX);
+                fleet += i128::from(effective_day.micros());
             }
             let view = r.view(None, 0, 0);
             let scopes = r.scope_set();
@@ -128,6 +130,7 @@ impl Store {
                 descendants: descendants.get(&r.id).copied().unwrap_or(0),
             });
         }
+        let fleet = i64::try_from(fleet).ok().and_then(Micros::from_micros).map_or(Micros::MAX, |f| f.min(Micros::MAX));
         Ok(BlastRadius { agents, fleet_max_spend_per_day: fleet, revocation_ms, revocation_source })
     }
 }

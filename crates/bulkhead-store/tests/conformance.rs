@@ -50,6 +50,7 @@ conformance! {
     denials_say_how_to_recover,
     refusals_cost_no_writes,
     limits_bound_growth,
+    fleet_total_saturates_once,
     revoke_cascades,
     parent_revokes_only_descendants,
     revocation_releases_holds,
@@ -724,6 +725,25 @@ async fn limits_bound_growth(db: Db) {
     ok(&e.submit(Command::SweepExpired).await, 200);
     assert_eq!(e.money("lim-root").await.1, m("1"), "the lease is left to its gateway");
     e.intact().await;
+    e.finish().await;
+}
+
+/// Hardening finding 10: the fleet's per-day total was clamped on the way, so once it overflowed
+/// it could come out below one agent's own figure. It is summed exactly and saturated once.
+async fn fleet_total_saturates_once(db: Db) {
+    let e = Env::new(db).await;
+    for h in ["huge-1", "huge-2", "huge-3"] {
+        let mut s = spec(h, &[PAY], "1000000000000");
+        s.window = span("1s");
+        e.admin_agent(s).await;
+    }
+    e.admin_agent(spec("small", &[PAY], "1")).await;
+    let b = e.store.blast_radius(None).await.unwrap();
+    for a in &b.agents {
+        assert!(a.effective_max_spend_per_day <= Micros::MAX, "{}: never above the largest amount", a.handle);
+        assert!(b.fleet_max_spend_per_day >= a.effective_max_spend_per_day, "the fleet is at least each agent");
+    }
+    assert_eq!(b.fleet_max_spend_per_day, Micros::MAX);
     e.finish().await;
 }
 

@@ -341,4 +341,15 @@ async fn refused_keys_cost_no_writes_and_no_body_read() {
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
     assert!(text.contains("credential_revoked"), "{text}");
+    // The same for a made-up admin token on an admin call.
+    let head = "POST /v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer not-the-admin-token-at-all-0123456789\r\n\
+                Content-Type: application/json\r\nContent-Length: 921600\r\nConnection: close\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered without waiting for the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
 }

@@ -89,18 +89,16 @@ pub fn bound(
         out.extend_from_slice(&body[open + 1..]);
         return Ok(out.freeze());
     }
-    let mut lowered = false;
     for f in present {
         // A limit that is not a whole number is the upstream's to refuse; bound it all the same.
         let asked = m.get(f).and_then(Value::as_u64);
         if asked.is_none_or(|a| a > allowed) {
             m.insert(f.to_owned(), Value::from(allowed));
-            lowered = true;
         }
     }
-    if !lowered {
-        return Ok(body);
-    }
+    // Written afresh even when nothing was lowered: a body that names a limit twice (or in an
+    // escaped spelling) must reach the upstream as the one object read here, whatever parser
+    // the upstream uses.
     match serde_json::to_vec(&Value::Object(m)) {
         Ok(v) => Ok(Bytes::from(v)),
         Err(_) => Err(Unbounded::InputTooDear { bytes: body.len() }),
@@ -161,6 +159,10 @@ mod tests {
         let asked_less = Bytes::from_static(br#"{"model":"m","max_completion_tokens":100}"#);
         let out = bound(asked_less.clone(), "v1/chat/completions", Dialect::OpenAi, &openai(), m("0.50")).unwrap();
         assert_eq!(out, asked_less, "a request within the hold goes as sent");
+        // A limit named twice: an upstream that reads the first would see ten million.
+        let twice = Bytes::from_static(br#"{"model":"m","max_tokens":10000000,"max_tokens":5}"#);
+        let out = bound(twice, "v1/chat/completions", Dialect::OpenAi, &openai(), m("0.50")).unwrap();
+        assert_eq!(&out[..], br#"{"model":"m","max_tokens":5}"#, "sent as the one object read");
     }
 
     #[test]
@@ -197,5 +199,67 @@ mod tests {
             bound(big, "v1/embeddings", Dialect::OpenAi, &openai(), m("0.01")),
             Err(Unbounded::InputTooDear { bytes: len })
         );
+    }
+
+    fn json_body() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let limit = prop_oneof![
+            Just(None),
+            any::<u64>().prop_map(|n| Some(Value::from(n))),
+            any::<i64>().prop_map(|n| Some(Value::from(n))),
+            "[a-z]{0,5}".prop_map(|t| Some(Value::from(t))),
+            Just(Some(Value::Null)),
+        ];
+        let field = proptest::sample::select(vec!["max_tokens", "max_completion_tokens", "max_output_tokens", "x"]);
+        (limit, field, "[ -~]{0,3000}", any::<bool>()).prop_map(|(limit, field, text, stream)| {
+            let mut m = serde_json::Map::new();
+            m.insert("model".into(), Value::from("m"));
+            if let Some(l) = limit {
+                m.insert(field.to_owned(), l);
+            }
+            m.insert("messages".into(), serde_json::json!([{"role": "user", "content": text}]));
+            m.insert("stream".into(), Value::from(stream));
+            serde_json::to_vec(&Value::Object(m)).unwrap()
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any JSON a gateway reads: the bound never panics, and whatever it sends can never cost
+        /// more than the hold (input at one token a byte, output at the limit it set), or it
+        /// refuses to send.
+        #[test]
+        fn whatever_is_sent_fits_the_hold(
+            body in proptest::prop_oneof![json_body(), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)],
+            hold_micros in 1i64..5_000_000,
+            path in proptest::sample::select(vec!["v1/chat/completions", "v1/completions", "v1/responses", "v1/messages", "v1/embeddings", "x"]),
+            anthropic in proptest::prelude::any::<bool>(),
+        ) {
+            let (dialect, prices) = if anthropic {
+                (Dialect::Anthropic, TokenPrices { input: m("3"), output: m("15"), cache_write: m("3.75"), cache_read: m("0.30") })
+            } else {
+                (Dialect::OpenAi, openai())
+            };
+            let hold = Micros::from_micros(hold_micros).unwrap();
+            match bound(Bytes::from(body.clone()), path, dialect, &prices, hold) {
+                Err(Unbounded::InputTooDear { bytes }) => {
+                    proptest::prop_assert_eq!(bytes, body.len());
+                }
+                Ok(out) => {
+                    let input = Micros::per_million_ceil(body.len() as u64, m("3.75")).unwrap();
+                    proptest::prop_assert!(input <= hold, "an input that could cost the hold was sent");
+                    let fields = output_fields(dialect, path);
+                    if let (Ok(Value::Object(sent)), false) = (serde_json::from_slice::<Value>(&out), fields.is_empty()) {
+                        // What the upstream is told to stop at, in the field it reads first.
+                        let limit = fields.iter().filter_map(|f| sent.get(*f)).filter_map(Value::as_u64).min();
+                        proptest::prop_assert!(limit.is_some(), "a bounded API always gets a limit: {:?}", sent);
+                        let original_input = Micros::per_million_ceil(body.len() as u64, prices.input.max(prices.cache_write).max(prices.cache_read)).unwrap();
+                        let output = Micros::per_million_ceil(limit.unwrap(), prices.output).unwrap();
+                        proptest::prop_assert!(original_input.checked_add(output).unwrap() <= hold);
+                    }
+                }
+            }
+        }
     }
 }

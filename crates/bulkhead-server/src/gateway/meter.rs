@@ -500,4 +500,43 @@ event: {last}\ndata: {{\"type\":\"{last}\",\"response\":{{\"id\":\"r\",\"usage\"
             }
         }
     }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any answer, cut anywhere: the meter never panics, passes every byte on unchanged when
+        /// it strips nothing, and any usage it reads prices without overflow or is unknown.
+        #[test]
+        fn any_answer_cut_anywhere_passes_through(
+            body in proptest::prop_oneof![
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+                "(data: \\{\"usage\":\\{\"prompt_tokens\":[0-9]{1,25},\"completion_tokens\":[0-9]{1,25}\\}\\}\n\n|event: x\n|data: \\[DONE\\]\n\n|[ -~]{0,40}\n){0,20}"
+                    .prop_map(String::into_bytes),
+            ],
+            cuts in proptest::collection::vec(0usize..2048, 0..8),
+            sse in proptest::prelude::any::<bool>(),
+            anthropic in proptest::prelude::any::<bool>(),
+        ) {
+            let dialect = if anthropic { Dialect::Anthropic } else { Dialect::OpenAi };
+            let mut meter = Meter::new(dialect, sse, false);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(body.len())).collect();
+            cuts.push(body.len());
+            cuts.sort_unstable();
+            let (mut out, mut at) = (Vec::new(), 0);
+            for c in cuts {
+                out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(&body[at..c])));
+                at = c;
+            }
+            out.extend_from_slice(&meter.finish());
+            if sse {
+                proptest::prop_assert_eq!(&out, &body, "passed on unchanged");
+            }
+            if let Some(u) = meter.usage() {
+                let prices = TokenPrices { input: Micros::MAX, output: Micros::MAX, cache_write: Micros::MAX, cache_read: Micros::MAX };
+                let _ = prices.cost(&u);
+            }
+        }
+    }
 }
