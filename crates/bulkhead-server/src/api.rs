@@ -393,6 +393,7 @@ async fn me_audit(
 
 async fn blast_radius(
     State(state): State<AppState>,
+    catalog: Option<axum::Extension<crate::mcp::McpCatalog>>,
     headers: HeaderMap,
     Q(q): Q<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -403,7 +404,15 @@ async fn blast_radius(
     let after = q.after.clone().unwrap_or_default();
     b.agents.retain(|a| a.handle > after);
     b.agents.truncate(limit);
-    Ok(Json(json!(b)))
+    let mut out = json!(b);
+    // The MCP tools each agent can reach (`server:tool`, `server:*` for a whole server).
+    let catalog = catalog.map(|c| c.0).unwrap_or_default();
+    if let Some(agents) = out["agents"].as_array_mut() {
+        for (a, b) in agents.iter_mut().zip(&b.agents) {
+            a["mcp_tools"] = json!(catalog.reachable(&b.scopes));
+        }
+    }
+    Ok(Json(out))
 }
 
 #[cfg(test)]

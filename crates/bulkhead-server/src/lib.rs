@@ -12,6 +12,7 @@ pub mod gateway;
 mod history;
 pub mod http;
 mod input;
+pub mod mcp;
 mod metrics;
 pub mod reply;
 
@@ -19,4 +20,5 @@ pub use api::{AppState, app};
 pub use error::ApiError;
 pub use gateway::Gateway;
 pub use input::BODY_READ_TIMEOUT;
+pub use mcp::{McpCatalog, McpGateway};
 pub use metrics::{install_metrics, spawn_metrics_upkeep};

@@ -1,0 +1,611 @@
+//! The MCP gateway (contract §11): `/mcp/{server}` speaks Streamable HTTP to agents, and
+//! Streamable HTTP or stdio to the server, so that each agent sees and calls only the tools its
+//! key allows, at a price, under its caps.
+//!
+//! Each request:
+//!
+//! 1. finds the server (404) and checks the agent's key against the store (401 with
+//!    `WWW-Authenticate: Bearer` for a missing, unknown, revoked or expired key) before its body
+//!    is read; nothing reaches the server otherwise;
+//! 2. reads one JSON-RPC message (400 for anything else: not JSON, a batch, too deep; 413 past
+//!    `max_request_bytes`) and checks that its routing headers (`Mcp-Method`, `Mcp-Name`,
+//!    `MCP-Protocol-Version`) agree with its body (400 otherwise), see [`jsonrpc`];
+//! 3. by method: the handshake, discovery, pings, notifications and answers pass through;
+//!    `tools/list` passes and its answer (JSON or SSE) keeps only the tools the key's scopes
+//!    cover; `tools/call` is decided by the ledger as a hold of the tool's price under the
+//!    tool's scope `mcp.{server}:{tool}` (a `MeteredHold`: credentials, suspension, scope, rate
+//!    limit, caps, in the contract's order, and one audit event naming server and tool), a
+//!    denial answered with a JSON-RPC error whose `data.code` is the contract's code and never
+//!    forwarded; every other method is refused ("method not found");
+//! 4. forwards with the server's own credential (the agent's `Authorization` is removed), the
+//!    `Mcp-Session-Id` and protocol headers passed through, and streams the answer back;
+//! 5. settles a call's hold in the background: the price is captured once the call was sent
+//!    (contract §12), released when it never left (no connection) or the server answered 5xx
+//!    (unless `charge_failures`). A hold whose settlement never came (a crash) is captured in
+//!    full when it expires: a call that left is never free.
+//!
+//! Statuses follow contract §3: a refused key is a 401 and a request that cannot be read a 400
+//! or 413, both with the contract's error body; a decision about a well-formed JSON-RPC request
+//! (a denial, an unknown method, a tool name no scope can name) is a JSON-RPC error in a 200.
+
+pub mod config;
+pub mod jsonrpc;
+pub mod stdio;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
+use axum::response::{IntoResponse, Response};
+use bulkhead_core::{DenyReason, KeyHash, Micros, ScopeSet};
+use bulkhead_store::{Answer, Command, Ledger, Reply};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::{Map, Value, json};
+
+pub use self::config::{McpServer, McpServerSpec, Transport, check_mcp_servers};
+use self::jsonrpc::{Kind, Message, Route, RpcError};
+use self::stdio::{Stdio, StdioError};
+use crate::error::ApiError;
+use crate::gateway::body::Relay;
+use crate::gateway::pool::{Pool, SendError};
+use crate::gateway::{connector_for, drop_hop_by_hop, host_header, read_limited};
+use crate::metrics::{MCP_CALLS, RouteTimers};
+
+/// The path prefix of MCP servers.
+pub const PREFIX: &str = "/mcp/";
+/// The most distinct tool names per server that get a metric label of their own besides the
+/// priced ones (names first seen in `tools/list` answers); others are counted as `_other`.
+const TOOL_LABELS_MAX: usize = 256;
+
+/// The MCP servers an agent may reach through Bulkhead, for the blast radius: each server's
+/// name and its priced tools.
+#[derive(Clone, Debug, Default)]
+pub struct McpCatalog(pub Arc<Vec<(String, Vec<String>)>>);
+
+impl McpCatalog {
+    pub fn of(servers: &[McpServer]) -> McpCatalog {
+        McpCatalog(Arc::new(
+            servers
+                .iter()
+                .map(|s| {
+                    let mut tools: Vec<String> = s.prices.keys().cloned().collect();
+                    tools.sort();
+                    (s.name.clone(), tools)
+                })
+                .collect(),
+        ))
+    }
+
+    /// The tools `scopes` reach, as `server:tool`, or `server:*` for a whole server: the priced
+    /// tools a pattern grants, and tools named by the agent's own scopes.
+    pub fn reachable(&self, scopes: &[String]) -> Vec<String> {
+        let Ok(set) = ScopeSet::parse(scopes) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (server, tools) in self.0.iter() {
+            let all = bulkhead_core::scope::ScopePattern::parse(&format!("mcp.{server}:*"));
+            if all.is_ok_and(|all| set.patterns().iter().any(|p| p.covers(&all))) {
+                out.push(format!("{server}:*"));
+                continue;
+            }
+            let mut named: Vec<String> = tools
+                .iter()
+                .filter(|t| jsonrpc::tool_scope(server, t).is_ok_and(|s| set.grants(&s)))
+                .cloned()
+                .collect();
+            let prefix = format!("mcp.{server}:");
+            for p in set.patterns() {
+                if let Some(tool) = p.as_str().strip_prefix(&prefix)
+                    && !p.is_wildcard()
+                    && !named.iter().any(|t| t == tool)
+                {
+                    named.push(tool.to_owned());
+                }
+            }
+            named.sort();
+            out.extend(named.into_iter().map(|t| format!("{server}:{t}")));
+        }
+        out
+    }
+}
+
+enum Upstream {
+    Http { pool: Arc<Pool>, host: HeaderValue, path: Uri },
+    Stdio(Stdio),
+}
+
+struct Server {
+    cfg: McpServer,
+    name: Arc<str>,
+    upstream: Upstream,
+    /// Tool names with a metric label of their own.
+    labels: Mutex<HashSet<String>>,
+}
+
+/// The MCP gateway. Cheap to clone; one per HTTP worker (`for_worker`), sharing local servers.
+#[derive(Clone)]
+pub struct McpGateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ledger: Ledger,
+    /// The runtime that outlives the HTTP workers: settlements run there.
+    rt: tokio::runtime::Handle,
+    servers: HashMap<String, Server>,
+    timers: RouteTimers,
+    stdio: HashMap<String, Stdio>,
+}
+
+impl McpGateway {
+    /// Builds the gateway and starts every local server; call it inside the main runtime.
+    pub fn new(ledger: Ledger, servers: Vec<McpServer>) -> Result<McpGateway, String> {
+        let rt = tokio::runtime::Handle::current();
+        let mut stdio = HashMap::new();
+        for s in &servers {
+            if let Transport::Stdio { argv } = &s.transport {
+                let line_max = usize::try_from(s.max_response_bytes).unwrap_or(usize::MAX);
+                stdio.insert(s.name.clone(), Stdio::start(&s.name, argv.clone(), line_max, &rt));
+            }
+        }
+        McpGateway::build(ledger, rt, stdio, servers.iter())
+    }
+
+    fn build<'a>(
+        ledger: Ledger,
+        rt: tokio::runtime::Handle,
+        stdio: HashMap<String, Stdio>,
+        servers: impl Iterator<Item = &'a McpServer>,
+    ) -> Result<McpGateway, String> {
+        let mut map = HashMap::new();
+        for s in servers {
+            let who = format!("mcp_server {:?}", s.name);
+            let upstream = match &s.transport {
+                Transport::Http { https, authority, path_and_query, .. } => {
+                    let target: Uri = format!("{}://{authority}/", if *https { "https" } else { "http" })
+                        .parse()
+                        .map_err(|e| format!("{who}: {e}"))?;
+                    Upstream::Http {
+                        host: host_header(&target).map_err(|e| format!("{who}: {e}"))?,
+                        pool: Pool::new(connector_for(&who, *https, s.connect_timeout)?, target),
+                        path: path_and_query.parse().map_err(|e| format!("{who}: {e}"))?,
+                    }
+                }
+                Transport::Stdio { .. } => {
+                    Upstream::Stdio(stdio.get(&s.name).cloned().ok_or_else(|| format!("{who}: not started"))?)
+                }
+            };
+            map.insert(
+                s.name.clone(),
+                Server {
+                    labels: Mutex::new(s.prices.keys().cloned().collect()),
+                    name: Arc::from(s.name.as_str()),
+                    cfg: s.clone(),
+                    upstream,
+                },
+            );
+        }
+        Ok(McpGateway {
+            inner: Arc::new(Inner { ledger, rt, servers: map, timers: RouteTimers::new("/mcp/{server}"), stdio }),
+        })
+    }
+
+    /// The same gateway with HTTP connection pools of its own, for one HTTP worker.
+    pub fn for_worker(&self) -> Result<McpGateway, String> {
+        let i = &self.inner;
+        McpGateway::build(i.ledger.clone(), i.rt.clone(), i.stdio.clone(), i.servers.values().map(|s| &s.cfg))
+    }
+
+    /// Answers one request under [`PREFIX`], timed like every other route.
+    pub async fn handle(&self, req: Request) -> Response {
+        let started = tokio::time::Instant::now();
+        let method = req.method().clone();
+        let resp = match self.serve(req, started).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        self.inner.timers.record(&method, resp.status(), started.elapsed());
+        resp
+    }
+}
+
+/// A 401 with `WWW-Authenticate: Bearer` (contract §11).
+fn unauthorized(e: ApiError) -> Response {
+    let mut r = e.into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn rpc_error(id: Option<&Value>, e: &RpcError) -> Response {
+    json_response(StatusCode::OK, jsonrpc::error_body(id, e))
+}
+
+/// A ledger refusal as a JSON-RPC error: the contract's code in `data.code`, with its status
+/// and whatever the API's answer adds (`remaining`, `window_resets_at`, `retry_after`).
+fn refusal_error(reply: &Reply) -> (u16, RpcError) {
+    let r = crate::reply::render(reply);
+    let body: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+    let mut data = Map::new();
+    let (mut code, mut message) = ("denied".to_owned(), "The call was refused.".to_owned());
+    if let Value::Object(o) = body {
+        for (k, v) in o {
+            if k == "error" {
+                code = v["code"].as_str().unwrap_or("denied").to_owned();
+                message = v["message"].as_str().unwrap_or("The call was refused.").to_owned();
+                if let Some(ra) = v.get("retry_after") {
+                    data.insert("retry_after".into(), ra.clone());
+                }
+            } else {
+                data.insert(k, v);
+            }
+        }
+    }
+    data.insert("status".into(), json!(r.status));
+    (r.status, RpcError::denied(&code, message, data))
+}
+
+impl McpGateway {
+    async fn serve(&self, req: Request, started: tokio::time::Instant) -> Result<Response, ApiError> {
+        let (parts, body) = req.into_parts();
+        let name = parts.uri.path().strip_prefix(PREFIX).unwrap_or("");
+        let name = name.strip_suffix('/').unwrap_or(name);
+        let srv = self
+            .inner
+            .servers
+            .get(name)
+            .ok_or_else(|| ApiError::not_found("No MCP server with that name is configured."))?;
+        // The key first: nothing is read or forwarded for a refused key.
+        let key = match crate::api::agent_key(&parts.headers) {
+            Ok(k) => k,
+            Err(e) => return Ok(unauthorized(e)),
+        };
+        let now = self.inner.ledger.now_ms();
+        let agent = match self.inner.ledger.store().agent_for_key(&key, now).await? {
+            Ok(a) => a,
+            Err(reason) => return Ok(unauthorized(ApiError::deny(reason))),
+        };
+        match parts.method {
+            Method::POST => {}
+            Method::DELETE if matches!(srv.upstream, Upstream::Http { .. }) => {
+                // Ends the agent's session on the server (2025 revisions).
+                return self.forward_http(srv, &parts.headers, Method::DELETE, Bytes::new(), started).await;
+            }
+            _ => {
+                let mut r = ApiError::new(405, "method_not_allowed", "MCP servers take POST here.").into_response();
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+                return Ok(r);
+            }
+        }
+        let bytes = read_limited(body, srv.cfg.max_request_bytes).await?;
+        let msg = jsonrpc::parse(&bytes).map_err(ApiError::invalid)?;
+        jsonrpc::check_headers(&parts.headers, &msg).map_err(ApiError::invalid)?;
+        match jsonrpc::route(&srv.name, &msg) {
+            Route::Refuse(e) => {
+                if let Some(tool) = &msg.tool {
+                    self.count(srv, tool, &agent.handle, "refused");
+                }
+                match msg.kind {
+                    Kind::Request => Ok(rpc_error(msg.id.as_ref(), &e)),
+                    _ => Err(ApiError::invalid(e.message)),
+                }
+            }
+            Route::Forward => self.pass(srv, &parts.headers, &msg, started).await,
+            Route::ListTools => {
+                if agent.status == "suspended" {
+                    let e = ApiError::deny(DenyReason::AgentSuspended);
+                    return Ok(rpc_error(msg.id.as_ref(), &RpcError::denied(e.code, e.message, Map::new())));
+                }
+                let scopes = ScopeSet::parse(&agent.scopes).unwrap_or_default();
+                self.list_tools(srv, &parts.headers, &msg, &scopes, started).await
+            }
+            Route::CallTool(tool) => self.call_tool(srv, &parts.headers, &msg, key, &tool, started).await,
+        }
+    }
+
+    /// `bulkhead_mcp_calls_total{server, tool, agent, outcome}`, the tool's label bounded.
+    fn count(&self, srv: &Server, tool: &str, agent: &str, outcome: &'static str) {
+        let known = srv.labels.lock().unwrap_or_else(|p| p.into_inner()).contains(tool);
+        let tool = if known { tool.to_owned() } else { "_other".to_owned() };
+        metrics::counter!(MCP_CALLS, "server" => srv.name.to_string(), "tool" => tool, "agent" => agent.to_owned(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// Passes a message through and its answer back as it comes.
+    async fn pass(
+        &self,
+        srv: &Server,
+        headers: &HeaderMap,
+        msg: &Message,
+        started: tokio::time::Instant,
+    ) -> Result<Response, ApiError> {
+        match &srv.upstream {
+            Upstream::Http { .. } => {
+                let body = Bytes::from(serde_json::to_vec(&msg.value).unwrap_or_default());
+                self.forward_http(srv, headers, Method::POST, body, started).await
+            }
+            Upstream::Stdio(p) => Ok(match p.call(msg.value.clone()).await {
+                Ok(Some(v)) => json_response(StatusCode::OK, serde_json::to_vec(&v).unwrap_or_default()),
+                Ok(None) => StatusCode::ACCEPTED.into_response(),
+                Err(e) => unavailable(msg, &e),
+            }),
+        }
+    }
+
+    /// Sends one request to an HTTP server and relays its answer.
+    async fn forward_http(
+        &self,
+        srv: &Server,
+        headers: &HeaderMap,
+        method: Method,
+        body: Bytes,
+        started: tokio::time::Instant,
+    ) -> Result<Response, ApiError> {
+        match self.send_http(srv, headers, method, body).await {
+            Ok((resp, conn)) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                drop_hop_by_hop(&mut rparts.headers);
+                let deadline = started + srv.cfg.max_duration;
+                let relay = Relay::new(rbody, None, srv.cfg.read_timeout, deadline, srv.name.clone(), Some(conn));
+                Ok(Response::from_parts(rparts, Body::new(relay)))
+            }
+            Err((_, e)) => Err(e),
+        }
+    }
+
+    /// The request as the server gets it: the agent's headers without its credential (nor
+    /// hop-by-hop ones), the server's credential set.
+    async fn send_http(
+        &self,
+        srv: &Server,
+        headers: &HeaderMap,
+        method: Method,
+        body: Bytes,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, crate::gateway::pool::Conn), (bool, ApiError)> {
+        let Upstream::Http { pool, host, path } = &srv.upstream else {
+            return Err((false, ApiError::new(500, "internal_error", "Not an HTTP server.")));
+        };
+        let mut h = headers.clone();
+        drop_hop_by_hop(&mut h);
+        h.remove(header::AUTHORIZATION);
+        h.remove(header::EXPECT);
+        h.remove(header::CONTENT_LENGTH);
+        h.remove(header::COOKIE);
+        if let Some(auth) = &srv.cfg.auth {
+            h.remove(&auth.name);
+        }
+        h.insert(header::HOST, host.clone());
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if let Some(auth) = &srv.cfg.auth {
+            h.insert(auth.name.clone(), auth.value.clone());
+        }
+        let mut req = hyper::Request::new(Body::from(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = path.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = h;
+        let sending = std::sync::atomic::AtomicBool::new(false);
+        let sent = |s: &std::sync::atomic::AtomicBool| s.load(std::sync::atomic::Ordering::Relaxed);
+        match tokio::time::timeout(srv.cfg.read_timeout, pool.send(req, &sending)).await {
+            Ok(Ok(r)) => Ok(r),
+            Err(_) => {
+                tracing::warn!(server = %srv.name, "MCP server did not answer within read_timeout");
+                Err((sent(&sending), ApiError::new(504, "upstream_timeout", "The MCP server did not answer in time.")))
+            }
+            Ok(Err(e)) => {
+                let maybe_sent = matches!(e, SendError::MaybeSent(_));
+                tracing::warn!(server = %srv.name, error = %e.into_inner(), "MCP server call failed");
+                Err((maybe_sent, ApiError::new(502, "upstream_unavailable", "The MCP server could not be reached.")))
+            }
+        }
+    }
+
+    /// `tools/list`: forwarded, and the answer cut down to the tools `scopes` cover.
+    async fn list_tools(
+        &self,
+        srv: &Server,
+        headers: &HeaderMap,
+        msg: &Message,
+        scopes: &ScopeSet,
+        started: tokio::time::Instant,
+    ) -> Result<Response, ApiError> {
+        let allowed = |name: &str| jsonrpc::tool_scope(&srv.name, name).is_ok_and(|s| scopes.grants(&s));
+        let mut filter = |v: &mut Value| {
+            let names = jsonrpc::tool_names(v);
+            let mut labels = srv.labels.lock().unwrap_or_else(|p| p.into_inner());
+            for n in names {
+                if labels.len() >= TOOL_LABELS_MAX + srv.cfg.prices.len() {
+                    break;
+                }
+                if jsonrpc::tool_scope(&srv.name, &n).is_ok() {
+                    labels.insert(n);
+                }
+            }
+            drop(labels);
+            jsonrpc::filter_tools(v, &allowed);
+        };
+        match &srv.upstream {
+            Upstream::Stdio(p) => Ok(match p.call(msg.value.clone()).await {
+                Ok(Some(mut v)) => {
+                    filter(&mut v);
+                    json_response(StatusCode::OK, serde_json::to_vec(&v).unwrap_or_default())
+                }
+                Ok(None) => StatusCode::ACCEPTED.into_response(),
+                Err(e) => unavailable(msg, &e),
+            }),
+            Upstream::Http { .. } => {
+                let body = Bytes::from(serde_json::to_vec(&msg.value).unwrap_or_default());
+                let (resp, _conn) = self.send_http(srv, headers, Method::POST, body).await.map_err(|(_, e)| e)?;
+                let (mut rparts, rbody) = resp.into_parts();
+                drop_hop_by_hop(&mut rparts.headers);
+                let limit = usize::try_from(srv.cfg.max_response_bytes).unwrap_or(usize::MAX);
+                let left = (started + srv.cfg.max_duration).saturating_duration_since(tokio::time::Instant::now());
+                let whole = tokio::time::timeout(
+                    left.min(srv.cfg.read_timeout),
+                    http_body_util::Limited::new(rbody, limit).collect(),
+                )
+                .await
+                .map_err(|_| {
+                    ApiError::new(504, "upstream_timeout", "The MCP server's tool list did not come in time.")
+                })?
+                .map_err(|_| {
+                    ApiError::new(
+                        502,
+                        "upstream_unavailable",
+                        "The MCP server's tool list could not be read (or is over max_response_bytes).",
+                    )
+                })?
+                .to_bytes();
+                let ctype = rparts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let out = if ctype.starts_with("text/event-stream") {
+                    jsonrpc::filter_sse(&whole, &mut filter)
+                } else {
+                    match serde_json::from_slice::<Value>(&whole) {
+                        Ok(mut v) => {
+                            filter(&mut v);
+                            serde_json::to_vec(&v).unwrap_or_default()
+                        }
+                        // Not JSON-RPC (an error page): passed on as it came.
+                        Err(_) => whole.to_vec(),
+                    }
+                };
+                rparts.headers.remove(header::CONTENT_LENGTH);
+                Ok(Response::from_parts(rparts, Body::from(out)))
+            }
+        }
+    }
+
+    /// `tools/call`: a hold of the tool's price decided by the ledger, the call forwarded only
+    /// when allowed, the hold settled in the background.
+    async fn call_tool(
+        &self,
+        srv: &Server,
+        headers: &HeaderMap,
+        msg: &Message,
+        key: KeyHash,
+        tool: &str,
+        started: tokio::time::Instant,
+    ) -> Result<Response, ApiError> {
+        let scope = jsonrpc::tool_scope(&srv.name, tool).map_err(ApiError::invalid)?;
+        let price = srv.cfg.price(tool);
+        let reply = self
+            .inner
+            .ledger
+            .submit(Command::MeteredHold { key, scope, amount: price, expires_ms: srv.cfg.hold_ms() })
+            .await?;
+        crate::reply::record_outcome(&reply);
+        let agent = reply.outcome.as_ref().map(|o| o.agent.clone()).unwrap_or_default();
+        let hold_id = match &reply.answer {
+            Ok(Answer::Held(h)) => h.id.clone(),
+            Ok(other) => {
+                tracing::error!(answer = ?other, "a tools/call hold was answered oddly");
+                return Err(ApiError::new(
+                    500,
+                    "internal_error",
+                    "The server hit an internal error; nothing was charged.",
+                ));
+            }
+            Err(_) => {
+                self.count(srv, tool, &agent, "denied");
+                let (status, e) = refusal_error(&reply);
+                if status == 401 {
+                    let code = e.data.as_ref().and_then(|d| d["code"].as_str()).unwrap_or("invalid_credentials");
+                    let code = match code {
+                        "credential_revoked" => "credential_revoked",
+                        "credential_expired" => "credential_expired",
+                        _ => "invalid_credentials",
+                    };
+                    return Ok(unauthorized(ApiError::new(401, code, e.message)));
+                }
+                return Ok(rpc_error(msg.id.as_ref(), &e));
+            }
+        };
+        let bill = Settlement { ledger: self.inner.ledger.clone(), rt: self.inner.rt.clone(), hold_id, price };
+        match &srv.upstream {
+            Upstream::Stdio(p) => Ok(match p.call(msg.value.clone()).await {
+                Ok(v) => {
+                    bill.settle(true);
+                    self.count(srv, tool, &agent, "allowed");
+                    match v {
+                        Some(v) => json_response(StatusCode::OK, serde_json::to_vec(&v).unwrap_or_default()),
+                        None => StatusCode::ACCEPTED.into_response(),
+                    }
+                }
+                Err(e) => {
+                    bill.settle(matches!(e, StdioError::Lost(_)));
+                    self.count(srv, tool, &agent, "unavailable");
+                    unavailable(msg, &e)
+                }
+            }),
+            Upstream::Http { .. } => {
+                let body = Bytes::from(serde_json::to_vec(&msg.value).unwrap_or_default());
+                match self.send_http(srv, headers, Method::POST, body).await {
+                    Ok((resp, conn)) => {
+                        let failed = resp.status().is_server_error() && !srv.cfg.charge_failures;
+                        bill.settle(!failed);
+                        self.count(srv, tool, &agent, if failed { "upstream_error" } else { "allowed" });
+                        let (mut rparts, rbody) = resp.into_parts();
+                        drop_hop_by_hop(&mut rparts.headers);
+                        let deadline = started + srv.cfg.max_duration;
+                        let relay =
+                            Relay::new(rbody, None, srv.cfg.read_timeout, deadline, srv.name.clone(), Some(conn));
+                        Ok(Response::from_parts(rparts, Body::new(relay)))
+                    }
+                    Err((sent, e)) => {
+                        bill.settle(sent);
+                        self.count(srv, tool, &agent, "unavailable");
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The JSON-RPC error for a local server that did not answer.
+fn unavailable(msg: &Message, e: &StdioError) -> Response {
+    let why = match e {
+        StdioError::NotSent(w) | StdioError::Lost(w) => w.clone(),
+    };
+    let e = RpcError::new(jsonrpc::UPSTREAM_UNAVAILABLE, format!("The MCP server did not answer: {why}."));
+    match msg.kind {
+        Kind::Request => rpc_error(msg.id.as_ref(), &e),
+        _ => StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+/// One call's hold, settled once: its price captured when the call was sent, else released.
+struct Settlement {
+    ledger: Ledger,
+    rt: tokio::runtime::Handle,
+    hold_id: String,
+    price: Micros,
+}
+
+impl Settlement {
+    fn settle(self, sent: bool) {
+        let amount = if sent { self.price } else { Micros::ZERO };
+        let Settlement { ledger, rt, hold_id, .. } = self;
+        rt.spawn(async move {
+            // A settlement that cannot be committed leaves the hold to be captured in full at
+            // its expiry: never free, at most the price.
+            for attempt in 0..5u32 {
+                match ledger.submit(Command::Settle { hold_id: hold_id.clone(), amount }).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "settling an MCP call failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                    }
+                }
+            }
+        });
+    }
+}
