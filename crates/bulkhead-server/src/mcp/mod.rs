@@ -202,20 +202,36 @@ impl McpGateway {
     pub async fn handle(&self, req: Request) -> Response {
         let started = tokio::time::Instant::now();
         let method = req.method().clone();
-        let resp = match self.serve(req, started).await {
+        let mut resp = match self.serve(req, started).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
+        // A request refused before its body was read whole (a bad key, an unknown server, a body
+        // over the limit) leaves the rest of that body on the connection: the connection is
+        // closed after the answer, and the client is told so rather than finding out when it
+        // sends its next request on it.
+        if resp.extensions().get::<Unread>().is_some() {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         self.inner.timers.record(&method, resp.status(), started.elapsed());
         resp
     }
 }
 
-/// A 401 with `WWW-Authenticate: Bearer` (contract §11).
+/// Marks an answer given before the request's body was read whole.
+#[derive(Clone, Copy)]
+struct Unread;
+
+fn unread(mut r: Response) -> Response {
+    r.extensions_mut().insert(Unread);
+    r
+}
+
+/// A 401 with `WWW-Authenticate: Bearer` (contract §11), given before the body is read.
 fn unauthorized(e: ApiError) -> Response {
     let mut r = e.into_response();
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    r
+    unread(r)
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
@@ -258,11 +274,9 @@ impl McpGateway {
         let (parts, body) = req.into_parts();
         let name = parts.uri.path().strip_prefix(PREFIX).unwrap_or("");
         let name = name.strip_suffix('/').unwrap_or(name);
-        let srv = self
-            .inner
-            .servers
-            .get(name)
-            .ok_or_else(|| ApiError::not_found("No MCP server with that name is configured."))?;
+        let Some(srv) = self.inner.servers.get(name) else {
+            return Ok(unread(ApiError::not_found("No MCP server with that name is configured.").into_response()));
+        };
         // The key first: nothing is read or forwarded for a refused key.
         let key = match crate::api::agent_key(&parts.headers) {
             Ok(k) => k,
@@ -282,10 +296,13 @@ impl McpGateway {
             _ => {
                 let mut r = ApiError::new(405, "method_not_allowed", "MCP servers take POST here.").into_response();
                 r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
-                return Ok(r);
+                return Ok(unread(r));
             }
         }
-        let bytes = read_limited(body, srv.cfg.max_request_bytes).await?;
+        let bytes = match read_limited(body, srv.cfg.max_request_bytes).await {
+            Ok(b) => b,
+            Err(e) => return Ok(unread(e.into_response())),
+        };
         let msg = jsonrpc::parse(&bytes).map_err(ApiError::invalid)?;
         jsonrpc::check_headers(&parts.headers, &msg).map_err(ApiError::invalid)?;
         match jsonrpc::route(&srv.name, &msg) {
