@@ -1,8 +1,8 @@
 //! Serving HTTP/1.1: one acceptor hands each connection to the HTTP worker with the fewest open
 //! ones (so that a burst of new connections is not all taken by whichever worker woke first);
 //! each worker serves its connections on its own event loop, sending the gateway's calls straight
-//! to it and everything else to the router. Stopping closes idle connections and lets in-flight
-//! requests finish.
+//! to it, the MCP gateway's to it, and everything else to the router. Stopping closes idle
+//! connections and lets in-flight requests finish.
 
 use std::future::Future;
 use std::sync::Arc;

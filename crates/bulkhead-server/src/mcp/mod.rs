@@ -33,6 +33,7 @@ pub mod jsonrpc;
 pub mod stdio;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -40,7 +41,7 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use bulkhead_core::{DenyReason, KeyHash, Micros, ScopeSet};
-use bulkhead_store::{Answer, Command, Ledger, Reply};
+use bulkhead_store::{Answer, Command, Ledger, Reply, StoreError};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
@@ -59,6 +60,27 @@ pub const PREFIX: &str = "/mcp/";
 /// The most distinct tool names per server that get a metric label of their own besides the
 /// priced ones (names first seen in `tools/list` answers); others are counted as `_other`.
 const TOOL_LABELS_MAX: usize = 256;
+
+/// The most keys whose check is remembered (see [`KeyCache`]); past it the memory starts afresh.
+const KEYS_CACHED_MAX: usize = 10_000;
+
+/// What a key check found: the agent behind a good key.
+#[derive(Clone)]
+struct Known {
+    handle: String,
+    scopes: ScopeSet,
+    suspended: bool,
+}
+
+/// Good keys checked under the current authorization epoch, when this process is the store's
+/// only writer (SQLite): a revocation, suspension, patch or new key moves the epoch before it is
+/// answered, so a check remembered under an older epoch is never used. Keys with an expiry and
+/// suspended agents are never remembered (neither moves the epoch when it ends). On a shared
+/// store (PostgreSQL) every request reads the store.
+struct KeyCache {
+    on: bool,
+    map: Mutex<HashMap<String, (u64, Known)>>,
+}
 
 /// The MCP servers an agent may reach through Bulkhead, for the blast radius: each server's
 /// name and its priced tools.
@@ -132,6 +154,8 @@ pub struct McpGateway {
 
 struct Inner {
     ledger: Ledger,
+    keys: Arc<KeyCache>,
+    settler: Settler,
     /// The runtime that outlives the HTTP workers: settlements run there.
     rt: tokio::runtime::Handle,
     servers: HashMap<String, Server>,
@@ -150,11 +174,16 @@ impl McpGateway {
                 stdio.insert(s.name.clone(), Stdio::start(&s.name, argv.clone(), line_max, &rt));
             }
         }
-        McpGateway::build(ledger, rt, stdio, servers.iter())
+        let on = ledger.store().backend() == bulkhead_store::Backend::Sqlite;
+        let keys = Arc::new(KeyCache { on, map: Mutex::new(HashMap::new()) });
+        let settler = Settler::start(ledger.clone(), &rt);
+        McpGateway::build(ledger, keys, settler, rt, stdio, servers.iter())
     }
 
     fn build<'a>(
         ledger: Ledger,
+        keys: Arc<KeyCache>,
+        settler: Settler,
         rt: tokio::runtime::Handle,
         stdio: HashMap<String, Stdio>,
         servers: impl Iterator<Item = &'a McpServer>,
@@ -188,14 +217,29 @@ impl McpGateway {
             );
         }
         Ok(McpGateway {
-            inner: Arc::new(Inner { ledger, rt, servers: map, timers: RouteTimers::new("/mcp/{server}"), stdio }),
+            inner: Arc::new(Inner {
+                ledger,
+                keys,
+                settler,
+                rt,
+                servers: map,
+                timers: RouteTimers::new("/mcp/{server}"),
+                stdio,
+            }),
         })
     }
 
     /// The same gateway with HTTP connection pools of its own, for one HTTP worker.
     pub fn for_worker(&self) -> Result<McpGateway, String> {
         let i = &self.inner;
-        McpGateway::build(i.ledger.clone(), i.rt.clone(), i.stdio.clone(), i.servers.values().map(|s| &s.cfg))
+        McpGateway::build(
+            i.ledger.clone(),
+            i.keys.clone(),
+            i.settler.clone(),
+            i.rt.clone(),
+            i.stdio.clone(),
+            i.servers.values().map(|s| &s.cfg),
+        )
     }
 
     /// Answers one request under [`PREFIX`], timed like every other route.
@@ -282,8 +326,7 @@ impl McpGateway {
             Ok(k) => k,
             Err(e) => return Ok(unauthorized(e)),
         };
-        let now = self.inner.ledger.now_ms();
-        let agent = match self.inner.ledger.store().agent_for_key(&key, now).await? {
+        let agent = match self.check_key(&key).await? {
             Ok(a) => a,
             Err(reason) => return Ok(unauthorized(ApiError::deny(reason))),
         };
@@ -317,15 +360,59 @@ impl McpGateway {
             }
             Route::Forward => self.pass(srv, &parts.headers, &msg, started).await,
             Route::ListTools => {
-                if agent.status == "suspended" {
+                if agent.suspended {
                     let e = ApiError::deny(DenyReason::AgentSuspended);
                     return Ok(rpc_error(msg.id.as_ref(), &RpcError::denied(e.code, e.message, Map::new())));
                 }
-                let scopes = ScopeSet::parse(&agent.scopes).unwrap_or_default();
-                self.list_tools(srv, &parts.headers, &msg, &scopes, started).await
+                self.list_tools(srv, &parts.headers, &msg, &agent.scopes, started).await
             }
             Route::CallTool(tool) => self.call_tool(srv, &parts.headers, &msg, key, &tool, started).await,
         }
+    }
+
+    /// Submits a call's hold in a task of its own: when the agent hangs up before it is answered,
+    /// a hold granted meanwhile is released (the call never left) rather than left to expire.
+    async fn hold(&self, cmd: Command) -> Result<Reply, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (ledger, settler) = (self.inner.ledger.clone(), self.inner.settler.clone());
+        self.inner.rt.spawn(async move {
+            let reply = ledger.submit(cmd).await;
+            if let Err(Ok(Reply { answer: Ok(Answer::Held(h)), .. })) = tx.send(reply) {
+                settler.push(h.id, Micros::ZERO);
+            }
+        });
+        rx.await.unwrap_or(Err(StoreError::ShutDown))
+    }
+
+    /// The agent behind a good key, or why the key is refused (see [`KeyCache`]).
+    async fn check_key(&self, key: &KeyHash) -> Result<Result<Known, DenyReason>, ApiError> {
+        let cache = &self.inner.keys;
+        // Read before the store: a change committed after it moves the epoch past it.
+        let epoch = self.inner.ledger.authz_epoch();
+        if cache.on
+            && let Some((e, known)) = cache.map.lock().unwrap_or_else(|p| p.into_inner()).get(key.as_str())
+            && *e == epoch
+        {
+            return Ok(Ok(known.clone()));
+        }
+        let now = self.inner.ledger.now_ms();
+        let view = match self.inner.ledger.store().agent_for_key(key, now).await? {
+            Ok(v) => v,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let known = Known {
+            suspended: view.status == "suspended",
+            scopes: ScopeSet::parse(&view.scopes).unwrap_or_default(),
+            handle: view.handle,
+        };
+        if cache.on && view.expires_at.is_none() && !known.suspended {
+            let mut map = cache.map.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= KEYS_CACHED_MAX {
+                map.clear();
+            }
+            map.insert(key.as_str().to_owned(), (epoch, known.clone()));
+        }
+        Ok(Ok(known))
     }
 
     /// `bulkhead_mcp_calls_total{server, tool, agent, outcome}`, the tool's label bounded.
@@ -366,7 +453,7 @@ impl McpGateway {
         body: Bytes,
         started: tokio::time::Instant,
     ) -> Result<Response, ApiError> {
-        match self.send_http(srv, headers, method, body).await {
+        match self.send_http(srv, headers, method, body, &AtomicBool::new(false)).await {
             Ok((resp, conn)) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 drop_hop_by_hop(&mut rparts.headers);
@@ -386,6 +473,7 @@ impl McpGateway {
         headers: &HeaderMap,
         method: Method,
         body: Bytes,
+        sending: &AtomicBool,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, crate::gateway::pool::Conn), (bool, ApiError)> {
         let Upstream::Http { pool, host, path } = &srv.upstream else {
             return Err((false, ApiError::new(500, "internal_error", "Not an HTTP server.")));
@@ -409,13 +497,12 @@ impl McpGateway {
         *req.uri_mut() = path.clone();
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = h;
-        let sending = std::sync::atomic::AtomicBool::new(false);
-        let sent = |s: &std::sync::atomic::AtomicBool| s.load(std::sync::atomic::Ordering::Relaxed);
-        match tokio::time::timeout(srv.cfg.read_timeout, pool.send(req, &sending)).await {
+        match tokio::time::timeout(srv.cfg.read_timeout, pool.send(req, sending)).await {
             Ok(Ok(r)) => Ok(r),
             Err(_) => {
                 tracing::warn!(server = %srv.name, "MCP server did not answer within read_timeout");
-                Err((sent(&sending), ApiError::new(504, "upstream_timeout", "The MCP server did not answer in time.")))
+                let sent = sending.load(Ordering::Relaxed);
+                Err((sent, ApiError::new(504, "upstream_timeout", "The MCP server did not answer in time.")))
             }
             Ok(Err(e)) => {
                 let maybe_sent = matches!(e, SendError::MaybeSent(_));
@@ -460,7 +547,10 @@ impl McpGateway {
             }),
             Upstream::Http { .. } => {
                 let body = Bytes::from(serde_json::to_vec(&msg.value).unwrap_or_default());
-                let (resp, _conn) = self.send_http(srv, headers, Method::POST, body).await.map_err(|(_, e)| e)?;
+                let (resp, _conn) = self
+                    .send_http(srv, headers, Method::POST, body, &AtomicBool::new(false))
+                    .await
+                    .map_err(|(_, e)| e)?;
                 let (mut rparts, rbody) = resp.into_parts();
                 drop_hop_by_hop(&mut rparts.headers);
                 let limit = usize::try_from(srv.cfg.max_response_bytes).unwrap_or(usize::MAX);
@@ -513,11 +603,8 @@ impl McpGateway {
     ) -> Result<Response, ApiError> {
         let scope = jsonrpc::tool_scope(&srv.name, tool).map_err(ApiError::invalid)?;
         let price = srv.cfg.price(tool);
-        let reply = self
-            .inner
-            .ledger
-            .submit(Command::MeteredHold { key, scope, amount: price, expires_ms: srv.cfg.hold_ms() })
-            .await?;
+        let reply =
+            self.hold(Command::MeteredHold { key, scope, amount: price, expires_ms: srv.cfg.hold_ms() }).await?;
         crate::reply::record_outcome(&reply);
         let agent = reply.outcome.as_ref().map(|o| o.agent.clone()).unwrap_or_default();
         let hold_id = match &reply.answer {
@@ -545,7 +632,13 @@ impl McpGateway {
                 return Ok(rpc_error(msg.id.as_ref(), &e));
             }
         };
-        let bill = Settlement { ledger: self.inner.ledger.clone(), rt: self.inner.rt.clone(), hold_id, price };
+        let bill = Settlement {
+            settler: self.inner.settler.clone(),
+            hold_id,
+            price,
+            sending: AtomicBool::new(false),
+            armed: true,
+        };
         match &srv.upstream {
             Upstream::Stdio(p) => Ok(match p.call(msg.value.clone()).await {
                 Ok(v) => {
@@ -564,7 +657,7 @@ impl McpGateway {
             }),
             Upstream::Http { .. } => {
                 let body = Bytes::from(serde_json::to_vec(&msg.value).unwrap_or_default());
-                match self.send_http(srv, headers, Method::POST, body).await {
+                match self.send_http(srv, headers, Method::POST, body, &bill.sending).await {
                     Ok((resp, conn)) => {
                         let failed = resp.status().is_server_error() && !srv.cfg.charge_failures;
                         bill.settle(!failed);
@@ -600,29 +693,122 @@ fn unavailable(msg: &Message, e: &StdioError) -> Response {
 }
 
 /// One call's hold, settled once: its price captured when the call was sent, else released.
+/// Dropped unsettled (the agent hung up mid-call), it settles as far as the call got.
 struct Settlement {
-    ledger: Ledger,
-    rt: tokio::runtime::Handle,
+    settler: Settler,
     hold_id: String,
     price: Micros,
+    /// Set once the request started out to the server.
+    sending: AtomicBool,
+    armed: bool,
 }
 
 impl Settlement {
-    fn settle(self, sent: bool) {
+    fn settle(mut self, sent: bool) {
+        self.armed = false;
         let amount = if sent { self.price } else { Micros::ZERO };
-        let Settlement { ledger, rt, hold_id, .. } = self;
+        self.settler.push(std::mem::take(&mut self.hold_id), amount);
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if self.armed {
+            let amount = if self.sending.load(Ordering::Relaxed) { self.price } else { Micros::ZERO };
+            self.settler.push(std::mem::take(&mut self.hold_id), amount);
+        }
+    }
+}
+
+/// How long settlements gather before they go to the ledger together (one commit for many).
+const SETTLE_GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Settles calls' holds in the background, gathered so that the calls that ended within a few
+/// milliseconds share one commit; each is still its own `Settle` (its own audit event). A
+/// settlement that cannot be committed leaves its hold to be captured in full at expiry: never
+/// free, at most the price.
+#[derive(Clone)]
+struct Settler {
+    tx: tokio::sync::mpsc::UnboundedSender<(String, Micros)>,
+}
+
+impl Settler {
+    /// Starts the settling task; it ends, after settling everything it was given, once every
+    /// handle is gone (so the ledger can stop at shutdown).
+    fn start(ledger: Ledger, rt: &tokio::runtime::Handle) -> Settler {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Micros)>();
         rt.spawn(async move {
-            // A settlement that cannot be committed leaves the hold to be captured in full at
-            // its expiry: never free, at most the price.
-            for attempt in 0..5u32 {
-                match ledger.submit(Command::Settle { hold_id: hold_id.clone(), amount }).await {
-                    Ok(_) => return,
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "settling an MCP call failed; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
-                    }
+            while let Some(first) = rx.recv().await {
+                tokio::time::sleep(SETTLE_GATHER).await;
+                let mut due = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    due.push(more);
+                }
+                for (hold_id, amount) in due {
+                    let ledger = ledger.clone();
+                    tokio::spawn(async move {
+                        for attempt in 0..5u32 {
+                            match ledger.submit(Command::Settle { hold_id: hold_id.clone(), amount }).await {
+                                Ok(_) => return,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, attempt, "settling an MCP call failed; retrying");
+                                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                                }
+                            }
+                        }
+                    });
                 }
             }
         });
+        Settler { tx }
+    }
+
+    fn push(&self, hold_id: String, amount: Micros) {
+        if self.tx.send((hold_id, amount)).is_err() {
+            tracing::warn!("an MCP call could not be settled (shutting down); its hold is captured at expiry");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> McpCatalog {
+        let spec = |t: &str| -> McpServerSpec { toml::from_str(t).expect("spec") };
+        let servers = [
+            spec("name = \"tools\"\nurl = \"http://x/mcp\"\ntools = { search = \"0.002\", charge_card = \"1.00\" }"),
+            spec("name = \"files\"\ncommand = [\"srv\"]"),
+        ]
+        .iter()
+        .map(|s| s.checked(&|_| None).expect("valid"))
+        .collect::<Vec<_>>();
+        McpCatalog::of(&servers)
+    }
+
+    #[test]
+    fn blast_radius_names_the_reachable_tools() {
+        let c = catalog();
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        assert_eq!(c.reachable(&s(&["mcp.tools:search"])), s(&["tools:search"]));
+        assert_eq!(c.reachable(&s(&["mcp.tools:*", "mcp.files:read_file"])), s(&["tools:*", "files:read_file"]));
+        assert_eq!(c.reachable(&s(&["*"])), s(&["tools:*", "files:*"]));
+        assert_eq!(c.reachable(&s(&["*:search"])), s(&["tools:search"]));
+        assert_eq!(c.reachable(&s(&["payments:write", "mcp.other:x"])), Vec::<String>::new());
+    }
+
+    #[test]
+    fn refusals_carry_the_contract_code_and_status() {
+        let reply = Reply {
+            answer: Err(bulkhead_store::Refusal::Deny(DenyReason::ScopeNotGranted)),
+            replayed: false,
+            outcome: None,
+        };
+        let (status, e) = refusal_error(&reply);
+        assert_eq!(status, 403);
+        assert_eq!(e.code, jsonrpc::DENIED);
+        let data = e.data.expect("data");
+        assert_eq!(data["code"], "scope_not_granted");
+        assert_eq!(data["status"], 403);
     }
 }
