@@ -274,8 +274,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(gw) = gateway {
         gw.close().await;
     }
-    // Local MCP servers stop with the last handle; settlements under way hold the ledger open.
-    drop(mcp);
+    // Leased MCP calls are settled; local MCP servers stop with the last handle, and
+    // settlements under way hold the ledger open until they are done.
+    if let Some(m) = mcp {
+        m.close().await;
+    }
     sweeper.abort();
     let _ = sweeper.await;
     upkeep.abort();

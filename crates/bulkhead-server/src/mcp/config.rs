@@ -50,6 +50,9 @@ pub struct McpServerSpec {
     pub max_duration: Option<String>,
     /// Whether a `tools/call` answered with an HTTP 5xx is charged (default: not).
     pub charge_failures: Option<bool>,
+    /// `true`: calls take slots of a lease as the proxy gateway's do (many calls per commit);
+    /// allowed calls are then audited per settlement, not one event each (default: `false`).
+    pub leases: Option<bool>,
 }
 
 /// Where the server is.
@@ -75,6 +78,7 @@ pub struct McpServer {
     pub read_timeout: Duration,
     pub max_duration: Duration,
     pub charge_failures: bool,
+    pub leases: bool,
 }
 
 impl McpServer {
@@ -185,6 +189,7 @@ impl McpServerSpec {
             read_timeout: duration(&who, "read_timeout", self.read_timeout.as_deref(), READ_TIMEOUT_DEFAULT)?,
             max_duration,
             charge_failures: self.charge_failures.unwrap_or(false),
+            leases: self.leases.unwrap_or(false),
         })
     }
 }

@@ -50,6 +50,7 @@ pub use self::config::{McpServer, McpServerSpec, Transport, check_mcp_servers};
 use self::jsonrpc::{Kind, Message, Route, RpcError};
 use self::stdio::{Stdio, StdioError};
 use crate::error::ApiError;
+use crate::gateway::bill::{Acquired, Leases};
 use crate::gateway::body::Relay;
 use crate::gateway::pool::{Pool, SendError};
 use crate::gateway::{connector_for, drop_hop_by_hop, host_header, read_limited};
@@ -154,6 +155,8 @@ pub struct McpGateway {
 
 struct Inner {
     ledger: Ledger,
+    /// The leases of servers with `leases = true` (shared by every worker).
+    leases: Option<Leases>,
     keys: Arc<KeyCache>,
     settler: Settler,
     /// The runtime that outlives the HTTP workers: settlements run there.
@@ -177,11 +180,21 @@ impl McpGateway {
         let on = ledger.store().backend() == bulkhead_store::Backend::Sqlite;
         let keys = Arc::new(KeyCache { on, map: Mutex::new(HashMap::new()) });
         let settler = Settler::start(ledger.clone(), &rt);
-        McpGateway::build(ledger, keys, settler, rt, stdio, servers.iter())
+        let leases = servers.iter().any(|s| s.leases).then(|| Leases::start(ledger.clone()));
+        McpGateway::build(ledger, leases, keys, settler, rt, stdio, servers.iter())
+    }
+
+    /// Settles every leased call and gives back unused slots; call it once the server stopped
+    /// answering requests, before the ledger stops.
+    pub async fn close(&self) {
+        if let Some(l) = &self.inner.leases {
+            l.close().await;
+        }
     }
 
     fn build<'a>(
         ledger: Ledger,
+        leases: Option<Leases>,
         keys: Arc<KeyCache>,
         settler: Settler,
         rt: tokio::runtime::Handle,
@@ -219,6 +232,7 @@ impl McpGateway {
         Ok(McpGateway {
             inner: Arc::new(Inner {
                 ledger,
+                leases,
                 keys,
                 settler,
                 rt,
@@ -234,6 +248,7 @@ impl McpGateway {
         let i = &self.inner;
         McpGateway::build(
             i.ledger.clone(),
+            i.leases.clone(),
             i.keys.clone(),
             i.settler.clone(),
             i.rt.clone(),
@@ -366,7 +381,12 @@ impl McpGateway {
                 }
                 self.list_tools(srv, &parts.headers, &msg, &agent.scopes, started).await
             }
-            Route::CallTool(tool) => self.call_tool(srv, &parts.headers, &msg, key, &tool, started).await,
+            Route::CallTool(tool) => match (&self.inner.leases, srv.cfg.leases) {
+                (Some(leases), true) => {
+                    self.call_leased(leases, srv, &parts.headers, &msg, key, &agent.handle, &tool, started).await
+                }
+                _ => self.call_tool(srv, &parts.headers, &msg, key, &tool, started).await,
+            },
         }
     }
 
@@ -619,17 +639,7 @@ impl McpGateway {
             }
             Err(_) => {
                 self.count(srv, tool, &agent, "denied");
-                let (status, e) = refusal_error(&reply);
-                if status == 401 {
-                    let code = e.data.as_ref().and_then(|d| d["code"].as_str()).unwrap_or("invalid_credentials");
-                    let code = match code {
-                        "credential_revoked" => "credential_revoked",
-                        "credential_expired" => "credential_expired",
-                        _ => "invalid_credentials",
-                    };
-                    return Ok(unauthorized(ApiError::new(401, code, e.message)));
-                }
-                return Ok(rpc_error(msg.id.as_ref(), &e));
+                return Ok(denied(msg, &reply));
             }
         };
         let bill = Settlement {
@@ -672,6 +682,90 @@ impl McpGateway {
                     Err((sent, e)) => {
                         bill.settle(sent);
                         self.count(srv, tool, &agent, "unavailable");
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A denied call's answer: a 401 for a refused credential, else a JSON-RPC error.
+fn denied(msg: &Message, reply: &Reply) -> Response {
+    let (status, e) = refusal_error(reply);
+    if status == 401 {
+        let code = match e.data.as_ref().and_then(|d| d["code"].as_str()) {
+            Some("credential_revoked") => "credential_revoked",
+            Some("credential_expired") => "credential_expired",
+            _ => "invalid_credentials",
+        };
+        return unauthorized(ApiError::new(401, code, e.message));
+    }
+    rpc_error(msg.id.as_ref(), &e)
+}
+
+impl McpGateway {
+    /// `tools/call` on a server with `leases = true`: a slot of the key's lease for this tool
+    /// (every check of a hold, decided by the ledger when the lease is granted), the call
+    /// forwarded, its price recorded in the lease when the answer's head came (nothing when it
+    /// never left or the server answered 5xx), settled by the lease flusher.
+    #[allow(clippy::too_many_arguments)]
+    async fn call_leased(
+        &self,
+        leases: &Leases,
+        srv: &Server,
+        headers: &HeaderMap,
+        msg: &Message,
+        key: KeyHash,
+        agent: &str,
+        tool: &str,
+        started: tokio::time::Instant,
+    ) -> Result<Response, ApiError> {
+        let scope = jsonrpc::tool_scope(&srv.name, tool).map_err(ApiError::invalid)?;
+        let price = srv.cfg.price(tool);
+        let slot: Arc<str> = Arc::from(format!("mcp.{}:{tool}", srv.name));
+        let bill = match leases.acquire(&key, &slot, &scope, price, srv.cfg.hold_ms(), price).await? {
+            Acquired::Go(bill) => bill,
+            Acquired::Denied(reply) => {
+                crate::reply::record_outcome(&reply);
+                self.count(srv, tool, agent, "denied");
+                return Ok(denied(msg, &reply));
+            }
+        };
+        match &srv.upstream {
+            Upstream::Stdio(p) => Ok(match p.call(msg.value.clone()).await {
+                Ok(v) => {
+                    bill.finish(price);
+                    self.count(srv, tool, agent, "allowed");
+                    match v {
+                        Some(v) => json_response(StatusCode::OK, serde_json::to_vec(&v).unwrap_or_default()),
+                        None => StatusCode::ACCEPTED.into_response(),
+                    }
+                }
+                Err(e) => {
+                    bill.finish(if matches!(e, StdioError::Lost(_)) { price } else { Micros::ZERO });
+                    self.count(srv, tool, agent, "unavailable");
+                    unavailable(msg, &e)
+                }
+            }),
+            Upstream::Http { .. } => {
+                let body = Bytes::from(serde_json::to_vec(&msg.value).unwrap_or_default());
+                let sending = AtomicBool::new(false);
+                match self.send_http(srv, headers, Method::POST, body, &sending).await {
+                    Ok((resp, conn)) => {
+                        let failed = resp.status().is_server_error() && !srv.cfg.charge_failures;
+                        bill.finish(if failed { Micros::ZERO } else { price });
+                        self.count(srv, tool, agent, if failed { "upstream_error" } else { "allowed" });
+                        let (mut rparts, rbody) = resp.into_parts();
+                        drop_hop_by_hop(&mut rparts.headers);
+                        let deadline = started + srv.cfg.max_duration;
+                        let relay =
+                            Relay::new(rbody, None, srv.cfg.read_timeout, deadline, srv.name.clone(), Some(conn));
+                        Ok(Response::from_parts(rparts, Body::new(relay)))
+                    }
+                    Err((sent, e)) => {
+                        bill.finish(if sent { price } else { Micros::ZERO });
+                        self.count(srv, tool, agent, "unavailable");
                         Err(e)
                     }
                 }

@@ -5,6 +5,7 @@ Servers (`[[mcp_server]]` names):
 - `tools`: Streamable HTTP, JSON answers, stateless (the 2026-07-28 revision);
 - `tools-sse`: SSE answers, stateless;
 - `tools-sess`: SSE answers with sessions (what 2025 clients use, `Mcp-Session-Id`);
+- `tools-leased`: like `tools`, with `leases = true` (calls take slots of a lease);
 - `local`: the same server over stdio, started by Bulkhead.
 Each records what reached it (see `upstream.py`).
 """
@@ -36,7 +37,8 @@ from support.util import unique_handle
 HERE = Path(__file__).resolve().parent
 UPSTREAM = HERE / "upstream.py"
 SECRET = "upstream-secret-7f3a9c1e5b2d"
-HTTP_SERVERS = ["tools", "tools-sse", "tools-sess"]
+HTTP_SERVERS = ["tools", "tools-sse", "tools-sess", "tools-leased"]
+LEASED = {"tools-leased"}
 PRICES = {"search": Decimal("0.002"), "charge_card": Decimal("1.00")}
 
 
@@ -108,7 +110,12 @@ def gateway() -> Iterator[Gateway]:
     procs: list[subprocess.Popen[bytes]] = []
     ups: dict[str, Upstream] = {}
     config = []
-    modes = {"tools": ["--json", "--stateless"], "tools-sse": ["--stateless"], "tools-sess": []}
+    modes = {
+        "tools": ["--json", "--stateless"],
+        "tools-sse": ["--stateless"],
+        "tools-sess": [],
+        "tools-leased": ["--json", "--stateless"],
+    }
     try:
         for name, flags in modes.items():
             port = _free_port()
@@ -124,6 +131,7 @@ def gateway() -> Iterator[Gateway]:
                 f'[[mcp_server]]\nname = "{name}"\nurl = "http://127.0.0.1:{port}/mcp"\n'
                 'secret_env = "TOOLS_MCP_TOKEN"\nauth_header = "Authorization"\nauth_format = "Bearer {secret}"\n'
                 'default_price = "0.00"\ntools = { search = "0.002", charge_card = "1.00" }\n'
+                + ("leases = true\n" if name in LEASED else "")
             )
         local_log = root / "local.log"
         ups["local"] = Upstream("local", local_log)
