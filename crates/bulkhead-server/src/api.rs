@@ -839,6 +839,7 @@ async fn me_audit(
 )]
 async fn blast_radius(
     State(state): State<AppState>,
+    catalog: Option<axum::Extension<crate::mcp::McpCatalog>>,
     headers: HeaderMap,
     Q(q): Q<PageQuery>,
 ) -> Result<Json<BlastRadius>, ApiError> {
@@ -849,6 +850,11 @@ async fn blast_radius(
     let after = q.after.clone().unwrap_or_default();
     b.agents.retain(|a| a.handle > after);
     b.agents.truncate(limit);
+    // The MCP tools each agent can reach.
+    let catalog = catalog.map(|c| c.0).unwrap_or_default();
+    for a in &mut b.agents {
+        a.mcp_tools = catalog.reachable(&a.scopes);
+    }
     Ok(Json(b))
 }
 

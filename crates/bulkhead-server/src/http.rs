@@ -1,8 +1,8 @@
 //! Serving HTTP/1.1: one acceptor hands each connection to the HTTP worker with the fewest open
 //! ones (so that a burst of new connections is not all taken by whichever worker woke first);
 //! each worker serves its connections on its own event loop, sending the gateway's calls straight
-//! to it and everything else to the router. Stopping closes idle connections and lets in-flight
-//! requests finish.
+//! to it, the MCP gateway's to it, and everything else to the router. Stopping closes idle
+//! connections and lets in-flight requests finish.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tower::ServiceExt;
 
 use crate::gateway::{self, Gateway};
+use crate::mcp::{self, McpGateway};
 
 /// Where the acceptor sends one worker its connections, and how many it has open.
 #[derive(Clone)]
@@ -116,6 +117,7 @@ pub async fn serve(
     mut conns: Connections,
     router: Router,
     gateway: Option<Gateway>,
+    mcp: Option<McpGateway>,
     stopped: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -143,9 +145,9 @@ pub async fn serve(
         };
         // Streamed answers (SSE) go out chunk by chunk, not held back for coalescing.
         let _ = tcp.set_nodelay(true);
-        let (router, gateway) = (router.clone(), gateway.clone());
+        let (router, gateway, mcp) = (router.clone(), gateway.clone(), mcp.clone());
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let (router, gateway) = (router.clone(), gateway.clone());
+            let (router, gateway, mcp) = (router.clone(), gateway.clone(), mcp.clone());
             async move {
                 let mut req = req.map(Body::new);
                 if let Some(peer) = peer {
@@ -154,7 +156,10 @@ pub async fn serve(
                 }
                 Ok::<_, std::convert::Infallible>(match gateway {
                     Some(gw) if req.uri().path().starts_with(gateway::PREFIX) => gw.handle(req).await,
-                    _ => router.oneshot(req).await?,
+                    _ => match mcp {
+                        Some(m) if req.uri().path().starts_with(mcp::PREFIX) => m.handle(req).await,
+                        _ => router.oneshot(req).await?,
+                    },
                 })
             }
         });

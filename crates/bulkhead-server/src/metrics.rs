@@ -21,6 +21,11 @@ pub const GATEWAY_LEASE_SLOTS: &str = "bulkhead_gateway_lease_slots_total";
 /// `abandoned`: given up at shutdown, the lease is captured when it expires).
 pub const GATEWAY_SETTLEMENTS: &str = "bulkhead_gateway_settlements_total";
 
+/// MCP `tools/call`s per server, tool, agent and outcome (`allowed`, `denied`, `refused`: a tool
+/// name no scope can name, `upstream_error`, `unavailable`). Tool names come from a bounded set
+/// (the priced tools, and at most 256 more seen in `tools/list` answers; others are `_other`).
+pub const MCP_CALLS: &str = "bulkhead_mcp_calls_total";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide recorder once and returns its handle.

@@ -37,7 +37,7 @@ async fn serve_on_loopback(dir: &std::path::Path) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("addr");
     let (queue, conns) = bulkhead_server::http::worker_queue();
-    tokio::spawn(bulkhead_server::http::serve(conns, router, None, std::future::pending()));
+    tokio::spawn(bulkhead_server::http::serve(conns, router, None, None, std::future::pending()));
     tokio::spawn(bulkhead_server::http::accept(listener, vec![queue], 64, std::future::pending()));
     addr
 }

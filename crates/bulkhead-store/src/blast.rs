@@ -37,6 +37,9 @@ pub struct AgentBlast {
     pub revocation_ms: f64,
     pub children: i64,
     pub descendants: i64,
+    /// The MCP tools the agent's scopes reach, `server:tool` (`server:*` for a whole server);
+    /// filled in by the server, which knows the configured MCP servers.
+    pub mcp_tools: Vec<String>,
 }
 
 /// The fleet's blast radius.
@@ -128,6 +131,7 @@ impl Store {
                 revocation_ms,
                 children: children.get(&r.id).copied().unwrap_or(0),
                 descendants: descendants.get(&r.id).copied().unwrap_or(0),
+                mcp_tools: Vec::new(),
             });
         }
         let fleet = i64::try_from(fleet).ok().and_then(Micros::from_micros).map_or(Micros::MAX, |f| f.min(Micros::MAX));

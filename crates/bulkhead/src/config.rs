@@ -17,6 +17,9 @@ pub struct Config {
     /// `[[upstream]]`: the agent gateway's upstreams (contract §8).
     #[serde(default)]
     pub upstream: Vec<bulkhead_server::gateway::UpstreamSpec>,
+    /// `[[mcp_server]]`: the MCP gateway's servers (contract §11).
+    #[serde(default)]
+    pub mcp_server: Vec<bulkhead_server::mcp::McpServerSpec>,
     #[serde(default)]
     pub limits: Option<LimitsConfig>,
 }
@@ -91,6 +94,12 @@ impl Config {
     pub fn upstreams(&self) -> anyhow::Result<Vec<bulkhead_server::gateway::Upstream>> {
         bulkhead_server::gateway::check_upstreams(&self.upstream, &|var| std::env::var(var).ok())
             .map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))
+    }
+
+    /// The checked MCP servers, each secret read from its environment variable.
+    pub fn mcp_servers(&self) -> anyhow::Result<Vec<bulkhead_server::mcp::McpServer>> {
+        bulkhead_server::mcp::check_mcp_servers(&self.mcp_server, &|var| std::env::var(var).ok())
+            .map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))
     }
 
     /// `[limits]` over the defaults; each at least 1.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bulkhead_core::Clock;
-use bulkhead_server::{AppState, Gateway, app, install_metrics, spawn_metrics_upkeep};
+use bulkhead_server::{AppState, Gateway, McpCatalog, McpGateway, app, install_metrics, spawn_metrics_upkeep};
 use bulkhead_store::{AuditKey, Ledger, LedgerConfig, Store};
 
 use crate::ServeArgs;
@@ -164,6 +164,7 @@ fn spawn_worker(
     conns: bulkhead_server::http::Connections,
     router: axum::Router,
     gateway: Option<Gateway>,
+    mcp: Option<McpGateway>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -177,7 +178,7 @@ fn spawn_worker(
                         }
                     }
                 };
-                bulkhead_server::http::serve(conns, router, gateway, stopped).await
+                bulkhead_server::http::serve(conns, router, gateway, mcp, stopped).await
             })
         });
         let _ = done_tx.send(served);
@@ -196,6 +197,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .init();
     let config = Config::load(args.config.as_deref())?;
     let upstreams = config.upstreams()?;
+    let mcp_servers = config.mcp_servers()?;
     let breaker = config.breaker()?;
     let limits = config.limits()?;
     let (alert_rules, alert_secret) = config.alerts()?;
@@ -244,6 +246,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(upstreams = ?names, "agent gateway on /proxy/{{upstream}}/…");
         Some(Gateway::new(ledger.clone(), upstreams).map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?)
     };
+    let catalog = McpCatalog::of(&mcp_servers);
+    let mcp = if mcp_servers.is_empty() {
+        None
+    } else {
+        let names: Vec<String> = mcp_servers.iter().map(|s| s.name.clone()).collect();
+        tracing::info!(servers = ?names, "MCP gateway on /mcp/{{server}}");
+        Some(McpGateway::new(ledger.clone(), mcp_servers).map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))?)
+    };
     let state =
         AppState { ledger, admin_token: Arc::from(token), metrics, metrics_open: args.listen.ip().is_loopback() };
     let workers = args
@@ -265,7 +275,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Some(gw) => Some(gw.for_worker().map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?),
             None => None,
         };
-        served.push(spawn_worker(i, conns, app(state.clone()), worker_gateway, stop_rx.clone())?);
+        let worker_mcp = match &mcp {
+            Some(m) => Some(m.for_worker().map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))?),
+            None => None,
+        };
+        let router = app(state.clone()).layer(axum::Extension(catalog.clone()));
+        served.push(spawn_worker(i, conns, router, worker_gateway, worker_mcp, stop_rx.clone())?);
     }
     let max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     let acceptor = tokio::spawn(bulkhead_server::http::accept(listener, queues, max_connections, {
@@ -297,6 +312,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Calls answered before the stop are settled and unused slots given back.
     if let Some(gw) = gateway {
         gw.close().await;
+    }
+    // Leased MCP calls are settled; local MCP servers stop with the last handle, and
+    // settlements under way hold the ledger open until they are done.
+    if let Some(m) = mcp {
+        m.close().await;
     }
     sweeper.abort();
     let _ = sweeper.await;

@@ -214,10 +214,43 @@ fn duration(upstream: &str, field: &str, s: Option<&str>, default: &str) -> Resu
     Ok(Duration::from_millis(span.millis() as u64))
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
         && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The header carrying an upstream's credential: `auth_format` with `{secret}` replaced by the
+/// value of `secret_env`, on `auth_header` (default `Authorization: Bearer {secret}`); none
+/// without `secret_env`. Errors start with `who` and never quote the secret.
+pub fn auth_header(
+    who: &str,
+    secret_env: Option<&str>,
+    auth_header: Option<&str>,
+    auth_format: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<AuthHeader>, String> {
+    let Some(var) = secret_env else {
+        if auth_header.is_some() || auth_format.is_some() {
+            return Err(format!("{who}: auth_header and auth_format need secret_env"));
+        }
+        return Ok(None);
+    };
+    let secret = env(var)
+        .filter(|s| !s.is_empty())
+        .map(Secret::new)
+        .ok_or_else(|| format!("{who}: the environment variable {var} (secret_env) is not set"))?;
+    let header = auth_header.unwrap_or("Authorization");
+    let header = HeaderName::from_bytes(header.as_bytes())
+        .map_err(|_| format!("{who}: auth_header {header:?} is not a header name"))?;
+    let format = auth_format.unwrap_or("Bearer {secret}");
+    if !format.contains("{secret}") {
+        return Err(format!("{who}: auth_format must contain {{secret}}"));
+    }
+    let mut value = HeaderValue::from_str(&format.replace("{secret}", &secret.0))
+        .map_err(|_| format!("{who}: the value of {var} (or auth_format) is not a valid header value"))?;
+    value.set_sensitive(true);
+    Ok(Some(AuthHeader { name: header, value }))
 }
 
 impl PricingSpec {
@@ -299,31 +332,13 @@ impl UpstreamSpec {
         {
             return Err(format!("upstream {name:?}: pricing.price is more than max_cost_per_request"));
         }
-        let auth = match &self.secret_env {
-            None => {
-                if self.auth_header.is_some() || self.auth_format.is_some() {
-                    return Err(format!("upstream {name:?}: auth_header and auth_format need secret_env"));
-                }
-                None
-            }
-            Some(var) => {
-                let secret = env(var).filter(|s| !s.is_empty()).map(Secret::new).ok_or_else(|| {
-                    format!("upstream {name:?}: the environment variable {var} (secret_env) is not set")
-                })?;
-                let header = self.auth_header.as_deref().unwrap_or("Authorization");
-                let header = HeaderName::from_bytes(header.as_bytes())
-                    .map_err(|_| format!("upstream {name:?}: auth_header {header:?} is not a header name"))?;
-                let format = self.auth_format.as_deref().unwrap_or("Bearer {secret}");
-                if !format.contains("{secret}") {
-                    return Err(format!("upstream {name:?}: auth_format must contain {{secret}}"));
-                }
-                let mut value = HeaderValue::from_str(&format.replace("{secret}", &secret.0)).map_err(|_| {
-                    format!("upstream {name:?}: the value of {var} (or auth_format) is not a valid header value")
-                })?;
-                value.set_sensitive(true);
-                Some(AuthHeader { name: header, value })
-            }
-        };
+        let auth = auth_header(
+            &format!("upstream {name:?}"),
+            self.secret_env.as_deref(),
+            self.auth_header.as_deref(),
+            self.auth_format.as_deref(),
+            env,
+        )?;
         let max_duration = duration(name, "max_duration", self.max_duration.as_deref(), MAX_DURATION_DEFAULT)?;
         if max_duration.as_millis() as i64 + HOLD_MARGIN_MS > HOLD_MS_MAX {
             return Err(format!("upstream {name:?}: max_duration is at most 23h59m"));

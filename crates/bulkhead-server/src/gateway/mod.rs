@@ -160,7 +160,7 @@ impl Gateway {
 
 /// The `Host` for calls to `target`: its host, with the port only when it is not the scheme's
 /// default (as clients send it; some hosts and request signatures compare it exactly).
-fn host_header(target: &Uri) -> Result<HeaderValue, String> {
+pub(crate) fn host_header(target: &Uri) -> Result<HeaderValue, String> {
     let auth = target.authority().ok_or("no host")?;
     let default = match target.scheme_str() {
         Some("https") => 443,
@@ -174,15 +174,25 @@ fn host_header(target: &Uri) -> Result<HeaderValue, String> {
 }
 
 fn connector(up: &Upstream) -> Result<HttpsConnector<HttpConnector>, String> {
+    connector_for(&format!("upstream {:?}", up.name), up.scheme == "https", up.connect_timeout)
+}
+
+/// A connector for one upstream (`who` names it in errors): TLS by rustls with the system's
+/// root certificates when `https`, plain HTTP otherwise.
+pub(crate) fn connector_for(
+    who: &str,
+    https: bool,
+    connect_timeout: std::time::Duration,
+) -> Result<HttpsConnector<HttpConnector>, String> {
     let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(up.connect_timeout));
+    http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     http.enforce_http(false);
     let provider = rustls::crypto::ring::default_provider();
-    let tls = if up.scheme == "https" {
+    let tls = if https {
         hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("upstream {:?}: no usable root certificates on this system: {e}", up.name))?
+            .map_err(|e| format!("{who}: no usable root certificates on this system: {e}"))?
     } else {
         // Plain HTTP: TLS is never used, but the connector type is shared.
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
@@ -210,7 +220,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Removes hop-by-hop headers and those listed in `Connection`.
-fn drop_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn drop_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -235,7 +245,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-fn too_large(limit: u64) -> ApiError {
+pub(crate) fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         413,
         "body_too_large",
@@ -288,7 +298,7 @@ pub fn ask_for_stream_usage(body: Bytes) -> (Bytes, bool) {
 }
 
 /// Reads a whole body of at most `limit` bytes.
-async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     let over = Arc::new(AtomicBool::new(false));
     let mut b = LimitBody::new(body, limit, over.clone());
     let mut out = BytesMut::new();
