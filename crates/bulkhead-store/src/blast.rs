@@ -111,7 +111,7 @@ impl Store {
             if r.parent_id.is_none() {
                 fleet += i128::from(effective_day.micros());
             }
-            let view = r.view(None, 0, 0);
+            let view = r.view(None, crate::view::Swept::default(), 0);
             let scopes = r.scope_set();
             agents.push(AgentBlast {
                 handle: r.handle.clone(),

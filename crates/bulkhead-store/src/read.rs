@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use bulkhead_core::{DenyReason, KeyHash};
 
-use crate::view::{AGENT_COLUMNS, AgentRow, AgentView};
+use crate::view::{AGENT_COLUMNS, AgentRow, AgentView, Swept};
 use crate::{Store, StoreError};
 
 impl Store {
@@ -14,8 +14,8 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let due: Vec<(String, i64)> =
-            sqlx::query_as("SELECT path, amount FROM holds WHERE status = 'open' AND expires_at <= $1")
+        let due: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT path, amount, on_expiry FROM holds WHERE status = 'open' AND expires_at <= $1")
                 .bind(now_ms)
                 .fetch_all(&self.pool)
                 .await?;
@@ -43,8 +43,11 @@ impl Store {
                 },
             };
             let needle = format!(",{},", r.id);
-            let expired: i64 = due.iter().filter(|(path, _)| path.contains(&needle)).map(|(_, a)| *a).sum();
-            out.push(r.view(parent, expired, now_ms));
+            let mine = || due.iter().filter(|(path, _, _)| path.contains(&needle));
+            let expired: i64 = mine().map(|(_, a, _)| *a).sum();
+            // A gateway hold is captured in full at its expiry: it counts as spent from then on.
+            let captured: i64 = mine().filter(|(_, _, on)| on == "capture").map(|(_, a, _)| *a).sum();
+            out.push(r.view(parent, Swept { held: expired, captured }, now_ms));
         }
         Ok(out)
     }
@@ -104,6 +107,6 @@ impl Store {
     pub async fn utilizations(&self, now_ms: i64) -> Result<Vec<(String, f64)>, StoreError> {
         let rows: Vec<AgentRow> =
             sqlx::query_as(dsql!("SELECT {AGENT_COLUMNS} FROM agents")).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(|r| (r.handle.clone(), r.view(None, 0, now_ms).usage.utilization)).collect())
+        Ok(rows.iter().map(|r| (r.handle.clone(), r.view(None, Swept::default(), now_ms).usage.utilization)).collect())
     }
 }

@@ -307,11 +307,14 @@ impl AgentRow {
         self.path.split(',').filter_map(|s| s.parse().ok()).collect()
     }
 
-    /// Renders the public agent object. `expired_held` is the part of `held` that belongs to
-    /// holds past their expiry but not yet swept: it no longer counts.
-    pub fn view(&self, parent: Option<String>, expired_held: i64, now_ms: i64) -> AgentView {
-        let m = self.member(now_ms);
-        let held = micros(self.held - expired_held);
+    /// Renders the public agent object, as the sweeper will leave it: `swept` is what the holds
+    /// past their expiry but not yet swept come to.
+    pub fn view(&self, parent: Option<String>, swept: Swept, now_ms: i64) -> AgentView {
+        let mut m = self.member(now_ms);
+        let held = micros(self.held - swept.held);
+        let captured = micros(swept.captured);
+        m.counters.window_spent = m.counters.window_spent.checked_add(captured).unwrap_or(Micros::MAX);
+        m.counters.lifetime_spent = m.counters.lifetime_spent.checked_add(captured).unwrap_or(Micros::MAX);
         let (_, start, end) = window_at(self.created_at, self.window_ms.max(1), now_ms);
         // A zero cap with something used shows as full.
         let utilization =
@@ -355,6 +358,14 @@ impl AgentRow {
             },
         }
     }
+}
+
+/// What an agent's holds past their expiry, not yet closed by the sweeper, come to: all of it
+/// (`held`) no longer counts as held, and the gateway's part (`captured`) counts as spent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub held: i64,
+    pub captured: i64,
 }
 
 /// The public agent object (contract §4). Its OpenAPI schema (`Agent`) is derived from this type,

@@ -2029,6 +2029,9 @@ async fn lease_expiry_captures_what_it_holds(db: Db) {
     e.advance(MIN - 1);
     assert_eq!(e.money("lx").await, (m("0.3"), m("2"), m("0.3")));
     e.advance(1);
+    // Past its expiry, before any sweep or decision, a read already counts what the lease held
+    // as spent (it will be captured in full), not as held.
+    assert_eq!(e.money("lx").await, (m("2.3"), Micros::ZERO, m("2.3")));
     // Expired: the gateway can no longer settle it (and that charges nothing)...
     err(&e.submit(lease_settle(&hid, "1", &["0.10"], 1, true)).await, 409, "hold_closed");
     // ...and the next decision on the agent finds what the lease still held captured in full.

@@ -92,7 +92,7 @@ impl Batch {
             Some(p) => Some(self.row(p)?.handle.clone()),
             None => None,
         };
-        let view = Box::new(row.view(parent, 0, self.now));
+        let view = Box::new(row.view(parent, crate::view::Swept::default(), self.now));
         Ok(Reply::ok(if created { Answer::Created(view) } else { Answer::Agent(view) }))
     }
 
