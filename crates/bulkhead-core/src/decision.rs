@@ -139,10 +139,12 @@ impl DenyReason {
 }
 
 impl Counters {
-    /// The counters as they stand at `now_ms`: a new window starts with nothing spent.
+    /// The counters as they stand at `now_ms`: a new window starts with nothing spent. Windows
+    /// only move forward: a clock that steps back into an earlier window (or a replica whose
+    /// clock is behind) finds the latest window's spend, never an empty earlier one.
     pub fn at(self, limits: &AgentLimits, now_ms: i64) -> Counters {
         let (k, _, _) = window_at(limits.created_ms, limits.window_ms, now_ms);
-        if k != self.window_index { Counters { window_index: k, window_spent: Micros::ZERO, ..self } } else { self }
+        if k > self.window_index { Counters { window_index: k, window_spent: Micros::ZERO, ..self } } else { self }
     }
 }
 
@@ -587,6 +589,21 @@ mod tests {
         assert_eq!(utilization(Micros::ZERO, Micros::ZERO, Micros::ZERO), Some(0.0));
         assert_eq!(utilization(m("1"), Micros::ZERO, Micros::ZERO), None);
         assert_eq!(utilization(Micros::ZERO, m("1"), Micros::ZERO), None);
+    }
+
+    /// Clocks (issue: tests that keep the promises): a wall clock that steps back into an earlier
+    /// window never forgives what was spent in the later one.
+    #[test]
+    fn a_clock_stepping_back_never_reopens_a_window() {
+        let mut a = member("10", "10", None);
+        a.counters = Counters { window_index: 5, window_spent: m("9"), held: Micros::ZERO, lifetime_spent: m("9") };
+        // 1,000 ms windows: now = 4,500 is window 4, before the one the counters are in.
+        let back = a.counters.at(&a.limits, 4_500);
+        assert_eq!(back, a.counters, "stepping back keeps the latest window's spend");
+        a.counters = back;
+        assert_eq!(authorize(&[a.clone()], m("2")), Err(DenyReason::SpendingCap));
+        let forward = a.counters.at(&a.limits, 6_000);
+        assert_eq!((forward.window_index, forward.window_spent), (6, Micros::ZERO), "forward, a new window");
     }
 
     #[test]

@@ -51,6 +51,7 @@ conformance! {
     refusals_cost_no_writes,
     limits_bound_growth,
     fleet_total_saturates_once,
+    clock_steps_back,
     revoke_cascades,
     parent_revokes_only_descendants,
     revocation_releases_holds,
@@ -744,6 +745,40 @@ async fn fleet_total_saturates_once(db: Db) {
         assert!(b.fleet_max_spend_per_day >= a.effective_max_spend_per_day, "the fleet is at least each agent");
     }
     assert_eq!(b.fleet_max_spend_per_day, Micros::MAX);
+    e.finish().await;
+}
+
+/// The wall clock stepping back (an NTP correction, a replica behind the others): what was spent
+/// in the latest window is never forgiven, holds and idempotent answers only live longer, and
+/// audit events keep their order (ARCHITECTURE.md, "Clocks").
+async fn clock_steps_back(db: Db) {
+    let e = Env::new(db).await;
+    let mut s = spec("clk", &[PAY], "10");
+    s.window = span("1h");
+    let k = e.admin_agent(s).await;
+    e.advance(HOUR + MIN);
+    ok(&e.spend_with(&k, PAY, "9", idem("clk-1", "h")).await, 200);
+    let hid = e.hold_ok(&k, "1", 2 * MIN).await;
+    // Back into the first window: the spend of the second still counts.
+    e.advance(-2 * MIN);
+    err(&e.spend(&k, "0.01").await, 402, "spending_cap_exceeded");
+    assert_eq!(e.money("clk").await, (m("9"), m("1"), m("9")));
+    // The same idempotent answer is replayed.
+    let r = e.spend_with(&k, PAY, "9", idem("clk-1", "h")).await;
+    assert!(r.replayed && r.status == 200, "{}", r.body);
+    // The hold did not expire early: at its expiry time measured on the stepped-back clock it
+    // still counts, and it expires once the clock passes its expiry.
+    e.advance(2 * MIN + MIN);
+    assert_eq!(e.money("clk").await.1, m("1"));
+    e.advance(2 * MIN);
+    assert_eq!(e.money("clk").await.1, Micros::ZERO);
+    err(&e.capture(&k, &hid, "1").await, 409, "hold_closed");
+    // Forward into the next window: a new window, as ever.
+    e.advance(HOUR);
+    ok(&e.spend(&k, "10").await, 200);
+    let ev = e.store.audit_page(Some("clk"), 0, 100).await.unwrap();
+    assert!(ev.windows(2).all(|w| w[0].seq < w[1].seq), "the chain's order is its own, not the clock's");
+    e.intact().await;
     e.finish().await;
 }
 

@@ -353,3 +353,32 @@ async fn refused_keys_cost_no_writes_and_no_body_read() {
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
 }
+
+/// Finding 9 on PostgreSQL: events changed in the database behind the server's back are found by
+/// `bulkhead audit verify`, which names the first bad event and exits non-zero — also when the
+/// forger recomputed a plain hash, since the chain is keyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_audit_tampering_is_caught_by_verify() {
+    let b = Backend::pg().await;
+    let url = b.db.clone().expect("a PostgreSQL backend");
+    let srv = Server::start(&b).await;
+    let api = srv.api();
+    let key = api.create(ADMIN, json!({"handle": "pg-tamper", "scopes": [common::SCOPE], "spending_cap": "50"})).await;
+    for _ in 0..5 {
+        assert_eq!(api.try_spend(&key, "1").await.unwrap().status, 200);
+    }
+    drop(srv);
+    b.assert_audit_intact().await;
+    let psql = |sql: &str| {
+        let out =
+            std::process::Command::new("psql").args([url.as_str(), "-qAt", "-c", sql]).output().expect("psql runs");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // A spend's amount changed, and its hash replaced by the plain SHA-256 a forger can compute.
+    psql("UPDATE audit_events SET amount = 1 WHERE seq = 3");
+    psql("UPDATE audit_events SET hash = encode(sha256(convert_to('forged', 'UTF8')), 'hex') WHERE seq = 3");
+    let out = b.offline(&["audit", "verify"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("BROKEN at event 3"), "{text}");
+}
