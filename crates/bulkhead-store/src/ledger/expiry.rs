@@ -45,8 +45,16 @@ impl Batch {
                     roots,
                     "",
                 )?;
-                let sql = format!("{sql} AND expires_at <= ${}", roots.len() + 1);
+                // At most a chunk per batch, oldest first, so that a tree with many holds expiring
+                // at once never stalls the other decisions of the batch; the sweeper and the
+                // tree's next decisions close the rest (until then they count, as held: stricter).
+                let sql = format!(
+                    "{sql} AND expires_at <= ${} ORDER BY expires_at LIMIT ${}",
+                    roots.len() + 1,
+                    roots.len() + 2
+                );
                 args.add(self.now).map_err(|e| corrupt(&e.to_string()))?;
+                args.add(SWEEP_HOLDS_MAX).map_err(|e| corrupt(&e.to_string()))?;
                 sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?
             }
             None => {

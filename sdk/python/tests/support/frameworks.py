@@ -363,9 +363,23 @@ def run_two_agents_example(script: Path, scripted_model: str) -> None:
     assert summarizer, out
     assert researcher.group(2).startswith("Stopped after 4 tool calls: spending_cap_exceeded: ")
     assert summarizer.group(2) == "Done after 2 tool calls."
-    # The audit each agent prints: its own searches, the refusal, the gateway's metering.
-    assert f"{researcher.group(1)}: spent 0.31 of its 0.35 cap, 1 denied" in out
-    assert f"{summarizer.group(1)}: spent 0.206 of its 1.00 cap, 0 denied" in out
+    # The audit each agent prints: its own searches, the refusal, the gateway's metering. Each
+    # model call costs the scripted usage at the examples' prices (`bulkhead.toml`).
+    per_call = (
+        llm_upstream.PROMPT_TOKENS * Decimal(llm_upstream.INPUT_PER_MILLION)
+        + llm_upstream.COMPLETION_TOKENS * Decimal(llm_upstream.OUTPUT_PER_MILLION)
+    ) / 1_000_000
+    researcher_spent = Decimal("0.30") + 5 * per_call  # three searches, five model calls
+    summarizer_spent = Decimal("0.20") + 3 * per_call  # two searches, three model calls
+
+    def shown(amount: Decimal) -> str:
+        """An amount as the API renders it: at least two decimals, no trailing zeros beyond."""
+        text = f"{amount.normalize():f}"
+        whole, _, frac = text.partition(".")
+        return f"{whole}.{frac.ljust(2, '0')}"
+
+    assert f"{researcher.group(1)}: spent {shown(researcher_spent)} of its 0.35 cap, 1 denied" in out, out
+    assert f"{summarizer.group(1)}: spent {shown(summarizer_spent)} of its 1.00 cap, 0 denied" in out, out
     sections = out.split(f"\n{summarizer.group(1)}: spent")
     researcher_audit = sections[0].split(f"\n{researcher.group(1)}: spent")[1]
     summarizer_audit = sections[1]
@@ -374,7 +388,7 @@ def run_two_agents_example(script: Path, scripted_model: str) -> None:
     assert len(re.findall(r" spend +allowed +tools:search +0\.10$", summarizer_audit, re.MULTILINE)) == 2
     assert "denied" not in summarizer_audit.split("\n", 1)[1]
     for section in (researcher_audit, summarizer_audit):
-        assert re.search(r" capture +allowed +0\.002 \(gateway\)$", section, re.MULTILINE)
+        assert re.search(rf" capture +allowed +{re.escape(shown(per_call))} \(gateway\)$", section, re.MULTILINE)
 
     # The model saw the real secret on every call, never an agent's key.
     with urllib.request.urlopen(f"{scripted_model}/__calls", timeout=10) as answer:

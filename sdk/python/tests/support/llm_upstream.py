@@ -50,8 +50,8 @@ COMPLETION_TOKENS = 20
 SECRET = "sk-scripted-upstream-0123456789"
 """The upstream's own credential in `gateway_config`: what the gateway must send, never an agent key."""
 SECRET_ENV = "SCRIPTED_LLM_API_KEY"
-INPUT_PER_MILLION = "10.00"
-OUTPUT_PER_MILLION = "50.00"
+INPUT_PER_MILLION = "0.50"
+OUTPUT_PER_MILLION = "2.50"
 MAX_COST_PER_REQUEST = "0.01"
 LOOP_MAX = 200
 """The most tool calls a `loop` script makes before it gives up with a final text."""
