@@ -154,8 +154,14 @@ async fn alerts_survive_kill_9(mut b: Backend) {
     let api = srv.api();
     api.create(ADMIN, root_agent("doomed", "10.00", &[SCOPE])).await;
     assert_eq!(api.post("/v1/agents/doomed/revoke", ADMIN, &json!({})).await.status, 200);
-    // The receiver is down: deliveries fail and stay in the outbox. Then the server dies.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The receiver is down: deliveries fail and stay in the outbox (waited for in the server's
+    // log, not guessed). Then the server dies.
+    let mut waited = 0;
+    while !srv.logs().contains("alert delivery failed") {
+        waited += 1;
+        assert!(waited < 2_000, "no delivery was attempted\n{}", srv.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     srv.kill9();
     let rx = Receiver::start(&b.scratch("hook.log"), 1, port);
     let _srv = Server::start(&b).await;

@@ -56,7 +56,7 @@ async fn mixed_kill_9(mut b: Backend) {
         format!(
             "[[upstream]]\nname = \"tool\"\nbase_url = \"{mock}\"\nscope = \"tools:x\"\n\
              max_cost_per_request = \"0.01\"\npricing = {{ kind = \"per_request\", price = \"0.01\" }}\n\
-             max_duration = \"1s\"\n"
+             max_duration = \"5s\"\n"
         ),
     )
     .expect("write config");
@@ -151,7 +151,33 @@ async fn mixed_kill_9(mut b: Backend) {
     while progress.load(Ordering::SeqCst) < 1_200 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // One more gateway call that the upstream holds for a minute: once the upstream has it, its
+    // slot is out, so a lease is certainly open when the server dies.
+    let seen = || async {
+        let v: Value = reqwest::get(format!("{mock}/__stats")).await.unwrap().json().await.unwrap();
+        v["calls"].as_u64().unwrap()
+    };
+    let before = seen().await;
+    let slow = tokio::spawn({
+        let (base, caller) = (api.base.clone(), caller.clone());
+        async move {
+            let c = reqwest::Client::builder().no_proxy().build().expect("client");
+            let _ = c
+                .get(format!("{base}/proxy/tool/v1/slow"))
+                .bearer_auth(&caller)
+                .header("x-mock-delay-ms", "60000")
+                .send()
+                .await;
+        }
+    });
+    let mut waited = 0;
+    while seen().await <= before {
+        waited += 1;
+        assert!(waited < 2_000, "the slow call never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     srv.kill9();
+    slow.abort();
     let mut all = Acked::default();
     for t in tasks {
         let a = t.await.expect("client task");
@@ -223,14 +249,14 @@ async fn mixed_kill_9(mut b: Backend) {
     let price = micros("0.01");
     // Reads count an expired lease as spent at once; the sweeper then captures it for good.
     let mut settled = None;
-    for _ in 0..1_800 {
+    for _ in 0..1_500 {
         let a = api.agent(ADMIN, "cr-gw").await;
-        let swept = api.audit(ADMIN, "cr-gw").await.iter().any(|e| e["action"] == "hold.expire");
-        if usage(&a, "window_held") == 0 && swept {
+        if usage(&a, "window_held") == 0 && api.audit(ADMIN, "cr-gw").await.iter().any(|e| e["action"] == "hold.expire")
+        {
             settled = Some(a);
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let a = settled.expect("the crashed lease expired and was captured");
     let spent = usage(&a, "window_spent");

@@ -47,7 +47,13 @@ both_stores!(
     agent_loop_stops_at_the_cap,
     revocation_is_obeyed_at_once_under_a_lease,
     a_crash_never_makes_calls_free,
-    a_graceful_stop_settles_every_call
+    a_graceful_stop_settles_every_call,
+    secrets_are_injected_and_never_leak,
+    usage_is_metered_exactly,
+    upstream_failures_release_the_hold,
+    forwarded_calls_that_time_out_are_paid,
+    denied_calls_never_reach_the_upstream,
+    the_hold_bounds_the_cost_and_routes_bind
 );
 
 /// The upstream process. Dropping it kills it.
@@ -355,9 +361,8 @@ async fn agent_loop_stops_at_the_cap(b: Backend) {
 
 /// The secret is injected on every forwarded call (replacing whatever the agent sent) and
 /// appears in no answer, log line (at trace level), audit event or metric.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn secrets_are_injected_and_never_leak() {
-    let (b, mock, srv) = setup(Backend::sqlite(), Some("trace")).await;
+async fn secrets_are_injected_and_never_leak(b: Backend) {
+    let (b, mock, srv) = setup(b, Some("trace")).await;
     let api = srv.api();
     let key = agent(&api, "leaky", "100.00", &["llm:*", "tools:*"]).await;
     let c = http();
@@ -486,8 +491,9 @@ async fn revocation_on_one_replica_stops_the_other_replicas_gateway() {
             assert_eq!(r.status, 200, "{}", r.body);
         }
         // A caller that goes on until it is refused: (when each call was sent, its status, its code).
+        let allowed = Arc::new(AtomicUsize::new(0));
         let busy = tokio::spawn({
-            let (c, base, key) = (c.clone(), a.base.clone(), key.clone());
+            let (c, base, key, allowed) = (c.clone(), a.base.clone(), key.clone(), allowed.clone());
             async move {
                 let mut seen = Vec::new();
                 loop {
@@ -500,10 +506,18 @@ async fn revocation_on_one_replica_stops_the_other_replicas_gateway() {
                     if status != 200 {
                         return seen;
                     }
+                    allowed.fetch_add(1, Ordering::SeqCst);
                 }
             }
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The revocation comes once the busy caller is under way (20 calls allowed), not after a
+        // guessed delay.
+        let mut waited = 0;
+        while allowed.load(Ordering::SeqCst) < 20 {
+            waited += 1;
+            assert!(waited < 6_000, "the busy caller never got going");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let r = other.api().post(&format!("/v1/agents/{handle}/revoke"), ADMIN, &json!({})).await;
         let answered = std::time::Instant::now();
         assert_eq!(r.status, 200, "{:?}", r.body);
@@ -511,7 +525,7 @@ async fn revocation_on_one_replica_stops_the_other_replicas_gateway() {
         assert_eq!((r.status, r.code().as_str()), (401, "credential_revoked"), "{}", r.body);
         let busy = busy.await.expect("busy caller");
         let ok = busy.iter().filter(|(_, s, _)| *s == 200).count();
-        assert!(ok > 10, "the busy caller kept the gateway busy: {ok} calls");
+        assert!(ok >= 20, "the busy caller kept the gateway busy: {ok} calls");
         let (_, status, code) = busy.last().expect("calls");
         assert_eq!(
             (*status, code.as_str()),
@@ -601,9 +615,8 @@ async fn a_graceful_stop_settles_every_call(b: Backend) {
 
 /// Non-streamed and streamed usage, OpenAI and Anthropic, a fixed price and a price header are
 /// charged exactly, and the stream's usage-only chunk is stripped unless the agent asked for it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn usage_is_metered_exactly() {
-    let (b, mock, srv) = setup(Backend::sqlite(), None).await;
+async fn usage_is_metered_exactly(b: Backend) {
+    let (b, mock, srv) = setup(b, None).await;
     let api = srv.api();
     let key = agent(&api, "metered", "100.00", &["llm:*", "tools:*"]).await;
     let c = http();
@@ -998,9 +1011,8 @@ async fn path_parameters_and_overlong_utf8_never_reach_the_upstream() {
 /// `max_duration` after it was sent cost nothing, though the upstream did the work, so an agent
 /// looping on slow calls never reached its cap. Once sent, a call is paid (contract §12): its
 /// metered usage, or the whole hold when none was read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn forwarded_calls_that_time_out_are_paid() {
-    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+async fn forwarded_calls_that_time_out_are_paid(b: Backend) {
+    let (_b, mock, srv) = setup(b, None).await;
     let api = srv.api();
     let key = agent(&api, "slow-payer", "10.00", &["llm:*", "tools:*"]).await;
     let c = http();
@@ -1046,9 +1058,8 @@ async fn forwarded_calls_that_time_out_are_paid() {
 
 /// A denied call never reaches the upstream and gets the contract's status and error body, in
 /// the contract's order of checks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn denied_calls_never_reach_the_upstream() {
-    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+async fn denied_calls_never_reach_the_upstream(b: Backend) {
+    let (_b, mock, srv) = setup(b, None).await;
     let api = srv.api();
     let c = http();
     let get = reqwest::Method::GET;
@@ -1104,9 +1115,8 @@ async fn denied_calls_never_reach_the_upstream() {
 /// sets `charge_failures`); bodies over the upstream's limit are 413; in each case the hold is
 /// released. (A call that left and then timed out is paid for: see
 /// `forwarded_calls_that_time_out_are_paid`.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn upstream_failures_release_the_hold() {
-    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+async fn upstream_failures_release_the_hold(b: Backend) {
+    let (_b, mock, srv) = setup(b, None).await;
     let api = srv.api();
     let key = agent(&api, "unlucky", "10.00", &["llm:*", "tools:*"]).await;
     let c = http();
@@ -1206,16 +1216,19 @@ async fn missing_secret_env_is_a_startup_error() {
 
 /// A keep-alive upstream that closes a connection once it has been idle for `idle`; counts the
 /// connections it accepted and the requests it answered.
-async fn closing_upstream(idle: Duration) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// An upstream that closes connections idle for `idle`: its port, and counters of connections
+/// accepted, requests answered and connections it closed.
+async fn closing_upstream(idle: Duration) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (conns, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (c, r) = (conns.clone(), requests.clone());
+    let (conns, requests, closed) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r, x) = (conns.clone(), requests.clone(), closed.clone());
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else { return };
             c.fetch_add(1, Ordering::SeqCst);
-            let r = r.clone();
+            let (r, x) = (r.clone(), x.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -1223,7 +1236,11 @@ async fn closing_upstream(idle: Duration) -> (u16, Arc<AtomicUsize>, Arc<AtomicU
                     match tokio::time::timeout(idle, s.read(&mut chunk)).await {
                         Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
                         // Idle for too long, or the peer left: close.
-                        _ => return,
+                        _ => {
+                            drop(s);
+                            x.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
                     }
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..end + 4);
@@ -1237,14 +1254,14 @@ async fn closing_upstream(idle: Duration) -> (u16, Arc<AtomicUsize>, Arc<AtomicU
             });
         }
     });
-    (port, conns, requests)
+    (port, conns, requests, closed)
 }
 
 /// Upstream connections are kept open and reused between calls; one the upstream closed while
 /// idle is replaced, and the call on it still succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upstream_connections_are_reused_and_closed_ones_replaced() {
-    let (port, conns, requests) = closing_upstream(Duration::from_millis(300)).await;
+    let (port, conns, requests, closed) = closing_upstream(Duration::from_millis(300)).await;
     let mut b = Backend::sqlite();
     let path = b.scratch("gateway.toml");
     let toml = format!(
@@ -1262,8 +1279,14 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
         assert_eq!((a.status, a.body.as_str()), (200, "ok"), "call {i}");
     }
     assert_eq!(conns.load(Ordering::SeqCst), 1, "five calls in a row share one upstream connection");
-    // The upstream closes the idle connection; the next calls open a new one, none fails.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The upstream closes the idle connection (waited for, not guessed); the next calls open a
+    // new one, none fails.
+    let mut waited = 0;
+    while closed.load(Ordering::SeqCst) < 1 {
+        waited += 1;
+        assert!(waited < 2_000, "the upstream never closed the idle connection");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for i in 0..3 {
         let a = call(&c, &srv, reqwest::Method::GET, "/proxy/kept/v1/x", Some(&key), &[], None).await;
         assert_eq!((a.status, a.body.as_str()), (200, "ok"), "call {i} after the upstream closed");
@@ -1277,9 +1300,8 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
 /// 0.50) and any method and path was forwarded. Now a token-priced call asks for no more output
 /// than its hold pays for after its worst-case input, an input that could cost the whole hold is
 /// refused unsent, and an upstream's `routes` forwards nothing else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_hold_bounds_the_cost_and_routes_bind() {
-    let (_b, mock, srv) = setup(Backend::sqlite(), None).await;
+async fn the_hold_bounds_the_cost_and_routes_bind(b: Backend) {
+    let (_b, mock, srv) = setup(b, None).await;
     let api = srv.api();
     let key = agent(&api, "bounded", "10.00", &["llm:openai"]).await;
     let c = http();
