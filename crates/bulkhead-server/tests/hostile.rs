@@ -781,7 +781,23 @@ async fn snapshot(s: &Srv) -> (Value, Vec<String>) {
 
 #[tokio::test]
 async fn hostile_table() {
-    let s = Srv::new().await;
+    hostile_table_on(Srv::new().await).await;
+}
+
+/// The same table through the production connection path on a loopback socket: framing,
+/// headers and bodies as hyper reads them off the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_table_on_the_wire() {
+    hostile_table_on(Srv::on_the_wire(Db::Sqlite).await).await;
+}
+
+/// And on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_table_on_the_wire_postgres() {
+    hostile_table_on(Srv::on_the_wire(Db::Postgres).await).await;
+}
+
+async fn hostile_table_on(s: Srv) {
     let (_, key) =
         s.create(json!({"handle": "victim", "scopes": ["a:b", "pay:x", "spawn:agents"], "spending_cap": "100"})).await;
     // An open hold to aim captures and releases at, and one spend so the counters are not zero.

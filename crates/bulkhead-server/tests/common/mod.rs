@@ -1,5 +1,7 @@
-//! Shared harness of the HTTP-surface tests: a real SQLite store in a temp dir, a manual clock,
-//! and the router driven in-process with `tower::ServiceExt::oneshot`.
+//! Shared harness of the HTTP-surface tests: a real SQLite store in a temp dir (or a fresh
+//! PostgreSQL database), a manual clock, and the router driven in-process with
+//! `tower::ServiceExt::oneshot` — or, for [`Srv::on_the_wire`], the production connection path
+//! (`http::accept`, `http::serve`) on a loopback socket, each request written as raw HTTP/1.1.
 //!
 //! Every answer that goes through [`Srv::call`] is checked against the contract's global rules:
 //! a non-2xx body is exactly `{"error": {"code", "message", …}}`, and every amount is a decimal
@@ -84,6 +86,15 @@ pub struct Srv {
     pub dir: tempfile::TempDir,
     /// Every response body seen, in order.
     pub seen: Mutex<Vec<String>>,
+    /// Requests go over a real socket to this address instead of into the router.
+    pub wire: Option<std::net::SocketAddr>,
+}
+
+/// The store a test server runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Db {
+    Sqlite,
+    Postgres,
 }
 
 impl Srv {
@@ -99,7 +110,102 @@ impl Srv {
             metrics: install_metrics(),
             metrics_open: true,
         });
-        Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()) }
+        Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()), wire: None }
+    }
+
+    /// A server on `db` answering over a real loopback socket, through the production
+    /// connection path.
+    pub async fn on_the_wire(db: Db) -> Srv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = match db {
+            Db::Sqlite => bulkhead_store::testkit::sqlite_url(dir.path()),
+            Db::Postgres => bulkhead_store::testkit::fresh_pg_url().await,
+        };
+        let store = Store::open(&url).await.expect("open store");
+        let clock = Arc::new(ManualClock::new(T0));
+        let (ledger, _writer) = Ledger::start(store, clock.clone(), Default::default());
+        let router = app(AppState {
+            ledger: ledger.clone(),
+            admin_token: Arc::from(ADMIN),
+            metrics: install_metrics(),
+            metrics_open: true,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("addr");
+        let (queue, conns) = bulkhead_server::http::worker_queue();
+        tokio::spawn(bulkhead_server::http::serve(conns, router.clone(), None, None, std::future::pending()));
+        tokio::spawn(bulkhead_server::http::accept(listener, vec![queue], 256, std::future::pending()));
+        Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()), wire: Some(addr) }
+    }
+
+    /// One request written as raw HTTP/1.1 on a new connection: (status, headers, body).
+    async fn raw_http(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        auth: &Auth,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> (u16, HeaderMap, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut req: Vec<u8> =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n").into_bytes();
+        let mut header = |name: &str, value: &[u8]| {
+            req.extend_from_slice(name.as_bytes());
+            req.extend_from_slice(b": ");
+            req.extend_from_slice(value);
+            req.extend_from_slice(b"\r\n");
+        };
+        match auth {
+            Auth::None => {}
+            Auth::Admin => header("authorization", format!("Bearer {ADMIN}").as_bytes()),
+            Auth::Bearer(k) => header("authorization", format!("Bearer {k}").as_bytes()),
+            Auth::Raw(b) => header("authorization", b),
+        }
+        for (name, value) in headers {
+            header(name, value);
+        }
+        header("content-type", b"application/json");
+        if !body.is_empty() || !matches!(method, "GET" | "HEAD") {
+            header("content-length", body.len().to_string().as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body);
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(&req).await.expect("write request");
+        let mut out = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(60), tcp.read_to_end(&mut out))
+            .await
+            .expect("an answer in time")
+            .expect("read answer");
+        let end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete answer head");
+        let head = String::from_utf8_lossy(&out[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).expect("status");
+        let mut map = HeaderMap::new();
+        for l in lines {
+            if let Some((n, v)) = l.split_once(':')
+                && let (Ok(n), Ok(v)) =
+                    (axum::http::HeaderName::from_bytes(n.trim().as_bytes()), HeaderValue::from_str(v.trim()))
+            {
+                map.append(n, v);
+            }
+        }
+        let mut rest = out[end + 4..].to_vec();
+        if map.get("transfer-encoding").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked")) {
+            let mut body = Vec::new();
+            loop {
+                let nl = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+                let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).expect("chunk size");
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+                rest.drain(..nl + 2 + size + 2);
+            }
+            rest = body;
+        }
+        (status, map, rest)
     }
 
     pub fn now(&self) -> i64 {
@@ -134,11 +240,21 @@ impl Srv {
         for (name, value) in headers {
             req = req.header(*name, HeaderValue::from_bytes(value).expect("header bytes"));
         }
-        let req = req.header("content-type", "application/json").body(body.into()).unwrap();
-        let resp = self.router.clone().oneshot(req).await.expect("router is infallible");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let body: Body = body.into();
+        let (status, headers, bytes) = match self.wire {
+            Some(addr) => {
+                let body = body.collect().await.expect("request body").to_bytes();
+                let (status, headers, bytes) = Srv::raw_http(addr, method, path, auth, headers, &body).await;
+                (status, headers, axum::body::Bytes::from(bytes))
+            }
+            None => {
+                let req = req.header("content-type", "application/json").body(body).unwrap();
+                let resp = self.router.clone().oneshot(req).await.expect("router is infallible");
+                let status = resp.status().as_u16();
+                let headers = resp.headers().clone();
+                (status, headers, resp.into_body().collect().await.expect("body").to_bytes())
+            }
+        };
         let text = String::from_utf8(bytes.to_vec()).expect("answers are UTF-8");
         self.seen.lock().unwrap().push(text.clone());
         let json = if path == "/metrics" { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) };
