@@ -38,7 +38,7 @@ async fn server(pg: bool) -> Srv {
         metrics: install_metrics(),
         metrics_open: true,
     });
-    Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()) }
+    Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()), wire: None }
 }
 
 fn spent(buckets: &Value) -> Vec<&str> {
