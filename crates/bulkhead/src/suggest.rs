@@ -3,7 +3,6 @@
 //! `bulkhead_core::advice`.
 
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bulkhead_core::advice::ScopeAction;
 use bulkhead_store::AgentAdvice;
@@ -139,7 +138,7 @@ fn print_text(a: &AgentAdvice) {
 
 pub async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {
     let store = args.store.open(false).await?;
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now_ms = bulkhead_core::Clock::now_ms(&crate::serve::SystemClock);
     let advice = store.advice(&args.handle, now_ms).await;
     store.close().await;
     let Some(advice) = advice? else {
