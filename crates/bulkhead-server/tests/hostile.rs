@@ -954,9 +954,19 @@ fn arb_request() -> impl Strategy<Value = Vec<u8>> {
 
 #[test]
 fn random_bodies_never_5xx() {
+    random_bodies(false);
+}
+
+/// The same through the real listener: what hyper reads off a socket never makes a 5xx either.
+#[test]
+fn random_bodies_never_5xx_on_the_wire() {
+    random_bodies(true);
+}
+
+fn random_bodies(wire: bool) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (s, key) = rt.block_on(async {
-        let s = Srv::new().await;
+        let s = if wire { Srv::on_the_wire(Db::Sqlite).await } else { Srv::new().await };
         let (_, key) = s
             .create(json!({"handle": "fuzz", "scopes": ["pay:x", "spawn:agents"], "spending_cap": "1000000", "breaker": {"denials": 0}}))
             .await;
