@@ -13,16 +13,21 @@
 //! 3. by method: the handshake, discovery, pings, notifications and answers pass through;
 //!    `tools/list` passes and its answer (JSON or SSE) keeps only the tools the key's scopes
 //!    cover; `tools/call` is decided by the ledger as a hold of the tool's price under the
-//!    tool's scope `mcp.{server}:{tool}` (a `MeteredHold`: credentials, suspension, scope, rate
-//!    limit, caps, in the contract's order, and one audit event naming server and tool), a
-//!    denial answered with a JSON-RPC error whose `data.code` is the contract's code and never
-//!    forwarded; every other method is refused ("method not found");
+//!    tool's scope `mcp.{server}:{tool}` (credentials, suspension, scope, rate limit, caps, in
+//!    the contract's order), a denial audited with its reason and answered with a JSON-RPC
+//!    error whose `data.code` is the contract's code, and never forwarded; every other method is
+//!    refused ("method not found"). By default the hold is a slot of the key's lease for that
+//!    tool (the gateway's [`Leases`]: one durable, audited grant for many calls, sized to what
+//!    fits under every cap); with `leases = false` each call is a `MeteredHold` of its own;
 //! 4. forwards with the server's own credential (the agent's `Authorization` is removed), the
 //!    `Mcp-Session-Id` and protocol headers passed through, and streams the answer back;
-//! 5. settles a call's hold in the background: the price is captured once the call was sent
-//!    (contract §12), released when it never left (no connection) or the server answered 5xx
-//!    (unless `charge_failures`). A hold whose settlement never came (a crash) is captured in
-//!    full when it expires: a call that left is never free.
+//! 5. settles the call in the background: the price is captured once the call was sent
+//!    (contract §12), nothing when it never left (no connection) or the server answered 5xx
+//!    (unless `charge_failures`). Either way each call gets one audit event naming server and
+//!    tool (contract §11): with leases its own `capture` event, written in the settlement's
+//!    transaction under the lease's scope, with its cost; without, its `MeteredHold`'s event.
+//!    A lease or hold whose settlement never came (a crash) is captured in full when it
+//!    expires: a call that left is never free.
 //!
 //! Statuses follow contract §3: a refused key is a 401 and a request that cannot be read a 400
 //! or 413, both with the contract's error body; a decision about a well-formed JSON-RPC request
@@ -41,7 +46,7 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use bulkhead_core::{DenyReason, KeyHash, Micros, ScopeSet};
-use bulkhead_store::{Answer, Command, Ledger, Reply, StoreError};
+use bulkhead_store::{Answer, Command, LeaseAudit, Ledger, Reply, StoreError};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
@@ -155,7 +160,8 @@ pub struct McpGateway {
 
 struct Inner {
     ledger: Ledger,
-    /// The leases of servers with `leases = true` (shared by every worker).
+    /// The leases of servers with `leases = true`, the default (shared by every worker); their
+    /// settlements audit each call.
     leases: Option<Leases>,
     keys: Arc<KeyCache>,
     settler: Settler,
@@ -180,7 +186,7 @@ impl McpGateway {
         let on = ledger.store().backend() == bulkhead_store::Backend::Sqlite;
         let keys = Arc::new(KeyCache { on, map: Mutex::new(HashMap::new()) });
         let settler = Settler::start(ledger.clone(), &rt);
-        let leases = servers.iter().any(|s| s.leases).then(|| Leases::start(ledger.clone()));
+        let leases = servers.iter().any(|s| s.leases).then(|| Leases::start(ledger.clone(), LeaseAudit::EachCall));
         McpGateway::build(ledger, leases, keys, settler, rt, stdio, servers.iter())
     }
 
@@ -610,8 +616,9 @@ impl McpGateway {
         }
     }
 
-    /// `tools/call`: a hold of the tool's price decided by the ledger, the call forwarded only
-    /// when allowed, the hold settled in the background.
+    /// `tools/call` on a server with `leases = false`: a hold of the tool's price decided by the
+    /// ledger (its audit event names the tool), the call forwarded only when allowed, the hold
+    /// settled in the background.
     async fn call_tool(
         &self,
         srv: &Server,
@@ -705,10 +712,11 @@ fn denied(msg: &Message, reply: &Reply) -> Response {
 }
 
 impl McpGateway {
-    /// `tools/call` on a server with `leases = true`: a slot of the key's lease for this tool
-    /// (every check of a hold, decided by the ledger when the lease is granted), the call
-    /// forwarded, its price recorded in the lease when the answer's head came (nothing when it
-    /// never left or the server answered 5xx), settled by the lease flusher.
+    /// `tools/call` on a server with `leases = true` (the default): a slot of the key's lease
+    /// for this tool (every check of a hold, decided by the ledger when the lease is granted),
+    /// the call forwarded, its price recorded in the lease when the answer's head came (nothing
+    /// when it never left or the server answered 5xx), settled by the lease flusher with one
+    /// `capture` event per call (its scope names the server and the tool).
     #[allow(clippy::too_many_arguments)]
     async fn call_leased(
         &self,

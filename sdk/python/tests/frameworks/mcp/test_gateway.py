@@ -11,7 +11,7 @@ import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import HTTP_SERVERS, LEASED, PRICES, SECRET, Gateway, connect, settled
+from conftest import HELD, HTTP_SERVERS, PRICES, SECRET, Gateway, audit_when, connect, settled
 
 # Each HTTP server with the client's default negotiation; the session server also with the
 # 2025 handshake (`initialize`, `Mcp-Session-Id`).
@@ -64,20 +64,24 @@ def test_calls_are_charged_their_price_exactly(gateway: Gateway, server: str, mo
     assert usage.window_held == 0
     assert usage.lifetime_spent == 3 * PRICES["search"] + PRICES["charge_card"]
     assert usage.window_spent == Decimal("1.006")
-    holds = [e for e in agent.audit() if e.action == "hold"]
-    if server in LEASED:
-        # Leased: one audited grant per lease (per tool here), settlements audited per batch.
-        assert {e.scope for e in holds} == {f"mcp.{server}:{t}" for t in ("search", "charge_card", "echo")}
-        assert all(marker not in str(e.raw) for e in agent.audit())
-        return
-    # One decision per call, each audited with the server and the tool in its scope.
-    assert [e.scope for e in holds] == [f"mcp.{server}:search"] * 3 + [
-        f"mcp.{server}:charge_card",
-        f"mcp.{server}:echo",
-    ]
-    assert all(e.outcome == "allowed" for e in holds)
+    calls = [(f"mcp.{server}:{t}", PRICES.get(t, Decimal(0))) for t in ["search"] * 3 + ["charge_card", "echo"]]
+    # One audit event per call, naming the server and the tool in its scope, with its price:
+    # by default each call's capture (written when its lease's calls are settled)...
+    per_call = "hold" if server in HELD else "capture"
+    events = audit_when(agent, lambda ev: len([e for e in ev if e.action == per_call]) >= len(calls))
+    holds = [e for e in events if e.action == "hold"]
+    captures = [e for e in events if e.action == "capture"]
+    assert all(e.outcome == "allowed" for e in holds + captures)
+    audited = [e for e in events if e.action == per_call]
+    assert sorted((e.scope, e.amount) for e in audited) == sorted(calls), [e.raw for e in events]
+    if server in HELD:
+        # ...with `leases = false`, each call's own hold, in call order.
+        assert [(e.scope, e.amount) for e in holds] == calls
+    else:
+        # ...and the grants of the leases the calls took slots of (per key and tool).
+        assert {e.scope for e in holds} == {s for s, _ in calls}
     # Nothing of the arguments is in the audit trail.
-    assert all(marker not in str(e.raw) for e in agent.audit())
+    assert all(marker not in str(e.raw) for e in events)
 
 
 @pytest.mark.parametrize(("server", "mode"), CASES, ids=IDS)
