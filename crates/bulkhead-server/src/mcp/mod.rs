@@ -35,6 +35,7 @@
 
 pub mod config;
 pub mod jsonrpc;
+pub mod session;
 pub mod stdio;
 
 use std::collections::{HashMap, HashSet};
@@ -53,6 +54,7 @@ use serde_json::{Map, Value, json};
 
 pub use self::config::{McpServer, McpServerSpec, Transport, check_mcp_servers};
 use self::jsonrpc::{Kind, Message, Route, RpcError};
+use self::session::{MCP_SESSION_ID, SessionSeal};
 use self::stdio::{Stdio, StdioError};
 use crate::error::ApiError;
 use crate::gateway::bill::{Acquired, Leases};
@@ -164,6 +166,8 @@ struct Inner {
     /// settlements audit each call.
     leases: Option<Leases>,
     keys: Arc<KeyCache>,
+    /// Binds session ids to the agent that opened the session (see [`session`]).
+    sessions: SessionSeal,
     settler: Settler,
     /// The runtime that outlives the HTTP workers: settlements run there.
     rt: tokio::runtime::Handle,
@@ -187,7 +191,8 @@ impl McpGateway {
         let keys = Arc::new(KeyCache { on, map: Mutex::new(HashMap::new()) });
         let settler = Settler::start(ledger.clone(), &rt);
         let leases = servers.iter().any(|s| s.leases).then(|| Leases::start(ledger.clone(), LeaseAudit::EachCall));
-        McpGateway::build(ledger, leases, keys, settler, rt, stdio, servers.iter())
+        let sessions = SessionSeal::new(ledger.store().derived_key("mcp-session"));
+        McpGateway::build(ledger, leases, keys, sessions, settler, rt, stdio, servers.iter())
     }
 
     /// Settles every leased call and gives back unused slots; call it once the server stopped
@@ -198,10 +203,12 @@ impl McpGateway {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build<'a>(
         ledger: Ledger,
         leases: Option<Leases>,
         keys: Arc<KeyCache>,
+        sessions: SessionSeal,
         settler: Settler,
         rt: tokio::runtime::Handle,
         stdio: HashMap<String, Stdio>,
@@ -240,6 +247,7 @@ impl McpGateway {
                 ledger,
                 leases,
                 keys,
+                sessions,
                 settler,
                 rt,
                 servers: map,
@@ -256,6 +264,7 @@ impl McpGateway {
             i.ledger.clone(),
             i.leases.clone(),
             i.keys.clone(),
+            i.sessions.clone(),
             i.settler.clone(),
             i.rt.clone(),
             i.stdio.clone(),
@@ -336,7 +345,7 @@ fn refusal_error(reply: &Reply) -> (u16, RpcError) {
 
 impl McpGateway {
     async fn serve(&self, req: Request, started: tokio::time::Instant) -> Result<Response, ApiError> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let name = parts.uri.path().strip_prefix(PREFIX).unwrap_or("");
         let name = name.strip_suffix('/').unwrap_or(name);
         let Some(srv) = self.inner.servers.get(name) else {
@@ -351,6 +360,49 @@ impl McpGateway {
             Ok(a) => a,
             Err(reason) => return Ok(unauthorized(ApiError::deny(reason))),
         };
+        // A session is the agent's that opened it: its id must be sealed for this agent, and the
+        // server gets its own id back.
+        if let Some(sealed) = parts.headers.get(MCP_SESSION_ID) {
+            let opened = sealed.to_str().ok().and_then(|v| self.inner.sessions.open(&agent.handle, v));
+            let Some(id) = opened.and_then(|id| HeaderValue::from_str(id).ok()) else {
+                return Ok(unread(
+                    ApiError::not_found("No MCP session with that id was opened by this agent.").into_response(),
+                ));
+            };
+            parts.headers.insert(MCP_SESSION_ID, id);
+        }
+        let resp = self.serve_agent(srv, parts, body, key, &agent, started).await?;
+        Ok(self.seal_session(resp, &agent.handle))
+    }
+
+    /// A server's answer with the session id it gives sealed for `agent`.
+    fn seal_session(&self, mut resp: Response, agent: &str) -> Response {
+        let sealed = resp
+            .headers()
+            .get(MCP_SESSION_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|id| HeaderValue::from_str(&self.inner.sessions.seal(agent, id)).ok());
+        match sealed {
+            Some(v) => {
+                resp.headers_mut().insert(MCP_SESSION_ID, v);
+            }
+            None => {
+                resp.headers_mut().remove(MCP_SESSION_ID);
+            }
+        }
+        resp
+    }
+
+    /// Serves a request of a known agent to `srv`.
+    async fn serve_agent(
+        &self,
+        srv: &Server,
+        parts: axum::http::request::Parts,
+        body: Body,
+        key: KeyHash,
+        agent: &Known,
+        started: tokio::time::Instant,
+    ) -> Result<Response, ApiError> {
         match parts.method {
             Method::POST => {}
             Method::DELETE if matches!(srv.upstream, Upstream::Http { .. }) => {
