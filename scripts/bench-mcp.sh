@@ -3,10 +3,12 @@
 # made directly to an MCP server, and the same call through Bulkhead's `/mcp/{server}` with an
 # agent key, both with wrk -t2 -c$CONNS (32 concurrent clients). The server is the official MCP
 # SDK's `MCPServer` (mcp==2.3.0, stateless, JSON answers) under uvicorn, the same one the tests
-# use. Through Bulkhead every call is decided by the ledger (a durable, audited hold of the tool's
-# price under its scope), forwarded with the server's secret, and its hold settled after the
-# answer; and again on a server entry with `leases = true` (calls take slots of a durable lease,
-# audited per settlement). The run ends by checking each agent's charges.
+# use. Through Bulkhead every call is decided by the ledger and forwarded with the server's
+# secret: by default with a slot of the key's lease for the tool (a durable, audited grant of
+# many calls' price), settled after the answer with one audit event per call (its scope names the
+# server and the tool, contract §11); and again on a server entry with `leases = false` (a
+# durable, audited hold per call before it is forwarded, settled after the answer). The run
+# ends by checking each agent's charges, and that every call of the default mode is audited.
 #
 #   bash scripts/bench-mcp.sh
 #   DURATION=20 CONNS=32 bash scripts/bench-mcp.sh
@@ -51,11 +53,11 @@ secret_env = "BENCH_MCP_TOKEN"
 tools = { echo = "0.000001" }
 
 [[mcp_server]]
-name = "leased"
+name = "held"
 url = "http://127.0.0.1:$UP_PORT/mcp"
 secret_env = "BENCH_MCP_TOKEN"
 tools = { echo = "0.000001" }
-leases = true
+leases = false
 EOF
 ADMIN=bench-admin-token-0123456789abcdefghijklmnop
 BENCH_MCP_TOKEN=bench-upstream-secret BULKHEAD_ADMIN_TOKEN=$ADMIN RUST_LOG=warn \
@@ -68,8 +70,8 @@ B=http://127.0.0.1:$PORT
 KEY=$(curl -sf -X POST "$B/v1/agents" -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
   -d '{"handle":"bench-mcp","scopes":["mcp.bench:echo"],"spending_cap":"1000000.00"}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
-KEY_L=$(curl -sf -X POST "$B/v1/agents" -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
-  -d '{"handle":"bench-mcp-leased","scopes":["mcp.leased:echo"],"spending_cap":"1000000.00"}' |
+KEY_H=$(curl -sf -X POST "$B/v1/agents" -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
+  -d '{"handle":"bench-mcp-held","scopes":["mcp.held:echo"],"spending_cap":"1000000.00"}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 
 cat >"$DIR/call.lua" <<'EOF'
@@ -120,11 +122,11 @@ via=$(curl -sf "$B/mcp/bench" -H "Authorization: Bearer $KEY" -H 'Content-Type: 
 echo "== tools/call of a trivial tool, wrk -t2 -c$CONNS -d${DURATION}s on loopback, $(nproc) cores shared by wrk, the MCP server and bulkhead"
 read -r d_rps d_p50 d_p99 d_n <<<"$(run_wrk direct "http://127.0.0.1:$UP_PORT/mcp" '')"
 read -r g_rps g_p50 g_p99 g_n <<<"$(run_wrk bulkhead "$B/mcp/bench" "$KEY")"
-read -r l_rps l_p50 l_p99 l_n <<<"$(run_wrk leased "$B/mcp/leased" "$KEY_L")"
+read -r l_rps l_p50 l_p99 l_n <<<"$(run_wrk held "$B/mcp/held" "$KEY_H")"
 printf '%-10s %10s %10s %10s\n' target calls/s p50_ms p99_ms
 printf '%-10s %10s %10s %10s\n' direct "$d_rps" "$d_p50" "$d_p99"
-printf '%-10s %10s %10s %10s\n' bulkhead "$g_rps" "$g_p50" "$g_p99"
-printf '%-10s %10s %10s %10s   (leases = true)\n' leased "$l_rps" "$l_p50" "$l_p99"
+printf '%-10s %10s %10s %10s   (the default: leases, each call audited)\n' bulkhead "$g_rps" "$g_p50" "$g_p99"
+printf '%-10s %10s %10s %10s   (leases = false: a hold per call)\n' held "$l_rps" "$l_p50" "$l_p99"
 python3 - "$d_rps" "$d_p50" "$g_rps" "$g_p50" "$d_n" "$g_n" "$(cat "$DIR/cpu-direct")" "$(cat "$DIR/cpu-bulkhead")" "$(getconf CLK_TCK)" "$CONNS" <<'PY'
 import sys
 d_rps, d_p50, g_rps, g_p50, d_n, g_n = map(float, sys.argv[1:7])
@@ -135,26 +137,26 @@ print(f"at {sys.argv[10]} clients: added p50 {g_p50 - d_p50:.3f} ms (goal <= 0.3
 print(f"CPU per call: MCP server {du * tick_us / d_n:.0f} us direct, {gu * tick_us / g_n:.0f} us via Bulkhead; "
       f"Bulkhead {gb * tick_us / g_n:.0f} us")
 PY
-python3 - "$d_rps" "$d_p50" "$l_rps" "$l_p50" "$l_n" "$(cat "$DIR/cpu-leased")" "$(getconf CLK_TCK)" "$CONNS" <<'PY'
+python3 - "$d_rps" "$d_p50" "$l_rps" "$l_p50" "$l_n" "$(cat "$DIR/cpu-held")" "$(getconf CLK_TCK)" "$CONNS" <<'PY'
 import sys
 d_rps, d_p50, l_rps, l_p50, l_n = map(float, sys.argv[1:6])
 lu, lb = map(int, sys.argv[6].split())
 tick_us = 1e6 / int(sys.argv[7])
-print(f"leased, at {sys.argv[8]} clients: added p50 {l_p50 - d_p50:.3f} ms; throughput {l_rps / d_rps:.2f}x direct; "
+print(f"leases = false, at {sys.argv[8]} clients: added p50 {l_p50 - d_p50:.3f} ms; throughput {l_rps / d_rps:.2f}x direct; "
       f"CPU per call: Bulkhead {lb * tick_us / l_n:.0f} us")
 PY
 # One client at a time: the latency Bulkhead adds to a call when nothing queues.
 read -r d1_rps d1_p50 d1_p99 _ <<<"$(run_wrk direct1 "http://127.0.0.1:$UP_PORT/mcp" '' 1)"
 read -r g1_rps g1_p50 g1_p99 _ <<<"$(run_wrk bulkhead1 "$B/mcp/bench" "$KEY" 1)"
-read -r l1_rps l1_p50 l1_p99 _ <<<"$(run_wrk leased1 "$B/mcp/leased" "$KEY_L" 1)"
+read -r l1_rps l1_p50 l1_p99 _ <<<"$(run_wrk held1 "$B/mcp/held" "$KEY_H" 1)"
 printf '%-10s %10s %10s %10s   (1 client)\n' direct "$d1_rps" "$d1_p50" "$d1_p99"
 printf '%-10s %10s %10s %10s   (1 client)\n' bulkhead "$g1_rps" "$g1_p50" "$g1_p99"
-printf '%-10s %10s %10s %10s   (1 client, leases = true)\n' leased "$l1_rps" "$l1_p50" "$l1_p99"
-python3 -c "import sys; d, g, l = map(float, sys.argv[1:]); print(f'1 client: added p50 {g - d:.3f} ms, leased {l - d:.3f} ms')" \
+printf '%-10s %10s %10s %10s   (1 client, leases = false)\n' held "$l1_rps" "$l1_p50" "$l1_p99"
+python3 -c "import sys; d, g, l = map(float, sys.argv[1:]); print(f'1 client: added p50 {g - d:.3f} ms, leases = false {l - d:.3f} ms')" \
   "$d1_p50" "$g1_p50" "$l1_p50"
 # Charges: every call the gateway forwarded was charged 0.000001; a call whose client hung up
-# before it was sent (wrk stopping) is released (per call) or charged (leased: its slot is
-# billed when dropped). Settlements still under way are waited for first.
+# before it was sent (wrk stopping) is charged (leased: its slot is billed when dropped) or
+# released (a hold per call). Settlements still under way are waited for first.
 check() { # handle
   for _ in $(seq 1 100); do
     held=$(curl -sf "$B/v1/agents/$1" -H "Authorization: Bearer $ADMIN" | python3 -c 'import json,sys; print(json.load(sys.stdin)["usage"]["window_held"])')
@@ -174,4 +176,14 @@ print(f"{sys.argv[1]}: {calls} calls decided, spent {spent} = {charged} x price 
 ' "$1" "$CONNS"
 }
 check bench-mcp
-check bench-mcp-leased
+check bench-mcp-held
+# Contract §11: in the default mode every call is an audit event naming the server and the tool.
+curl -sf "$B/v1/agents/bench-mcp" -H "Authorization: Bearer $ADMIN" | python3 -c '
+import json, sqlite3, sys
+calls = json.load(sys.stdin)["usage"]["tx_count"]
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+n, = db.execute("SELECT COUNT(*) FROM audit_events WHERE agent = ? AND action = ? AND scope = ?",
+                ("bench-mcp", "capture", "mcp.bench:echo")).fetchone()
+assert n == calls, (n, calls)
+print(f"bench-mcp: {n} capture events with scope mcp.bench:echo for {calls} calls")
+' "$DIR/data/bulkhead.db"

@@ -51,7 +51,7 @@ struct Fixture {
 impl Fixture {
     async fn new() -> Fixture {
         let srv = Srv::new().await;
-        let leases = Leases::start(srv.ledger.clone());
+        let leases = Leases::start(srv.ledger.clone(), bulkhead_store::LeaseAudit::Settlement);
         let scope = Scope::parse("tools:search").expect("scope");
         Fixture { srv, leases, upstream: Arc::from("search"), scope, unit: Micros::parse("0.01").expect("amount") }
     }

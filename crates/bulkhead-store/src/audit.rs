@@ -89,6 +89,15 @@ impl AuditKey {
     pub fn to_hex(&self) -> String {
         bulkhead_core::key::hex_lower(&self.0)
     }
+
+    /// A key of its own for `purpose` (HMAC-SHA-256 of the purpose under this key): what other
+    /// parts of the server may sign with, so that the audit key itself never leaves the store.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"bulkhead/");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
 }
 
 impl std::fmt::Debug for AuditKey {
@@ -375,6 +384,12 @@ impl Store {
     pub fn with_audit_key(mut self, key: AuditKey) -> Store {
         self.audit_key = Some(std::sync::Arc::new(key));
         self
+    }
+
+    /// A key for `purpose` derived from the audit key ([`AuditKey::derive`]): the same on every
+    /// replica and across restarts; `None` for a store opened without an audit key.
+    pub fn derived_key(&self, purpose: &str) -> Option<[u8; 32]> {
+        self.audit_key.as_deref().map(|k| k.derive(purpose))
     }
 
     /// Events in `seq` order, optionally for one agent.

@@ -45,7 +45,7 @@ pub use blast::{AgentBlast, BlastRadius};
 pub use bulkhead_core::runaway::{Breaker, BreakerOverride};
 pub use history::{AlertRecord, AuditQuery, UsageBucket};
 pub use ledger::{
-    AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, Ledger, LedgerConfig, Limits, Patch,
+    AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, LeaseAudit, Ledger, LedgerConfig, Limits, Patch,
     REFUSALS_AUDITED_EVERY, REFUSED_KEYS_MAX, Tally,
 };
 pub use view::{AgentView, Usage, fmt_time};

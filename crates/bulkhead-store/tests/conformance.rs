@@ -6,7 +6,9 @@ mod common;
 
 use bulkhead_core::ratelimit::RateLimit;
 use bulkhead_core::{DenyReason, KeyHash, Micros};
-use bulkhead_store::{Breaker, BreakerOverride, Caller, Command, Idem, Ledger, LedgerConfig, Patch, Store, fmt_time};
+use bulkhead_store::{
+    Breaker, BreakerOverride, Caller, Command, Idem, LeaseAudit, Ledger, LedgerConfig, Patch, Store, fmt_time,
+};
 use common::*;
 
 macro_rules! conformance {
@@ -74,6 +76,7 @@ conformance! {
     lease_limited_by_ancestors,
     lease_denials_match_metered_hold,
     lease_settle_calls_release_close,
+    lease_settle_audits_each_call,
     lease_rate_limit,
     lease_expiry_captures_what_it_holds,
     lease_one_slot_when_decided_call_by_call,
@@ -1698,6 +1701,17 @@ fn times(unit: &str, n: u64) -> String {
 static SETTLE_SEQ: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
 
 fn lease_settle(hold: &str, unit: &str, costs: &[&str], release: u32, close: bool) -> Command {
+    lease_settle_audited(hold, unit, costs, release, close, LeaseAudit::Settlement)
+}
+
+fn lease_settle_audited(
+    hold: &str,
+    unit: &str,
+    costs: &[&str],
+    release: u32,
+    close: bool,
+    audit: LeaseAudit,
+) -> Command {
     Command::LeaseSettle {
         hold_id: hold.to_owned(),
         seq: SETTLE_SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
@@ -1705,6 +1719,7 @@ fn lease_settle(hold: &str, unit: &str, costs: &[&str], release: u32, close: boo
         costs: costs.iter().map(|c| m(c)).collect(),
         release,
         close,
+        audit,
     }
 }
 
@@ -1937,6 +1952,7 @@ async fn lease_settle_calls_release_close(db: Db) {
         costs: vec![m("0.25"), m("1.00"), m("0")],
         release: 1,
         close: false,
+        audit: LeaseAudit::Settlement,
     };
     let r = e.submit(again).await;
     ok(&r, 200);
@@ -2003,6 +2019,94 @@ async fn lease_settle_calls_release_close(db: Db) {
     // The full cap is there again, less what the calls cost.
     ok(&e.spend(&k, "8.25").await, 200);
     err(&e.spend(&k, "0.01").await, 402, "spending_cap_exceeded");
+    e.intact().await;
+    e.finish().await;
+}
+
+/// The MCP gateway's settlements: one `capture` event per call, in the settlement's
+/// transaction, naming the lease's scope (`mcp.{server}:{tool}`) and the call's cost; the money
+/// moves exactly as with one event per settlement.
+async fn lease_settle_audits_each_call(db: Db) {
+    const SEARCH: &str = "mcp.tools:search";
+    const CARD: &str = "mcp.tools:charge_card";
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("lec", &[SEARCH, CARD], "10")).await;
+    let lease_in = |sc: &str, unit: &str, slots: u32| Command::Lease {
+        key: k.clone(),
+        scope: scope(sc),
+        unit: m(unit),
+        slots,
+        expires_ms: MIN,
+    };
+    let r = e.submit(lease_in(SEARCH, "0.002", 5)).await;
+    ok(&r, 201);
+    let search = json(&r)["id"].as_str().expect("lease id").to_owned();
+    let r = e.submit(lease_in(CARD, "1", 2)).await;
+    ok(&r, 201);
+    let card = json(&r)["id"].as_str().expect("lease id").to_owned();
+    let before = e.intact().await;
+
+    // Three calls of `search` (the last one never left: free) settled together.
+    let first = lease_settle_audited(&search, "0.002", &["0.002", "0.002", "0"], 0, false, LeaseAudit::EachCall);
+    let Command::LeaseSettle { seq, .. } = &first else { unreachable!() };
+    let seq = *seq;
+    ok(&e.submit(first).await, 200);
+    let after_first = e.intact().await;
+    assert_eq!(after_first, before + 3, "one event per call, nothing else");
+    // A retry of the same settlement audits nothing again.
+    let again = Command::LeaseSettle {
+        hold_id: search.clone(),
+        seq,
+        unit: m("0.002"),
+        costs: vec![m("0.002"), m("0.002"), m("0")],
+        release: 0,
+        close: false,
+        audit: LeaseAudit::EachCall,
+    };
+    let r = e.submit(again).await;
+    ok(&r, 200);
+    assert_eq!(json(&r)["applied"], "before", "{}", r.body);
+    assert_eq!(e.intact().await, after_first, "nothing audited twice");
+    // One more call of each tool; both leases closed (the rest of their slots released).
+    ok(&e.submit(lease_settle_audited(&search, "0.002", &["0.002"], 0, true, LeaseAudit::EachCall)).await, 200);
+    ok(&e.submit(lease_settle_audited(&card, "1", &["1"], 0, true, LeaseAudit::EachCall)).await, 200);
+
+    let calls = |ev: &[bulkhead_store::AuditEvent]| {
+        ev.iter()
+            .filter(|x| x.action == "capture")
+            .map(|x| (x.outcome.clone(), x.scope.clone(), x.amount.clone(), x.detail.clone()))
+            .collect::<Vec<_>>()
+    };
+    let call = |sc: &str, cost: &str| {
+        (
+            "allowed".to_owned(),
+            Some(sc.to_owned()),
+            Some(cost.to_owned()),
+            Some(serde_json::json!({"by": "gateway", "calls": 1, "each": cost})),
+        )
+    };
+    assert_eq!(
+        calls(&e.events_of("lec", &search).await),
+        [call(SEARCH, "0.002"), call(SEARCH, "0.002"), call(SEARCH, "0.00"), call(SEARCH, "0.002")]
+    );
+    assert_eq!(calls(&e.events_of("lec", &card).await), [call(CARD, "1.00")]);
+    // The closes released the unused slots, audited once each.
+    let released = |ev: &[bulkhead_store::AuditEvent]| {
+        ev.iter().filter(|x| x.action == "release").map(|x| x.amount.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(released(&e.events_of("lec", &search).await), [Some("0.002".to_owned())]);
+    assert_eq!(released(&e.events_of("lec", &card).await), [Some("1.00".to_owned())]);
+    // Exact money: what the calls cost, nothing held, one transaction per call.
+    let u = e.agent("lec").await.usage;
+    assert_eq!(
+        (u.window_spent, u.window_held, u.lifetime_spent, u.tx_count),
+        (m("1.006"), Micros::ZERO, m("1.006"), 5)
+    );
+    // The per-call events add up to what was spent, as the usage history reads them.
+    let ev = e.store.audit_page(Some("lec"), 0, 1000).await.unwrap();
+    let captured: i64 =
+        ev.iter().filter(|x| x.action == "capture").map(|x| m(x.amount.as_deref().unwrap()).micros()).sum();
+    assert_eq!(captured, m("1.006").micros());
     e.intact().await;
     e.finish().await;
 }

@@ -11,7 +11,9 @@
 //! the rest of the slot is released). A flusher task settles recorded costs in the background
 //! (`Command::LeaseSettle`, one per lease per round, every [`GATHER_FOR`] or so, group-committed
 //! with everything else), so the agent never waits for the settlement either. Its audit trail
-//! gets one `capture` event per settlement, with each call's cost in it.
+//! gets one `capture` event per settlement, with each call's cost in it (the proxy gateway's
+//! leases), or one `capture` event per call under the lease's scope (the MCP gateway's: contract
+//! §11 wants an event per `tools/call`), written in the settlement's transaction either way.
 //!
 //! A lease stops taking calls when its slots are gone, after [`ACCEPT_FOR`], when the
 //! authorization epoch moves on (a revocation, suspension, patch or new key was committed), or
@@ -37,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bulkhead_core::{KeyHash, Micros, Scope};
-use bulkhead_store::{Answer, Backend, Command, EPOCH_TRUSTED_FOR, Ledger, Reply, StoreError};
+use bulkhead_store::{Answer, Backend, Command, EPOCH_TRUSTED_FOR, LeaseAudit, Ledger, Reply, StoreError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -74,6 +76,9 @@ pub struct Leases {
 
 struct Shared {
     ledger: Ledger,
+    /// How settlements audit their calls: one event per settlement (the proxy gateway) or one
+    /// per call (the MCP gateway).
+    audit: LeaseAudit,
     /// The runtime that outlives every HTTP worker: background work (settlements, epoch reads,
     /// giving back a lease nobody waits for) runs there, so that no worker's end cuts it short.
     rt: tokio::runtime::Handle,
@@ -142,11 +147,13 @@ pub enum Acquired {
 }
 
 impl Leases {
-    /// Starts the flusher; must be called inside the runtime.
-    pub fn start(ledger: Ledger) -> Leases {
+    /// Starts the flusher, its settlements audited as `audit` says; must be called inside the
+    /// runtime.
+    pub fn start(ledger: Ledger, audit: LeaseAudit) -> Leases {
         let shared_store = ledger.store().backend() != Backend::Sqlite;
         let shared = Arc::new(Shared {
             ledger,
+            audit,
             rt: tokio::runtime::Handle::current(),
             shared_store,
             epoch_reads: Arc::default(),
@@ -580,6 +587,7 @@ async fn settle(sh: &Shared, lease: &Arc<Lease>) {
             costs: costs.clone(),
             release,
             close,
+            audit: sh.audit,
         };
         match sh.ledger.submit(cmd).await {
             Ok(reply) if reply.answer.is_ok() => {

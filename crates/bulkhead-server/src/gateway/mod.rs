@@ -108,7 +108,7 @@ impl Gateway {
     /// must be called inside the runtime, after the metrics recorder is installed). Fails when an
     /// `https` upstream finds no root certificates on the system.
     pub fn new(ledger: Ledger, upstreams: Vec<Upstream>) -> Result<Gateway, String> {
-        Gateway::build(Leases::start(ledger), upstreams.iter())
+        Gateway::build(Leases::start(ledger, bulkhead_store::LeaseAudit::Settlement), upstreams.iter())
     }
 
     fn build<'a>(leases: Leases, upstreams: impl Iterator<Item = &'a Upstream>) -> Result<Gateway, String> {

@@ -50,8 +50,9 @@ pub struct McpServerSpec {
     pub max_duration: Option<String>,
     /// Whether a `tools/call` answered with an HTTP 5xx is charged (default: not).
     pub charge_failures: Option<bool>,
-    /// `true`: calls take slots of a lease as the proxy gateway's do (many calls per commit);
-    /// allowed calls are then audited per settlement, not one event each (default: `false`).
+    /// `true` (the default): calls take slots of a lease per key and tool, as the proxy
+    /// gateway's do (many calls per commit), each call still audited on its own when settled;
+    /// `false`: each call is a durable hold of its own before it is forwarded.
     pub leases: Option<bool>,
 }
 
@@ -189,7 +190,7 @@ impl McpServerSpec {
             read_timeout: duration(&who, "read_timeout", self.read_timeout.as_deref(), READ_TIMEOUT_DEFAULT)?,
             max_duration,
             charge_failures: self.charge_failures.unwrap_or(false),
-            leases: self.leases.unwrap_or(false),
+            leases: self.leases.unwrap_or(true),
         })
     }
 }

@@ -13,16 +13,21 @@
 //! 3. by method: the handshake, discovery, pings, notifications and answers pass through;
 //!    `tools/list` passes and its answer (JSON or SSE) keeps only the tools the key's scopes
 //!    cover; `tools/call` is decided by the ledger as a hold of the tool's price under the
-//!    tool's scope `mcp.{server}:{tool}` (a `MeteredHold`: credentials, suspension, scope, rate
-//!    limit, caps, in the contract's order, and one audit event naming server and tool), a
-//!    denial answered with a JSON-RPC error whose `data.code` is the contract's code and never
-//!    forwarded; every other method is refused ("method not found");
+//!    tool's scope `mcp.{server}:{tool}` (credentials, suspension, scope, rate limit, caps, in
+//!    the contract's order), a denial audited with its reason and answered with a JSON-RPC
+//!    error whose `data.code` is the contract's code, and never forwarded; every other method is
+//!    refused ("method not found"). By default the hold is a slot of the key's lease for that
+//!    tool (the gateway's [`Leases`]: one durable, audited grant for many calls, sized to what
+//!    fits under every cap); with `leases = false` each call is a `MeteredHold` of its own;
 //! 4. forwards with the server's own credential (the agent's `Authorization` is removed), the
 //!    `Mcp-Session-Id` and protocol headers passed through, and streams the answer back;
-//! 5. settles a call's hold in the background: the price is captured once the call was sent
-//!    (contract §12), released when it never left (no connection) or the server answered 5xx
-//!    (unless `charge_failures`). A hold whose settlement never came (a crash) is captured in
-//!    full when it expires: a call that left is never free.
+//! 5. settles the call in the background: the price is captured once the call was sent
+//!    (contract §12), nothing when it never left (no connection) or the server answered 5xx
+//!    (unless `charge_failures`). Either way each call gets one audit event naming server and
+//!    tool (contract §11): with leases its own `capture` event, written in the settlement's
+//!    transaction under the lease's scope, with its cost; without, its `MeteredHold`'s event.
+//!    A lease or hold whose settlement never came (a crash) is captured in full when it
+//!    expires: a call that left is never free.
 //!
 //! Statuses follow contract §3: a refused key is a 401 and a request that cannot be read a 400
 //! or 413, both with the contract's error body; a decision about a well-formed JSON-RPC request
@@ -30,6 +35,7 @@
 
 pub mod config;
 pub mod jsonrpc;
+pub mod session;
 pub mod stdio;
 
 use std::collections::{HashMap, HashSet};
@@ -41,13 +47,14 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use bulkhead_core::{DenyReason, KeyHash, Micros, ScopeSet};
-use bulkhead_store::{Answer, Command, Ledger, Reply, StoreError};
+use bulkhead_store::{Answer, Command, LeaseAudit, Ledger, Reply, StoreError};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
 
 pub use self::config::{McpServer, McpServerSpec, Transport, check_mcp_servers};
 use self::jsonrpc::{Kind, Message, Route, RpcError};
+use self::session::{MCP_SESSION_ID, SessionSeal};
 use self::stdio::{Stdio, StdioError};
 use crate::error::ApiError;
 use crate::gateway::bill::{Acquired, Leases};
@@ -155,9 +162,12 @@ pub struct McpGateway {
 
 struct Inner {
     ledger: Ledger,
-    /// The leases of servers with `leases = true` (shared by every worker).
+    /// The leases of servers with `leases = true`, the default (shared by every worker); their
+    /// settlements audit each call.
     leases: Option<Leases>,
     keys: Arc<KeyCache>,
+    /// Binds session ids to the agent that opened the session (see [`session`]).
+    sessions: SessionSeal,
     settler: Settler,
     /// The runtime that outlives the HTTP workers: settlements run there.
     rt: tokio::runtime::Handle,
@@ -180,8 +190,9 @@ impl McpGateway {
         let on = ledger.store().backend() == bulkhead_store::Backend::Sqlite;
         let keys = Arc::new(KeyCache { on, map: Mutex::new(HashMap::new()) });
         let settler = Settler::start(ledger.clone(), &rt);
-        let leases = servers.iter().any(|s| s.leases).then(|| Leases::start(ledger.clone()));
-        McpGateway::build(ledger, leases, keys, settler, rt, stdio, servers.iter())
+        let leases = servers.iter().any(|s| s.leases).then(|| Leases::start(ledger.clone(), LeaseAudit::EachCall));
+        let sessions = SessionSeal::new(ledger.store().derived_key("mcp-session"));
+        McpGateway::build(ledger, leases, keys, sessions, settler, rt, stdio, servers.iter())
     }
 
     /// Settles every leased call and gives back unused slots; call it once the server stopped
@@ -192,10 +203,12 @@ impl McpGateway {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build<'a>(
         ledger: Ledger,
         leases: Option<Leases>,
         keys: Arc<KeyCache>,
+        sessions: SessionSeal,
         settler: Settler,
         rt: tokio::runtime::Handle,
         stdio: HashMap<String, Stdio>,
@@ -234,6 +247,7 @@ impl McpGateway {
                 ledger,
                 leases,
                 keys,
+                sessions,
                 settler,
                 rt,
                 servers: map,
@@ -250,6 +264,7 @@ impl McpGateway {
             i.ledger.clone(),
             i.leases.clone(),
             i.keys.clone(),
+            i.sessions.clone(),
             i.settler.clone(),
             i.rt.clone(),
             i.stdio.clone(),
@@ -330,7 +345,7 @@ fn refusal_error(reply: &Reply) -> (u16, RpcError) {
 
 impl McpGateway {
     async fn serve(&self, req: Request, started: tokio::time::Instant) -> Result<Response, ApiError> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let name = parts.uri.path().strip_prefix(PREFIX).unwrap_or("");
         let name = name.strip_suffix('/').unwrap_or(name);
         let Some(srv) = self.inner.servers.get(name) else {
@@ -345,6 +360,49 @@ impl McpGateway {
             Ok(a) => a,
             Err(reason) => return Ok(unauthorized(ApiError::deny(reason))),
         };
+        // A session is the agent's that opened it: its id must be sealed for this agent, and the
+        // server gets its own id back.
+        if let Some(sealed) = parts.headers.get(MCP_SESSION_ID) {
+            let opened = sealed.to_str().ok().and_then(|v| self.inner.sessions.open(&agent.handle, v));
+            let Some(id) = opened.and_then(|id| HeaderValue::from_str(id).ok()) else {
+                return Ok(unread(
+                    ApiError::not_found("No MCP session with that id was opened by this agent.").into_response(),
+                ));
+            };
+            parts.headers.insert(MCP_SESSION_ID, id);
+        }
+        let resp = self.serve_agent(srv, parts, body, key, &agent, started).await?;
+        Ok(self.seal_session(resp, &agent.handle))
+    }
+
+    /// A server's answer with the session id it gives sealed for `agent`.
+    fn seal_session(&self, mut resp: Response, agent: &str) -> Response {
+        let sealed = resp
+            .headers()
+            .get(MCP_SESSION_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|id| HeaderValue::from_str(&self.inner.sessions.seal(agent, id)).ok());
+        match sealed {
+            Some(v) => {
+                resp.headers_mut().insert(MCP_SESSION_ID, v);
+            }
+            None => {
+                resp.headers_mut().remove(MCP_SESSION_ID);
+            }
+        }
+        resp
+    }
+
+    /// Serves a request of a known agent to `srv`.
+    async fn serve_agent(
+        &self,
+        srv: &Server,
+        parts: axum::http::request::Parts,
+        body: Body,
+        key: KeyHash,
+        agent: &Known,
+        started: tokio::time::Instant,
+    ) -> Result<Response, ApiError> {
         match parts.method {
             Method::POST => {}
             Method::DELETE if matches!(srv.upstream, Upstream::Http { .. }) => {
@@ -610,8 +668,9 @@ impl McpGateway {
         }
     }
 
-    /// `tools/call`: a hold of the tool's price decided by the ledger, the call forwarded only
-    /// when allowed, the hold settled in the background.
+    /// `tools/call` on a server with `leases = false`: a hold of the tool's price decided by the
+    /// ledger (its audit event names the tool), the call forwarded only when allowed, the hold
+    /// settled in the background.
     async fn call_tool(
         &self,
         srv: &Server,
@@ -705,10 +764,11 @@ fn denied(msg: &Message, reply: &Reply) -> Response {
 }
 
 impl McpGateway {
-    /// `tools/call` on a server with `leases = true`: a slot of the key's lease for this tool
-    /// (every check of a hold, decided by the ledger when the lease is granted), the call
-    /// forwarded, its price recorded in the lease when the answer's head came (nothing when it
-    /// never left or the server answered 5xx), settled by the lease flusher.
+    /// `tools/call` on a server with `leases = true` (the default): a slot of the key's lease
+    /// for this tool (every check of a hold, decided by the ledger when the lease is granted),
+    /// the call forwarded, its price recorded in the lease when the answer's head came (nothing
+    /// when it never left or the server answered 5xx), settled by the lease flusher with one
+    /// `capture` event per call (its scope names the server and the tool).
     #[allow(clippy::too_many_arguments)]
     async fn call_leased(
         &self,

@@ -99,6 +99,7 @@ pub(super) struct HoldRow {
     pub(super) id: String,
     pub(super) agent_id: i64,
     pub(super) path: String,
+    pub(super) scope: String,
     /// What the hold still holds (a lease's settled slots are gone from it).
     pub(super) amount: i64,
     /// What was captured of it so far (a lease is captured call by call while open).
@@ -113,7 +114,7 @@ pub(super) struct HoldRow {
 
 /// The columns of a [`HoldRow`].
 pub(super) const HOLD_COLUMNS: &str =
-    "id, agent_id, path, amount, COALESCE(captured, 0) AS captured, status, expires_at, on_expiry, settled_seq";
+    "id, agent_id, path, scope, amount, COALESCE(captured, 0) AS captured, status, expires_at, on_expiry, settled_seq";
 
 pub(super) fn path_ids(path: &str) -> Vec<i64> {
     path.split(',').filter_map(|s| s.parse().ok()).collect()
@@ -447,8 +448,8 @@ impl Batch {
             Command::Settle { hold_id, amount } => {
                 self.settle_hold(None, hold_id, if amount.is_zero() { None } else { Some(*amount) }).await
             }
-            Command::LeaseSettle { hold_id, seq, unit, costs, release, close } => {
-                self.lease_settle(hold_id, *seq, *unit, costs, *release, *close).await
+            Command::LeaseSettle { hold_id, seq, unit, costs, release, close, audit } => {
+                self.lease_settle(hold_id, *seq, *unit, costs, *release, *close, *audit).await
             }
             Command::Spend { .. }
             | Command::Hold { .. }

@@ -50,6 +50,16 @@ pub struct Patch {
     pub enforce: Option<bool>,
 }
 
+/// How a lease settlement audits the calls it settles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseAudit {
+    /// One `capture` event for all of them, each call's cost in its detail (the proxy gateway).
+    Settlement,
+    /// One `capture` event per call, under the lease's scope, with the call's cost (the MCP
+    /// gateway: contract §11 wants an audit event per `tools/call`, naming server and tool).
+    EachCall,
+}
+
 /// One write for the ledger.
 #[derive(Clone, Debug)]
 pub enum Command {
@@ -131,6 +141,8 @@ pub enum Command {
         costs: Vec<Micros>,
         release: u32,
         close: bool,
+        /// How the settled calls are audited.
+        audit: LeaseAudit,
     },
     Capture {
         key: KeyHash,

@@ -7,6 +7,7 @@ use bulkhead_core::Scope;
 use bulkhead_core::decision::Movement;
 use serde_json::json;
 
+use super::LeaseAudit;
 use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, HoldTerms, R, corrupt, hold_end, path_ids};
 use crate::answer::{AmountProblem, Answer, LeaseGrant, LeaseSettled, Missing, Outcome, Refusal, Reply};
 use crate::view::AgentStatus;
@@ -97,6 +98,7 @@ impl Batch {
     /// Settles calls made under a lease (see [`Command::LeaseSettle`]): the checks in their
     /// order (unknown, already applied, closed, amounts), then the movement, the hold and the
     /// rate-limit refund, kept in one function because each step reads what the last changed.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn lease_settle(
         &mut self,
         hold_id: &str,
@@ -105,6 +107,7 @@ impl Batch {
         costs: &[Micros],
         release: u32,
         close: bool,
+        audit: LeaseAudit,
     ) -> R<Reply> {
         let hold: Option<HoldRow> = match self.holds.get(hold_id) {
             Some(h) => Some(h.clone()),
@@ -154,14 +157,15 @@ impl Batch {
             row.rate_tat = bulkhead_core::ratelimit::refund(limit, row.rate_tat, unused_slots);
         }
         let remaining = if close { left.amount } else { 0 };
-        self.settlement_events(
-            &handle,
-            &hold.id,
+        let settled = SettledCalls {
+            hold_id: &hold.id,
+            scope: &hold.scope,
             costs,
             captured,
-            unit.micros().saturating_mul(i64::from(release)) + remaining,
+            released: unit.micros().saturating_mul(i64::from(release)) + remaining,
             release,
-        );
+        };
+        self.settlement_events(&handle, &settled, audit);
         if close {
             let status = if left.captured > 0 { HoldStatus::Captured } else { HoldStatus::Released };
             self.close_hold(&left, Micros::ZERO, status, self.now).await?;
@@ -175,30 +179,48 @@ impl Batch {
         Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent: captured.micros() }))
     }
 
-    /// The audit events of a lease settlement: one `capture` for the calls settled together
-    /// (each call's cost in its detail), one `release` for what went back.
-    fn settlement_events(
-        &mut self,
-        handle: &str,
-        hold_id: &str,
-        costs: &[Micros],
-        captured: Micros,
-        released: i64,
-        release: u32,
-    ) {
-        if !costs.is_empty() {
-            let e = self.event(handle, "capture", "allowed");
-            e.amount = Some(captured.micros());
-            e.reference = Some(hold_id.to_owned());
-            e.detail = Some(settled_calls(costs));
+    /// The audit events of a lease settlement: the calls' `capture` events (one for them all, each
+    /// call's cost in its detail, or one per call under the lease's scope, see [`LeaseAudit`]),
+    /// then one `release` for what went back.
+    fn settlement_events(&mut self, handle: &str, s: &SettledCalls<'_>, audit: LeaseAudit) {
+        match audit {
+            LeaseAudit::Settlement if !s.costs.is_empty() => {
+                let e = self.event(handle, "capture", "allowed");
+                e.amount = Some(s.captured.micros());
+                e.reference = Some(s.hold_id.to_owned());
+                e.detail = Some(settled_calls(s.costs));
+            }
+            LeaseAudit::Settlement => {}
+            LeaseAudit::EachCall => {
+                for cost in s.costs {
+                    let e = self.event(handle, "capture", "allowed");
+                    e.scope = Some(s.scope.to_owned());
+                    e.amount = Some(cost.micros());
+                    e.reference = Some(s.hold_id.to_owned());
+                    e.detail = Some(settled_calls(std::slice::from_ref(cost)));
+                }
+            }
         }
-        if released > 0 {
+        if s.released > 0 {
             let e = self.event(handle, "release", "allowed");
-            e.amount = Some(released);
-            e.reference = Some(hold_id.to_owned());
-            e.detail = Some(json!({"by": "gateway", "slots": release}).to_string());
+            e.amount = Some(s.released);
+            e.reference = Some(s.hold_id.to_owned());
+            e.detail = Some(json!({"by": "gateway", "slots": s.release}).to_string());
         }
     }
+}
+
+/// What one lease settlement moved, for its audit events.
+struct SettledCalls<'a> {
+    hold_id: &'a str,
+    /// The lease's scope (every call under it was made in it).
+    scope: &'a str,
+    costs: &'a [Micros],
+    captured: Micros,
+    /// What went back: unused slots, and what a close released.
+    released: i64,
+    /// The unused slots released.
+    release: u32,
 }
 
 /// The detail of a gateway `capture` event: how many calls it settles and what each cost

@@ -42,7 +42,7 @@ use bulkhead_core::Clock;
 use bulkhead_core::runaway::Breaker;
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::command::{AgentSpec, Caller, Command, Idem, Patch};
+pub use self::command::{AgentSpec, Caller, Command, Idem, LeaseAudit, Patch};
 use self::refusals::Refusals;
 pub use self::refusals::{KEYS_MAX as REFUSED_KEYS_MAX, Tally};
 use self::writer::{Cache, Writer};

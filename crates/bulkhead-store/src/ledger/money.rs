@@ -463,6 +463,7 @@ impl Batch {
                 id: hid.clone(),
                 agent_id: id,
                 path: path.clone(),
+                scope: scope.as_str().to_owned(),
                 amount: amount.micros(),
                 captured: 0,
                 settled_seq: 0,

@@ -5,7 +5,8 @@ Servers (`[[mcp_server]]` names):
 - `tools`: Streamable HTTP, JSON answers, stateless (the 2026-07-28 revision);
 - `tools-sse`: SSE answers, stateless;
 - `tools-sess`: SSE answers with sessions (what 2025 clients use, `Mcp-Session-Id`);
-- `tools-leased`: like `tools`, with `leases = true` (calls take slots of a lease);
+- `tools-held`: like `tools`, with `leases = false` (a durable hold per call before it is
+  forwarded; the others take slots of a lease, the default);
 - `local`: the same server over stdio, started by Bulkhead.
 Each records what reached it (see `upstream.py`).
 """
@@ -37,8 +38,8 @@ from support.util import unique_handle
 HERE = Path(__file__).resolve().parent
 UPSTREAM = HERE / "upstream.py"
 SECRET = "upstream-secret-7f3a9c1e5b2d"
-HTTP_SERVERS = ["tools", "tools-sse", "tools-sess", "tools-leased"]
-LEASED = {"tools-leased"}
+HTTP_SERVERS = ["tools", "tools-sse", "tools-sess", "tools-held"]
+HELD = {"tools-held"}
 PRICES = {"search": Decimal("0.002"), "charge_card": Decimal("1.00")}
 
 
@@ -114,7 +115,7 @@ def gateway() -> Iterator[Gateway]:
         "tools": ["--json", "--stateless"],
         "tools-sse": ["--stateless"],
         "tools-sess": [],
-        "tools-leased": ["--json", "--stateless"],
+        "tools-held": ["--json", "--stateless"],
     }
     try:
         for name, flags in modes.items():
@@ -131,7 +132,7 @@ def gateway() -> Iterator[Gateway]:
                 f'[[mcp_server]]\nname = "{name}"\nurl = "http://127.0.0.1:{port}/mcp"\n'
                 'secret_env = "TOOLS_MCP_TOKEN"\nauth_header = "Authorization"\nauth_format = "Bearer {secret}"\n'
                 'default_price = "0.00"\ntools = { search = "0.002", charge_card = "1.00" }\n'
-                + ("leases = true\n" if name in LEASED else "")
+                + ("leases = false\n" if name in HELD else "")
             )
         local_log = root / "local.log"
         ups["local"] = Upstream("local", local_log)
@@ -158,6 +159,17 @@ async def connect(url: str, key: str, mode: str = "auto") -> AsyncIterator[Clien
         Client(streamable_http_client(url, http_client=http), mode=mode) as client,
     ):
         yield client
+
+
+def audit_when(account: AgentAccount, done: Any) -> list[Any]:
+    """The agent's audit trail once `done(events)` holds (or after 15 s): a free call's settlement
+    holds nothing, so its event is waited for rather than the agent's held money."""
+    deadline = time.monotonic() + 15
+    while True:
+        events = account.audit()
+        if done(events) or time.monotonic() > deadline:
+            return events
+        time.sleep(0.02)
 
 
 def settled(account: AgentAccount) -> Any:

@@ -11,7 +11,7 @@ import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import HTTP_SERVERS, LEASED, PRICES, SECRET, Gateway, connect, settled
+from conftest import HELD, HTTP_SERVERS, PRICES, SECRET, Gateway, audit_when, connect, settled
 
 # Each HTTP server with the client's default negotiation; the session server also with the
 # 2025 handshake (`initialize`, `Mcp-Session-Id`).
@@ -64,20 +64,24 @@ def test_calls_are_charged_their_price_exactly(gateway: Gateway, server: str, mo
     assert usage.window_held == 0
     assert usage.lifetime_spent == 3 * PRICES["search"] + PRICES["charge_card"]
     assert usage.window_spent == Decimal("1.006")
-    holds = [e for e in agent.audit() if e.action == "hold"]
-    if server in LEASED:
-        # Leased: one audited grant per lease (per tool here), settlements audited per batch.
-        assert {e.scope for e in holds} == {f"mcp.{server}:{t}" for t in ("search", "charge_card", "echo")}
-        assert all(marker not in str(e.raw) for e in agent.audit())
-        return
-    # One decision per call, each audited with the server and the tool in its scope.
-    assert [e.scope for e in holds] == [f"mcp.{server}:search"] * 3 + [
-        f"mcp.{server}:charge_card",
-        f"mcp.{server}:echo",
-    ]
-    assert all(e.outcome == "allowed" for e in holds)
+    calls = [(f"mcp.{server}:{t}", PRICES.get(t, Decimal(0))) for t in ["search"] * 3 + ["charge_card", "echo"]]
+    # One audit event per call, naming the server and the tool in its scope, with its price:
+    # by default each call's capture (written when its lease's calls are settled)...
+    per_call = "hold" if server in HELD else "capture"
+    events = audit_when(agent, lambda ev: len([e for e in ev if e.action == per_call]) >= len(calls))
+    holds = [e for e in events if e.action == "hold"]
+    captures = [e for e in events if e.action == "capture"]
+    assert all(e.outcome == "allowed" for e in holds + captures)
+    audited = [e for e in events if e.action == per_call]
+    assert sorted((e.scope, e.amount) for e in audited) == sorted(calls), [e.raw for e in events]
+    if server in HELD:
+        # ...with `leases = false`, each call's own hold, in call order.
+        assert [(e.scope, e.amount) for e in holds] == calls
+    else:
+        # ...and the grants of the leases the calls took slots of (per key and tool).
+        assert {e.scope for e in holds} == {s for s, _ in calls}
     # Nothing of the arguments is in the audit trail.
-    assert all(marker not in str(e.raw) for e in agent.audit())
+    assert all(marker not in str(e.raw) for e in events)
 
 
 @pytest.mark.parametrize(("server", "mode"), CASES, ids=IDS)
@@ -269,3 +273,59 @@ def test_metrics_count_calls_per_agent_and_tool(gateway: Gateway) -> None:
     lines = [line for line in text.splitlines() if line.startswith("bulkhead_mcp_calls_total") and agent.handle in line]
     assert any('tool="search"' in line and 'outcome="allowed"' in line and line.endswith(" 1") for line in lines), lines
     assert any('tool="charge_card"' in line and 'outcome="denied"' in line for line in lines), lines
+
+
+def test_a_session_is_bound_to_the_agent_that_opened_it(gateway: Gateway) -> None:
+    server = "tools-sess"
+    a = gateway.account([f"mcp.{server}:*"])
+    b = gateway.account([f"mcp.{server}:*"])
+    up = gateway.upstreams[server]
+    url = gateway.mcp_url(server)
+    accept = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-06-18"}
+
+    def post(key: str, body: dict[str, object], session: str | None = None) -> httpx2.Response:
+        headers = {**accept, "Authorization": f"Bearer {key}"}
+        if session is not None:
+            headers["Mcp-Session-Id"] = session
+        return httpx2.post(url, headers=headers, json=body, timeout=30)
+
+    def call(key: str, session: str, marker: str) -> httpx2.Response:
+        params = {"name": "search", "arguments": {"query": marker}}
+        return post(key, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}, session)
+
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    r = post(a.key, init)
+    assert r.status_code == 200, r.text
+    session = r.headers["mcp-session-id"]
+    assert post(a.key, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session).status_code == 202
+    # The agent that opened the session uses it.
+    mine = uuid.uuid4().hex
+    r = call(a.key, session, mine)
+    assert r.status_code == 200, r.text
+    assert f"results for {mine}" in r.text
+    # Another agent's key with that session id: refused as an unknown session, nothing forwarded
+    # (and its DELETE does not end the session).
+    theirs = uuid.uuid4().hex
+    r = call(b.key, session, theirs)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "not_found"
+    delete = httpx2.delete(url, headers={**accept, "Authorization": f"Bearer {b.key}", "Mcp-Session-Id": session})
+    assert delete.status_code == 404
+    # The server's own id, as the server gave it, is no use either.
+    raw = session.rsplit(".", 1)[0]
+    assert call(a.key, raw, theirs).status_code == 404
+    assert call(b.key, raw, theirs).status_code == 404
+    assert not up.saw(theirs)
+    # The session is still the first agent's, and the server got its own id back.
+    again = uuid.uuid4().hex
+    assert call(a.key, session, again).status_code == 200
+    assert up.saw(again)
+    assert any(r["headers"].get("mcp-session-id") == raw for r in up.requests())
+    assert not any(r["headers"].get("mcp-session-id") == session for r in up.requests())
+    assert settled(a).lifetime_spent == 2 * PRICES["search"]
+    assert settled(b).lifetime_spent == 0

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import PRICES, Gateway, connect, settled
+from conftest import PRICES, Gateway, audit_when, connect, settled
 
 MODES = ["auto", "legacy"]
 
@@ -39,6 +39,12 @@ def test_a_stdio_server_is_listed_called_and_charged(gateway: Gateway, mode: str
     usage = settled(agent)
     assert usage.lifetime_spent == PRICES["search"]
     assert usage.window_held == 0
+    # Each call audited once with its tool and price; the denied one with its reason.
+    events = audit_when(agent, lambda ev: len([e for e in ev if e.action == "capture"]) >= 2)
+    captured = sorted((e.scope, e.amount) for e in events if e.action == "capture")
+    assert captured == [("mcp.local:echo", 0), ("mcp.local:search", PRICES["search"])]
+    denied = [(e.scope, e.reason) for e in events if e.outcome == "denied"]
+    assert denied == [("mcp.local:charge_card", "scope_not_granted")]
 
 
 def test_concurrent_agents_share_one_stdio_server(gateway: Gateway) -> None:
