@@ -45,7 +45,8 @@ const field = (id, label, input, hint) =>
 function showKey(handle, key, what) {
   const d = dialog();
   const copy = h("button.primary", { type: "button" }, "Copy");
-  const done = h("button", { type: "button", on: { click: () => d.close() } }, "Done");
+  // The key leaves the page the moment Done is pressed (a dialog's `close` event comes a task later).
+  const done = h("button", { type: "button", on: { click: () => { clear(d); d.close(); } } }, "Done");
   const status = h("p.hint", { role: "status" });
   copy.addEventListener("click", async () => {
     try {

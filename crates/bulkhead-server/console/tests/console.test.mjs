@@ -142,6 +142,7 @@ test("create an agent: the key is shown once, with a Copy button", async () => {
   assert.equal(me.json.per_tx_limit, "2.50");
   // Closed, it is gone from the page; reloaded, from everywhere the page keeps things.
   await page.getByRole("button", { name: "Done" }).click();
+  await page.locator("#new-key").waitFor({ state: "detached" });
   await page.locator("h1:has-text('support-bot')").waitFor();
   assert.equal(await page.content().then((c) => c.includes(key)), false);
   await page.reload();
