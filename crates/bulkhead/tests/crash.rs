@@ -7,34 +7,12 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-upstream");
-
-async fn start_mock() -> (tokio::process::Child, String) {
-    let mut child = tokio::process::Command::new(MOCK_BIN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn mock-upstream");
-    let out = child.stdout.take().expect("mock stdout");
-    let line = tokio::time::timeout(Duration::from_secs(60), BufReader::new(out).lines().next_line())
-        .await
-        .expect("mock-upstream printed its address in time")
-        .expect("read mock stdout")
-        .expect("a line");
-    let base = line.rsplit(' ').next().expect("address").to_owned();
-    (child, base)
-}
 
 /// What each client saw acknowledged.
 #[derive(Default)]
@@ -49,7 +27,7 @@ struct Acked {
 }
 
 async fn mixed_kill_9(mut b: Backend) {
-    let (_mock, mock) = start_mock().await;
+    let (_mock, mock) = start_mock_upstream().await;
     let cfg = b.scratch("crash.toml");
     std::fs::write(
         &cfg,

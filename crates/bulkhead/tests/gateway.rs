@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{ADMIN, Api, Backend, Server, micros, micros_of, root_agent, usage};
+use common::{ADMIN, Api, Backend, Server, micros, micros_of, root_agent, start_mock_upstream, usage};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-upstream");
 const OPENAI_SECRET: &str = "sk-gw-test-openai-5f0c2a9e71d84b3c";
 const ANTHROPIC_SECRET: &str = "sk-ant-gw-test-8d21c7e04a9b";
 const SEARCH_SECRET: &str = "search-gw-test-3b7e19c0";
@@ -65,22 +64,7 @@ struct Mock {
 
 impl Mock {
     async fn start() -> Mock {
-        let mut child = tokio::process::Command::new(MOCK_BIN)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn mock-upstream");
-        let out = child.stdout.take().expect("mock stdout");
-        let mut lines = BufReader::new(out).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("mock-upstream printed its address in time")
-            .expect("read mock stdout")
-            .expect("a line");
-        let base = line.rsplit(' ').next().expect("address").to_owned();
-        assert!(base.starts_with("http://127.0.0.1:"), "mock address: {line}");
+        let (child, base) = start_mock_upstream().await;
         Mock { _child: child, base, http: reqwest::Client::builder().no_proxy().build().expect("client") }
     }
 

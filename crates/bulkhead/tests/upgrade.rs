@@ -26,12 +26,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{ADMIN, Api, Backend, Server, micros, micros_of, usage};
+use common::{ADMIN, Api, Backend, Server, micros, micros_of, start_mock_upstream, usage};
 use serde_json::{Value, json};
 
 /// Where the released schemas' fixtures live.
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-upstream");
 /// The loopback port of a fixture's alert webhook while it was written: closed, so its alerts
 /// wait in the outbox.
 fn alert_port(backend: &str) -> u16 {
@@ -130,21 +129,7 @@ struct Mock {
 
 impl Mock {
     async fn start() -> Mock {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(MOCK_BIN)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn mock-upstream");
-        let out = child.stdout.take().expect("mock stdout");
-        let line = tokio::time::timeout(Duration::from_secs(60), tokio::io::BufReader::new(out).lines().next_line())
-            .await
-            .expect("mock-upstream printed its address in time")
-            .expect("read mock stdout")
-            .expect("a line");
-        let base = line.rsplit(' ').next().expect("address").to_owned();
+        let (child, base) = start_mock_upstream().await;
         Mock { _child: child, base }
     }
 }

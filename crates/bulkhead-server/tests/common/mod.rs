@@ -98,24 +98,18 @@ pub enum Db {
 }
 
 impl Srv {
+    /// A server on a SQLite file, its router driven in-process.
     pub async fn new() -> Srv {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = bulkhead_store::testkit::sqlite_url(dir.path());
-        let store = Store::open(&url).await.expect("open store");
-        let clock = Arc::new(ManualClock::new(T0));
-        let (ledger, _writer) = Ledger::start(store, clock.clone(), Default::default());
-        let router = app(AppState {
-            ledger: ledger.clone(),
-            admin_token: Arc::from(ADMIN),
-            metrics: install_metrics(),
-            metrics_open: true,
-        });
-        Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()), wire: None }
+        Srv::build(Db::Sqlite, false).await
     }
 
     /// A server on `db` answering over a real loopback socket, through the production
     /// connection path.
     pub async fn on_the_wire(db: Db) -> Srv {
+        Srv::build(db, true).await
+    }
+
+    async fn build(db: Db, wire: bool) -> Srv {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = match db {
             Db::Sqlite => bulkhead_store::testkit::sqlite_url(dir.path()),
@@ -130,12 +124,15 @@ impl Srv {
             metrics: install_metrics(),
             metrics_open: true,
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-        let addr = listener.local_addr().expect("addr");
-        let (queue, conns) = bulkhead_server::http::worker_queue();
-        tokio::spawn(bulkhead_server::http::serve(conns, router.clone(), None, None, std::future::pending()));
-        tokio::spawn(bulkhead_server::http::accept(listener, vec![queue], 256, std::future::pending()));
-        Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()), wire: Some(addr) }
+        let mut addr = None;
+        if wire {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+            addr = Some(listener.local_addr().expect("addr"));
+            let (queue, conns) = bulkhead_server::http::worker_queue();
+            tokio::spawn(bulkhead_server::http::serve(conns, router.clone(), None, None, std::future::pending()));
+            tokio::spawn(bulkhead_server::http::accept(listener, vec![queue], 256, std::future::pending()));
+        }
+        Srv { router, ledger, clock, dir, seen: Mutex::new(Vec::new()), wire: addr }
     }
 
     /// One request written as raw HTTP/1.1 on a new connection: (status, headers, body).

@@ -21,6 +21,30 @@ pub const ADMIN: &str = "e2e-admin-token-4c1d9f0e7b2a-0123456789";
 /// The scope every test agent spends with.
 pub const SCOPE: &str = "payments:write";
 
+/// The OpenAI/Anthropic-compatible upstream the gateway tests forward to.
+pub const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-upstream");
+
+/// Starts `mock-upstream` (killed when the returned child is dropped); returns it and its base URL.
+pub async fn start_mock_upstream() -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(MOCK_BIN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn mock-upstream");
+    let out = child.stdout.take().expect("mock stdout");
+    let line = tokio::time::timeout(Duration::from_secs(60), tokio::io::BufReader::new(out).lines().next_line())
+        .await
+        .expect("mock-upstream printed its address in time")
+        .expect("read mock stdout")
+        .expect("a line");
+    let base = line.rsplit(' ').next().expect("address").to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "mock address: {line}");
+    (child, base)
+}
+
 /// Upper bound of every wait for a server to come up or go away (a hang guard, not an assertion).
 const WAIT_STEPS: u32 = 1200;
 const WAIT_STEP: Duration = Duration::from_millis(50);
