@@ -296,6 +296,17 @@ impl Batch {
         Ok(ids)
     }
 
+    /// A hold as this batch knows it, else as stored.
+    pub(super) async fn hold_by_id(&mut self, hold_id: &str) -> R<Option<HoldRow>> {
+        if let Some(h) = self.holds.get(hold_id) {
+            return Ok(Some(h.clone()));
+        }
+        Ok(sqlx::query_as(dsql!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"))
+            .bind(hold_id)
+            .fetch_optional(&mut *self.tx)
+            .await?)
+    }
+
     /// The chain as the core's ordered checks see it: the agent first, then each ancestor.
     pub(super) fn links(&self, id: i64) -> R<Vec<bulkhead_core::Link>> {
         self.chain(id)?

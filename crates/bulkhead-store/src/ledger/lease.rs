@@ -8,7 +8,7 @@ use bulkhead_core::decision::Movement;
 use serde_json::json;
 
 use super::LeaseAudit;
-use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, HoldTerms, R, corrupt, hold_end, path_ids};
+use super::batch::{Batch, HoldStatus, HoldTerms, R, corrupt, hold_end, path_ids};
 use crate::answer::{AmountProblem, Answer, LeaseGrant, LeaseSettled, Missing, Outcome, Refusal, Reply};
 use crate::view::AgentStatus;
 
@@ -109,15 +109,7 @@ impl Batch {
         close: bool,
         audit: LeaseAudit,
     ) -> R<Reply> {
-        let hold: Option<HoldRow> = match self.holds.get(hold_id) {
-            Some(h) => Some(h.clone()),
-            None => {
-                sqlx::query_as(dsql!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"))
-                    .bind(hold_id)
-                    .fetch_optional(&mut *self.tx)
-                    .await?
-            }
-        };
+        let hold = self.hold_by_id(hold_id).await?;
         let Some(hold) = hold.filter(|h| h.on_expiry == "capture") else {
             return Ok(Reply::refuse(Refusal::NotFound(Missing::Lease)));
         };

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::Command;
 use super::IDEMPOTENCY_TTL_MS;
-use super::batch::{Batch, HOLD_COLUMNS, HoldRow, HoldStatus, HoldTerms, NewHold, R, corrupt, hold_end, path_ids};
+use super::batch::{Batch, HoldRow, HoldStatus, HoldTerms, NewHold, R, corrupt, hold_end, path_ids};
 use crate::alerts::NewAlert;
 use crate::answer::{
     AmountProblem, Answer, Held, Missing, Outcome, OverLimit, RECORD_TYPED, Recorded, Refusal, Remaining, Reply,
@@ -502,15 +502,7 @@ impl Batch {
     /// of a call it forwarded, which needs no key (the key may have been rotated mid-call).
     pub(super) async fn settle_hold(&mut self, owner: Option<i64>, hold_id: &str, amount: Option<Micros>) -> R<Reply> {
         let action = if amount.is_some() { "capture" } else { "release" };
-        let hold: Option<HoldRow> = match self.holds.get(hold_id) {
-            Some(h) => Some(h.clone()),
-            None => {
-                sqlx::query_as(dsql!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"))
-                    .bind(hold_id)
-                    .fetch_optional(&mut *self.tx)
-                    .await?
-            }
-        };
+        let hold = self.hold_by_id(hold_id).await?;
         // An agent settles only its own holds, never a gateway's (that would make forwarded
         // calls free); the gateway settles those by id.
         let Some(hold) = hold.filter(|h| owner.is_none_or(|o| h.agent_id == o && h.on_expiry != "capture")) else {
