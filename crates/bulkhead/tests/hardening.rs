@@ -175,8 +175,11 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
         String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200")
     };
     // The acceptor counts a connection as soon as it hands it over; poll until the fifth is refused.
+    // Each round first adds one more idle connection: a slot that frees up meanwhile (the start-up
+    // health checks' own connection closing) is taken by it, not by the probe.
     let mut refused = false;
     for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.expect("connect"));
         if !try_healthz(addr.clone()).await {
             refused = true;
             break;
