@@ -70,6 +70,7 @@ conformance! {
     rate_limit,
     check_order,
     audit_every_decision,
+    schema_refuses_broken_rows,
     shadow_mode,
     gateway_holds,
     lease_takes_what_fits,
@@ -1360,6 +1361,51 @@ async fn check_order(db: Db) {
     ok(&e.revoke(Caller::Admin, "ord").await, 200);
     err(&e.spend_with(&k, "other:x", "2", None).await, 401, "credential_revoked");
     err(&e.spend(&new_key(), "1").await, 401, "invalid_credentials");
+    e.finish().await;
+}
+
+/// The schema refuses what the ledger never writes (migration 0004): a negative counter or
+/// amount, an unknown status, a window's spend above the lifetime's. Each write fails and
+/// leaves the row as it was.
+async fn schema_refuses_broken_rows(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("rows", &[PAY], "10")).await;
+    ok(&e.spend(&k, "1").await, 200);
+    let hid = e.hold_ok(&k, "2", MIN).await;
+    let pool = e.store_pool().await;
+    let agent = "WHERE handle = 'rows'";
+    let hold = format!("WHERE id = '{hid}'");
+    for (table, set, filter) in [
+        ("agents", "held = -1", agent),
+        ("agents", "window_spent = -1", agent),
+        ("agents", "lifetime_spent = 0", agent),
+        ("agents", "spending_cap = -1", agent),
+        ("agents", "per_tx_limit = -5", agent),
+        ("agents", "lifetime_cap = -1", agent),
+        ("agents", "window_ms = 0", agent),
+        ("agents", "tx_count = -1", agent),
+        ("agents", "denied_count = -1", agent),
+        ("agents", "depth = -1", agent),
+        ("agents", "status = 'deleted'", agent),
+        ("agents", "enforce = 2", agent),
+        ("holds", "amount = -1", hold.as_str()),
+        ("holds", "captured = -1", hold.as_str()),
+        ("holds", "status = 'lost'", hold.as_str()),
+        ("holds", "on_expiry = 'keep'", hold.as_str()),
+        ("holds", "settled_seq = -1", hold.as_str()),
+    ] {
+        let sql = format!("UPDATE {table} SET {set} {filter}");
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).execute(&pool).await;
+        assert!(r.is_err(), "{sql} must be refused by a constraint");
+    }
+    assert_eq!(e.money("rows").await, (m("1"), m("2"), m("1")));
+    let v = e.agent("rows").await;
+    assert_eq!((v.status.as_str(), v.usage.tx_count), ("active", 2));
+    ok(&e.capture(&k, &hid, "2").await, 200);
+    assert_eq!(e.money("rows").await, (m("3"), Micros::ZERO, m("3")));
+    // Agents made after the tables were rebuilt are numbered after the copied ones.
+    e.admin_agent(spec("rows-2", &[PAY], "10")).await;
+    e.intact().await;
     e.finish().await;
 }
 
