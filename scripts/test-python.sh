@@ -15,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SDK=$ROOT/sdk/python
+# The MCP gateway's tests run on SQLite and on PostgreSQL (a fresh database on this server each).
+export BULKHEAD_TEST_DATABASE_URL="${BULKHEAD_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 # shellcheck source=scripts/python-venv.sh
 source scripts/python-venv.sh
 

@@ -73,7 +73,7 @@ fn answer_body(answer: &Answer) -> (u16, String) {
             (200, json(&Revoked { revoked: handles.clone(), revoked_at: fmt_time(*revoked_at) }))
         }
         Answer::KeyRotated => (201, json(&Empty {})),
-        Answer::Swept => (200, json(&Empty {})),
+        Answer::Swept | Answer::Audited => (200, json(&Empty {})),
     }
 }
 
@@ -207,6 +207,7 @@ mod tests {
             ),
             (Answer::KeyRotated, 201, "{}"),
             (Answer::Swept, 200, "{}"),
+            (Answer::Audited, 200, "{}"),
         ];
         for (answer, status, body) in cases {
             assert_eq!(answer_body(&answer), (status, body.to_owned()), "{answer:?}");

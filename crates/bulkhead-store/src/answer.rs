@@ -56,6 +56,8 @@ pub enum Answer {
     KeyRotated,
     /// The sweep of expired holds ran.
     Swept,
+    /// An event was written to the audit trail (`Command::AuditRefusedCall`).
+    Audited,
     /// A replay of an answer recorded, already rendered, by a version of Bulkhead from before
     /// answers were typed: it is sent again exactly as it was.
     Rendered { status: u16, body: String },

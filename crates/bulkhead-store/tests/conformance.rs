@@ -70,6 +70,7 @@ conformance! {
     rate_limit,
     check_order,
     audit_every_decision,
+    refused_tool_call_audited,
     schema_refuses_broken_rows,
     shadow_mode,
     gateway_holds,
@@ -1361,6 +1362,63 @@ async fn check_order(db: Db) {
     ok(&e.revoke(Caller::Admin, "ord").await, 200);
     err(&e.spend_with(&k, "other:x", "2", None).await, 401, "credential_revoked");
     err(&e.spend(&new_key(), "1").await, 401, "invalid_credentials");
+    e.finish().await;
+}
+
+/// A tool call the MCP gateway refused before any decision (its tool no scope can name) is one
+/// denied event naming the server and the tool, and one more denial; nothing moves.
+async fn refused_tool_call_audited(db: Db) {
+    let e = Env::new(db).await;
+    let k = e.admin_agent(spec("mcp-odd", &["mcp.tools:*"], "10")).await;
+    let n = e.intact().await;
+    let long = "W".repeat(200);
+    for tool in ["WebSearch", long.as_str()] {
+        let cmd = Command::AuditRefusedCall {
+            key: k.clone(),
+            server: "tools".into(),
+            tool: tool.into(),
+            reason: "invalid_scope".into(),
+        };
+        ok(&e.submit(cmd).await, 200);
+    }
+    let ev = e.store.audit_page(Some("mcp-odd"), n, 10).await.unwrap();
+    let got: Vec<_> = ev
+        .iter()
+        .map(|x| (x.action.as_str(), x.outcome.as_str(), x.reason.as_deref(), x.scope.as_deref(), x.detail.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "hold",
+                "denied",
+                Some("invalid_scope"),
+                None,
+                Some(serde_json::json!({"mcp_server": "tools", "tool": "WebSearch"}))
+            ),
+            (
+                "hold",
+                "denied",
+                Some("invalid_scope"),
+                None,
+                Some(serde_json::json!({"mcp_server": "tools", "tool": "W".repeat(80)}))
+            ),
+        ]
+    );
+    let a = e.agent("mcp-odd").await;
+    assert_eq!((a.usage.denied_count, a.usage.tx_count), (2, 0));
+    assert_eq!(e.money("mcp-odd").await, (Micros::ZERO, Micros::ZERO, Micros::ZERO));
+    // An unknown key is refused like any call, and nothing is written.
+    let r = e
+        .submit(Command::AuditRefusedCall {
+            key: new_key(),
+            server: "tools".into(),
+            tool: "X".into(),
+            reason: "invalid_scope".into(),
+        })
+        .await;
+    err(&r, 401, "invalid_credentials");
+    assert_eq!(e.intact().await, n + 2);
     e.finish().await;
 }
 

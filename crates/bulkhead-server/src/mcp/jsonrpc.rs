@@ -76,6 +76,11 @@ impl RpcError {
         data.insert("code".into(), json!(code));
         RpcError { code: DENIED, message: message.into(), data: Some(Value::Object(data)) }
     }
+
+    /// The contract's error code of a refusal made by [`RpcError::denied`].
+    pub fn data_code(&self) -> Option<&str> {
+        self.data.as_ref()?.get("code")?.as_str()
+    }
 }
 
 /// The answer carrying `e` for the request `id` (`null` when it had none).

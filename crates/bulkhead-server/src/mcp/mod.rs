@@ -15,8 +15,9 @@
 //!    cover; `tools/call` is decided by the ledger as a hold of the tool's price under the
 //!    tool's scope `mcp.{server}:{tool}` (credentials, suspension, scope, rate limit, caps, in
 //!    the contract's order), a denial audited with its reason and answered with a JSON-RPC
-//!    error whose `data.code` is the contract's code, and never forwarded; every other method is
-//!    refused ("method not found"). By default the hold is a slot of the key's lease for that
+//!    error whose `data.code` is the contract's code, and never forwarded; a call to a tool no
+//!    scope can name (outside the scope alphabet) is refused as `invalid_scope` and audited as a
+//!    denied call all the same; every other method is refused ("method not found"). By default the hold is a slot of the key's lease for that
 //!    tool (the gateway's [`Leases`]: one durable, audited grant for many calls, sized to what
 //!    fits under every cap); with `leases = false` each call is a `MeteredHold` of its own;
 //! 4. forwards with the server's own credential (the agent's `Authorization` is removed), the
@@ -425,6 +426,16 @@ impl McpGateway {
             Route::Refuse(e) => {
                 if let Some(tool) = &msg.tool {
                     self.count(srv, tool, &agent.handle, "refused");
+                    // A call to a tool no scope can name is still a call: audited as denied.
+                    if let Some(code) = e.data_code() {
+                        let cmd = Command::AuditRefusedCall {
+                            key,
+                            server: srv.name.to_string(),
+                            tool: tool.clone(),
+                            reason: code.to_owned(),
+                        };
+                        self.inner.ledger.submit(cmd).await.map_err(ApiError::from)?;
+                    }
                 }
                 match msg.kind {
                     Kind::Request => Ok(rpc_error(msg.id.as_ref(), &e)),

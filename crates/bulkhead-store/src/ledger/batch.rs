@@ -450,6 +450,19 @@ impl Batch {
                 }
                 Ok(Reply::ok(Answer::Swept))
             }
+            Command::AuditRefusedCall { key, server, tool, reason } => {
+                let Some(id) = self.agent_by_key(key).await? else {
+                    return Ok(Reply::deny(DenyReason::InvalidCredentials));
+                };
+                let row = self.row_mut(id)?;
+                row.denied_count += 1;
+                let handle = row.handle.clone();
+                let tool: String = tool.chars().take(super::command::TOOL_NAME_AUDITED_MAX).collect();
+                let e = self.event(&handle, "hold", "denied");
+                e.reason = Some(reason.clone());
+                e.detail = Some(serde_json::json!({"mcp_server": server, "tool": tool}).to_string());
+                Ok(Reply::ok(Answer::Audited))
+            }
             Command::CreateAgent { caller, spec, key_hash } => self.create_agent(caller, spec, key_hash).await,
             Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
             Command::Revoke { caller, handle, reason } => self.revoke(caller, handle, reason.as_deref()).await,

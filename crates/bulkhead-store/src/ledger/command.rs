@@ -159,7 +159,23 @@ pub enum Command {
     SweepExpired,
     /// Audits refusals answered from memory: one event per agent and reason (run periodically).
     RecordRefusals(Vec<super::Tally>),
+    /// Audits a call the MCP gateway refused before the ledger could decide it, because no scope
+    /// can name its tool (a name outside the scope alphabet): one denied event for the agent
+    /// naming the server and the tool (`reason` is the code the agent was answered with), and one
+    /// more denial in its count. Nothing is held or charged, and the breaker is not fed (the
+    /// call was malformed, not refused by a limit).
+    AuditRefusedCall {
+        key: KeyHash,
+        server: String,
+        /// The tool's name as the agent sent it (its event keeps the first `TOOL_NAME_AUDITED_MAX`
+        /// characters).
+        tool: String,
+        reason: String,
+    },
 }
+
+/// How much of a refused call's tool name its audit event keeps (characters).
+pub(super) const TOOL_NAME_AUDITED_MAX: usize = 80;
 
 impl Command {
     pub(super) fn idem(&self) -> Option<&Idem> {
@@ -190,7 +206,8 @@ impl Command {
             | Command::MeteredHold { key, .. }
             | Command::Lease { key, .. }
             | Command::Capture { key, .. }
-            | Command::Release { key, .. } => Some(key),
+            | Command::Release { key, .. }
+            | Command::AuditRefusedCall { key, .. } => Some(key),
             Command::CreateAgent { caller: Caller::Agent(k), .. }
             | Command::Revoke { caller: Caller::Agent(k), .. } => Some(k),
             _ => None,

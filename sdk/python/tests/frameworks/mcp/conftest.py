@@ -9,17 +9,23 @@ Servers (`[[mcp_server]]` names):
   forwarded; the others take slots of a lease, the default);
 - `local`: the same server over stdio, started by Bulkhead.
 Each records what reached it (see `upstream.py`).
+
+Every test runs twice: on the embedded SQLite store and on PostgreSQL (a fresh database on the
+server `BULKHEAD_TEST_DATABASE_URL` names; the PostgreSQL run is skipped, and reported as
+skipped, when it is unset, and fails under `CI` then).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -104,8 +110,29 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the MCP test server did not start")
 
 
-@pytest.fixture(scope="session")
-def gateway() -> Iterator[Gateway]:
+@contextlib.contextmanager
+def _database(store: str) -> Iterator[str | None]:
+    """`None` for the embedded SQLite store; for PostgreSQL, the URL of a fresh database that is
+    dropped afterwards."""
+    if store == "sqlite":
+        yield None
+        return
+    admin = os.environ.get("BULKHEAD_TEST_DATABASE_URL")
+    if not admin:
+        if os.environ.get("CI"):
+            pytest.fail("BULKHEAD_TEST_DATABASE_URL is not set: the PostgreSQL runs cannot be skipped under CI")
+        pytest.skip("set BULKHEAD_TEST_DATABASE_URL to run the MCP gateway's tests on PostgreSQL")
+    name = f"bh_t_mcp_{uuid.uuid4().hex[:12]}"
+    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {name}"], check=True)
+    try:
+        yield f"{admin.rsplit('/', 1)[0]}/{name}"
+    finally:
+        subprocess.run(["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=False)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    store: str = request.param
     tmp = tempfile.TemporaryDirectory(prefix="bulkhead-mcp-")
     root = Path(tmp.name)
     procs: list[subprocess.Popen[bytes]] = []
@@ -141,7 +168,12 @@ def gateway() -> Iterator[Gateway]:
             f'[[mcp_server]]\nname = "local"\ncommand = {command}\n'
             'default_price = "0.00"\ntools = { search = "0.002", charge_card = "1.00", crash = "0.50" }\n'
         )
-        with support_server.start(config="\n".join(config), env={"TOOLS_MCP_TOKEN": SECRET}) as s:
+        with (
+            _database(store) as database_url,
+            support_server.start(
+                config="\n".join(config), env={"TOOLS_MCP_TOKEN": SECRET}, database_url=database_url
+            ) as s,
+        ):
             yield Gateway(s, ups)
     finally:
         for p in procs:
