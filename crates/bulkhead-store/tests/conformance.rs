@@ -2286,6 +2286,8 @@ async fn lease_expiry_captures_what_it_holds(db: Db) {
     assert_eq!(expired.len(), 1, "{ev:?}");
     assert_eq!(expired[0].amount.as_deref(), Some("2.00"));
     assert_eq!(expired[0].detail, Some(serde_json::json!({"captured": "2.00"})));
+    // Its calls' own events never came: the expiry's names what they were for (an MCP tool's).
+    assert_eq!(expired[0].scope.as_deref(), Some(PAY));
     err(&e.submit(lease_settle(&hid, "1", &[], 0, true)).await, 409, "hold_closed");
 
     // A child's lease, expired and swept: every ancestor is charged, once.

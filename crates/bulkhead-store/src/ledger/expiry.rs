@@ -148,6 +148,10 @@ impl Batch {
             let handle = self.row(h.agent_id)?.handle.clone();
             let e = self.event(&handle, "hold.expire", "allowed");
             e.amount = Some(h.amount);
+            // What it was held for: a gateway lease's calls whose settlement never came (a
+            // crash) have no event of their own, and this one names their scope (for an MCP
+            // tool, `mcp.{server}:{tool}`).
+            e.scope = Some(h.scope.clone());
             if !captured.is_zero() {
                 e.detail = Some(json!({"captured": captured}).to_string());
             }
