@@ -158,6 +158,8 @@ pub fn agent_row(a: &Value) -> Vec<String> {
 
 pub const AGENT_HEADERS: [&str; 7] = ["AGENT", "STATUS", "CAP", "SPENT", "USED", "SCOPES", "PARENT"];
 
+/// Runs one `bulkhead agent` subcommand against a server. One arm per subcommand, each a request
+/// and how its answer is printed, so the function is as long as the list of subcommands.
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     use reqwest::Method;
     match cmd {

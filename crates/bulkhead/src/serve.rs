@@ -188,15 +188,11 @@ fn spawn_worker(
     Ok(done_rx)
 }
 
+/// `bulkhead serve`: check the config, open the store, start the ledger and its background
+/// work, serve HTTP until a signal (or until the ledger stops on its own: exit 70), then stop in
+/// order — HTTP first, then the gateways' settlements, then the background work, the writer last.
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into a log file or a collector.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_tracing();
     let config = Config::load(args.config.as_deref())?;
     let upstreams = config.upstreams()?;
     let mcp_servers = config.mcp_servers()?;
@@ -210,18 +206,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::datadir::make_private(&args.data)?;
     let token = admin_token(&args.data)?;
-    // One server per embedded store: its writer is the file's only writer (it caches what it
-    // committed), so a second `serve` on the same data dir must not start.
-    let _dir_lock = match &args.database_url {
-        Some(_) => None,
-        None => Some(lock_data_dir(&args.data)?),
-    };
-    let audit_key = audit_key(&args.data)?;
-    let store = match &args.database_url {
-        Some(url) => Store::open(url).await.context("cannot open the PostgreSQL store")?,
-        None => Store::open_dir(&args.data).await.context("cannot open the embedded store")?,
-    };
-    let store = store.with_audit_key(audit_key);
+    let (store, _dir_lock) = open_store(&args).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let alerting = !alert_rules.webhooks.is_empty();
     let (ledger, writer) = Ledger::start(
@@ -241,59 +226,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Installed before the gateway, which makes its series when it is built.
     let metrics = install_metrics();
     let upkeep = spawn_metrics_upkeep(metrics.clone());
-    let gateway = if upstreams.is_empty() {
-        None
-    } else {
-        let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
-        tracing::info!(upstreams = ?names, "agent gateway on /proxy/{{upstream}}/…");
-        Some(Gateway::new(ledger.clone(), upstreams).map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?)
-    };
     let catalog = McpCatalog::of(&mcp_servers);
-    let mcp = if mcp_servers.is_empty() {
-        None
-    } else {
-        let names: Vec<String> = mcp_servers.iter().map(|s| s.name.clone()).collect();
-        tracing::info!(servers = ?names, "MCP gateway on /mcp/{{server}}");
-        Some(McpGateway::new(ledger.clone(), mcp_servers).map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))?)
-    };
+    let gateways = Gateways::start(&ledger, upstreams, mcp_servers)?;
     let state =
         AppState { ledger, admin_token: Arc::from(token), metrics, metrics_open: args.listen.ip().is_loopback() };
-    let workers = args
-        .workers
-        .map(usize::from)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1));
-    let workers = workers.max(1);
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut served = Vec::new();
-    let mut queues = Vec::new();
-    for i in 0..workers {
-        let (queue, conns) = bulkhead_server::http::worker_queue();
-        queues.push(queue);
-        let worker_gateway = match &gateway {
-            Some(gw) => Some(gw.for_worker().map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?),
-            None => None,
-        };
-        let worker_mcp = match &mcp {
-            Some(m) => Some(m.for_worker().map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))?),
-            None => None,
-        };
-        let router = app(state.clone()).layer(axum::Extension(catalog.clone()));
-        served.push(spawn_worker(i, conns, router, worker_gateway, worker_mcp, stop_rx.clone())?);
-    }
-    let max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
-    let acceptor = tokio::spawn(bulkhead_server::http::accept(listener, queues, max_connections, {
-        let mut stop = stop_rx.clone();
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }
-    }));
-    drop(state);
-    tracing::info!(%addr, store = ?store.backend(), workers, "bulkhead listening");
-    println!("bulkhead listening on http://{addr}");
+    let router = app(state).layer(axum::Extension(catalog));
+    let http = Http::start(&args, router, &gateways).await?;
+    tracing::info!(addr = %http.addr, store = ?store.backend(), workers = http.workers, "bulkhead listening");
+    println!("bulkhead listening on http://{}", http.addr);
     let mut writer = writer;
     tokio::select! {
         _ = shutdown_signal() => {}
@@ -304,22 +244,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(70));
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = acceptor.await;
-    for done in served {
-        if let Ok(Err(e)) = done.await {
-            tracing::error!(error = %e, "an HTTP worker failed");
-        }
-    }
-    // Calls answered before the stop are settled and unused slots given back.
-    if let Some(gw) = gateway {
-        gw.close().await;
-    }
-    // Leased MCP calls are settled; local MCP servers stop with the last handle, and
-    // settlements under way hold the ledger open until they are done.
-    if let Some(m) = mcp {
-        m.close().await;
-    }
+    http.stop().await;
+    gateways.close().await;
     sweeper.abort();
     let _ = sweeper.await;
     upkeep.abort();
@@ -332,4 +258,134 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     store.close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info,sqlx=warn`).
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a log file or a collector.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// The store (PostgreSQL at `--database-url`, else the embedded file in the data dir) with its
+/// audit key, and for the embedded store the data dir's lock, held for the life of the process.
+async fn open_store(args: &ServeArgs) -> anyhow::Result<(Store, Option<std::fs::File>)> {
+    // One server per embedded store: its writer is the file's only writer (it caches what it
+    // committed), so a second `serve` on the same data dir must not start.
+    let dir_lock = match &args.database_url {
+        Some(_) => None,
+        None => Some(lock_data_dir(&args.data)?),
+    };
+    let audit_key = audit_key(&args.data)?;
+    let store = match &args.database_url {
+        Some(url) => Store::open(url).await.context("cannot open the PostgreSQL store")?,
+        None => Store::open_dir(&args.data).await.context("cannot open the embedded store")?,
+    };
+    Ok((store.with_audit_key(audit_key), dir_lock))
+}
+
+/// The agent gateway and the MCP gateway, each when the config has servers for it.
+struct Gateways {
+    gateway: Option<Gateway>,
+    mcp: Option<McpGateway>,
+}
+
+impl Gateways {
+    fn start(
+        ledger: &Ledger,
+        upstreams: Vec<bulkhead_server::gateway::Upstream>,
+        mcp_servers: Vec<bulkhead_server::mcp::config::McpServer>,
+    ) -> anyhow::Result<Gateways> {
+        let gateway = if upstreams.is_empty() {
+            None
+        } else {
+            let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
+            tracing::info!(upstreams = ?names, "agent gateway on /proxy/{{upstream}}/…");
+            Some(Gateway::new(ledger.clone(), upstreams).map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?)
+        };
+        let mcp = if mcp_servers.is_empty() {
+            None
+        } else {
+            let names: Vec<String> = mcp_servers.iter().map(|s| s.name.clone()).collect();
+            tracing::info!(servers = ?names, "MCP gateway on /mcp/{{server}}");
+            Some(McpGateway::new(ledger.clone(), mcp_servers).map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))?)
+        };
+        Ok(Gateways { gateway, mcp })
+    }
+
+    /// Settles what the gateways still owe: calls answered before the stop are settled and
+    /// unused slots given back; local MCP servers stop with the last handle, and settlements
+    /// under way hold the ledger open until they are done.
+    async fn close(self) {
+        if let Some(gw) = self.gateway {
+            gw.close().await;
+        }
+        if let Some(m) = self.mcp {
+            m.close().await;
+        }
+    }
+}
+
+/// The HTTP side: the acceptor and `--workers` workers, each with its own router, gateways and
+/// upstream connection pools.
+struct Http {
+    addr: std::net::SocketAddr,
+    workers: usize,
+    stop: tokio::sync::watch::Sender<bool>,
+    acceptor: tokio::task::JoinHandle<()>,
+    served: Vec<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
+}
+
+impl Http {
+    async fn start(args: &ServeArgs, router: axum::Router, gateways: &Gateways) -> anyhow::Result<Http> {
+        let workers = args
+            .workers
+            .map(usize::from)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1));
+        let workers = workers.max(1);
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut served = Vec::new();
+        let mut queues = Vec::new();
+        for i in 0..workers {
+            let (queue, conns) = bulkhead_server::http::worker_queue();
+            queues.push(queue);
+            let worker_gateway = match &gateways.gateway {
+                Some(gw) => Some(gw.for_worker().map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))?),
+                None => None,
+            };
+            let worker_mcp = match &gateways.mcp {
+                Some(m) => Some(m.for_worker().map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))?),
+                None => None,
+            };
+            served.push(spawn_worker(i, conns, router.clone(), worker_gateway, worker_mcp, stop_rx.clone())?);
+        }
+        let max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+        let acceptor = tokio::spawn(bulkhead_server::http::accept(listener, queues, max_connections, {
+            let mut stop = stop_rx.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        }));
+        Ok(Http { addr, workers, stop, acceptor, served })
+    }
+
+    /// Stops accepting, closes idle connections and waits for requests under way to finish.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.acceptor.await;
+        for done in self.served {
+            if let Ok(Err(e)) = done.await {
+                tracing::error!(error = %e, "an HTTP worker failed");
+            }
+        }
+    }
 }

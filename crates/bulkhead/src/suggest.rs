@@ -43,8 +43,9 @@ fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// The report for a person: history, scopes, spending, denials, and the patch to apply.
 fn print_text(a: &AgentAdvice) {
-    let (s, sp, d) = (&a.advice.scopes, &a.advice.spend, &a.advice.denials);
+    let sp = &a.advice.spend;
     println!("Least-privilege advice for {} ({})", a.handle, a.status);
     println!(
         "History: {} from {} to {}, {} of {}{}.",
@@ -59,7 +60,26 @@ fn print_text(a: &AgentAdvice) {
             String::new()
         }
     );
+    print_scopes(a);
+    print_spending(a);
+    let d = &a.advice.denials;
+    println!("\nDenials: {}", d.total);
+    if !d.by_reason.is_empty() {
+        let rows: Vec<Vec<String>> = d.by_reason.iter().map(|r| vec![r.reason.clone(), r.count.to_string()]).collect();
+        table(&["Reason", "Count"], &rows);
+    }
+    let p = patch(a);
+    if p.is_empty() {
+        println!("\nNothing to tighten: the grant already matches the recorded use.");
+    } else {
+        println!("\nTo apply: PATCH /v1/agents/{} {}", a.handle, Value::Object(p));
+    }
+}
 
+/// Each granted scope pattern with the scopes used under it and the advice; what was asked for
+/// and not granted; the proposed scopes.
+fn print_scopes(a: &AgentAdvice) {
+    let s = &a.advice.scopes;
     println!("\nScopes");
     let used_under = |pattern: &str| -> String {
         let Ok(p) = bulkhead_core::ScopePattern::parse(pattern) else { return "-".into() };
@@ -96,7 +116,11 @@ fn print_text(a: &AgentAdvice) {
         "Proposed scopes: {}",
         if s.proposed.is_empty() { "none (no scope was used)".to_owned() } else { s.proposed.join(", ") }
     );
+}
 
+/// Spending per window as observed, and the limits proposed from it.
+fn print_spending(a: &AgentAdvice) {
+    let sp = &a.advice.spend;
     println!("\nSpending per {} window", a.window);
     println!(
         "Observed: p50 {}  p99 {}  max {}  (total {} in {}; {} with spend); largest single spend or hold {}",
@@ -121,19 +145,6 @@ fn print_text(a: &AgentAdvice) {
         ],
     );
     println!("Rule: {}.", sp.rule);
-
-    println!("\nDenials: {}", d.total);
-    if !d.by_reason.is_empty() {
-        let rows: Vec<Vec<String>> = d.by_reason.iter().map(|r| vec![r.reason.clone(), r.count.to_string()]).collect();
-        table(&["Reason", "Count"], &rows);
-    }
-
-    let p = patch(a);
-    if p.is_empty() {
-        println!("\nNothing to tighten: the grant already matches the recorded use.");
-    } else {
-        println!("\nTo apply: PATCH /v1/agents/{} {}", a.handle, Value::Object(p));
-    }
 }
 
 pub async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {

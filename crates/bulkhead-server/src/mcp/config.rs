@@ -110,7 +110,49 @@ impl McpServerSpec {
             ));
         }
         let who = format!("mcp_server {name:?}");
-        let transport = match (&self.url, &self.command) {
+        let transport = self.transport(&who)?;
+        let auth = auth_header(
+            &who,
+            self.secret_env.as_deref(),
+            self.auth_header.as_deref(),
+            self.auth_format.as_deref(),
+            env,
+        )?;
+        let (default_price, prices) = self.prices(&who)?;
+        let max_request_bytes = self.max_request_bytes.unwrap_or(REQUEST_BYTES_DEFAULT);
+        let max_response_bytes = self.max_response_bytes.unwrap_or(RESPONSE_BYTES_DEFAULT);
+        if max_request_bytes == 0 || max_response_bytes == 0 {
+            return Err(format!("{who}: max_request_bytes and max_response_bytes must be above zero"));
+        }
+        let max_duration = duration(&who, "max_duration", self.max_duration.as_deref(), MAX_DURATION_DEFAULT)?;
+        if max_duration > Duration::from_secs(23 * 3600) {
+            return Err(format!("{who}: max_duration is at most 23h"));
+        }
+        Ok(McpServer {
+            name: name.clone(),
+            transport,
+            auth,
+            default_price,
+            prices,
+            max_request_bytes,
+            max_response_bytes,
+            connect_timeout: duration(
+                &who,
+                "connect_timeout",
+                self.connect_timeout.as_deref(),
+                CONNECT_TIMEOUT_DEFAULT,
+            )?,
+            read_timeout: duration(&who, "read_timeout", self.read_timeout.as_deref(), READ_TIMEOUT_DEFAULT)?,
+            max_duration,
+            charge_failures: self.charge_failures.unwrap_or(false),
+            leases: self.leases.unwrap_or(true),
+        })
+    }
+
+    /// Where the server is: a URL (http or https, a host, no user info or fragment), or a
+    /// command to start (which reads its own environment: no secret settings).
+    fn transport(&self, who: &str) -> Result<Transport, String> {
+        Ok(match (&self.url, &self.command) {
             (Some(url), None) => {
                 let uri: Uri = url.parse().map_err(|_| format!("{who}: url {url:?} is not a URL"))?;
                 let https = match uri.scheme_str() {
@@ -141,14 +183,11 @@ impl McpServerSpec {
                 Transport::Stdio { argv: argv.clone() }
             }
             _ => return Err(format!("{who}: needs exactly one of url and command")),
-        };
-        let auth = auth_header(
-            &who,
-            self.secret_env.as_deref(),
-            self.auth_header.as_deref(),
-            self.auth_format.as_deref(),
-            env,
-        )?;
+        })
+    }
+
+    /// The default price and each named tool's (every tool name a scope segment).
+    fn prices(&self, who: &str) -> Result<(Micros, HashMap<String, Micros>), String> {
         let amount = |field: &str, s: &str| Micros::parse(s).map_err(|e| format!("{who}: {field} {s:?}: {e}"));
         let default_price = match &self.default_price {
             Some(s) => amount("default_price", s)?,
@@ -159,39 +198,12 @@ impl McpServerSpec {
         }
         let mut prices = HashMap::new();
         for (tool, price) in &self.tools {
-            tool_scope(name, tool).map_err(|_| {
+            tool_scope(&self.name, tool).map_err(|_| {
                 format!("{who}: tool {tool:?} is not a scope segment (a-z 0-9 _ - .), so no key could be granted it")
             })?;
             prices.insert(tool.clone(), amount(&format!("tools.{tool}"), price)?);
         }
-        let max_request_bytes = self.max_request_bytes.unwrap_or(REQUEST_BYTES_DEFAULT);
-        let max_response_bytes = self.max_response_bytes.unwrap_or(RESPONSE_BYTES_DEFAULT);
-        if max_request_bytes == 0 || max_response_bytes == 0 {
-            return Err(format!("{who}: max_request_bytes and max_response_bytes must be above zero"));
-        }
-        let max_duration = duration(&who, "max_duration", self.max_duration.as_deref(), MAX_DURATION_DEFAULT)?;
-        if max_duration > Duration::from_secs(23 * 3600) {
-            return Err(format!("{who}: max_duration is at most 23h"));
-        }
-        Ok(McpServer {
-            name: name.clone(),
-            transport,
-            auth,
-            default_price,
-            prices,
-            max_request_bytes,
-            max_response_bytes,
-            connect_timeout: duration(
-                &who,
-                "connect_timeout",
-                self.connect_timeout.as_deref(),
-                CONNECT_TIMEOUT_DEFAULT,
-            )?,
-            read_timeout: duration(&who, "read_timeout", self.read_timeout.as_deref(), READ_TIMEOUT_DEFAULT)?,
-            max_duration,
-            charge_failures: self.charge_failures.unwrap_or(false),
-            leases: self.leases.unwrap_or(true),
-        })
+        Ok((default_price, prices))
     }
 }
 
