@@ -30,8 +30,6 @@ mod blast;
 mod history;
 mod ledger;
 mod read;
-#[cfg(any(test, feature = "testkit"))]
-pub mod testkit;
 mod view;
 
 pub use advice::AgentAdvice;
@@ -239,10 +237,4 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-/// Random lowercase suffix for generated names.
-#[cfg(any(test, feature = "testkit"))]
-pub(crate) fn ledger_random_suffix() -> String {
-    bulkhead_core::key::random_base62(&mut rand::rng(), 12).to_lowercase()
 }
