@@ -446,8 +446,8 @@ impl Batch {
                     let e = self.event(&t.agent, "refused", "denied");
                     e.reason = Some(t.reason.code().to_owned());
                     e.detail = Some(
-                        serde_json::json!({"count": t.count, "first_at": crate::view::fmt_time(t.first_ms),
-                            "last_at": crate::view::fmt_time(t.last_ms), "coalesced": true})
+                        serde_json::json!({"count": t.count, "first_at": crate::format::fmt_time(t.first_ms),
+                            "last_at": crate::format::fmt_time(t.last_ms), "coalesced": true})
                         .to_string(),
                     );
                 }

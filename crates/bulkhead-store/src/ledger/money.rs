@@ -18,7 +18,8 @@ use crate::answer::{
     Settled, Spent,
 };
 use crate::audit::NewEvent;
-use crate::view::{AgentStatus, fmt_time};
+use crate::format::fmt_time;
+use crate::view::AgentStatus;
 
 /// The utilization alert thresholds are compared with: a zero cap with something used is past
 /// every threshold.
