@@ -12,8 +12,10 @@ suite_started=$(date +%s)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bulkhead/target}"
 export BULKHEAD_BIN="${BULKHEAD_BIN:-$CARGO_TARGET_DIR/debug/bulkhead}"
 
-# With trust auth the password is ignored; on a fresh install we set it, so one URL fits both.
-export BULKHEAD_TEST_PG="${BULKHEAD_TEST_PG:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
+# The PostgreSQL server the tests create throwaway databases on (without it, the PostgreSQL tests
+# skip, or fail under CI). With trust auth the password is ignored; on a fresh install we set it,
+# so one URL fits both.
+export BULKHEAD_TEST_DATABASE_URL="${BULKHEAD_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 
 ensure_postgres() {
   if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
@@ -39,8 +41,8 @@ ensure_postgres() {
 
 ensure_postgres
 # Drop throwaway databases left by earlier runs.
-psql "$BULKHEAD_TEST_PG" -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'bh\_t\_%'" |
-  while read -r db; do psql "$BULKHEAD_TEST_PG" -q -c "DROP DATABASE IF EXISTS \"$db\"" || true; done
+psql "$BULKHEAD_TEST_DATABASE_URL" -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'bh\_t\_%'" |
+  while read -r db; do psql "$BULKHEAD_TEST_DATABASE_URL" -q -c "DROP DATABASE IF EXISTS \"$db\"" || true; done
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"

@@ -9,9 +9,8 @@ use bulkhead_store::{Ledger, Store};
 use tower::ServiceExt;
 
 async fn router(metrics_open: bool, dir: &std::path::Path) -> axum::Router {
-    let store = Store::open(&bulkhead_store::testkit::sqlite_url(dir)).await.unwrap();
-    let (ledger, _) =
-        Ledger::start(store, Arc::new(bulkhead_core::ManualClock::new(1_700_000_000_000)), Default::default());
+    let store = Store::open(&bulkhead_testkit::sqlite_url(dir)).await.unwrap();
+    let (ledger, _) = Ledger::start(store, bulkhead_testkit::manual_clock(), Default::default());
     app(AppState { ledger, admin_token: Arc::from("admin-t"), metrics: install_metrics(), metrics_open })
 }
 

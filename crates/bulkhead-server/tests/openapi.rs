@@ -30,8 +30,8 @@ const NOT_THE_JSON_API: &[&str] = &["/console", "/mcp", "/proxy"];
 /// Serves `app()` on 127.0.0.1 through the production connection path (`http::accept`,
 /// `http::serve`); returns the address.
 async fn serve_on_loopback(dir: &std::path::Path) -> std::net::SocketAddr {
-    let store = Store::open(&bulkhead_store::testkit::sqlite_url(dir)).await.expect("store");
-    let (ledger, _writer) = Ledger::start(store, Arc::new(bulkhead_core::ManualClock::new(T0)), Default::default());
+    let store = Store::open(&bulkhead_testkit::sqlite_url(dir)).await.expect("store");
+    let (ledger, _writer) = Ledger::start(store, bulkhead_testkit::manual_clock(), Default::default());
     let router =
         app(AppState { ledger, admin_token: Arc::from(ADMIN), metrics: install_metrics(), metrics_open: true });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");

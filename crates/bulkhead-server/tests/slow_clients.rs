@@ -32,9 +32,8 @@ impl http_body::Body for Trickle {
 #[tokio::test]
 async fn a_trickled_api_body_is_refused_at_its_read_deadline() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(&bulkhead_store::testkit::sqlite_url(dir.path())).await.expect("store");
-    let (ledger, _) =
-        Ledger::start(store, Arc::new(bulkhead_core::ManualClock::new(1_700_000_000_000)), Default::default());
+    let store = Store::open(&bulkhead_testkit::sqlite_url(dir.path())).await.expect("store");
+    let (ledger, _) = Ledger::start(store, bulkhead_testkit::manual_clock(), Default::default());
     let admin = "adm_test_0123456789_abcdefghijklmnopqrstuvwxyz";
     let router =
         app(AppState { ledger, admin_token: Arc::from(admin), metrics: install_metrics(), metrics_open: true });

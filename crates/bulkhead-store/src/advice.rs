@@ -7,7 +7,8 @@ use bulkhead_core::advice::{Advice, Grant, Observation, SPAWN_SCOPE, Tally};
 use serde::Serialize;
 
 use crate::audit::{EventRow, page};
-use crate::view::{AGENT_COLUMNS, AgentRow, fmt_time, micros};
+use crate::format::{fmt_time, micros};
+use crate::view::{AGENT_COLUMNS, AgentRow};
 use crate::{Store, StoreError};
 
 /// Events per page read.

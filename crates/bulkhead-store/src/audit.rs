@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use sqlx::any::AnyArguments;
 use sqlx::{Any, Arguments, Transaction};
 
-use crate::view::{fmt_time, micros};
+use crate::format::{fmt_time, micros};
 use crate::{Backend, Store, StoreError};
 
 /// The hash that stands before the first event.

@@ -10,7 +10,7 @@ use sqlx::any::AnyArguments;
 use sqlx::{Arguments, FromRow};
 
 use crate::audit::{EVENT_COLUMNS, EventRow};
-use crate::view::{fmt_time, micros};
+use crate::format::{fmt_time, micros};
 use crate::{AuditEvent, Store, StoreError};
 
 /// One bucket of an agent's usage: what it and its descendants spent, and their decisions.

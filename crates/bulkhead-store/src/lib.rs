@@ -27,11 +27,10 @@ mod alerts;
 mod answer;
 mod audit;
 mod blast;
+mod format;
 mod history;
 mod ledger;
 mod read;
-#[cfg(any(test, feature = "testkit"))]
-pub mod testkit;
 mod view;
 
 pub use advice::AgentAdvice;
@@ -43,12 +42,13 @@ pub use answer::{
 pub use audit::{AuditEvent, AuditKey, VerifyReport};
 pub use blast::{AgentBlast, BlastRadius};
 pub use bulkhead_core::runaway::{Breaker, BreakerOverride};
+pub use format::fmt_time;
 pub use history::{AlertRecord, AuditQuery, UsageBucket};
 pub use ledger::{
     AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, LeaseAudit, Ledger, LedgerConfig, Limits, Patch,
     REFUSALS_AUDITED_EVERY, REFUSED_KEYS_MAX, Tally,
 };
-pub use view::{AgentView, Usage, fmt_time};
+pub use view::{AgentView, Usage};
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -239,10 +239,4 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-/// Random lowercase suffix for generated names.
-#[cfg(any(test, feature = "testkit"))]
-pub(crate) fn ledger_random_suffix() -> String {
-    bulkhead_core::key::random_base62(&mut rand::rng(), 12).to_lowercase()
 }

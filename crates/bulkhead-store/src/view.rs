@@ -1,5 +1,6 @@
 //! Stored rows and the public shapes they are rendered into.
 
+use crate::format::{fmt_time, micros, span_text};
 use bulkhead_core::decision::{AgentLimits, ChainMember, Counters};
 use bulkhead_core::duration::window_at;
 use bulkhead_core::ratelimit::RateLimit;
@@ -9,21 +10,6 @@ use serde::Serialize;
 use sqlx::Arguments;
 use sqlx::any::AnyArguments;
 use sqlx::error::BoxDynError;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
-/// Renders Unix milliseconds as RFC 3339 (UTC, millisecond precision).
-pub fn fmt_time(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let t = t.replace_nanosecond((ms.rem_euclid(1000) as u32) * 1_000_000).unwrap_or(t);
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
-pub(crate) fn micros(v: i64) -> Micros {
-    // Stored amounts are written only from `Micros`; a negative one is a corrupt row, shown as 0
-    // here and refused by the ledger's arithmetic.
-    Micros::from_micros(v).unwrap_or(Micros::ZERO)
-}
 
 /// One row of `agents`, as stored.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -447,11 +433,6 @@ pub struct BreakerView {
     pub repeat_window: Option<String>,
 }
 
-/// Milliseconds written as a `Span` (`60000` → `"60s"`).
-pub(crate) fn span_text(ms: i64) -> String {
-    Span::from_secs(ms / 1000).map(|s| s.to_string()).unwrap_or_default()
-}
-
 /// Usage figures of an agent, its descendants included.
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
@@ -466,15 +447,4 @@ pub struct Usage {
     pub utilization: f64,
     pub tx_count: i64,
     pub denied_count: i64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_render_rfc3339_utc() {
-        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-    }
 }

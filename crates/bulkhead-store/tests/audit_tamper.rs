@@ -326,8 +326,8 @@ async fn tampering_beyond_the_first_page_is_found() {
 /// A few decisions through a ledger on `store` (an agent and two spends); returns how many
 /// events they wrote.
 async fn some_decisions(store: Store, handle: &str) -> i64 {
-    let clock = std::sync::Arc::new(bulkhead_core::ManualClock::new(T0));
-    let (ledger, writer) = Ledger::start(store.clone(), clock, LedgerConfig::default());
+    let cfg = LedgerConfig { seed: Some(bulkhead_testkit::seed()), ..LedgerConfig::default() };
+    let (ledger, writer) = Ledger::start(store.clone(), bulkhead_testkit::manual_clock(), cfg);
     let key = new_key();
     let r = submit_to(
         &ledger,

@@ -36,7 +36,9 @@ macro_rules! both_stores {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn postgres() {
-                super::$name(super::Backend::pg().await).await;
+                if let Some(b) = super::Backend::pg().await {
+                    super::$name(b).await;
+                }
             }
         }
     )*};
@@ -462,7 +464,8 @@ async fn revocation_is_obeyed_at_once_under_a_lease(b: Backend) {
 /// with a caller that never pauses, trusts a recent read of the store's authorization epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revocation_on_one_replica_stops_the_other_replicas_gateway() {
-    let (b, mock, a) = setup(Backend::pg().await, None).await;
+    let Some(b) = Backend::pg().await else { return };
+    let (b, mock, a) = setup(b, None).await;
     let other = Server::start(&b).await;
     let api = a.api();
     let c = http();

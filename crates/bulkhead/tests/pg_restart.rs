@@ -4,8 +4,9 @@
 //!
 //! This binary holds a single test because it restarts the machine's PostgreSQL server
 //! (`pg_ctlcluster stop|start`, as root); other test binaries run before or after it, never during.
-//! It runs only where it can: as root, with a Debian cluster in `/etc/postgresql` and the test
-//! database on this machine. Elsewhere it says that it was skipped, and why.
+//! It runs only where it can: with `BULKHEAD_TEST_DATABASE_URL` set, as root, with a Debian
+//! cluster in `/etc/postgresql` and the test database on this machine. Elsewhere it says that it
+//! was skipped, and why.
 
 mod common;
 
@@ -30,8 +31,9 @@ fn pg_ctl(action: &str) {
     assert!(out.status.success(), "pg_ctlcluster {action} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Why this machine cannot restart the test database's cluster, if it cannot.
-fn cannot_restart() -> Option<String> {
+/// Why this machine cannot restart the test database's cluster (the server `url` names), if it
+/// cannot.
+fn cannot_restart(url: &str) -> Option<String> {
     let uid = std::process::Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not running as root".into());
@@ -42,7 +44,6 @@ fn cannot_restart() -> Option<String> {
     if std::process::Command::new("pg_ctlcluster").arg("--help").output().is_err() {
         return Some("no pg_ctlcluster".into());
     }
-    let url = std::env::var("BULKHEAD_TEST_PG").unwrap_or_else(|_| "postgres://127.0.0.1".into());
     if !(url.contains("@127.0.0.1")
         || url.contains("@localhost")
         || url.contains("://127.0.0.1")
@@ -55,12 +56,13 @@ fn cannot_restart() -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_under_load() {
-    if let Some(why) = cannot_restart() {
+    let Some(url) = bulkhead_testkit::pg_admin_url() else { return };
+    if let Some(why) = cannot_restart(&url) {
         eprintln!("SKIPPED postgres_restart_under_load: {why} (it stops and starts the PostgreSQL cluster)");
         println!("SKIPPED postgres_restart_under_load: {why}");
         return;
     }
-    let b = Backend::pg().await;
+    let Some(b) = Backend::pg().await else { return };
     let srv = Server::start(&b).await;
     let api = srv.api();
     let key = api.create(ADMIN, root_agent("steady", "1000000", &[SCOPE])).await;

@@ -8,7 +8,7 @@
 //! string with 2 to 6 decimals. Every body is also recorded, so a test can assert that no answer
 //! ever carried a secret.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::sync::{Arc, Mutex};
 
@@ -17,16 +17,14 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Request};
 use bulkhead_core::ManualClock;
 use bulkhead_server::{AppState, app, install_metrics};
-use bulkhead_store::{Ledger, Store};
+use bulkhead_store::{Ledger, LedgerConfig, Store};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
 /// The admin token of every test server.
 pub const ADMIN: &str = "adm_test_0123456789_abcdefghijklmnopqrstuvwxyz";
-/// 2023-11-14T22:13:20Z.
-pub const T0: i64 = 1_700_000_000_000;
-pub const HOUR: i64 = 3_600_000;
+pub use bulkhead_testkit::{HOUR, T0};
 
 /// How a request authenticates.
 #[derive(Clone, Debug)]
@@ -97,6 +95,17 @@ pub enum Db {
     Postgres,
 }
 
+impl Db {
+    /// Whether a test on this store runs here: `false` for PostgreSQL without
+    /// `BULKHEAD_TEST_DATABASE_URL` (the test returns; the testkit said that it skipped).
+    pub fn available(self) -> bool {
+        match self {
+            Db::Sqlite => true,
+            Db::Postgres => bulkhead_testkit::pg_admin_url().is_some(),
+        }
+    }
+}
+
 impl Srv {
     /// A server on a SQLite file, its router driven in-process.
     pub async fn new() -> Srv {
@@ -112,12 +121,15 @@ impl Srv {
     async fn build(db: Db, wire: bool) -> Srv {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = match db {
-            Db::Sqlite => bulkhead_store::testkit::sqlite_url(dir.path()),
-            Db::Postgres => bulkhead_store::testkit::fresh_pg_url().await,
+            Db::Sqlite => bulkhead_testkit::sqlite_url(dir.path()),
+            Db::Postgres => bulkhead_testkit::fresh_pg_url()
+                .await
+                .expect("a PostgreSQL test checks `Db::Postgres.available()` before it starts a server"),
         };
         let store = Store::open(&url).await.expect("open store");
-        let clock = Arc::new(ManualClock::new(T0));
-        let (ledger, _writer) = Ledger::start(store, clock.clone(), Default::default());
+        let clock = bulkhead_testkit::manual_clock();
+        let cfg = LedgerConfig { seed: Some(bulkhead_testkit::seed()), ..LedgerConfig::default() };
+        let (ledger, _writer) = Ledger::start(store, clock.clone(), cfg);
         let router = app(AppState {
             ledger: ledger.clone(),
             admin_token: Arc::from(ADMIN),

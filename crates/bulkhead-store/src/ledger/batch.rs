@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bulkhead_core::runaway::Breaker;
 use bulkhead_core::{DenyReason, KeyHash};
+use rand::rngs::StdRng;
 use sqlx::any::AnyArguments;
 use sqlx::{Any, Arguments, Transaction};
 
@@ -147,6 +148,8 @@ pub(super) struct Batch {
     /// This batch changed what some credential may do (a revocation, a patch, a new key, a
     /// suspension): the ledger's authorization epoch moves on once it commits.
     pub(super) authz: bool,
+    /// Where the batch's ids come from (seeded by the writer's generator; never for secrets).
+    pub(super) rng: StdRng,
 }
 
 /// A hold to insert.
@@ -443,8 +446,8 @@ impl Batch {
                     let e = self.event(&t.agent, "refused", "denied");
                     e.reason = Some(t.reason.code().to_owned());
                     e.detail = Some(
-                        serde_json::json!({"count": t.count, "first_at": crate::view::fmt_time(t.first_ms),
-                            "last_at": crate::view::fmt_time(t.last_ms), "coalesced": true})
+                        serde_json::json!({"count": t.count, "first_at": crate::format::fmt_time(t.first_ms),
+                            "last_at": crate::format::fmt_time(t.last_ms), "coalesced": true})
                         .to_string(),
                     );
                 }

@@ -78,7 +78,7 @@ impl Batch {
         for h in rows {
             // A gateway hold nobody settled (the server died mid-call) is charged in full: a
             // call is never free.
-            let captured = if h.on_expiry == "capture" { crate::view::micros(h.amount) } else { Micros::ZERO };
+            let captured = if h.on_expiry == "capture" { crate::format::micros(h.amount) } else { Micros::ZERO };
             self.close_hold(&h, captured, HoldStatus::Expired, h.expires_at).await?;
         }
         Ok(())

@@ -86,7 +86,7 @@ impl Batch {
         let grant = LeaseGrant {
             hold_id: hid,
             slots: n,
-            amount: crate::view::micros(amount),
+            amount: crate::format::micros(amount),
             expires_at: terms.expires_at,
             key_expires_at: self.chain_expiry(id)?,
             room: bulkhead_core::room(&members),
@@ -165,7 +165,7 @@ impl Batch {
         let reply = Reply::ok(Answer::LeaseSettled(LeaseSettled::Applied {
             hold_id: hold.id.clone(),
             captured,
-            released: crate::view::micros(held.micros() - captured.micros() + remaining),
+            released: crate::format::micros(held.micros() - captured.micros() + remaining),
             closed: close,
         }));
         Ok(reply.with_outcome(Outcome { agent: handle, allowed: true, reason: "", spent: captured.micros() }))

@@ -40,6 +40,8 @@ use std::time::Duration;
 
 use bulkhead_core::Clock;
 use bulkhead_core::runaway::Breaker;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::command::{AgentSpec, Caller, Command, Idem, LeaseAudit, Patch};
@@ -86,6 +88,10 @@ pub struct LedgerConfig {
     /// Which alerts to raise, and for which webhooks.
     pub alerts: AlertRules,
     pub limits: Limits,
+    /// The seed of the generator the ledger draws its ids from (spends, holds, alerts); `None`:
+    /// a random one. Either way it is logged at start, so a run can be replayed with the same ids.
+    /// Secrets (keys, the audit key, session seals) never come from it.
+    pub seed: Option<u64>,
 }
 
 impl Default for LedgerConfig {
@@ -95,6 +101,7 @@ impl Default for LedgerConfig {
             batch_max: 512,
             alerts: AlertRules::default(),
             limits: Limits::default(),
+            seed: None,
         }
     }
 }
@@ -122,6 +129,7 @@ pub struct Ledger {
     clock: Arc<dyn Clock>,
     epoch: Arc<AtomicU64>,
     refusals: Arc<Refusals>,
+    seed: u64,
 }
 
 /// How often refusals answered from memory are written to the audit trail, coalesced.
@@ -133,7 +141,10 @@ impl Ledger {
         let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
         let rules = Arc::new(cfg.alerts.clone());
         let epoch = Arc::new(AtomicU64::new(0));
+        let seed = cfg.seed.unwrap_or_else(rand::random);
+        tracing::info!(seed, "the ledger draws its ids from this seed (LedgerConfig::seed replays them)");
         let writer = Writer {
+            rng: StdRng::seed_from_u64(seed),
             store: store.clone(),
             clock: clock.clone(),
             cfg,
@@ -158,7 +169,7 @@ impl Ledger {
         let handle = tokio::spawn(async move {
             let _ = done_rx.await;
         });
-        (Ledger { tx, store, clock, epoch, refusals: Arc::default() }, handle)
+        (Ledger { tx, store, clock, epoch, refusals: Arc::default(), seed }, handle)
     }
 
     /// Runs one command and waits until it is committed (or failed). A command whose key is
@@ -185,6 +196,11 @@ impl Ledger {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The seed the ledger's ids are drawn from ([`LedgerConfig::seed`], or the random one).
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// The authorization epoch: it moves on, before the answer goes out, after every commit
@@ -239,5 +255,75 @@ impl Ledger {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_core::{ApiKey, Handle, Micros, Scope, ScopeSet, Span};
+
+    use super::*;
+    use crate::answer::Answer;
+
+    /// The ids a ledger seeded with `seed` gives a fixed run of commands: a spend, a hold and
+    /// the alerts the spend raised.
+    async fn ids_of_a_run(seed: u64) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("bulkhead.db").display());
+        let store = Store::open(&url).await.expect("store");
+        let alerts = AlertRules { webhooks: vec!["http://127.0.0.1:9/hook".into()], thresholds: vec![0.5] };
+        let cfg = LedgerConfig { seed: Some(seed), alerts, ..LedgerConfig::default() };
+        let clock = Arc::new(bulkhead_core::ManualClock::new(1_700_000_000_000));
+        let (ledger, writer) = Ledger::start(store.clone(), clock, cfg);
+        assert_eq!(ledger.seed(), seed);
+        let spec = AgentSpec {
+            enforce: true,
+            handle: Handle::parse("seeded").unwrap(),
+            scopes: ScopeSet::parse(&["payments:write"]).unwrap(),
+            spending_cap: Micros::parse("10").unwrap(),
+            window: Span::parse("24h").unwrap(),
+            per_tx_limit: None,
+            lifetime_cap: None,
+            rate_limit: None,
+            expires_in: None,
+            labels: Default::default(),
+            breaker: None,
+        };
+        // The key is a secret: it comes from the OS generator, and the ids must not depend on it.
+        let key = ApiKey::generate(&mut rand::rng()).hash();
+        let created = ledger.submit(Command::CreateAgent { caller: Caller::Admin, spec, key_hash: key.clone() }).await;
+        assert!(matches!(created.expect("create").answer, Ok(Answer::Created(_))));
+        let scope = Scope::parse("payments:write").unwrap();
+        let mut ids = Vec::new();
+        let spend = Command::Spend {
+            key: key.clone(),
+            scope: scope.clone(),
+            amount: Micros::parse("6").unwrap(),
+            memo: None,
+            idem: None,
+        };
+        match ledger.submit(spend).await.expect("spend").answer {
+            Ok(Answer::Spent(s)) => ids.push(s.id),
+            other => panic!("spend: {other:?}"),
+        }
+        let hold = Command::Hold { key, scope, amount: Micros::parse("1").unwrap(), expires_ms: 60_000, idem: None };
+        match ledger.submit(hold).await.expect("hold").answer {
+            Ok(Answer::Held(h)) => ids.push(h.id),
+            other => panic!("hold: {other:?}"),
+        }
+        let due = store.due_alerts(i64::MAX, 100).await.expect("alerts");
+        assert!(!due.is_empty(), "crossing half the cap raised an alert");
+        ids.extend(due.into_iter().map(|a| a.id));
+        drop(ledger);
+        writer.await.expect("the writer ended");
+        ids
+    }
+
+    #[tokio::test]
+    async fn the_same_seed_gives_the_same_ids() {
+        let a = ids_of_a_run(42).await;
+        assert_eq!(a, ids_of_a_run(42).await);
+        let b = ids_of_a_run(43).await;
+        assert!(a.iter().zip(&b).all(|(x, y)| x != y), "another seed, other ids: {a:?} {b:?}");
     }
 }

@@ -18,7 +18,8 @@ use crate::answer::{
     Settled, Spent,
 };
 use crate::audit::NewEvent;
-use crate::view::{AgentStatus, fmt_time};
+use crate::format::fmt_time;
+use crate::view::AgentStatus;
 
 /// The utilization alert thresholds are compared with: a zero cap with something used is past
 /// every threshold.
@@ -69,7 +70,7 @@ impl Batch {
         if self.rules.webhooks.is_empty() {
             return;
         }
-        let id = format!("al_{}", random_base62(&mut rand::rng(), 22));
+        let id = format!("al_{}", random_base62(&mut self.rng, 22));
         let mut body = json!({"id": id, "type": kind, "agent": agent, "at": fmt_time(self.now)});
         if let (Some(b), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
             b.extend(extra);
@@ -420,7 +421,7 @@ impl Batch {
         let resets = m.limits.created_ms + (m.counters.window_index + 1) * m.limits.window_ms;
         let reply = match hold_expires {
             None => {
-                let sid = format!("sp_{}", random_base62(&mut rand::rng(), 22));
+                let sid = format!("sp_{}", random_base62(&mut self.rng, 22));
                 let e = self.event(&handle, "spend", "allowed");
                 e.scope = Some(scope.as_str().to_owned());
                 e.amount = Some(amount.micros());
@@ -453,7 +454,7 @@ impl Batch {
     /// Opens a hold of `amount` for agent `id` in the batch (written with the batch's other
     /// rows); returns its id.
     fn open_hold(&mut self, id: i64, scope: &Scope, amount: Micros, terms: HoldTerms) -> R<String> {
-        let hid = format!("hold_{}", random_base62(&mut rand::rng(), 22));
+        let hid = format!("hold_{}", random_base62(&mut self.rng, 22));
         let row = self.row(id)?;
         let (root_id, path) = (row.root_id, row.path.clone());
         let HoldTerms { expires_at, on_expiry } = terms;

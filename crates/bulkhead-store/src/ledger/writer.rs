@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bulkhead_core::Clock;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
 use super::batch::{Batch, in_list};
@@ -28,6 +30,8 @@ pub(super) struct Writer {
     pub(super) epoch: Arc<AtomicU64>,
     /// Answers waiting for the authorization epoch to settle; the writer ends only after them.
     pub(super) settling: tokio::task::JoinSet<()>,
+    /// Seeded by `LedgerConfig::seed`; each batch draws its ids from a generator seeded from it.
+    pub(super) rng: StdRng,
 }
 
 /// Rows the SQLite writer keeps between batches. It is the only writer of its file, so what it
@@ -141,11 +145,14 @@ impl Writer {
     }
 
     pub(super) async fn exec_with(
-        &self,
+        &mut self,
         cmds: &[&Command],
         cache: Cache,
     ) -> Result<(Vec<(Reply, bool)>, Cache), BatchError> {
         let now = self.clock.now_ms();
+        // Every attempt, committed or not, moves the writer's generator on: a batch whose COMMIT
+        // failed may have stored its ids, so the next one never draws them again.
+        let rng = StdRng::seed_from_u64(self.rng.random());
         // SQLite: take the write lock when the transaction begins. A deferred transaction that
         // read first could not upgrade while another connection (alert delivery, the hourly
         // sweep, an offline command) was writing: SQLite refuses the upgrade at once, without
@@ -173,6 +180,7 @@ impl Writer {
             closed_holds: Vec::new(),
             touched_holds: BTreeSet::new(),
             authz: false,
+            rng,
         };
         if b.backend == Backend::Postgres {
             // Lock every touched tree's root, in id order, before reading anything of it; the

@@ -1,27 +1,16 @@
 //! Shared harness of the store's integration tests: a real SQLite file or a fresh PostgreSQL
-//! database, a `Ledger` on a `ManualClock`, and small helpers to submit commands.
-//!
-//! The PostgreSQL part repeats the few lines of `src/testkit.rs` (which integration tests cannot
-//! reach without a feature): `BULKHEAD_TEST_PG` (default `postgres://postgres@127.0.0.1:5432/test`)
-//! is the admin URL a throwaway database is created from. An unreachable server fails the test.
+//! database (`bulkhead_testkit`: PostgreSQL tests run when `BULKHEAD_TEST_DATABASE_URL` is set), a
+//! `Ledger` on a `ManualClock` with a printed seed, and small helpers to submit commands.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::str::FromStr;
 use std::sync::Arc;
 
 use bulkhead_core::{ApiKey, Handle, KeyHash, ManualClock, Micros, Scope, ScopeSet, Span};
 use bulkhead_store::{
     AgentSpec, AgentView, Answer, Caller, Command, Idem, Ledger, LedgerConfig, Refusal, Store, StoreError, VerifyReport,
 };
-use sqlx::ConnectOptions;
-use sqlx::any::AnyConnectOptions;
-
-/// Where every test's clock starts (2023-11-14T22:13:20Z).
-pub const T0: i64 = 1_700_000_000_000;
-pub const SEC: i64 = 1_000;
-pub const MIN: i64 = 60 * SEC;
-pub const HOUR: i64 = 60 * MIN;
+pub use bulkhead_testkit::{HOUR, MIN, SEC, T0};
 
 /// The scope every helper spends under.
 pub const PAY: &str = "payments:write";
@@ -32,39 +21,15 @@ pub enum Db {
     Postgres,
 }
 
-pub fn pg_admin_url() -> String {
-    std::env::var("BULKHEAD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-async fn pg_admin() -> sqlx::AnyConnection {
-    sqlx::any::install_default_drivers();
-    let admin = pg_admin_url();
-    AnyConnectOptions::from_str(&admin)
-        .expect("BULKHEAD_TEST_PG is a valid URL")
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {admin} ({e}); start it or set BULKHEAD_TEST_PG"))
-}
-
-/// Creates an empty PostgreSQL database; returns its URL and name.
-pub async fn fresh_pg() -> (String, String) {
-    let mut conn = pg_admin().await;
-    let name = format!("bh_t_{}", bulkhead_core::key::random_base62(&mut rand::rng(), 12).to_lowercase());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
-    let admin = pg_admin_url();
-    let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin.clone());
-    (format!("{base}/{name}"), name)
-}
-
-async fn drop_pg(name: &str) {
-    let mut conn = pg_admin().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut conn)
-        .await
-        .expect("drop test database");
+impl Db {
+    /// Whether a test on this store runs here: `false` for PostgreSQL without
+    /// `BULKHEAD_TEST_DATABASE_URL` (the test returns; the testkit said that it skipped).
+    pub fn available(self) -> bool {
+        match self {
+            Db::Sqlite => true,
+            Db::Postgres => bulkhead_testkit::pg_admin_url().is_some(),
+        }
+    }
 }
 
 pub fn m(s: &str) -> Micros {
@@ -162,20 +127,23 @@ impl Env {
         Env::with_config(db, LedgerConfig::default()).await
     }
 
+    /// A store and its ledger. A PostgreSQL test checks [`Db::available`] first.
     pub async fn with_config(db: Db, cfg: LedgerConfig) -> Env {
         let (url, dir, pg_name) = match db {
             Db::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                let url = format!("sqlite://{}?mode=rwc", dir.path().join("bulkhead.db").display());
-                (url, Some(dir), None)
+                (bulkhead_testkit::sqlite_url(dir.path()), Some(dir), None)
             }
             Db::Postgres => {
-                let (url, name) = fresh_pg().await;
-                (url, None, Some(name))
+                let pg = bulkhead_testkit::fresh_pg()
+                    .await
+                    .expect("a PostgreSQL test checks `Db::Postgres.available()` before it makes a store");
+                (pg.url, None, Some(pg.name))
             }
         };
         let store = Store::open(&url).await.expect("open and migrate the store");
-        let clock = Arc::new(ManualClock::new(T0));
+        let clock = bulkhead_testkit::manual_clock();
+        let cfg = LedgerConfig { seed: cfg.seed.or_else(|| Some(bulkhead_testkit::seed())), ..cfg };
         let (ledger, writer) = Ledger::start(store.clone(), clock.clone(), cfg);
         Env { db, store, ledger, clock, url, writer, pg_name, dir }
     }
@@ -198,7 +166,7 @@ impl Env {
         writer.await.expect("the ledger writer ended cleanly");
         store.close().await;
         if let Some(name) = pg_name {
-            drop_pg(&name).await;
+            bulkhead_testkit::drop_pg(&name).await;
         }
         drop(dir);
     }

@@ -1,10 +1,11 @@
 //! Harness for the end-to-end tests: runs the real `bulkhead` binary on a loopback port against a
-//! throwaway SQLite data dir or PostgreSQL database, and talks to it over real HTTP.
+//! throwaway SQLite data dir or PostgreSQL database (`bulkhead_testkit`: only when
+//! `BULKHEAD_TEST_DATABASE_URL` is set), and talks to it over real HTTP.
 //!
 //! Every child process is owned by a [`Server`], whose `Drop` kills it, so a failing assertion
 //! never leaves a server behind. Every wait is a bounded loop.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -21,29 +22,9 @@ pub const ADMIN: &str = "e2e-admin-token-4c1d9f0e7b2a-0123456789";
 /// The scope every test agent spends with.
 pub const SCOPE: &str = "payments:write";
 
-/// The OpenAI/Anthropic-compatible upstream the gateway tests forward to.
-pub const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-upstream");
-
-/// Starts `mock-upstream` (killed when the returned child is dropped); returns it and its base URL.
-pub async fn start_mock_upstream() -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(MOCK_BIN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn mock-upstream");
-    let out = child.stdout.take().expect("mock stdout");
-    let line = tokio::time::timeout(Duration::from_secs(60), tokio::io::BufReader::new(out).lines().next_line())
-        .await
-        .expect("mock-upstream printed its address in time")
-        .expect("read mock stdout")
-        .expect("a line");
-    let base = line.rsplit(' ').next().expect("address").to_owned();
-    assert!(base.starts_with("http://127.0.0.1:"), "mock address: {line}");
-    (child, base)
-}
+/// The OpenAI/Anthropic-compatible upstream the gateway tests forward to, a process of its own
+/// (`bulkhead-testkit`'s `mock-upstream`, found or built by the testkit).
+pub use bulkhead_testkit::start_mock_upstream;
 
 /// Upper bound of every wait for a server to come up or go away (a hang guard, not an assertion).
 const WAIT_STEPS: u32 = 1200;
@@ -71,15 +52,18 @@ impl Backend {
         }
     }
 
-    pub async fn pg() -> Backend {
-        let url = bulkhead_store::testkit::fresh_pg_url().await;
-        Backend {
+    /// A fresh PostgreSQL database; `None` when the PostgreSQL tests do not run here
+    /// (`BULKHEAD_TEST_DATABASE_URL` unset: the testkit said that the test skipped, and the test
+    /// returns).
+    pub async fn pg() -> Option<Backend> {
+        let url = bulkhead_testkit::fresh_pg_url().await?;
+        Some(Backend {
             root: tempfile::tempdir().expect("temp dir"),
             db: Some(url),
             config: None,
             env: Vec::new(),
             starts: AtomicUsize::new(0),
-        }
+        })
     }
 
     pub fn is_pg(&self) -> bool {

@@ -1,8 +1,9 @@
 """A real `bulkhead serve` process for tests: a throwaway data directory, a free loopback port.
 
 The binary is `$BULKHEAD_BIN`, else `target/debug/bulkhead` at the repository's root (the test
-command builds it). `mock-upstream` sits beside it. Nothing here imports the SDK, so the framework
-tests can use it from any venv.
+command builds it). `mock-upstream` (crate `bulkhead-testkit`) sits beside it once the workspace's
+binaries are built (`cargo build --bins`, or `cargo test --workspace`). Nothing here imports the
+SDK, so the framework tests can use it from any venv.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ADMIN_TOKEN = "test-admin-token-0123456789abcdefghijklmnop"
 
 
 def binary(name: str = "bulkhead") -> Path:
-    """The path of a project binary (`bulkhead` or `mock-upstream`)."""
+    """The path of a project binary (`bulkhead`, or `mock-upstream` from `bulkhead-testkit`)."""
     env = os.environ.get("BULKHEAD_BIN")
     base = Path(env).parent if env else REPO / "target" / "debug"
     path = Path(env) if env and name == "bulkhead" else base / name
