@@ -14,7 +14,9 @@
 #   DURATION=20 CONNS=32 bash scripts/bench-mcp.sh
 #
 # Prints calls/s and p50 for both, the p50 Bulkhead adds and the throughput ratio (goals: added
-# p50 <= 0.3 ms, throughput >= 0.8x direct). Not part of the test suite.
+# p50 <= 0.3 ms, throughput >= 0.8x direct): with every process free to use every core, at 32
+# clients and at 1, then (on 2 cores or more) with the MCP server pinned to a core of its own
+# and wrk and Bulkhead to another. Not part of the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -87,13 +89,15 @@ local key = os.getenv("BENCH_KEY")
 if key and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
 EOF
 
+PIN=""
 cpu() { # pid -> its user+system CPU so far, in clock ticks
   awk '{print $14 + $15}' "/proc/$1/stat"
 }
 run_wrk() { # label url key [conns] -> prints "rps p50_ms p99_ms requests"; CPU per call to $DIR/cpu-label
   local out u0 b0 c=${4:-$CONNS}
   u0=$(cpu "$UP_PID"); b0=$(cpu "$BH_PID")
-  out=$(BENCH_KEY=$3 wrk -t"$((c < 2 ? 1 : 2))" -c"$c" -d"${DURATION}s" --latency -s "$DIR/call.lua" "$2")
+  # shellcheck disable=SC2086 # $PIN is a command prefix (empty, or taskset and its CPU)
+  out=$(BENCH_KEY=$3 $PIN wrk -t"$((c < 2 ? 1 : 2))" -c"$c" -d"${DURATION}s" --latency -s "$DIR/call.lua" "$2")
   echo "$(($(cpu "$UP_PID") - u0)) $(($(cpu "$BH_PID") - b0))" >"$DIR/cpu-$1"
   echo "$out" >"$DIR/wrk-$1.txt"
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "!! $1:" >&2; grep "Non-2xx\|Socket errors" <<<"$out" >&2; fi
@@ -154,6 +158,24 @@ printf '%-10s %10s %10s %10s   (1 client)\n' bulkhead "$g1_rps" "$g1_p50" "$g1_p
 printf '%-10s %10s %10s %10s   (1 client, leases = false)\n' held "$l1_rps" "$l1_p50" "$l1_p99"
 python3 -c "import sys; d, g, l = map(float, sys.argv[1:]); print(f'1 client: added p50 {g - d:.3f} ms, leases = false {l - d:.3f} ms')" \
   "$d1_p50" "$g1_p50" "$l1_p50"
+# The MCP server on a core of its own, as a server on its own host would be; wrk and Bulkhead
+# share the other. At 32 clients the p50 is the server's queue plus what Bulkhead adds to each
+# call, without Bulkhead's CPU being taken from the server's core.
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+  taskset -a -p -c 0 "$UP_PID" >/dev/null
+  taskset -a -p -c 1 "$BH_PID" >/dev/null
+  PIN="taskset -c 1"
+  read -r dp_rps dp_p50 dp_p99 _ <<<"$(run_wrk direct-pinned "http://127.0.0.1:$UP_PORT/mcp" '')"
+  read -r gp_rps gp_p50 gp_p99 _ <<<"$(run_wrk bulkhead-pinned "$B/mcp/bench" "$KEY")"
+  PIN=""
+  taskset -a -p -c "0-$(($(nproc) - 1))" "$UP_PID" >/dev/null
+  taskset -a -p -c "0-$(($(nproc) - 1))" "$BH_PID" >/dev/null
+  printf '%-10s %10s %10s %10s   (MCP server on CPU 0; wrk and Bulkhead on CPU 1)\n' direct "$dp_rps" "$dp_p50" "$dp_p99"
+  printf '%-10s %10s %10s %10s   (MCP server on CPU 0; wrk and Bulkhead on CPU 1)\n' bulkhead "$gp_rps" "$gp_p50" "$gp_p99"
+  python3 -c "import sys; dr, dp, gr, gp = map(float, sys.argv[1:5]); \
+print(f'server on its own core, at {sys.argv[5]} clients: added p50 {gp - dp:.3f} ms (goal <= 0.3 ms); throughput {gr / dr:.2f}x direct (goal >= 0.8x)')" \
+    "$dp_rps" "$dp_p50" "$gp_rps" "$gp_p50" "$CONNS"
+fi
 # Charges: every call the gateway forwarded was charged 0.000001; a call whose client hung up
 # before it was sent (wrk stopping) is charged (leased: its slot is billed when dropped) or
 # released (a hold per call). Settlements still under way are waited for first.
