@@ -190,6 +190,10 @@ def test_me_and_me_audit(make_account: MakeAccount) -> None:
     assert events[1].amount == Decimal("1.25")
     assert events[1].prev_hash == events[0].hash
     assert events[1].seq > events[0].seq
+    assert events[0].detail is not None
+    assert events[0].detail["by"] == "admin"
+    assert events[1].reference is not None
+    assert events[1].reference.startswith("sp_")
     page = client.me_audit(limit=1)
     assert [e.seq for e in page] == [events[0].seq]
     assert [e.seq for e in client.me_audit(after=events[0].seq)] == [events[1].seq]

@@ -92,6 +92,13 @@ export interface AuditEvent {
   amount: string | null;
   hash: string;
   prevHash: string | null;
+  /** The spend, hold or agent the event is about (`ref` in the JSON). */
+  reference: string | null;
+  /**
+   * What else the event records (e.g. `{by: "gateway"}`, a shadow agent's
+   * `{shadow: "would_deny"}`, a refused MCP call's `{mcp_server, tool}`).
+   */
+  detail: Json | null;
   raw: Json;
 }
 
@@ -191,6 +198,8 @@ export function toAuditEvent(value: unknown): AuditEvent {
     amount: optionalAmount(e["amount"]),
     hash: String(e["hash"] ?? ""),
     prevHash: str(e["prev_hash"]),
+    reference: str(e["ref"]),
+    detail: typeof e["detail"] === "object" && e["detail"] !== null && !Array.isArray(e["detail"]) ? (e["detail"] as Json) : null,
     raw: e,
   };
 }

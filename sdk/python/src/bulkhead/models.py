@@ -195,6 +195,11 @@ class AuditEvent:
     hash: str
     prev_hash: str | None
     raw: Mapping[str, Any] = field(repr=False, compare=False)
+    #: The spend, hold or agent the event is about (`ref` in the JSON).
+    reference: str | None = None
+    #: What else the event records (e.g. `{"by": "gateway"}`, a shadow agent's
+    #: `{"shadow": "would_deny"}`, a refused MCP call's `{"mcp_server": …, "tool": …}`).
+    detail: Mapping[str, Any] | None = None
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> AuditEvent:
@@ -210,5 +215,7 @@ class AuditEvent:
             amount=parse_optional_amount(value.get("amount")),
             hash=str(value.get("hash", "")),
             prev_hash=value.get("prev_hash"),
+            reference=value.get("ref"),
+            detail=_frozen_map(value["detail"]) if isinstance(value.get("detail"), dict) else None,
             raw=_frozen_map(value),
         )

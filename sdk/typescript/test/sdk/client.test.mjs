@@ -241,6 +241,10 @@ describe("AgentAccount and AgentClient", () => {
     assert.equal(same.agent.usage.windowSpent, "1.00");
     const mine = await same.client().meAudit();
     assert.ok(mine.some((e) => e.outcome === "allowed" && e.amount === "1.00" && e.scope === W));
+    const spend = mine.find((e) => e.action === "spend");
+    assert.ok(spend?.reference?.startsWith("sp_"), JSON.stringify(spend));
+    const created = mine.find((e) => e.action === "agent.create");
+    assert.equal(created?.detail?.["by"], "admin");
     const admin = await account.audit({ limit: 50 });
     assert.ok(admin.length >= 2);
     assert.deepEqual(

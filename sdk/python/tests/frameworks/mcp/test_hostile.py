@@ -125,7 +125,7 @@ def test_unknown_methods_and_unnameable_tools_are_json_rpc_errors(gateway: Gatew
     assert usage.lifetime_spent == 0
     assert usage.tx_count == 0
     # Each call to a tool no scope can name is audited as a denied call naming server and tool.
-    denied = [(e.reason, e.scope, e.raw.get("detail")) for e in agent.audit() if e.outcome == "denied"]
+    denied = [(e.reason, e.scope, e.detail) for e in agent.audit() if e.outcome == "denied"]
     assert denied == [
         ("invalid_scope", None, {"mcp_server": SERVER, "tool": tool}) for tool in ["WebSearch", "charge:card", "*"]
     ]
