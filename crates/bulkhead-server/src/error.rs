@@ -105,7 +105,8 @@ fn deny_status(reason: DenyReason) -> u16 {
     }
 }
 
-/// Every refusal of the ledger, with its public status, code and message.
+/// Every refusal of the ledger, with its public status, code and message: one arm per refusal,
+/// kept in one table (so as long as the list of refusals) to be read and checked at once.
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> ApiError {
         match r {

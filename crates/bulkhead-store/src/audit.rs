@@ -302,12 +302,10 @@ impl Store {
     /// checked under this store's audit key ([`Store::with_audit_key`]); a keyed chain without
     /// the key is reported, not passed.
     pub async fn verify_audit(&self, mut progress: impl FnMut(i64)) -> Result<VerifyReport, StoreError> {
-        let key = self.audit_key.as_deref();
-        let mut keyed_since: Option<i64> = None;
         let (head_seq, head_hash): (i64, String) =
             sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(&self.pool).await?;
-        let mut prev = GENESIS_HASH.to_owned();
-        let mut expected_seq = 1;
+        let mut walk =
+            Walk { key: self.audit_key.as_deref(), prev: GENESIS_HASH.to_owned(), next: 1, keyed_since: None };
         let mut after = 0;
         loop {
             let rows = page(self, None, after, 5_000).await?;
@@ -315,65 +313,19 @@ impl Store {
                 break;
             }
             for r in &rows {
-                if r.seq != expected_seq {
-                    return Ok(VerifyReport::Broken {
-                        seq: expected_seq,
-                        problem: format!("event {expected_seq} is missing (next stored event is {})", r.seq),
-                    });
+                if let Err(report) = walk.step(r) {
+                    return Ok(report);
                 }
-                if r.prev_hash != prev {
-                    return Ok(VerifyReport::Broken {
-                        seq: r.seq,
-                        problem: "its prev_hash does not match the previous event's hash".into(),
-                    });
-                }
-                let keyed = r.hash.starts_with(KEYED);
-                if keyed && key.is_none() {
-                    return Ok(VerifyReport::KeyNeeded { seq: r.seq });
-                }
-                if !keyed && keyed_since.is_some() {
-                    return Ok(VerifyReport::Broken {
-                        seq: r.seq,
-                        problem: "it has a plain hash after keyed events (the chain was rewritten)".into(),
-                    });
-                }
-                if keyed {
-                    keyed_since.get_or_insert(r.seq);
-                }
-                let want = hash_with(if keyed { key } else { None }, r.seq, &r.as_new(), &prev);
-                if want != r.hash {
-                    let problem = if keyed {
-                        "its contents do not match its keyed hash (a field was changed, or this is not the store's audit key)"
-                    } else {
-                        "its contents do not match its hash (a field was changed)"
-                    };
-                    return Ok(VerifyReport::Broken { seq: r.seq, problem: problem.into() });
-                }
-                prev = r.hash.clone();
-                expected_seq += 1;
             }
             after = rows.last().map(|r| r.seq).unwrap_or(after);
             progress(after);
         }
-        let count = expected_seq - 1;
-        if count != head_seq || prev != head_hash {
-            // The head records the last appended event: a shorter chain lost its tail, a longer
-            // one has events appended behind the store's back, and a last event whose hash is not
-            // the head's was changed (and rehashed).
-            let (seq, problem) = match count.cmp(&head_seq) {
-                std::cmp::Ordering::Less => {
-                    (count + 1, format!("the chain ends at event {count}, but {head_seq} events were appended"))
-                }
-                std::cmp::Ordering::Greater => {
-                    (head_seq + 1, format!("events after the last appended one ({head_seq}) were added"))
-                }
-                std::cmp::Ordering::Equal => {
-                    (count.max(1), "its hash is not the one recorded for the last appended event".to_owned())
-                }
-            };
+        let count = walk.next - 1;
+        if count != head_seq || walk.prev != head_hash {
+            let (seq, problem) = head_mismatch(count, head_seq);
             return Ok(VerifyReport::Broken { seq, problem });
         }
-        let unkeyed = match keyed_since {
+        let unkeyed = match walk.keyed_since {
             Some(first) => first - 1,
             None => count,
         };
@@ -395,5 +347,70 @@ impl Store {
     /// Events in `seq` order, optionally for one agent.
     pub async fn audit_page(&self, agent: Option<&str>, after: i64, limit: i64) -> Result<Vec<AuditEvent>, StoreError> {
         Ok(page(self, agent, after, limit).await?.iter().map(EventRow::public).collect())
+    }
+}
+
+/// A walk along the chain, event by event: the number and the `prev_hash` the next event must
+/// have, and where keyed hashes began.
+struct Walk<'k> {
+    key: Option<&'k AuditKey>,
+    prev: String,
+    next: i64,
+    keyed_since: Option<i64>,
+}
+
+impl Walk<'_> {
+    /// Checks one event: its number, its link, its kind of hash (no plain hash after a keyed
+    /// one; a keyed one needs the key) and the hash itself.
+    fn step(&mut self, r: &EventRow) -> Result<(), VerifyReport> {
+        let broken = |seq: i64, problem: &str| VerifyReport::Broken { seq, problem: problem.to_owned() };
+        if r.seq != self.next {
+            let problem = format!("event {} is missing (next stored event is {})", self.next, r.seq);
+            return Err(broken(self.next, &problem));
+        }
+        if r.prev_hash != self.prev {
+            return Err(broken(r.seq, "its prev_hash does not match the previous event's hash"));
+        }
+        let keyed = r.hash.starts_with(KEYED);
+        if keyed && self.key.is_none() {
+            return Err(VerifyReport::KeyNeeded { seq: r.seq });
+        }
+        if !keyed && self.keyed_since.is_some() {
+            return Err(broken(r.seq, "it has a plain hash after keyed events (the chain was rewritten)"));
+        }
+        if keyed {
+            self.keyed_since.get_or_insert(r.seq);
+        }
+        let want = hash_with(if keyed { self.key } else { None }, r.seq, &r.as_new(), &self.prev);
+        if want != r.hash {
+            return Err(broken(
+                r.seq,
+                if keyed {
+                    "its contents do not match its keyed hash (a field was changed, or this is not the store's audit key)"
+                } else {
+                    "its contents do not match its hash (a field was changed)"
+                },
+            ));
+        }
+        self.prev = r.hash.clone();
+        self.next += 1;
+        Ok(())
+    }
+}
+
+/// Where and how a chain of `count` events disagrees with a head that recorded `head_seq`: a
+/// shorter chain lost its tail, a longer one has events appended behind the store's back, and a
+/// last event whose hash is not the head's was changed (and rehashed).
+fn head_mismatch(count: i64, head_seq: i64) -> (i64, String) {
+    match count.cmp(&head_seq) {
+        std::cmp::Ordering::Less => {
+            (count + 1, format!("the chain ends at event {count}, but {head_seq} events were appended"))
+        }
+        std::cmp::Ordering::Greater => {
+            (head_seq + 1, format!("events after the last appended one ({head_seq}) were added"))
+        }
+        std::cmp::Ordering::Equal => {
+            (count.max(1), "its hash is not the one recorded for the last appended event".to_owned())
+        }
     }
 }

@@ -144,11 +144,49 @@ impl Writer {
         }
     }
 
+    /// Runs one batch in one transaction: begin, lock the touched trees' roots (PostgreSQL),
+    /// prefetch, apply each command, write the rows back with the alerts, move the
+    /// authorization epoch when a command changed what a key may do, append the audit events,
+    /// commit.
     pub(super) async fn exec_with(
         &mut self,
         cmds: &[&Command],
         cache: Cache,
     ) -> Result<(Vec<(Reply, bool)>, Cache), BatchError> {
+        let head = cache.head.clone();
+        let mut b = self.begin(cache).await?;
+        if b.backend == Backend::Postgres {
+            b.lock_roots(cmds).await?;
+        }
+        b.prefetch(cmds).await?;
+        let mut replies = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let before = std::mem::take(&mut b.authz);
+            let reply = b.apply(cmd).await?;
+            // A revocation that found the agents already revoked waits too: the one that revoked
+            // them may not have answered yet.
+            replies.push((reply, b.authz || matches!(cmd, Command::Revoke { .. })));
+            b.authz |= before;
+        }
+        b.flush().await?;
+        b.write_alerts().await?;
+        if b.authz {
+            sqlx::query("UPDATE authz_epoch SET n = n + 1 WHERE id = 1").execute(&mut *b.tx).await?;
+        }
+        let events = std::mem::take(&mut b.events);
+        let key = self.store.audit_key.as_deref();
+        let head = append_events(&mut b.tx, b.backend, key, events, head).await?;
+        let authz = b.authz;
+        let committed = b.tx.commit().await;
+        if authz {
+            // Even when the commit's outcome is unknown: deciding again costs only time.
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        committed.map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
+        Ok((replies, Cache { agents: b.agents, by_key: b.by_key, by_handle: b.by_handle, head }))
+    }
+    /// A new batch over `cache`, its transaction begun.
+    async fn begin(&mut self, cache: Cache) -> Result<Batch, BatchError> {
         let now = self.clock.now_ms();
         // Every attempt, committed or not, moves the writer's generator on: a batch whose COMMIT
         // failed may have stored its ids, so the next one never draws them again.
@@ -161,7 +199,7 @@ impl Writer {
             Backend::Sqlite => self.store.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.store.pool.begin().await?,
         };
-        let mut b = Batch {
+        Ok(Batch {
             tx,
             backend: self.store.backend,
             now,
@@ -181,49 +219,24 @@ impl Writer {
             touched_holds: BTreeSet::new(),
             authz: false,
             rng,
-        };
-        if b.backend == Backend::Postgres {
-            // Lock every touched tree's root, in id order, before reading anything of it; the
-            // roots' rows come with their locks (read under them, so current).
-            let roots = b.resolve_roots(cmds).await?;
-            if !roots.is_empty() {
-                let (sql, args) = in_list(
-                    &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN "),
-                    &roots,
-                    " ORDER BY id FOR UPDATE",
-                )?;
-                let rows: Vec<AgentRow> =
-                    sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *b.tx).await?;
-                for r in rows {
-                    b.cache(r);
-                }
-            }
+        })
+    }
+}
+
+impl Batch {
+    /// PostgreSQL: locks every touched tree's root, in id order, before anything of it is read;
+    /// the roots' rows come with their locks (read under them, so current).
+    async fn lock_roots(&mut self, cmds: &[&Command]) -> Result<(), BatchError> {
+        let roots = self.resolve_roots(cmds).await?;
+        if roots.is_empty() {
+            return Ok(());
         }
-        b.prefetch(cmds).await?;
-        let mut replies = Vec::with_capacity(cmds.len());
-        for cmd in cmds {
-            let before = std::mem::take(&mut b.authz);
-            let reply = b.apply(cmd).await?;
-            // A revocation that found the agents already revoked waits too: the one that revoked
-            // them may not have answered yet.
-            replies.push((reply, b.authz || matches!(cmd, Command::Revoke { .. })));
-            b.authz |= before;
+        let (sql, args) =
+            in_list(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN "), &roots, " ORDER BY id FOR UPDATE")?;
+        let rows: Vec<AgentRow> = sqlx::query_as_with(sqlx::AssertSqlSafe(sql), args).fetch_all(&mut *self.tx).await?;
+        for r in rows {
+            self.cache(r);
         }
-        b.flush().await?;
-        b.write_alerts().await?;
-        if b.authz {
-            sqlx::query("UPDATE authz_epoch SET n = n + 1 WHERE id = 1").execute(&mut *b.tx).await?;
-        }
-        let events = std::mem::take(&mut b.events);
-        let key = self.store.audit_key.as_deref();
-        let head = append_events(&mut b.tx, b.backend, key, events, cache.head).await?;
-        let authz = b.authz;
-        let committed = b.tx.commit().await;
-        if authz {
-            // Even when the commit's outcome is unknown: deciding again costs only time.
-            self.epoch.fetch_add(1, Ordering::SeqCst);
-        }
-        committed.map_err(|e| BatchError::AtCommit(StoreError::Unavailable(e)))?;
-        Ok((replies, Cache { agents: b.agents, by_key: b.by_key, by_handle: b.by_handle, head }))
+        Ok(())
     }
 }
