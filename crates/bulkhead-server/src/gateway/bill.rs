@@ -26,20 +26,17 @@
 //! never free, and what a crash can overcharge is bounded by the lease, which is sized to cover
 //! about [`TARGET_LIFETIME`] of the agent's calls.
 //!
-//! The epoch a call is checked against is one that was current after the call arrived: on
-//! SQLite this process's ledger's (the store's only writer, which moves it before answering); on
-//! PostgreSQL the store's own (every replica's revocations move it in the same transaction),
-//! read at most `EPOCH_TRUSTED_FOR` before the call, while every command that moves it is
-//! answered `EPOCH_SETTLE` after its commit. So a revocation answered by any replica stops the
-//! next call everywhere, and a busy gateway reads the epoch about once every 10 ms, not once
-//! per call.
+//! The epoch a call is checked against is one that was current after the call arrived, as the
+//! store's [`EpochReader`] gives it (its doc says why a revocation answered by any replica then
+//! stops the next call everywhere); a lease is used only by calls whose epoch is not newer than
+//! the one read before the lease was granted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bulkhead_core::{KeyHash, Micros, Scope};
-use bulkhead_store::{Answer, Backend, Command, EPOCH_TRUSTED_FOR, LeaseAudit, Ledger, Reply, StoreError};
+use bulkhead_store::{Answer, Command, EpochReader, LeaseAudit, Ledger, Reply, StoreError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -82,10 +79,8 @@ struct Shared {
     /// The runtime that outlives every HTTP worker: background work (settlements, epoch reads,
     /// giving back a lease nobody waits for) runs there, so that no worker's end cuts it short.
     rt: tokio::runtime::Handle,
-    /// Other processes write the store (PostgreSQL): the authorization epoch is read from the
-    /// store (see [`EpochReads`]), not taken from this process's ledger.
-    shared_store: bool,
-    epoch_reads: Arc<EpochReads>,
+    /// The authorization epoch as it stands after a call arrived (its reads run on `rt`).
+    epochs: EpochReader,
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     /// Leases with something to settle, for the flusher.
     queue: Mutex<Vec<Arc<Lease>>>,
@@ -150,13 +145,11 @@ impl Leases {
     /// Starts the flusher, its settlements audited as `audit` says; must be called inside the
     /// runtime.
     pub fn start(ledger: Ledger, audit: LeaseAudit) -> Leases {
-        let shared_store = ledger.store().backend() != Backend::Sqlite;
         let shared = Arc::new(Shared {
+            epochs: EpochReader::new(&ledger),
             ledger,
             audit,
             rt: tokio::runtime::Handle::current(),
-            shared_store,
-            epoch_reads: Arc::default(),
             slots: Mutex::new(HashMap::new()),
             queue: Mutex::new(Vec::new()),
             wake: Notify::new(),
@@ -198,7 +191,7 @@ impl Leases {
         };
         // The epoch as it stands now, read after this call arrived: a lease granted under it
         // has seen every revocation answered before this call.
-        let now_epoch = self.epoch().await?;
+        let now_epoch = sh.epochs.current().await?;
         let slot = lock(&sh.slots)
             .entry((key.as_str().to_owned(), upstream.clone()))
             .or_insert_with(|| {
@@ -239,7 +232,7 @@ impl Leases {
             let _ = tokio::time::timeout(REFILL_WAIT, task).await;
         }
         // Read before the grant: a revocation committed after it makes the lease outdated.
-        let epoch = self.epoch().await?;
+        let epoch = sh.epochs.current().await?;
         let cmd = grant(*want);
         match self.grant(&slot, want, cmd, unit, epoch).await? {
             Ok(mut taken) => match taken.lease.take() {
@@ -291,16 +284,6 @@ impl Leases {
         }
     }
 
-    /// The authorization epoch: this process's ledger's when it is the store's only writer, else
-    /// the store's, as read at most `EPOCH_TRUSTED_FOR` ago (see [`EpochReads`]).
-    async fn epoch(&self) -> Result<u64, StoreError> {
-        if self.shared.shared_store {
-            self.shared.epoch_reads.read(&self.shared.ledger, &self.shared.rt).await
-        } else {
-            Ok(self.shared.ledger.authz_epoch())
-        }
-    }
-
     /// Takes a slot of the slot's current lease, if it is still good at `epoch`.
     fn take(&self, slot: &Slot, epoch: u64) -> Option<Arc<Lease>> {
         let current = lock(&slot.current);
@@ -324,7 +307,7 @@ impl Leases {
     /// Still taking calls, as far as this process can tell without the store: not too old, the
     /// key not expired, and (when this process is the store's only writer) the epoch unchanged.
     fn usable(&self, lease: &Lease) -> bool {
-        (self.shared.shared_store || lease.epoch == self.shared.ledger.authz_epoch())
+        self.shared.epochs.local().is_none_or(|epoch| lease.epoch == epoch)
             && Instant::now() < lease.accept_until
             && lease.key_expires_ms.is_none_or(|t| self.shared.ledger.now_ms() < t)
     }
@@ -371,102 +354,6 @@ impl Leases {
             drop(st);
             lock(&self.shared.queue).push(lease.clone());
             self.shared.wake.notify_one();
-        }
-    }
-}
-
-/// Reads of the store's epoch, shared by the calls that need one.
-///
-/// A read sent at `t` is trusted until `t + EPOCH_TRUSTED_FOR`: a command that moves the epoch
-/// is answered `EPOCH_SETTLE` (more than that) after its commit, so a read trusted when a call
-/// arrives after such an answer was sent after that commit, and saw it. Under load a read is
-/// sent in the background once the last one is half-way through its trust, so calls do not
-/// wait for one; a call that finds no trusted read (the first after a quiet spell) waits for
-/// the first read that *starts* after it arrived, and every call arriving while that read is
-/// under way shares the next one.
-#[derive(Default)]
-struct EpochReads {
-    state: Mutex<ReadState>,
-    done: tokio::sync::Notify,
-}
-
-#[derive(Default)]
-struct ReadState {
-    /// Generation of the last read started, and whether it is still under way.
-    started: u64,
-    running: bool,
-    /// The highest generation some call waits for.
-    wanted: u64,
-    /// The last read finished: its generation and what it read.
-    last: Option<(u64, Result<u64, String>)>,
-    /// The latest successful read: when it was sent and what it read.
-    trusted: Option<(std::time::Instant, u64)>,
-}
-
-impl EpochReads {
-    async fn read(self: &Arc<Self>, ledger: &Ledger, rt: &tokio::runtime::Handle) -> Result<u64, StoreError> {
-        let target = {
-            let mut st = lock(&self.state);
-            if let Some((sent, epoch)) = st.trusted {
-                let age = sent.elapsed();
-                if age < EPOCH_TRUSTED_FOR {
-                    if age >= EPOCH_TRUSTED_FOR / 2 && !st.running {
-                        st.started += 1;
-                        st.wanted = st.wanted.max(st.started);
-                        st.running = true;
-                        rt.spawn(Self::rounds(self.clone(), ledger.clone(), st.started));
-                    }
-                    return Ok(epoch);
-                }
-            }
-            // Under way or not, the read this call needs is the next one to start.
-            let target = st.started + 1;
-            st.wanted = st.wanted.max(target);
-            if !st.running {
-                st.running = true;
-                st.started = target;
-                rt.spawn(Self::rounds(self.clone(), ledger.clone(), target));
-            }
-            target
-        };
-        loop {
-            let notified = self.done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some((g, r)) = &lock(&self.state).last
-                && *g >= target
-            {
-                return r.clone().map_err(StoreError::Failed);
-            }
-            notified.await;
-        }
-    }
-
-    /// Reads `first`, then one more round at a time while calls wait for a later one.
-    async fn rounds(me: Arc<Self>, ledger: Ledger, first: u64) {
-        let mut g = first;
-        loop {
-            let sent = std::time::Instant::now();
-            let r = ledger.store().authz_epoch().await.map(i64::cast_unsigned).map_err(|e| e.to_string());
-            let more = {
-                let mut st = lock(&me.state);
-                if let Ok(epoch) = r {
-                    st.trusted = Some((sent, epoch));
-                }
-                st.last = Some((g, r));
-                if st.wanted > g {
-                    g += 1;
-                    st.started = g;
-                    true
-                } else {
-                    st.running = false;
-                    false
-                }
-            };
-            me.done.notify_waiters();
-            if !more {
-                break;
-            }
         }
     }
 }
