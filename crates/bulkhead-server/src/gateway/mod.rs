@@ -5,7 +5,7 @@
 //!
 //! 1. finds the upstream (404), checks the key's form (401) and the path (400: no dot segments,
 //!    encoded separators or bad escapes), and the declared body size (413);
-//! 2. takes a slot of `max_cost_per_request` from the key's lease (see [`bill`]): key,
+//! 2. takes a slot of `max_cost_per_request` from the key's lease (see [`lease`]): key,
 //!    revocation, suspension, scope, rate limit and every cap are checked by the ledger when the
 //!    lease is granted, in the contract's order, and a denial is answered with the ledger's
 //!    status and body; the upstream never sees it;
@@ -27,9 +27,11 @@ pub mod bill;
 pub mod body;
 pub mod bound;
 pub mod config;
+pub mod lease;
 pub mod meter;
 pub mod path;
 pub mod pool;
+mod settle;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,10 +49,10 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::Value;
 
-use self::bill::{Acquired, Leases};
 use self::body::{LimitBody, Metering, Relay};
 use self::config::{Dialect, Pricing};
 pub use self::config::{PricingSpec, Secret, Upstream, UpstreamSpec, check_upstreams};
+use self::lease::{Acquired, Leases};
 use self::meter::Meter;
 use self::pool::Pool;
 use crate::error::ApiError;
