@@ -60,8 +60,8 @@ use crate::error::ApiError;
 use crate::gateway::body::Relay;
 use crate::gateway::lease::{Acquired, Leases};
 use crate::gateway::pool::{Pool, SendError};
-use crate::gateway::{connector_for, drop_hop_by_hop, host_header, read_limited};
 use crate::metrics::{MCP_CALLS, RouteTimers};
+use crate::upstream_http::{connector_for, drop_hop_by_hop, host_header, read_limited};
 
 /// The path prefix of MCP servers.
 pub const PREFIX: &str = "/mcp/";
@@ -351,7 +351,7 @@ impl McpGateway {
             return Ok(unread(ApiError::not_found("No MCP server with that name is configured.").into_response()));
         };
         // The key first: nothing is read or forwarded for a refused key.
-        let key = match crate::api::agent_key(&parts.headers) {
+        let key = match crate::auth::agent_key(&parts.headers) {
             Ok(k) => k,
             Err(e) => return Ok(unauthorized(e)),
         };
