@@ -1,5 +1,5 @@
 //! The duties to pay that travel with a call's slot, settled when the answer ends or, should the
-//! call be dropped first, by their `Drop`: [`Bill`] for a slot a call forwards with, [`Taken`]
+//! call be dropped first, by their `Drop`: [`Bill`] for a slot a call forwards with, `Taken`
 //! for the first slot of a new lease on its way to the call that asked for it.
 
 use std::sync::Arc;
