@@ -18,6 +18,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::{agent_key, bearer};
 use crate::bodies::{
     AgentList, AuditPage, Captured, Health, HoldReceipt, NewAgent, NewKey, Released, Revoked, SpendReceipt,
 };
@@ -137,23 +138,6 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(405, "method_not_allowed", "This route does not take that method.")
 }
 
-/// The bearer token of a request, if the header is well-formed.
-fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let bad = || ApiError::new(401, "invalid_credentials", "Send `Authorization: Bearer <key>`.");
-    let v = headers.get(header::AUTHORIZATION).ok_or_else(bad)?;
-    let v = v.to_str().map_err(|_| bad())?;
-    // The scheme is case-insensitive (RFC 7235): `Bearer`, `bearer` and `BEARER` are one.
-    let (scheme, token) = v.trim_start().split_once(' ').ok_or_else(bad)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(bad());
-    }
-    let token = token.trim();
-    if token.is_empty() {
-        return Err(bad());
-    }
-    Ok(token)
-}
-
 enum Who {
     Admin,
     Agent(KeyHash),
@@ -196,11 +180,6 @@ impl<const SPENDS: bool> axum::extract::FromRequestParts<AppState> for MoneyKey<
             None => Ok(MoneyKey(key)),
         }
     }
-}
-
-pub(crate) fn agent_key(headers: &HeaderMap) -> Result<KeyHash, ApiError> {
-    let token = bearer(headers)?;
-    ApiKey::parse(token).map(|k| k.hash()).ok_or_else(|| ApiError::deny(bulkhead_core::DenyReason::InvalidCredentials))
 }
 
 fn idem(headers: &HeaderMap, method: &Method, path: &str, body: &[u8]) -> Result<Option<Idem>, ApiError> {

@@ -6,6 +6,7 @@
 
 pub mod alerts;
 mod api;
+mod auth;
 mod bodies;
 mod console;
 mod error;
@@ -17,6 +18,7 @@ pub mod mcp;
 mod metrics;
 mod openapi;
 pub mod reply;
+mod upstream_http;
 
 pub use api::{AppState, app};
 pub use error::ApiError;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bulkhead_core::key::ApiKey;
 use bulkhead_core::{Micros, Scope};
-use bulkhead_server::gateway::bill::{Acquired, Leases};
+use bulkhead_server::gateway::lease::{Acquired, Leases};
 use bulkhead_store::Command;
 use common::Srv;
 

@@ -45,8 +45,8 @@ pub use bulkhead_core::runaway::{Breaker, BreakerOverride};
 pub use format::fmt_time;
 pub use history::{AlertRecord, AuditQuery, UsageBucket};
 pub use ledger::{
-    AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, Idem, LeaseAudit, Ledger, LedgerConfig, Limits, Patch,
-    REFUSALS_AUDITED_EVERY, REFUSED_KEYS_MAX, Tally,
+    AgentSpec, Caller, Command, EPOCH_SETTLE, EPOCH_TRUSTED_FOR, EpochReader, Idem, LeaseAudit, Ledger, LedgerConfig,
+    Limits, Patch, REFUSALS_AUDITED_EVERY, REFUSED_KEYS_MAX, Tally,
 };
 pub use view::{AgentView, Usage};
 

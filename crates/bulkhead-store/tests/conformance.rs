@@ -7,7 +7,8 @@ mod common;
 use bulkhead_core::ratelimit::RateLimit;
 use bulkhead_core::{DenyReason, KeyHash, Micros};
 use bulkhead_store::{
-    Breaker, BreakerOverride, Caller, Command, Idem, LeaseAudit, Ledger, LedgerConfig, Patch, Store, fmt_time,
+    Breaker, BreakerOverride, Caller, Command, EpochReader, Idem, LeaseAudit, Ledger, LedgerConfig, Patch, Store,
+    fmt_time,
 };
 use common::*;
 
@@ -85,6 +86,7 @@ conformance! {
     lease_expiry_captures_what_it_holds,
     lease_one_slot_when_decided_call_by_call,
     authz_epoch,
+    epoch_reader,
     concurrent_leases_parent_and_child,
     concurrent_spends_one_agent,
     concurrent_spends_parent_and_child,
@@ -2444,6 +2446,38 @@ async fn authz_epoch(db: Db) {
     // rotation, a suspension, a resume and a revocation.
     assert_eq!(e.store.authz_epoch().await.expect("epoch"), store_start + 5);
     e.intact().await;
+    e.finish().await;
+}
+
+/// The reader half of the authorization epoch: a change answered by any writer of the store is
+/// seen by the next read of every process, even one that read the epoch just before it (on
+/// PostgreSQL a second replica makes the change; on SQLite there is one ledger).
+async fn epoch_reader(db: Db) {
+    let e = Env::new(db).await;
+    let replica = match db {
+        Db::Sqlite => None,
+        Db::Postgres => {
+            let other = Store::open(&e.url).await.expect("second replica");
+            let (ledger, writer) = Ledger::start(other.clone(), e.clock.clone(), LedgerConfig::default());
+            Some((other, ledger, writer))
+        }
+    };
+    let changes = replica.as_ref().map_or(&e.ledger, |(_, ledger, _)| ledger);
+    let reader = EpochReader::new(&e.ledger);
+    assert_eq!(reader.local(), (db == Db::Sqlite).then(|| e.ledger.authz_epoch()), "known without a read alone");
+    e.admin_agent(spec("er", &[PAY], "10")).await;
+    for cap in ["9", "8", "7"] {
+        let before = reader.current().await.expect("the epoch");
+        let patch = Patch { spending_cap: Some(m(cap)), ..Patch::default() };
+        let r = submit_to(changes, Command::PatchAgent { handle: "er".into(), patch }).await.expect("patched");
+        ok(&r, 200);
+        assert!(reader.current().await.expect("the epoch") > before, "the patch to {cap} was not seen");
+    }
+    if let Some((other, ledger, writer)) = replica {
+        drop(ledger);
+        writer.await.unwrap();
+        other.close().await;
+    }
     e.finish().await;
 }
 

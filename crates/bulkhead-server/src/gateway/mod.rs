@@ -5,13 +5,15 @@
 //!
 //! 1. finds the upstream (404), checks the key's form (401) and the path (400: no dot segments,
 //!    encoded separators or bad escapes), and the declared body size (413);
-//! 2. takes a slot of `max_cost_per_request` from the key's lease (see [`bill`]): key,
+//! 2. takes a slot of `max_cost_per_request` from the key's lease (see [`lease`]): key,
 //!    revocation, suspension, scope, rate limit and every cap are checked by the ledger when the
 //!    lease is granted, in the contract's order, and a denial is answered with the ledger's
 //!    status and body; the upstream never sees it;
-//! 3. forwards the call: path and query kept, the agent's `Authorization` (and any header named
-//!    like the upstream's auth header) removed, hop-by-hop headers dropped, the real secret set;
-//!    the request body streams (only an OpenAI JSON body is read first, to ask for streamed usage);
+//! 3. checks the `routes` allow-list (403) and forwards the call (see `request.rs`): path and
+//!    query kept, the agent's `Authorization` (and any header named like the upstream's auth
+//!    header) removed, hop-by-hop headers dropped, the real secret set; the request body streams
+//!    (only a token-priced JSON body is read first, to bound its worst case and, for OpenAI, to
+//!    ask for streamed usage);
 //! 4. streams the answer back (SSE chunk by chunk) and bills the call: the price
 //!    (`per_request`), the price header, or the metered token usage, at most the slot; the rest
 //!    is released when the flusher settles it, about 25 ms later. Usage that cannot be
@@ -27,9 +29,12 @@ pub mod bill;
 pub mod body;
 pub mod bound;
 pub mod config;
+pub mod lease;
 pub mod meter;
 pub mod path;
 pub mod pool;
+mod request;
+mod settle;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,27 +42,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version, header};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
-use bulkhead_core::Micros;
+use bulkhead_core::{KeyHash, Micros};
 use bulkhead_store::Ledger;
-use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use serde_json::Value;
+use tokio::time::Instant;
 
-use self::bill::{Acquired, Leases};
-use self::body::{LimitBody, Metering, Relay};
-use self::config::{Dialect, Pricing};
+use self::bill::Bill;
+use self::body::{Metering, Relay};
+use self::config::Pricing;
 pub use self::config::{PricingSpec, Secret, Upstream, UpstreamSpec, check_upstreams};
+use self::lease::{Acquired, Leases};
 use self::meter::Meter;
-use self::pool::Pool;
+use self::pool::{Conn, Pool};
+pub use self::request::ask_for_stream_usage;
 use crate::error::ApiError;
 use crate::metrics::{GATEWAY_CALLS, RouteTimers};
+use crate::upstream_http::{connector_for, drop_hop_by_hop, host_header, too_large};
 
 /// The path prefix of proxied calls.
 pub const PREFIX: &str = "/proxy/";
+
+/// An upstream's answer as it arrives.
+type Answer = hyper::Response<hyper::body::Incoming>;
 
 /// One configured upstream, its connection pool and its counters.
 struct Route {
@@ -158,177 +168,71 @@ impl Gateway {
     }
 }
 
-/// The `Host` for calls to `target`: its host, with the port only when it is not the scheme's
-/// default (as clients send it; some hosts and request signatures compare it exactly).
-pub(crate) fn host_header(target: &Uri) -> Result<HeaderValue, String> {
-    let auth = target.authority().ok_or("no host")?;
-    let default = match target.scheme_str() {
-        Some("https") => 443,
-        _ => 80,
-    };
-    let host = match auth.port_u16() {
-        Some(p) if p != default => format!("{}:{p}", auth.host()),
-        _ => auth.host().to_owned(),
-    };
-    HeaderValue::from_str(&host).map_err(|e| e.to_string())
-}
-
 fn connector(up: &Upstream) -> Result<HttpsConnector<HttpConnector>, String> {
     connector_for(&format!("upstream {:?}", up.name), up.scheme == "https", up.connect_timeout)
-}
-
-/// A connector for one upstream (`who` names it in errors): TLS by rustls with the system's
-/// root certificates when `https`, plain HTTP otherwise.
-pub(crate) fn connector_for(
-    who: &str,
-    https: bool,
-    connect_timeout: std::time::Duration,
-) -> Result<HttpsConnector<HttpConnector>, String> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let provider = rustls::crypto::ring::default_provider();
-    let tls = if https {
-        hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("{who}: no usable root certificates on this system: {e}"))?
-    } else {
-        // Plain HTTP: TLS is never used, but the connector type is shared.
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-    };
-    Ok(tls.https_or_http().enable_http1().wrap_connector(http))
-}
-
-/// Headers never forwarded in either direction (RFC 9110 §7.6.1), besides those the
-/// `Connection` header names.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers and those listed in `Connection`.
-pub(crate) fn drop_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in listed {
-            h.remove(n);
-        }
-    }
-    // Most messages carry none of them: look before removing.
-    if h.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        for n in &HOP_BY_HOP {
-            h.remove(n);
-        }
-    }
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-pub(crate) fn too_large(limit: u64) -> ApiError {
-    ApiError::new(
-        413,
-        "body_too_large",
-        format!("The request body is larger than this upstream's limit of {limit} bytes."),
-    )
+/// A call stopped after its slot was taken and before an answer came: what it is charged, and
+/// what the agent is told.
+struct Stop {
+    charge: Micros,
+    error: ApiError,
 }
 
-fn is_json(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
-}
-
-/// An OpenAI request that streams without asking for usage gets
-/// `stream_options.include_usage = true`; returns the body to send and whether the agent did
-/// not ask for the usage chunk (so the gateway strips it). Other bodies are left as they are.
-pub fn ask_for_stream_usage(body: Bytes) -> (Bytes, bool) {
-    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(&body) else {
-        return (body, false);
-    };
-    if m.get("stream") != Some(&Value::Bool(true)) {
-        return (body, false);
+impl Stop {
+    /// Stopped before anything was sent: nothing is charged.
+    fn free(error: ApiError) -> Stop {
+        Stop { charge: Micros::ZERO, error }
     }
-    match m.get("stream_options") {
-        None => {
-            // Insert the field right after the opening brace: every other byte stays as sent.
-            let Some(open) = body.iter().position(|&b| b == b'{') else {
-                return (body, false);
-            };
-            let mut out = BytesMut::with_capacity(body.len() + 40);
-            out.extend_from_slice(&body[..=open]);
-            out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
-            out.extend_from_slice(&body[open + 1..]);
-            (out.freeze(), true)
-        }
-        Some(Value::Object(o)) if o.get("include_usage") == Some(&Value::Bool(true)) => (body, false),
-        Some(Value::Object(_)) => {
-            let mut m = m;
-            if let Some(Value::Object(o)) = m.get_mut("stream_options") {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-            match serde_json::to_vec(&Value::Object(m)) {
-                Ok(v) => (Bytes::from(v), true),
-                Err(_) => (body, false),
-            }
-        }
-        // Not an object: the upstream answers the agent's mistake itself.
-        Some(_) => (body, false),
-    }
-}
-
-/// Reads a whole body of at most `limit` bytes.
-pub(crate) async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
-    let over = Arc::new(AtomicBool::new(false));
-    let mut b = LimitBody::new(body, limit, over.clone());
-    let mut out = BytesMut::new();
-    while let Some(frame) = b.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Ok(d) = f.into_data() {
-                    out.extend_from_slice(&d);
-                }
-            }
-            Err(_) if over.load(Ordering::SeqCst) => return Err(too_large(limit)),
-            Err(e) => return Err(ApiError::invalid(format!("The request body could not be read: {e}"))),
-        }
-    }
-    Ok(out.freeze())
 }
 
 impl Gateway {
-    /// Forwards one call that arrived at `started` (its `max_duration` counts from then).
-    async fn forward(&self, req: Request, started: tokio::time::Instant) -> Result<Response, ApiError> {
+    /// Forwards one call that arrived at `started` (its `max_duration` counts from then), step by
+    /// step: upstream, key and path → slot → route check → body read and bounded → request built
+    /// → sent → answer relayed and billed.
+    async fn forward(&self, req: Request, started: Instant) -> Result<Response, ApiError> {
         let (parts, body) = req.into_parts();
-        let (name, rest) = path::split(parts.uri.path())
-            .map_err(|_| ApiError::not_found("No upstream with that name is configured."))?;
+        let Parts { method, uri, headers, .. } = parts;
+        let (route, rest, key) = self.admit(&uri, &headers)?;
+        // The slot comes before the body is read: a refused key costs no body read.
+        let bill = match self.take_slot(route, &key).await? {
+            Ok(bill) => bill,
+            Err(denied) => return Ok(denied),
+        };
+        // From here on the slot is held: a call stopped before its answer pays what its `Stop` says.
+        let sent = async {
+            route.check_route(&method, rest).map_err(Stop::free)?;
+            let over = Arc::new(AtomicBool::new(false));
+            let out = request::read_body(route, &method, &headers, rest, body, &over).await.map_err(Stop::free)?;
+            let strip = out.strip;
+            let ureq = request::upstream_request(route, method, headers, rest, uri.query(), out).map_err(Stop::free)?;
+            let (resp, conn) = route.send(ureq, &over).await?;
+            Ok::<_, Stop>((resp, conn, strip))
+        };
+        match sent.await {
+            Ok((resp, conn, strip)) => Ok(route.relay(resp, conn, bill, strip, started)),
+            Err(Stop { charge, error }) => {
+                bill.finish(charge);
+                Err(error)
+            }
+        }
+    }
+
+    /// The call's upstream (404), its key's form (401), its path (400: dot segments, encoded
+    /// separators or bad escapes) and its declared body size (413), before the ledger is asked.
+    fn admit<'a>(&self, uri: &'a Uri, headers: &HeaderMap) -> Result<(&Route, &'a str, KeyHash), ApiError> {
+        let (name, rest) =
+            path::split(uri.path()).map_err(|_| ApiError::not_found("No upstream with that name is configured."))?;
         let route = self
             .inner
             .routes
             .get(name)
             .ok_or_else(|| ApiError::not_found("No upstream with that name is configured."))?;
-        let up = &route.up;
-        let key = crate::api::agent_key(&parts.headers)?;
+        let key = crate::auth::agent_key(headers)?;
         path::check_segments(rest, true).map_err(|e| {
             let why = match e {
                 path::PathError::Tricky(why) => why,
@@ -336,171 +240,87 @@ impl Gateway {
             };
             ApiError::invalid(format!("The proxied path has {why}; it is refused."))
         })?;
-        if content_length(&parts.headers).is_some_and(|n| n > up.max_request_bytes) {
+        if content_length(headers).is_some_and(|n| n > route.up.max_request_bytes) {
             route.calls.too_large.increment(1);
-            return Err(too_large(up.max_request_bytes));
+            return Err(too_large(route.up.max_request_bytes));
         }
+        Ok((route, rest, key))
+    }
 
-        let tokens = matches!(up.pricing, Pricing::Tokens { .. });
-        let openai = matches!(up.pricing, Pricing::Tokens { dialect: Dialect::OpenAi, .. });
-
-        // The slot: every check of the contract, in its order, decided by a committed lease. It
-        // comes before the body is read: a refused key costs no body read.
-        let abandoned = match up.pricing {
-            Pricing::PerRequest(p) => p,
-            _ => up.max_cost,
-        };
-        let acquired =
-            self.inner.leases.acquire(&key, &route.name, &up.scope, up.max_cost, up.hold_ms(), abandoned).await?;
-        let bill = match acquired {
-            Acquired::Go(bill) => bill,
+    /// The call's slot: every check of the contract, in its order, decided by a committed lease;
+    /// or the ledger's denial, answered as the ledger gives it.
+    async fn take_slot(&self, route: &Route, key: &KeyHash) -> Result<Result<Bill, Response>, ApiError> {
+        let up = &route.up;
+        match self
+            .inner
+            .leases
+            .acquire(key, &route.name, &up.scope, up.max_cost, up.hold_ms(), route.abandoned())
+            .await?
+        {
+            Acquired::Go(bill) => Ok(Ok(bill)),
             Acquired::Denied(reply) => {
                 route.calls.denied.increment(1);
-                return Ok(crate::reply::respond(reply));
+                Ok(Err(crate::reply::respond(reply)))
             }
-        };
-        if let Some(rules) = &up.routes
-            && !rules.iter().any(|r| r.allows(parts.method.as_str(), rest))
+        }
+    }
+}
+
+impl Route {
+    /// What a call that left is charged when its cost cannot be known: the price of a
+    /// fixed-price upstream, else the whole slot.
+    fn abandoned(&self) -> Micros {
+        match self.up.pricing {
+            Pricing::PerRequest(p) => p,
+            _ => self.up.max_cost,
+        }
+    }
+
+    /// Refuses (403) a call the upstream's `routes` allow-list does not name.
+    fn check_route(&self, method: &Method, rest: &str) -> Result<(), ApiError> {
+        if let Some(rules) = &self.up.routes
+            && !rules.iter().any(|r| r.allows(method.as_str(), rest))
         {
-            bill.finish(Micros::ZERO);
-            route.calls.denied.increment(1);
+            self.calls.denied.increment(1);
             return Err(ApiError::new(
                 403,
                 "route_not_allowed",
-                format!("{} /{rest} is not among this upstream's routes; it was not forwarded.", parts.method),
+                format!("{method} /{rest} is not among this upstream's routes; it was not forwarded."),
             ));
         }
+        Ok(())
+    }
 
-        let over = Arc::new(AtomicBool::new(false));
-        let mut strip = false;
-        let mut replaced_len = None;
-        // A token-priced JSON call is read whole, within read_timeout, to bound its worst case
-        // (see `bound`). Only the completions APIs take `stream_options`; the Responses API
-        // always reports a stream's usage in its `response.completed` event and refuses fields
-        // it does not know.
-        let completions = rest.ends_with("completions");
-        let body = match &up.pricing {
-            Pricing::Tokens { dialect, prices } if parts.method == Method::POST && is_json(&parts.headers) => {
-                let read = tokio::time::timeout(up.read_timeout, read_limited(body, up.max_request_bytes)).await;
-                let bytes = match read {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => {
-                        if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                            route.calls.too_large.increment(1);
-                        }
-                        bill.finish(Micros::ZERO);
-                        return Err(e);
-                    }
-                    Err(_) => {
-                        bill.finish(Micros::ZERO);
-                        return Err(ApiError::new(
-                            408,
-                            "request_timeout",
-                            "The request body did not arrive within the upstream's read_timeout; nothing was sent.",
-                        ));
-                    }
-                };
-                let bytes = match bound::bound(bytes, rest, *dialect, prices, up.max_cost) {
-                    Ok(b) => b,
-                    Err(bound::Unbounded::InputTooDear { bytes }) => {
-                        bill.finish(Micros::ZERO);
-                        route.calls.denied.increment(1);
-                        return Err(ApiError::new(
-                            402,
-                            "max_cost_exceeded",
-                            format!(
-                                "A {bytes}-byte request could use up to {bytes} input tokens, more than this \
-                                 upstream's max_cost_per_request of {} pays for; nothing was sent or charged.",
-                                up.max_cost
-                            ),
-                        ));
-                    }
-                };
-                let bytes = if openai && completions {
-                    let (b, s) = ask_for_stream_usage(bytes);
-                    strip = s;
-                    b
-                } else {
-                    bytes
-                };
-                replaced_len = Some(bytes.len());
-                Body::from(bytes)
-            }
-            _ => Body::new(LimitBody::new(body, up.max_request_bytes, over.clone())),
-        };
-
-        // The forwarded request, its URI in origin form.
-        let query = parts.uri.query();
-        let mut target = String::with_capacity(up.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 2);
-        target.push_str(&up.base_path);
-        if !rest.is_empty() || up.base_path.is_empty() {
-            target.push('/');
-        }
-        target.push_str(rest);
-        if let Some(q) = query {
-            target.push('?');
-            target.push_str(q);
-        }
-        let uri = match Uri::try_from(target) {
-            Ok(u) => u,
-            Err(_) => {
-                bill.finish(Micros::ZERO);
-                return Err(ApiError::invalid("The proxied path or query is not valid."));
-            }
-        };
-        let mut headers = parts.headers;
-        drop_hop_by_hop(&mut headers);
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(header::EXPECT);
-        if let Some(auth) = &up.auth {
-            headers.remove(&auth.name);
-        }
-        headers.insert(header::HOST, route.host.clone());
-        if tokens {
-            // The answer is read for its usage: it must not come compressed.
-            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        }
-        if let Some(n) = replaced_len {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        if let Some(auth) = &up.auth {
-            headers.insert(auth.name.clone(), auth.value.clone());
-        }
-        let mut ureq = hyper::Request::new(body);
-        *ureq.method_mut() = parts.method;
-        *ureq.uri_mut() = uri;
-        *ureq.version_mut() = Version::HTTP_11;
-        *ureq.headers_mut() = headers;
-
-        // The answer's headers within read_timeout, and never past the call's max_duration (which
-        // the hold outlives).
+    /// Sends the request and waits for the answer's head within `read_timeout`, never past the
+    /// call's `max_duration` (which the hold outlives). A call that may have reached the upstream
+    /// is charged (`abandoned`); one that never left only with `charge_failures`; one whose body
+    /// broke the limit on the way (`over`) never.
+    async fn send(&self, ureq: hyper::Request<Body>, over: &AtomicBool) -> Result<(Answer, Conn), Stop> {
+        let up = &self.up;
+        let abandoned = self.abandoned();
         let wait = up.read_timeout.min(up.max_duration);
         let sending = AtomicBool::new(false);
-        let (resp, conn) = match tokio::time::timeout(wait, route.pool.send(ureq, &sending)).await {
+        let answer = match tokio::time::timeout(wait, self.pool.send(ureq, &sending)).await {
             Err(_) => {
-                route.calls.timeout.increment(1);
-                tracing::warn!(upstream = %route.name, "upstream did not answer within read_timeout");
-                let message = if sending.load(Ordering::Relaxed) {
+                self.calls.timeout.increment(1);
+                tracing::warn!(upstream = %self.name, "upstream did not answer within read_timeout");
+                let (charge, message) = if sending.load(Ordering::Relaxed) {
                     // The upstream may be doing the work it was sent: the call is paid for.
-                    bill.finish(abandoned);
-                    "The upstream did not answer in time; the call was sent, so it was charged."
+                    (abandoned, "The upstream did not answer in time; the call was sent, so it was charged.")
                 } else if up.charge_failures {
-                    bill.finish(abandoned);
-                    "The upstream could not be reached in time; the call was charged (charge_failures)."
+                    (abandoned, "The upstream could not be reached in time; the call was charged (charge_failures).")
                 } else {
-                    bill.finish(Micros::ZERO);
-                    "The upstream could not be reached in time; the hold was released."
+                    (Micros::ZERO, "The upstream could not be reached in time; the hold was released.")
                 };
-                return Err(ApiError::new(504, "upstream_timeout", message));
+                return Err(Stop { charge, error: ApiError::new(504, "upstream_timeout", message) });
             }
             Ok(Err(_)) if over.load(Ordering::SeqCst) => {
                 // The agent's body broke the limit mid-way: the upstream never got a whole request.
-                route.calls.too_large.increment(1);
-                bill.finish(Micros::ZERO);
-                return Err(too_large(up.max_request_bytes));
+                self.calls.too_large.increment(1);
+                return Err(Stop::free(too_large(up.max_request_bytes)));
             }
             Ok(Err(e)) => {
-                route.calls.upstream_error.increment(1);
+                self.calls.upstream_error.increment(1);
                 let sent = matches!(e, pool::SendError::MaybeSent(_));
                 let e = e.into_inner();
                 let mut msg = e.to_string();
@@ -510,20 +330,26 @@ impl Gateway {
                     msg.push_str(&s.to_string());
                     src = s.source();
                 }
-                tracing::warn!(upstream = %route.name, error = %msg, sent, "upstream call failed");
-                let message = if sent {
-                    bill.finish(abandoned);
-                    "The upstream connection broke after the call was sent; the call was charged."
+                tracing::warn!(upstream = %self.name, error = %msg, sent, "upstream call failed");
+                let (charge, message) = if sent {
+                    (abandoned, "The upstream connection broke after the call was sent; the call was charged.")
                 } else {
-                    bill.finish(if up.charge_failures { abandoned } else { Micros::ZERO });
-                    "The upstream could not be reached."
+                    (if up.charge_failures { abandoned } else { Micros::ZERO }, "The upstream could not be reached.")
                 };
-                return Err(ApiError::new(502, "upstream_unavailable", message));
+                return Err(Stop { charge, error: ApiError::new(502, "upstream_unavailable", message) });
             }
             Ok(Ok(r)) => r,
         };
-        route.calls.forwarded.increment(1);
+        self.calls.forwarded.increment(1);
+        Ok(answer)
+    }
 
+    /// The answer back to the agent (hop-by-hop headers dropped, streamed) and the call billed:
+    /// nothing for a 5xx (unless `charge_failures`), the price, the price header's amount (the
+    /// whole slot without one), or the token usage metered as the answer passes, which [`Relay`]
+    /// bills when it ends or is dropped.
+    fn relay(&self, resp: Answer, conn: Conn, bill: Bill, strip: bool, started: Instant) -> Response {
+        let up = &self.up;
         let (mut rparts, rbody) = resp.into_parts();
         drop_hop_by_hop(&mut rparts.headers);
         let failed = rparts.status.is_server_error() && !up.charge_failures;
@@ -558,72 +384,7 @@ impl Gateway {
             }
         };
         let relay =
-            Relay::new(rbody, metering, up.read_timeout, started + up.max_duration, route.name.clone(), Some(conn));
-        Ok(Response::from_parts(rparts, Body::new(relay)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn asks_for_stream_usage_only_when_missing() {
-        let (b, strip) = ask_for_stream_usage(Bytes::from_static(br#" {"model":"m","stream":true,"n":1.50}"#));
-        assert!(strip);
-        assert_eq!(&b[..], br#" {"stream_options":{"include_usage":true},"model":"m","stream":true,"n":1.50}"#);
-        let v: Value = serde_json::from_slice(&b).expect("still JSON");
-        assert_eq!(v["stream_options"]["include_usage"], true);
-
-        let (b, strip) =
-            ask_for_stream_usage(Bytes::from_static(br#"{"stream":true,"stream_options":{"include_usage":false}}"#));
-        assert!(strip);
-        let v: Value = serde_json::from_slice(&b).expect("JSON");
-        assert_eq!(v["stream_options"]["include_usage"], true);
-
-        for same in [
-            &br#"{"stream":true,"stream_options":{"include_usage":true}}"#[..],
-            br#"{"stream":false}"#,
-            br#"{"model":"m"}"#,
-            br#"{"stream":"true"}"#,
-            br#"{"stream":true,"stream_options":7}"#,
-            b"not json",
-            b"[1,2]",
-        ] {
-            let (b, strip) = ask_for_stream_usage(Bytes::copy_from_slice(same));
-            assert!(!strip, "{}", String::from_utf8_lossy(same));
-            assert_eq!(&b[..], same);
-        }
-    }
-
-    #[test]
-    fn host_leaves_out_the_default_port() {
-        for (target, host) in [
-            ("https://api.example.com:443/", "api.example.com"),
-            ("https://api.example.com/", "api.example.com"),
-            ("https://api.example.com:8443/", "api.example.com:8443"),
-            ("http://127.0.0.1:80/", "127.0.0.1"),
-            ("http://127.0.0.1:8080/", "127.0.0.1:8080"),
-            ("http://[::1]:9000/", "[::1]:9000"),
-        ] {
-            let uri: Uri = target.parse().expect("uri");
-            assert_eq!(host_header(&uri).expect("host"), host, "{target}");
-        }
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
-        h.insert("x-kept", HeaderValue::from_static("yes"));
-        drop_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["x-kept"], "yes");
+            Relay::new(rbody, metering, up.read_timeout, started + up.max_duration, self.name.clone(), Some(conn));
+        Response::from_parts(rparts, Body::new(relay))
     }
 }

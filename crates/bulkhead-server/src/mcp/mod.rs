@@ -48,7 +48,7 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use bulkhead_core::{DenyReason, KeyHash, Micros, ScopeSet};
-use bulkhead_store::{Answer, Command, LeaseAudit, Ledger, Reply, StoreError};
+use bulkhead_store::{Answer, Command, EpochReader, LeaseAudit, Ledger, Reply, StoreError};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
@@ -58,11 +58,11 @@ use self::jsonrpc::{Kind, Message, Route, RpcError};
 use self::session::{MCP_SESSION_ID, SessionSeal};
 use self::stdio::{Stdio, StdioError};
 use crate::error::ApiError;
-use crate::gateway::bill::{Acquired, Leases};
 use crate::gateway::body::Relay;
+use crate::gateway::lease::{Acquired, Leases};
 use crate::gateway::pool::{Pool, SendError};
-use crate::gateway::{connector_for, drop_hop_by_hop, host_header, read_limited};
 use crate::metrics::{MCP_CALLS, RouteTimers};
+use crate::upstream_http::{connector_for, drop_hop_by_hop, host_header, read_limited};
 
 /// The path prefix of MCP servers.
 pub const PREFIX: &str = "/mcp/";
@@ -82,12 +82,12 @@ struct Known {
 }
 
 /// Good keys checked under the current authorization epoch, when this process is the store's
-/// only writer (SQLite): a revocation, suspension, patch or new key moves the epoch before it is
-/// answered, so a check remembered under an older epoch is never used. Keys with an expiry and
-/// suspended agents are never remembered (neither moves the epoch when it ends). On a shared
-/// store (PostgreSQL) every request reads the store.
+/// only writer (SQLite; [`EpochReader::local`]): a revocation, suspension, patch or new key moves
+/// the epoch before it is answered, so a check remembered under an older epoch is never used.
+/// Keys with an expiry and suspended agents are never remembered (neither moves the epoch when it
+/// ends). On a shared store (PostgreSQL) every request reads the store.
 struct KeyCache {
-    on: bool,
+    epochs: EpochReader,
     map: Mutex<HashMap<String, (u64, Known)>>,
 }
 
@@ -188,8 +188,7 @@ impl McpGateway {
                 stdio.insert(s.name.clone(), Stdio::start(&s.name, argv.clone(), line_max, &rt));
             }
         }
-        let on = ledger.store().backend() == bulkhead_store::Backend::Sqlite;
-        let keys = Arc::new(KeyCache { on, map: Mutex::new(HashMap::new()) });
+        let keys = Arc::new(KeyCache { epochs: EpochReader::new(&ledger), map: Mutex::new(HashMap::new()) });
         let settler = Settler::start(ledger.clone(), &rt);
         let leases = servers.iter().any(|s| s.leases).then(|| Leases::start(ledger.clone(), LeaseAudit::EachCall));
         let sessions = SessionSeal::new(ledger.store().derived_key("mcp-session"));
@@ -353,7 +352,7 @@ impl McpGateway {
             return Ok(unread(ApiError::not_found("No MCP server with that name is configured.").into_response()));
         };
         // The key first: nothing is read or forwarded for a refused key.
-        let key = match crate::api::agent_key(&parts.headers) {
+        let key = match crate::auth::agent_key(&parts.headers) {
             Ok(k) => k,
             Err(e) => return Ok(unauthorized(e)),
         };
@@ -477,8 +476,8 @@ impl McpGateway {
     async fn check_key(&self, key: &KeyHash) -> Result<Result<Known, DenyReason>, ApiError> {
         let cache = &self.inner.keys;
         // Read before the store: a change committed after it moves the epoch past it.
-        let epoch = self.inner.ledger.authz_epoch();
-        if cache.on
+        let epoch = cache.epochs.local();
+        if let Some(epoch) = epoch
             && let Some((e, known)) = cache.map.lock().unwrap_or_else(|p| p.into_inner()).get(key.as_str())
             && *e == epoch
         {
@@ -494,7 +493,10 @@ impl McpGateway {
             scopes: ScopeSet::parse(&view.scopes).unwrap_or_default(),
             handle: view.handle,
         };
-        if cache.on && view.expires_at.is_none() && !known.suspended {
+        if let Some(epoch) = epoch
+            && view.expires_at.is_none()
+            && !known.suspended
+        {
             let mut map = cache.map.lock().unwrap_or_else(|p| p.into_inner());
             if map.len() >= KEYS_CACHED_MAX {
                 map.clear();

@@ -13,6 +13,8 @@
 //! The files of this folder, in the order a command meets them:
 //! - `command.rs`: the commands and their checked inputs (what the server hands in);
 //! - `writer.rs`: the writer task and group commit (batch, commit, answer; the epoch's wait);
+//! - `epoch.rs`: the authorization epoch, both halves of its protocol stated once, and
+//!   `EpochReader`, the epoch as it stands after a call arrived (what the gateways check);
 //! - `batch.rs`: one batch: root locks, the row cache, prefetch, and the dispatch of commands;
 //! - `money.rs`: money movements: credentials and idempotency, spends and holds, their denials
 //!   and the breaker, captures and releases, the cap assertion and alert thresholds;
@@ -27,6 +29,7 @@
 mod admin;
 mod batch;
 mod command;
+mod epoch;
 mod expiry;
 mod lease;
 mod money;
@@ -35,7 +38,7 @@ mod rows;
 mod writer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bulkhead_core::Clock;
@@ -45,6 +48,7 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::command::{AgentSpec, Caller, Command, Idem, LeaseAudit, Patch};
+pub use self::epoch::{EPOCH_SETTLE, EPOCH_TRUSTED_FOR, EpochReader};
 use self::refusals::Refusals;
 pub use self::refusals::{KEYS_MAX as REFUSED_KEYS_MAX, Tally};
 use self::writer::{Cache, Writer};
@@ -105,16 +109,6 @@ impl Default for LedgerConfig {
         }
     }
 }
-
-/// How long a process may go on trusting an authorization epoch it read from a shared store
-/// (PostgreSQL), counted from when the read was sent. See [`EPOCH_SETTLE`].
-pub const EPOCH_TRUSTED_FOR: Duration = Duration::from_millis(20);
-
-/// On a shared store, an answer to a command that moved the authorization epoch (a revocation,
-/// suspension, patch or new key) goes out this long after its commit: by then every read of the
-/// older epoch, by any replica, is older than [`EPOCH_TRUSTED_FOR`], so once the answer is out no
-/// replica lets a call through on what was decided before it.
-pub const EPOCH_SETTLE: Duration = EPOCH_TRUSTED_FOR.saturating_add(Duration::from_millis(5));
 
 struct Job {
     cmd: Command,
@@ -201,13 +195,6 @@ impl Ledger {
     /// The seed the ledger's ids are drawn from ([`LedgerConfig::seed`], or the random one).
     pub fn seed(&self) -> u64 {
         self.seed
-    }
-
-    /// The authorization epoch: it moves on, before the answer goes out, after every commit
-    /// that revoked, suspended or patched an agent or gave one a new key through this ledger.
-    /// What was decided under an older epoch (a gateway lease) must be decided again.
-    pub fn authz_epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
     }
 
     pub fn now_ms(&self) -> i64 {
