@@ -34,7 +34,7 @@ use crate::openapi::{
 use crate::reply::respond;
 
 /// The longest `Idempotency-Key`.
-pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
+pub(crate) const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
 
 /// Everything a handler needs.
 #[derive(Clone)]

@@ -12,14 +12,14 @@ use utoipa::ToSchema;
 
 /// `GET /healthz`.
 #[derive(Serialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     #[schema(value_type = String, examples("ok"))]
     pub status: &'static str,
 }
 
 /// What the agent may still spend after a decision.
 #[derive(Serialize, ToSchema)]
-pub struct Remaining {
+pub(crate) struct Remaining {
     /// Left of the window cap (holds counted).
     pub window: Micros,
     /// Left of the lifetime cap; `null` when the agent has none.
@@ -40,7 +40,7 @@ fn shadow(d: Option<DenyReason>) -> Option<&'static str> {
 
 /// `POST /v1/spend` → 200.
 #[derive(Serialize, ToSchema)]
-pub struct SpendReceipt {
+pub(crate) struct SpendReceipt {
     pub id: String,
     pub amount: Micros,
     pub remaining: Remaining,
@@ -66,7 +66,7 @@ impl From<&Spent> for SpendReceipt {
 
 /// `POST /v1/holds` → 201.
 #[derive(Serialize, ToSchema)]
-pub struct HoldReceipt {
+pub(crate) struct HoldReceipt {
     pub id: String,
     pub amount: Micros,
     #[schema(format = DateTime)]
@@ -92,7 +92,7 @@ impl From<&Held> for HoldReceipt {
 
 /// `POST /v1/holds/{id}/capture` → 200: `captured` charged, the rest of the hold released.
 #[derive(Serialize, ToSchema)]
-pub struct Captured {
+pub(crate) struct Captured {
     pub id: String,
     pub captured: Micros,
     pub released: Micros,
@@ -100,13 +100,13 @@ pub struct Captured {
 
 /// `POST /v1/holds/{id}/release` → 200: the whole hold released.
 #[derive(Serialize, ToSchema)]
-pub struct Released {
+pub(crate) struct Released {
     pub id: String,
     pub released: Micros,
 }
 
 /// A settled hold: a capture, or a release when nothing was captured.
-pub enum Settlement {
+pub(crate) enum Settlement {
     Captured(Captured),
     Released(Released),
 }
@@ -122,7 +122,7 @@ impl From<&Settled> for Settlement {
 
 /// `POST /v1/agents` → 201: the agent object and its key, shown this once.
 #[derive(Serialize, ToSchema)]
-pub struct NewAgent {
+pub(crate) struct NewAgent {
     #[serde(flatten)]
     pub agent: AgentView,
     /// The agent's credential (`bk_…`): shown in this answer only, stored only as a hash.
@@ -131,14 +131,14 @@ pub struct NewAgent {
 
 /// `POST /v1/agents/{handle}/keys` → 201.
 #[derive(Serialize, ToSchema)]
-pub struct NewKey {
+pub(crate) struct NewKey {
     /// The new credential; the old one stopped working when this was answered.
     pub key: String,
 }
 
 /// `POST /v1/agents/{handle}/revoke` → 200.
 #[derive(Serialize, ToSchema)]
-pub struct Revoked {
+pub(crate) struct Revoked {
     /// The agent and every descendant.
     pub revoked: Vec<String>,
     #[schema(format = DateTime)]
@@ -147,19 +147,19 @@ pub struct Revoked {
 
 /// `GET /v1/agents`.
 #[derive(Serialize, ToSchema)]
-pub struct AgentList {
+pub(crate) struct AgentList {
     pub agents: Vec<AgentView>,
 }
 
 /// `GET /v1/agents/{handle}/audit`, `GET /v1/me/audit`: events in `seq` order after `after`.
 #[derive(Serialize, ToSchema)]
-pub struct AuditPage {
+pub(crate) struct AuditPage {
     pub events: Vec<AuditEvent>,
 }
 
 /// `GET /v1/audit`.
 #[derive(Serialize, ToSchema)]
-pub struct AuditSearch {
+pub(crate) struct AuditSearch {
     pub events: Vec<AuditEvent>,
     /// The newest event's `seq`.
     pub head: i64,
@@ -167,7 +167,7 @@ pub struct AuditSearch {
 
 /// `GET /v1/agents/{handle}/usage`.
 #[derive(Serialize, ToSchema)]
-pub struct UsageSeries {
+pub(crate) struct UsageSeries {
     pub agent: String,
     /// The bucket length, `<n>s|m|h|d`.
     pub bucket: String,
@@ -176,14 +176,14 @@ pub struct UsageSeries {
 
 /// `GET /v1/alerts`.
 #[derive(Serialize, ToSchema)]
-pub struct AlertList {
+pub(crate) struct AlertList {
     pub alerts: Vec<AlertRecord>,
 }
 
 /// Answers of the gateway's own ledger calls (leases). They never leave the process as HTTP and
 /// are not in the API document; they are typed so that every answer renders one way.
 #[derive(Serialize)]
-pub struct LeaseGrantBody {
+pub(crate) struct LeaseGrantBody {
     pub id: String,
     pub slots: u64,
     pub amount: Micros,
@@ -210,7 +210,7 @@ impl From<&LeaseGrant> for LeaseGrantBody {
 
 /// A lease settlement that an earlier attempt had applied.
 #[derive(Serialize)]
-pub struct LeaseSettledBefore<'a> {
+pub(crate) struct LeaseSettledBefore<'a> {
     pub id: &'a str,
     pub seq: i64,
     pub applied: &'static str,
@@ -218,7 +218,7 @@ pub struct LeaseSettledBefore<'a> {
 
 /// A lease settlement applied now.
 #[derive(Serialize)]
-pub struct LeaseSettledNow<'a> {
+pub(crate) struct LeaseSettledNow<'a> {
     pub id: &'a str,
     pub captured: Micros,
     pub released: Micros,
@@ -227,4 +227,4 @@ pub struct LeaseSettledNow<'a> {
 
 /// `{}`.
 #[derive(Serialize)]
-pub struct Empty {}
+pub(crate) struct Empty {}

@@ -19,7 +19,7 @@ use crate::error::ApiError;
 
 /// Every page and script may load only from this server; no inline script or style, no
 /// framing, no form posts, no `<base>`.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+pub(crate) const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
     img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 macro_rules! asset {
@@ -53,7 +53,7 @@ fn etags() -> &'static [String] {
 }
 
 /// `/console`, `/console/` and `/console/{file}`.
-pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new().route("/console", get(index)).route("/console/", get(index)).route("/console/{*file}", get(file))
 }
 

@@ -68,7 +68,7 @@ impl ApiError {
 /// Every non-2xx answer of the API (contract §3); `Error` in the OpenAPI document.
 #[derive(Serialize, ToSchema)]
 #[schema(as = Error)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub error: ErrorDetail,
     /// A 402 only: what the agent may still spend under every cap of its chain (contract §5).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,7 +81,7 @@ pub struct ErrorBody {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     /// The error's snake_case code, e.g. `spending_cap_exceeded`.
     #[schema(value_type = String, examples("spending_cap_exceeded"))]
     pub code: &'static str,

@@ -18,17 +18,17 @@ use crate::input::{P, PAGE_LIMIT_MAX, PageQuery, Q};
 use crate::openapi::{InternalError, InvalidRequest, NotFound, StoreUnavailable, Unauthorized};
 
 /// The shortest usage bucket.
-pub const USAGE_BUCKET_SECS_MIN: i64 = 60;
+pub(crate) const USAGE_BUCKET_SECS_MIN: i64 = 60;
 /// The longest usage bucket.
-pub const USAGE_BUCKET_SECS_MAX: i64 = 30 * 86_400;
+pub(crate) const USAGE_BUCKET_SECS_MAX: i64 = 30 * 86_400;
 /// Buckets returned when `limit` is not given.
-pub const USAGE_BUCKETS_DEFAULT: i64 = 48;
+pub(crate) const USAGE_BUCKETS_DEFAULT: i64 = 48;
 
 /// `?bucket=1h&limit=48&until=RFC3339`
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct UsageQuery {
+pub(crate) struct UsageQuery {
     /// The bucket length, `<n>s|m|h|d`, from 1m to 30d; default `1h`.
     bucket: Option<String>,
     /// How many buckets: default 48, clamped to 1000.
@@ -58,7 +58,7 @@ pub struct UsageQuery {
         (status = 503, response = StoreUnavailable),
     )
 )]
-pub async fn usage(
+pub(crate) async fn usage(
     State(state): State<AppState>,
     headers: HeaderMap,
     P(handle): P<String>,
@@ -97,7 +97,7 @@ pub async fn usage(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct AuditParams {
+pub(crate) struct AuditParams {
     /// Only this agent's events.
     agent: Option<String>,
     /// `allowed` or `denied`.
@@ -169,7 +169,7 @@ fn word(s: &Option<String>, field: &str, extra: &[u8]) -> Result<Option<String>,
         (status = 503, response = StoreUnavailable),
     )
 )]
-pub async fn audit(
+pub(crate) async fn audit(
     State(state): State<AppState>,
     headers: HeaderMap,
     Q(p): Q<AuditParams>,
@@ -213,7 +213,7 @@ pub async fn audit(
         (status = 503, response = StoreUnavailable),
     )
 )]
-pub async fn alerts(
+pub(crate) async fn alerts(
     State(state): State<AppState>,
     headers: HeaderMap,
     Q(q): Q<PageQuery>,

@@ -21,22 +21,22 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::ApiError;
 
 /// The largest API body accepted.
-pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+pub(crate) const BODY_BYTES_MAX: usize = 1024 * 1024;
 /// The longest memo or revocation reason.
-pub const NOTE_LEN_MAX: usize = 1000;
+pub(crate) const NOTE_LEN_MAX: usize = 1000;
 /// The most labels on one agent, and the longest label key or value.
-pub const LABELS_MAX: usize = 64;
-pub const LABEL_LEN_MAX: usize = 256;
+pub(crate) const LABELS_MAX: usize = 64;
+pub(crate) const LABEL_LEN_MAX: usize = 256;
 /// The longest hold expiry.
-pub const HOLD_EXPIRY_SECS_MAX: i64 = 24 * 3600;
+pub(crate) const HOLD_EXPIRY_SECS_MAX: i64 = 24 * 3600;
 /// The default hold expiry.
-pub const HOLD_EXPIRY_SECS_DEFAULT: i64 = 300;
+pub(crate) const HOLD_EXPIRY_SECS_DEFAULT: i64 = 300;
 
 /// How long a client may take to send an API body (a body trickled slower is refused with 408).
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The raw bytes of a body within the size limit, read within [`BODY_READ_TIMEOUT`].
-pub struct Body(pub Bytes);
+pub(crate) struct Body(pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
@@ -63,7 +63,7 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 
 impl Body {
     /// Parses JSON; an empty body parses as `{}`.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let bytes: &[u8] = if self.0.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &self.0 };
         // serde's derived structs also accept a JSON array of the fields in order; a body must
         // be an object.
@@ -76,7 +76,7 @@ impl Body {
 }
 
 /// An amount as written in the request: a JSON string or number, kept as raw text.
-pub struct RawAmount(Box<RawValue>);
+pub(crate) struct RawAmount(Box<RawValue>);
 
 impl<'de> Deserialize<'de> for RawAmount {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -118,14 +118,14 @@ impl RawAmount {
     }
 
     /// Any amount from 0 up (caps, captures).
-    pub fn parse(&self, field: &str) -> Result<Micros, ApiError> {
+    pub(crate) fn parse(&self, field: &str) -> Result<Micros, ApiError> {
         self.text()
             .and_then(|t| Micros::parse(&t))
             .map_err(|e| ApiError::bad("invalid_amount", format!("{field}: {e}.")))
     }
 
     /// A spend or hold amount: above zero.
-    pub fn parse_positive(&self, field: &str) -> Result<Micros, ApiError> {
+    pub(crate) fn parse_positive(&self, field: &str) -> Result<Micros, ApiError> {
         self.text()
             .and_then(|t| Micros::parse_positive(&t))
             .map_err(|e| ApiError::bad("invalid_amount", format!("{field}: {e}.")))
@@ -133,7 +133,7 @@ impl RawAmount {
 }
 
 /// A JSON object of string labels, refusing duplicate keys.
-pub struct Labels(BTreeMap<String, String>);
+pub(crate) struct Labels(BTreeMap<String, String>);
 
 impl<'de> Deserialize<'de> for Labels {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -177,7 +177,7 @@ impl Labels {
 
 /// A nested object that must be written as a JSON object (serde's derived structs would also take
 /// a JSON array of the fields in order). Duplicate keys inside it are still refused.
-pub struct Obj<T>(pub T);
+pub(crate) struct Obj<T>(pub T);
 
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Obj<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -197,7 +197,7 @@ fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = RateLimitRequest)]
-pub struct RateLimitReq {
+pub(crate) struct RateLimitReq {
     /// 1 to 1000000.
     requests: i64,
     /// The period, `<n>s|m|h|d`.
@@ -218,7 +218,7 @@ impl RateLimitReq {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = BreakerRequest)]
-pub struct BreakerReq {
+pub(crate) struct BreakerReq {
     denials: Option<i64>,
     window: Option<String>,
     max_requests: Option<i64>,
@@ -248,23 +248,23 @@ impl BreakerReq {
     }
 }
 
-pub fn span(s: &str, field: &str, code: &'static str) -> Result<Span, ApiError> {
+pub(crate) fn span(s: &str, field: &str, code: &'static str) -> Result<Span, ApiError> {
     Span::parse(s).map_err(|e| ApiError::bad(code, format!("{field}: {e}.")))
 }
 
-pub fn handle(s: &str) -> Result<Handle, ApiError> {
+pub(crate) fn handle(s: &str) -> Result<Handle, ApiError> {
     Handle::parse(s).map_err(|e| ApiError::bad("invalid_handle", format!("{s:?} is not a valid handle: {e}.")))
 }
 
-pub fn scopes(v: &[String]) -> Result<ScopeSet, ApiError> {
+pub(crate) fn scopes(v: &[String]) -> Result<ScopeSet, ApiError> {
     ScopeSet::parse(v).map_err(|e| ApiError::bad("invalid_scope", e))
 }
 
-pub fn scope(s: &str) -> Result<Scope, ApiError> {
+pub(crate) fn scope(s: &str) -> Result<Scope, ApiError> {
     Scope::parse(s).map_err(|e| ApiError::bad("invalid_scope", e))
 }
 
-pub fn note(s: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
+pub(crate) fn note(s: Option<String>, field: &str) -> Result<Option<String>, ApiError> {
     match s {
         Some(s) if s.chars().count() > NOTE_LEN_MAX => {
             Err(ApiError::invalid(format!("{field} has at most {NOTE_LEN_MAX} characters.")))
@@ -277,7 +277,7 @@ pub fn note(s: Option<String>, field: &str) -> Result<Option<String>, ApiError> 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = CreateAgentRequest)]
-pub struct CreateAgentReq {
+pub(crate) struct CreateAgentReq {
     /// 1 to 64 of `a-z 0-9 . _ -`, starting with a letter or digit.
     #[schema(examples("invoice-processor-prod-01"))]
     handle: String,
@@ -306,7 +306,7 @@ pub struct CreateAgentReq {
 }
 
 impl CreateAgentReq {
-    pub fn checked(self) -> Result<AgentSpec, ApiError> {
+    pub(crate) fn checked(self) -> Result<AgentSpec, ApiError> {
         Ok(AgentSpec {
             handle: handle(&self.handle)?,
             scopes: scopes(&self.scopes)?,
@@ -328,7 +328,7 @@ impl CreateAgentReq {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = PatchAgentRequest)]
-pub struct PatchReq {
+pub(crate) struct PatchReq {
     spending_cap: Option<RawAmount>,
     window: Option<String>,
     per_tx_limit: Option<RawAmount>,
@@ -348,7 +348,7 @@ pub struct PatchReq {
 }
 
 impl PatchReq {
-    pub fn checked(self) -> Result<Patch, ApiError> {
+    pub(crate) fn checked(self) -> Result<Patch, ApiError> {
         Ok(Patch {
             spending_cap: self.spending_cap.map(|a| a.parse("spending_cap")).transpose()?,
             window: self.window.map(|w| span(&w, "window", "invalid_window")).transpose()?,
@@ -367,7 +367,7 @@ impl PatchReq {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = SpendRequest)]
-pub struct SpendReq {
+pub(crate) struct SpendReq {
     /// The scope the spend is made under; the key must hold it.
     #[schema(examples("payments:write"))]
     pub scope: String,
@@ -381,7 +381,7 @@ pub struct SpendReq {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = HoldRequest)]
-pub struct HoldReq {
+pub(crate) struct HoldReq {
     #[schema(examples("payments:write"))]
     pub scope: String,
     /// Above zero.
@@ -395,7 +395,7 @@ pub struct HoldReq {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = CaptureRequest)]
-pub struct CaptureReq {
+pub(crate) struct CaptureReq {
     /// At most what the hold holds; the rest is released.
     pub amount: RawAmount,
 }
@@ -404,13 +404,13 @@ pub struct CaptureReq {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = EmptyRequest)]
-pub struct EmptyReq {}
+pub(crate) struct EmptyReq {}
 
 /// `POST /v1/agents/{handle}/revoke` and `…/suspend`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = RevokeRequest)]
-pub struct RevokeReq {
+pub(crate) struct RevokeReq {
     /// At most 1000 characters, kept in the audit trail.
     pub reason: Option<String>,
 }
@@ -418,18 +418,18 @@ pub struct RevokeReq {
 /// A query string parsed into `T`, with rejections in the contract's error shape.
 #[derive(axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
-pub struct Q<T>(pub T);
+pub(crate) struct Q<T>(pub T);
 
 /// A path parameter, with rejections in the contract's error shape.
 #[derive(axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
-pub struct P<T>(pub T);
+pub(crate) struct P<T>(pub T);
 
 /// `?limit=&after=` of every list.
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct PageQuery {
+pub(crate) struct PageQuery {
     /// The most items to return: default 100; larger values are clamped to 1000.
     #[param(value_type = Option<u32>)]
     pub limit: Option<String>,
@@ -439,10 +439,10 @@ pub struct PageQuery {
 }
 
 /// The largest page any list returns.
-pub const PAGE_LIMIT_MAX: i64 = 1000;
+pub(crate) const PAGE_LIMIT_MAX: i64 = 1000;
 
 impl PageQuery {
-    pub fn limit(&self) -> Result<i64, ApiError> {
+    pub(crate) fn limit(&self) -> Result<i64, ApiError> {
         match &self.limit {
             None => Ok(100),
             Some(s) => {
@@ -456,7 +456,7 @@ impl PageQuery {
         }
     }
 
-    pub fn after_seq(&self) -> Result<i64, ApiError> {
+    pub(crate) fn after_seq(&self) -> Result<i64, ApiError> {
         match &self.after {
             None => Ok(0),
             Some(s) => s.parse::<i64>().map_err(|_| ApiError::invalid("after must be the seq of the last event seen.")),

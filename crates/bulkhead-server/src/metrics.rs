@@ -4,27 +4,27 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub const DECISIONS: &str = "bulkhead_decisions_total";
-pub const SPENT: &str = "bulkhead_spent_micros_total";
-pub const UTILIZATION: &str = "bulkhead_cap_utilization";
-pub const REVOCATION: &str = "bulkhead_revocation_seconds";
-pub const REQUEST_DURATION: &str = "bulkhead_request_duration_seconds";
+pub(crate) const DECISIONS: &str = "bulkhead_decisions_total";
+pub(crate) const SPENT: &str = "bulkhead_spent_micros_total";
+pub(crate) const UTILIZATION: &str = "bulkhead_cap_utilization";
+pub(crate) const REVOCATION: &str = "bulkhead_revocation_seconds";
+pub(crate) const REQUEST_DURATION: &str = "bulkhead_request_duration_seconds";
 /// Gateway calls per upstream and result (`forwarded`, `denied`, `timeout`, `upstream_error`,
 /// `too_large`).
-pub const GATEWAY_CALLS: &str = "bulkhead_gateway_calls_total";
+pub(crate) const GATEWAY_CALLS: &str = "bulkhead_gateway_calls_total";
 /// Gateway calls whose metered cost was above the hold (only the hold was captured).
-pub const GATEWAY_COST_CAPPED: &str = "bulkhead_gateway_cost_capped_total";
+pub(crate) const GATEWAY_COST_CAPPED: &str = "bulkhead_gateway_cost_capped_total";
 /// Gateway leases granted, and the call slots they carried (slots / leases: calls per commit).
-pub const GATEWAY_LEASES: &str = "bulkhead_gateway_leases_total";
-pub const GATEWAY_LEASE_SLOTS: &str = "bulkhead_gateway_lease_slots_total";
+pub(crate) const GATEWAY_LEASES: &str = "bulkhead_gateway_leases_total";
+pub(crate) const GATEWAY_LEASE_SLOTS: &str = "bulkhead_gateway_lease_slots_total";
 /// Background settlements of gateway calls by result (`settled`, `refused`, `retried`,
 /// `abandoned`: given up at shutdown, the lease is captured when it expires).
-pub const GATEWAY_SETTLEMENTS: &str = "bulkhead_gateway_settlements_total";
+pub(crate) const GATEWAY_SETTLEMENTS: &str = "bulkhead_gateway_settlements_total";
 
 /// MCP `tools/call`s per server, tool, agent and outcome (`allowed`, `denied`, `refused`: a tool
 /// name no scope can name, `upstream_error`, `unavailable`). Tool names come from a bounded set
 /// (the priced tools, and at most 256 more seen in `tools/list` answers; others are `_other`).
-pub const MCP_CALLS: &str = "bulkhead_mcp_calls_total";
+pub(crate) const MCP_CALLS: &str = "bulkhead_mcp_calls_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -66,7 +66,7 @@ static REVOCATIONS: std::sync::Mutex<std::collections::VecDeque<f64>> =
 const REVOCATION_SAMPLES_MAX: usize = 1024;
 
 /// Records one revocation's latency (the histogram and the p99 window).
-pub fn record_revocation(secs: f64) {
+pub(crate) fn record_revocation(secs: f64) {
     metrics::histogram!(REVOCATION).record(secs);
     if let Ok(mut v) = REVOCATIONS.lock() {
         if v.len() == REVOCATION_SAMPLES_MAX {
@@ -77,7 +77,7 @@ pub fn record_revocation(secs: f64) {
 }
 
 /// The p99 of recent revocations in milliseconds, if any were measured by this process.
-pub fn revocation_p99_ms() -> Option<f64> {
+pub(crate) fn revocation_p99_ms() -> Option<f64> {
     let v = REVOCATIONS.lock().ok()?;
     if v.is_empty() {
         return None;
@@ -89,7 +89,10 @@ pub fn revocation_p99_ms() -> Option<f64> {
 }
 
 /// Middleware: counts requests and times them per route and status class.
-pub async fn track_requests(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+pub(crate) async fn track_requests(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -106,7 +109,7 @@ pub async fn track_requests(req: axum::extract::Request, next: axum::middleware:
 
 /// `bulkhead_request_duration_seconds` of one route, its series made once: recording a request
 /// costs no lookup (for the gateway, which times every proxied call).
-pub struct RouteTimers {
+pub(crate) struct RouteTimers {
     route: &'static str,
     /// Per method of [`TIMED_METHODS`], per status class of [`STATUS_CLASSES`].
     cells: Vec<[metrics::Histogram; 4]>,
@@ -125,7 +128,7 @@ const STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
 
 /// A method as a metric label: the standard methods by name, anything else `other`, so that a
 /// client cannot create series by inventing methods (labels come only from bounded sets).
-pub fn method_label(method: &axum::http::Method) -> &'static str {
+pub(crate) fn method_label(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;
     match *method {
         Method::GET => "GET",
@@ -151,7 +154,7 @@ fn status_class(status: axum::http::StatusCode) -> usize {
 }
 
 impl RouteTimers {
-    pub fn new(route: &'static str) -> RouteTimers {
+    pub(crate) fn new(route: &'static str) -> RouteTimers {
         let cells = TIMED_METHODS
             .iter()
             .map(|m| {
@@ -163,7 +166,12 @@ impl RouteTimers {
         RouteTimers { route, cells }
     }
 
-    pub fn record(&self, method: &axum::http::Method, status: axum::http::StatusCode, took: std::time::Duration) {
+    pub(crate) fn record(
+        &self,
+        method: &axum::http::Method,
+        status: axum::http::StatusCode,
+        took: std::time::Duration,
+    ) {
         let class = status_class(status);
         match TIMED_METHODS.iter().position(|m| m == method) {
             Some(i) => self.cells[i][class].record(took.as_secs_f64()),

@@ -17,9 +17,9 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
 use crate::error::ErrorBody;
 
 /// The name of the admin token's security scheme.
-pub const ADMIN_TOKEN: &str = "admin_token";
+pub(crate) const ADMIN_TOKEN: &str = "admin_token";
 /// The name of the agent key's security scheme.
-pub const AGENT_KEY: &str = "agent_key";
+pub(crate) const AGENT_KEY: &str = "agent_key";
 
 const DESCRIPTION: &str = "\
 Bulkhead gives every AI agent its own key, spending caps, scopes, revocation and audit trail.
@@ -71,12 +71,12 @@ configured upstream with the agent's key checked and its cost held; its own refu
         (name = "meta", description = "This document.")
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// The document as JSON, with what utoipa cannot say about optional inputs: an optional request
 /// body (`Option<T>` in `request_body`) may be left out but is never a JSON `null` (the server
 /// takes an object or nothing), and an optional header is absent, not null.
-pub fn to_json(doc: &utoipa::openapi::OpenApi) -> serde_json::Value {
+pub(crate) fn to_json(doc: &utoipa::openapi::OpenApi) -> serde_json::Value {
     let mut v = serde_json::to_value(doc).unwrap_or_default();
     for item in v.get_mut("paths").and_then(|p| p.as_object_mut()).into_iter().flat_map(|p| p.values_mut()) {
         for op in item.as_object_mut().into_iter().flat_map(|i| i.values_mut()) {
@@ -163,7 +163,7 @@ fn error_response(description: &str, retry_after: bool) -> RefOr<Response> {
 macro_rules! error_responses {
     ($($(#[$doc:meta])* $name:ident = $description:literal, retry_after: $retry:literal;)*) => {$(
         $(#[$doc])*
-        pub struct $name;
+        pub(crate) struct $name;
 
         impl<'r> ToResponse<'r> for $name {
             fn response() -> (&'r str, RefOr<Response>) {

@@ -21,7 +21,7 @@ use crate::format::{fmt_time, micros};
 use crate::{Backend, Store, StoreError};
 
 /// The hash that stands before the first event.
-pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Rows per multi-row INSERT.
 const INSERT_CHUNK: usize = 200;
 
@@ -152,7 +152,7 @@ impl EventRow {
         }
     }
 
-    pub fn public(&self) -> AuditEvent {
+    pub(crate) fn public(&self) -> AuditEvent {
         AuditEvent {
             seq: self.seq,
             at: fmt_time(self.at),

@@ -76,7 +76,7 @@ pub(crate) enum AgentStatus {
 }
 
 impl AgentStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AgentStatus::Active => "active",
             AgentStatus::Suspended => "suspended",
@@ -207,7 +207,7 @@ agent_columns! {
 }
 
 impl AgentRow {
-    pub fn limits(&self) -> AgentLimits {
+    pub(crate) fn limits(&self) -> AgentLimits {
         AgentLimits {
             spending_cap: micros(self.spending_cap),
             window_ms: self.window_ms.max(1),
@@ -217,7 +217,7 @@ impl AgentRow {
         }
     }
 
-    pub fn counters(&self) -> Counters {
+    pub(crate) fn counters(&self) -> Counters {
         Counters {
             window_index: self.window_index,
             window_spent: micros(self.window_spent),
@@ -226,26 +226,26 @@ impl AgentRow {
         }
     }
 
-    pub fn set_counters(&mut self, c: Counters) {
+    pub(crate) fn set_counters(&mut self, c: Counters) {
         self.window_index = c.window_index;
         self.window_spent = c.window_spent.micros();
         self.held = c.held.micros();
         self.lifetime_spent = c.lifetime_spent.micros();
     }
 
-    pub fn member(&self, now_ms: i64) -> ChainMember {
+    pub(crate) fn member(&self, now_ms: i64) -> ChainMember {
         let limits = self.limits();
         let counters = self.counters().at(&limits, now_ms);
         ChainMember { limits, counters }
     }
 
-    pub fn scope_set(&self) -> ScopeSet {
+    pub(crate) fn scope_set(&self) -> ScopeSet {
         let v: Vec<&str> = self.scopes.split(' ').filter(|s| !s.is_empty()).collect();
         ScopeSet::parse(&v).unwrap_or_default()
     }
 
     /// This agent's per-agent breaker settings (`None` fields: the config's).
-    pub fn breaker_override(&self) -> Option<BreakerOverride> {
+    pub(crate) fn breaker_override(&self) -> Option<BreakerOverride> {
         let o = BreakerOverride {
             denials: self.breaker_denials,
             window_ms: self.breaker_window_ms,
@@ -257,7 +257,7 @@ impl AgentRow {
         (o != BreakerOverride::default()).then_some(o)
     }
 
-    pub fn set_breaker_override(&mut self, o: Option<BreakerOverride>) {
+    pub(crate) fn set_breaker_override(&mut self, o: Option<BreakerOverride>) {
         let o = o.unwrap_or_default();
         self.breaker_denials = o.denials;
         self.breaker_window_ms = o.window_ms;
@@ -268,12 +268,12 @@ impl AgentRow {
     }
 
     /// The breaker settings in force for this agent: its overrides over `default`.
-    pub fn breaker(&self, default: Breaker) -> Breaker {
+    pub(crate) fn breaker(&self, default: Breaker) -> Breaker {
         self.breaker_override().map_or(default, |o| o.over(default))
     }
 
     /// Forgets the state of every breaker trigger (on suspension and on resume).
-    pub fn clear_breaker_state(&mut self) {
+    pub(crate) fn clear_breaker_state(&mut self) {
         self.breaker_recent.clear();
         self.breaker_rate_tat_us = 0;
         self.breaker_repeat_hash.clear();
@@ -281,7 +281,7 @@ impl AgentRow {
         self.breaker_repeat_since = 0;
     }
 
-    pub fn rate_limit(&self) -> Option<RateLimit> {
+    pub(crate) fn rate_limit(&self) -> Option<RateLimit> {
         match (self.rate_requests, self.rate_per_ms) {
             (Some(requests), Some(per_ms)) => Some(RateLimit { requests, per_ms }),
             _ => None,
@@ -289,13 +289,13 @@ impl AgentRow {
     }
 
     /// Ids from the root down to this agent, parsed from `path` (",1,5,9,").
-    pub fn path_ids(&self) -> Vec<i64> {
+    pub(crate) fn path_ids(&self) -> Vec<i64> {
         self.path.split(',').filter_map(|s| s.parse().ok()).collect()
     }
 
     /// Renders the public agent object, as the sweeper will leave it: `swept` is what the holds
     /// past their expiry but not yet swept come to.
-    pub fn view(&self, parent: Option<String>, swept: Swept, now_ms: i64) -> AgentView {
+    pub(crate) fn view(&self, parent: Option<String>, swept: Swept, now_ms: i64) -> AgentView {
         let mut m = self.member(now_ms);
         let held = micros(self.held - swept.held);
         let captured = micros(swept.captured);
@@ -349,7 +349,7 @@ impl AgentRow {
 /// What an agent's holds past their expiry, not yet closed by the sweeper, come to: all of it
 /// (`held`) no longer counts as held, and the gateway's part (`captured`) counts as spent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Swept {
+pub(crate) struct Swept {
     pub held: i64,
     pub captured: i64,
 }

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 #[derive(Args, Clone)]
-pub struct Conn {
+pub(crate) struct Conn {
     /// Base URL of the server.
     #[arg(long, env = "BULKHEAD_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -21,7 +21,7 @@ pub struct Conn {
 }
 
 #[derive(Subcommand)]
-pub enum AgentCmd {
+pub(crate) enum AgentCmd {
     /// Create an agent; prints its key once.
     Create {
         #[command(flatten)]
@@ -126,7 +126,7 @@ fn s(v: &Value) -> String {
 }
 
 /// Prints rows as an aligned text table.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -144,7 +144,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub fn agent_row(a: &Value) -> Vec<String> {
+pub(crate) fn agent_row(a: &Value) -> Vec<String> {
     vec![
         s(&a["handle"]),
         s(&a["status"]),
@@ -156,11 +156,11 @@ pub fn agent_row(a: &Value) -> Vec<String> {
     ]
 }
 
-pub const AGENT_HEADERS: [&str; 7] = ["AGENT", "STATUS", "CAP", "SPENT", "USED", "SCOPES", "PARENT"];
+pub(crate) const AGENT_HEADERS: [&str; 7] = ["AGENT", "STATUS", "CAP", "SPENT", "USED", "SCOPES", "PARENT"];
 
 /// Runs one `bulkhead agent` subcommand against a server. One arm per subcommand, each a request
 /// and how its answer is printed, so the function is as long as the list of subcommands.
-pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     use reqwest::Method;
     match cmd {
         AgentCmd::Create { conn, handle, scopes, cap, window, per_tx, lifetime, expires_in } => {

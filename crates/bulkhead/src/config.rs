@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub(crate) struct Config {
     #[serde(default)]
     pub breaker: Option<BreakerConfig>,
     #[serde(default)]
@@ -27,7 +27,7 @@ pub struct Config {
 /// `[limits]`: how far agents may grow (defaults in `bulkhead_store::Limits`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
+pub(crate) struct LimitsConfig {
     pub agents_per_tree: Option<i64>,
     pub open_holds_per_agent: Option<i64>,
     pub revoked_holds_chunk: Option<i64>,
@@ -36,7 +36,7 @@ pub struct LimitsConfig {
 /// `[alerts]`: where alerts go and when utilization alerts fire.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AlertsConfig {
+pub(crate) struct AlertsConfig {
     #[serde(default)]
     pub webhooks: Vec<String>,
     pub thresholds: Option<Vec<f64>>,
@@ -46,7 +46,7 @@ pub struct AlertsConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BreakerConfig {
+pub(crate) struct BreakerConfig {
     pub denials: Option<i64>,
     pub window: Option<String>,
     /// More than this many spend/hold requests within `rate_window` suspend (0: off, the default).
@@ -58,7 +58,7 @@ pub struct BreakerConfig {
 }
 
 impl Config {
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         let Some(path) = path else {
             return Ok(Config::default());
         };
@@ -67,7 +67,7 @@ impl Config {
     }
 
     /// The checked alert rules and the signing secret (read from its environment variable).
-    pub fn alerts(&self) -> anyhow::Result<(AlertRules, Option<String>)> {
+    pub(crate) fn alerts(&self) -> anyhow::Result<(AlertRules, Option<String>)> {
         let Some(a) = &self.alerts else { return Ok((AlertRules::default(), None)) };
         for w in &a.webhooks {
             anyhow::ensure!(
@@ -91,19 +91,19 @@ impl Config {
 
     /// The checked upstreams, each secret read from its environment variable. A missing
     /// variable is an error naming it (never the secret).
-    pub fn upstreams(&self) -> anyhow::Result<Vec<bulkhead_server::gateway::Upstream>> {
+    pub(crate) fn upstreams(&self) -> anyhow::Result<Vec<bulkhead_server::gateway::Upstream>> {
         bulkhead_server::gateway::check_upstreams(&self.upstream, &|var| std::env::var(var).ok())
             .map_err(|e| anyhow::anyhow!("[[upstream]] {e}"))
     }
 
     /// The checked MCP servers, each secret read from its environment variable.
-    pub fn mcp_servers(&self) -> anyhow::Result<Vec<bulkhead_server::mcp::McpServer>> {
+    pub(crate) fn mcp_servers(&self) -> anyhow::Result<Vec<bulkhead_server::mcp::McpServer>> {
         bulkhead_server::mcp::check_mcp_servers(&self.mcp_server, &|var| std::env::var(var).ok())
             .map_err(|e| anyhow::anyhow!("[[mcp_server]] {e}"))
     }
 
     /// `[limits]` over the defaults; each at least 1.
-    pub fn limits(&self) -> anyhow::Result<bulkhead_store::Limits> {
+    pub(crate) fn limits(&self) -> anyhow::Result<bulkhead_store::Limits> {
         let mut l = bulkhead_store::Limits::default();
         if let Some(c) = &self.limits {
             for (field, value, slot) in [
@@ -123,7 +123,7 @@ impl Config {
         Ok(l)
     }
 
-    pub fn breaker(&self) -> anyhow::Result<Breaker> {
+    pub(crate) fn breaker(&self) -> anyhow::Result<Breaker> {
         let mut b = Breaker::default();
         if let Some(c) = &self.breaker {
             if let Some(d) = c.denials {

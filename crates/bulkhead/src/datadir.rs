@@ -10,14 +10,14 @@ use std::path::Path;
 use anyhow::Context;
 
 /// The store's file inside the data directory.
-pub const DB_FILE: &str = "bulkhead.db";
+pub(crate) const DB_FILE: &str = "bulkhead.db";
 /// Files Bulkhead keeps in the data directory.
 const FILES: [&str; 6] = [DB_FILE, "bulkhead.db-wal", "bulkhead.db-shm", "admin-token", "serve.lock", "audit-key"];
 
 /// Creates `dir` (mode 0700) and an empty store file (mode 0600) when missing, and tightens the
 /// modes of what is already there.
 #[cfg(unix)]
-pub fn make_private(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn make_private(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -21,7 +21,7 @@ use crate::client::{AGENT_HEADERS, agent_row, table};
 use crate::serve::SystemClock;
 
 #[derive(Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// How many spend attempts the looping agent makes.
     #[arg(long, default_value_t = 4000)]
     attempts: usize,
@@ -71,7 +71,7 @@ fn step(n: u32, text: &str) {
 
 /// The demo, step by step: an embedded server, the fleet, a runaway agent stopped at its cap,
 /// revocations, then usage and the audit trail, and the chain verified after the server stops.
-pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let dir: PathBuf = std::env::temp_dir()
         .join(format!("bulkhead-demo-{}", bulkhead_core::key::random_base62(&mut rand::rng(), 8).to_lowercase()));

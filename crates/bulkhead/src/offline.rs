@@ -9,7 +9,7 @@ use clap::Subcommand;
 use crate::StoreArgs;
 
 #[derive(Subcommand)]
-pub enum AuditCmd {
+pub(crate) enum AuditCmd {
     /// Check the hash chain of every stored event; exits non-zero at the first bad one.
     Verify {
         #[command(flatten)]
@@ -25,7 +25,7 @@ pub enum AuditCmd {
     },
 }
 
-pub async fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCmd::Verify { store } => {
             let store = store.open(false).await?;

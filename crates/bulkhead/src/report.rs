@@ -8,7 +8,7 @@ use crate::StoreArgs;
 use crate::client::table;
 
 #[derive(Args)]
-pub struct ReportArgs {
+pub(crate) struct ReportArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// Print JSON (the same document as GET /v1/blast-radius).
@@ -31,7 +31,7 @@ fn revocation(ms: f64) -> String {
     if ms < 1000.0 { "< 1 second".into() } else { format!("{:.1} s", ms / 1000.0) }
 }
 
-pub async fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let store = args.store.open(false).await?;
     let b = store.blast_radius(None).await?;
     store.close().await;

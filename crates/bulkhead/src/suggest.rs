@@ -13,7 +13,7 @@ use crate::StoreArgs;
 use crate::client::table;
 
 #[derive(Args)]
-pub struct SuggestArgs {
+pub(crate) struct SuggestArgs {
     /// The agent to advise on.
     handle: String,
     #[command(flatten)]
@@ -147,7 +147,7 @@ fn print_spending(a: &AgentAdvice) {
     println!("Rule: {}.", sp.rule);
 }
 
-pub async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: SuggestArgs) -> anyhow::Result<ExitCode> {
     let store = args.store.open(false).await?;
     let now_ms = bulkhead_core::Clock::now_ms(&crate::serve::SystemClock);
     let advice = store.advice(&args.handle, now_ms).await;

@@ -23,12 +23,12 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 /// The admin token of every test server.
-pub const ADMIN: &str = "adm_test_0123456789_abcdefghijklmnopqrstuvwxyz";
-pub use bulkhead_testkit::{HOUR, T0};
+pub(crate) const ADMIN: &str = "adm_test_0123456789_abcdefghijklmnopqrstuvwxyz";
+pub(crate) use bulkhead_testkit::{HOUR, T0};
 
 /// How a request authenticates.
 #[derive(Clone, Debug)]
-pub enum Auth {
+pub(crate) enum Auth {
     None,
     Admin,
     Bearer(String),
@@ -36,14 +36,14 @@ pub enum Auth {
 }
 
 impl Auth {
-    pub fn key(k: &str) -> Auth {
+    pub(crate) fn key(k: &str) -> Auth {
         Auth::Bearer(k.to_owned())
     }
 }
 
 /// One answer.
 #[derive(Debug)]
-pub struct Resp {
+pub(crate) struct Resp {
     pub status: u16,
     pub headers: HeaderMap,
     pub text: String,
@@ -51,13 +51,13 @@ pub struct Resp {
 }
 
 impl Resp {
-    pub fn code(&self) -> Option<&str> {
+    pub(crate) fn code(&self) -> Option<&str> {
         self.json["error"]["code"].as_str()
     }
 
     /// Asserts the status (and, for errors, the code), showing the body when it fails.
     #[track_caller]
-    pub fn expect(&self, status: u16, code: Option<&str>) -> &Resp {
+    pub(crate) fn expect(&self, status: u16, code: Option<&str>) -> &Resp {
         assert_eq!(self.status, status, "unexpected status; body: {}", self.text);
         if let Some(c) = code {
             assert_eq!(self.code(), Some(c), "unexpected code; body: {}", self.text);
@@ -66,18 +66,18 @@ impl Resp {
     }
 
     #[track_caller]
-    pub fn ok(&self) -> &Value {
+    pub(crate) fn ok(&self) -> &Value {
         assert!((200..300).contains(&self.status), "expected 2xx, got {}: {}", self.status, self.text);
         &self.json
     }
 
     #[track_caller]
-    pub fn err(&self, status: u16, code: &str) {
+    pub(crate) fn err(&self, status: u16, code: &str) {
         self.expect(status, Some(code));
     }
 }
 
-pub struct Srv {
+pub(crate) struct Srv {
     pub router: Router,
     pub ledger: Ledger,
     pub clock: Arc<ManualClock>,
@@ -90,7 +90,7 @@ pub struct Srv {
 
 /// The store a test server runs on.
 #[derive(Clone, Copy, Debug)]
-pub enum Db {
+pub(crate) enum Db {
     Sqlite,
     Postgres,
 }
@@ -98,7 +98,7 @@ pub enum Db {
 impl Db {
     /// Whether a test on this store runs here: `false` for PostgreSQL without
     /// `BULKHEAD_TEST_DATABASE_URL` (the test returns; the testkit said that it skipped).
-    pub fn available(self) -> bool {
+    pub(crate) fn available(self) -> bool {
         match self {
             Db::Sqlite => true,
             Db::Postgres => bulkhead_testkit::pg_admin_url().is_some(),
@@ -108,13 +108,13 @@ impl Db {
 
 impl Srv {
     /// A server on a SQLite file, its router driven in-process.
-    pub async fn new() -> Srv {
+    pub(crate) async fn new() -> Srv {
         Srv::build(Db::Sqlite, false).await
     }
 
     /// A server on `db` answering over a real loopback socket, through the production
     /// connection path.
-    pub async fn on_the_wire(db: Db) -> Srv {
+    pub(crate) async fn on_the_wire(db: Db) -> Srv {
         Srv::build(db, true).await
     }
 
@@ -217,21 +217,21 @@ impl Srv {
         (status, map, rest)
     }
 
-    pub fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         use bulkhead_core::Clock;
         self.clock.now_ms()
     }
 
-    pub fn set_now(&self, ms: i64) {
+    pub(crate) fn set_now(&self, ms: i64) {
         self.clock.set_ms(ms);
     }
 
-    pub fn advance(&self, ms: i64) {
+    pub(crate) fn advance(&self, ms: i64) {
         self.clock.advance_ms(ms);
     }
 
     /// Sends one request and checks the answer against the contract's global rules.
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,
@@ -282,16 +282,16 @@ impl Srv {
         r
     }
 
-    pub async fn json(&self, method: &str, path: &str, auth: &Auth, body: Value) -> Resp {
+    pub(crate) async fn json(&self, method: &str, path: &str, auth: &Auth, body: Value) -> Resp {
         self.call(method, path, auth, &[], body.to_string()).await
     }
 
-    pub async fn get(&self, path: &str, auth: &Auth) -> Resp {
+    pub(crate) async fn get(&self, path: &str, auth: &Auth) -> Resp {
         self.call("GET", path, auth, &[], Body::empty()).await
     }
 
     /// Creates an agent as admin; returns (agent object, key).
-    pub async fn create(&self, spec: Value) -> (Value, String) {
+    pub(crate) async fn create(&self, spec: Value) -> (Value, String) {
         let r = self.json("POST", "/v1/agents", &Auth::Admin, spec).await;
         r.expect(201, None);
         let key = r.json["key"].as_str().expect("key in 201").to_owned();
@@ -299,15 +299,15 @@ impl Srv {
     }
 
     /// Creates a simple agent: scopes, cap.
-    pub async fn agent(&self, handle: &str, scopes: &[&str], cap: &str) -> String {
+    pub(crate) async fn agent(&self, handle: &str, scopes: &[&str], cap: &str) -> String {
         self.create(json!({"handle": handle, "scopes": scopes, "spending_cap": cap})).await.1
     }
 
-    pub async fn spend(&self, key: &str, scope: &str, amount: &str) -> Resp {
+    pub(crate) async fn spend(&self, key: &str, scope: &str, amount: &str) -> Resp {
         self.json("POST", "/v1/spend", &Auth::key(key), json!({"scope": scope, "amount": amount})).await
     }
 
-    pub async fn hold(&self, key: &str, scope: &str, amount: &str, expires_in: Option<&str>) -> Resp {
+    pub(crate) async fn hold(&self, key: &str, scope: &str, amount: &str, expires_in: Option<&str>) -> Resp {
         let mut b = json!({"scope": scope, "amount": amount});
         if let Some(e) = expires_in {
             b["expires_in"] = json!(e);
@@ -316,29 +316,29 @@ impl Srv {
     }
 
     /// GET /v1/agents/{handle} as admin, asserting 200.
-    pub async fn agent_view(&self, handle: &str) -> Value {
+    pub(crate) async fn agent_view(&self, handle: &str) -> Value {
         let r = self.get(&format!("/v1/agents/{handle}"), &Auth::Admin).await;
         r.expect(200, None);
         r.json.clone()
     }
 
-    pub async fn usage(&self, handle: &str) -> Value {
+    pub(crate) async fn usage(&self, handle: &str) -> Value {
         self.agent_view(handle).await["usage"].clone()
     }
 
-    pub async fn audit(&self, handle: &str) -> Vec<Value> {
+    pub(crate) async fn audit(&self, handle: &str) -> Vec<Value> {
         let r = self.get(&format!("/v1/agents/{handle}/audit?limit=1000"), &Auth::Admin).await;
         r.expect(200, None);
         r.json["events"].as_array().expect("events").clone()
     }
 
-    pub async fn healthy(&self) {
+    pub(crate) async fn healthy(&self) {
         let r = self.get("/healthz", &Auth::None).await;
         assert_eq!(r.status, 200, "healthz: {}", r.text);
     }
 
     /// The SQLite files' bytes (database and WAL).
-    pub fn db_bytes(&self) -> Vec<u8> {
+    pub(crate) fn db_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for f in ["bulkhead.db", "bulkhead.db-wal"] {
             if let Ok(b) = std::fs::read(self.dir.path().join(f)) {
@@ -350,11 +350,11 @@ impl Srv {
 }
 
 /// Renders Unix milliseconds the way the API does (RFC 3339, UTC).
-pub fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     bulkhead_store::fmt_time(ms)
 }
 
-pub fn is_snake_case(s: &str) -> bool {
+pub(crate) fn is_snake_case(s: &str) -> bool {
     !s.is_empty()
         && s.as_bytes()[0].is_ascii_lowercase()
         && !s.ends_with('_')
@@ -364,7 +364,7 @@ pub fn is_snake_case(s: &str) -> bool {
 
 /// A non-2xx body is exactly `{"error": {"code": <snake_case>, "message": <non-empty>, …}}`.
 #[track_caller]
-pub fn assert_error_shape(r: &Resp) {
+pub(crate) fn assert_error_shape(r: &Resp) {
     let top = r.json.as_object().unwrap_or_else(|| panic!("error body is not a JSON object: {:?}", r.text));
     // A 402 adds what the agent needs to recover, beside `error` (contract §5).
     let extra: &[&str] = if r.status == 402 { &["remaining", "window_resets_at"] } else { &[] };
@@ -383,7 +383,7 @@ pub fn assert_error_shape(r: &Resp) {
 }
 
 /// A money string: digits, a point, 2 to 6 decimals.
-pub fn is_amount(s: &str) -> bool {
+pub(crate) fn is_amount(s: &str) -> bool {
     let Some((i, f)) = s.split_once('.') else { return false };
     !i.is_empty()
         && i.bytes().all(|b| b.is_ascii_digit())
@@ -406,7 +406,7 @@ const AMOUNT_KEYS: &[&str] = &[
 
 /// Every amount anywhere in an answer is a decimal string with at least 2 decimals.
 #[track_caller]
-pub fn check_amounts(v: &Value, parent: &str) {
+pub(crate) fn check_amounts(v: &Value, parent: &str) {
     match v {
         Value::Object(m) => {
             for (k, x) in m {
@@ -424,6 +424,6 @@ pub fn check_amounts(v: &Value, parent: &str) {
 }
 
 /// `n` nested arrays.
-pub fn nested(n: usize) -> String {
+pub(crate) fn nested(n: usize) -> String {
     format!("{}{}", "[".repeat(n), "]".repeat(n))
 }

@@ -57,11 +57,11 @@ use crate::answer::Reply;
 use crate::{Store, StoreError};
 
 /// How long an idempotency record is replayed.
-pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+pub(crate) const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 /// The deepest tree of agents (a root is depth 0).
-pub const AGENT_DEPTH_MAX: i64 = 8;
+pub(crate) const AGENT_DEPTH_MAX: i64 = 8;
 /// The most children one agent may spawn.
-pub const CHILDREN_PER_AGENT_MAX: i64 = 1000;
+pub(crate) const CHILDREN_PER_AGENT_MAX: i64 = 1000;
 /// Limits on what agents may grow (contract §12, "everything has a limit").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {

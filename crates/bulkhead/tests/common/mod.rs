@@ -16,22 +16,22 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 /// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
 /// The admin token every server gets through `BULKHEAD_ADMIN_TOKEN` (unless a test removes it).
-pub const ADMIN: &str = "e2e-admin-token-4c1d9f0e7b2a-0123456789";
+pub(crate) const ADMIN: &str = "e2e-admin-token-4c1d9f0e7b2a-0123456789";
 /// The scope every test agent spends with.
-pub const SCOPE: &str = "payments:write";
+pub(crate) const SCOPE: &str = "payments:write";
 
 /// The OpenAI/Anthropic-compatible upstream the gateway tests forward to, a process of its own
 /// (`bulkhead-testkit`'s `mock-upstream`, found or built by the testkit).
-pub use bulkhead_testkit::start_mock_upstream;
+pub(crate) use bulkhead_testkit::start_mock_upstream;
 
 /// Upper bound of every wait for a server to come up or go away (a hang guard, not an assertion).
 const WAIT_STEPS: u32 = 1200;
 const WAIT_STEP: Duration = Duration::from_millis(50);
 
 /// Where a server keeps its state: a data dir, plus a PostgreSQL database when `db` is set.
-pub struct Backend {
+pub(crate) struct Backend {
     root: tempfile::TempDir,
     pub db: Option<String>,
     /// A `--config` file every server of this backend starts with.
@@ -42,7 +42,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn sqlite() -> Backend {
+    pub(crate) fn sqlite() -> Backend {
         Backend {
             root: tempfile::tempdir().expect("temp dir"),
             db: None,
@@ -55,7 +55,7 @@ impl Backend {
     /// A fresh PostgreSQL database; `None` when the PostgreSQL tests do not run here
     /// (`BULKHEAD_TEST_DATABASE_URL` unset: the testkit said that the test skipped, and the test
     /// returns).
-    pub async fn pg() -> Option<Backend> {
+    pub(crate) async fn pg() -> Option<Backend> {
         let url = bulkhead_testkit::fresh_pg_url().await?;
         Some(Backend {
             root: tempfile::tempdir().expect("temp dir"),
@@ -66,17 +66,17 @@ impl Backend {
         })
     }
 
-    pub fn is_pg(&self) -> bool {
+    pub(crate) fn is_pg(&self) -> bool {
         self.db.is_some()
     }
 
     /// The `--data` dir of the servers.
-    pub fn data(&self) -> PathBuf {
+    pub(crate) fn data(&self) -> PathBuf {
         self.root.path().join("data")
     }
 
     /// A path for test files (outside the data dir).
-    pub fn scratch(&self, name: &str) -> PathBuf {
+    pub(crate) fn scratch(&self, name: &str) -> PathBuf {
         self.root.path().join(name)
     }
 
@@ -86,7 +86,7 @@ impl Backend {
     }
 
     /// The store flags of offline commands (`audit verify`, `audit export`).
-    pub fn store_args(&self) -> Vec<String> {
+    pub(crate) fn store_args(&self) -> Vec<String> {
         match &self.db {
             Some(url) => {
                 // The servers keep the audit key in their data dir; a store no server has
@@ -103,7 +103,7 @@ impl Backend {
     }
 
     /// Runs an offline command of the binary against this store.
-    pub async fn offline(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) async fn offline(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = tokio::process::Command::new(BIN);
         cmd.args(args).args(self.store_args());
         scrub_env_tokio(&mut cmd);
@@ -111,7 +111,7 @@ impl Backend {
     }
 
     /// `bulkhead audit verify` must exit 0.
-    pub async fn assert_audit_intact(&self) {
+    pub(crate) async fn assert_audit_intact(&self) {
         let out = self.offline(&["audit", "verify"]).await;
         assert!(
             out.status.success(),
@@ -124,7 +124,7 @@ impl Backend {
     }
 
     /// `bulkhead audit export --agent HANDLE`, parsed.
-    pub async fn export(&self, handle: &str) -> Vec<Value> {
+    pub(crate) async fn export(&self, handle: &str) -> Vec<Value> {
         let out = self.offline(&["audit", "export", "--agent", handle]).await;
         assert!(out.status.success(), "audit export failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout)
@@ -160,7 +160,7 @@ fn free_port() -> u16 {
 }
 
 /// A running `bulkhead serve`. Dropping it kills the process.
-pub struct Server {
+pub(crate) struct Server {
     child: Child,
     pub base: String,
     pub token: String,
@@ -171,13 +171,13 @@ pub struct Server {
 
 impl Server {
     /// Starts a server with the test admin token in the environment.
-    pub async fn start(b: &Backend) -> Server {
+    pub(crate) async fn start(b: &Backend) -> Server {
         Server::start_with(b, Some(ADMIN)).await
     }
 
     /// Starts a server; `token: None` leaves `BULKHEAD_ADMIN_TOKEN` unset (the caller reads the
     /// generated token and sets `server.token` itself).
-    pub async fn start_with(b: &Backend, token: Option<&str>) -> Server {
+    pub(crate) async fn start_with(b: &Backend, token: Option<&str>) -> Server {
         std::fs::create_dir_all(b.logs()).expect("log dir");
         for _attempt in 0..8 {
             let n = b.starts.fetch_add(1, Ordering::SeqCst);
@@ -238,35 +238,35 @@ impl Server {
         Err(format!("no healthy /healthz in time\n{}", self.logs()))
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn api(&self) -> Api {
+    pub(crate) fn api(&self) -> Api {
         Api::new(&self.base)
     }
 
     /// What the process wrote to stdout and stderr so far.
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         format!("--- stdout ---\n{out}--- stderr ---\n{err}")
     }
 
     /// SIGKILL (what `kill -9` sends), then reap.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL the server");
         self.exited = Some(self.child.wait().expect("reap the server"));
     }
 
     /// SIGTERM through the `kill` utility.
-    pub fn sigterm(&self) {
+    pub(crate) fn sigterm(&self) {
         let st = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().expect("run kill");
         assert!(st.success(), "kill -TERM failed");
     }
 
     /// Waits (bounded) for the process to exit on its own.
-    pub async fn wait_exit(&mut self) -> ExitStatus {
+    pub(crate) async fn wait_exit(&mut self) -> ExitStatus {
         for _ in 0..WAIT_STEPS {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
                 self.exited = Some(st);
@@ -298,36 +298,36 @@ fn http_client() -> reqwest::Client {
 
 /// An answer: status and JSON body (`Null` when the body is not JSON).
 #[derive(Clone, Debug)]
-pub struct Resp {
+pub(crate) struct Resp {
     pub status: u16,
     pub body: Value,
 }
 
 impl Resp {
     /// `error.code`, or "" for a success.
-    pub fn code(&self) -> &str {
+    pub(crate) fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
 
-    pub fn str(&self, field: &str) -> &str {
+    pub(crate) fn str(&self, field: &str) -> &str {
         self.body[field].as_str().unwrap_or_else(|| panic!("no string field {field:?} in {}", self.body))
     }
 }
 
 /// A small JSON client for one server.
 #[derive(Clone)]
-pub struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     pub base: String,
 }
 
 impl Api {
-    pub fn new(base: &str) -> Api {
+    pub(crate) fn new(base: &str) -> Api {
         Api { http: http_client(), base: base.to_owned() }
     }
 
     /// One request; `Err` only for transport failures (refused, reset, timed out).
-    pub async fn try_send(
+    pub(crate) async fn try_send(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -345,25 +345,25 @@ impl Api {
         Ok(Resp { status, body })
     }
 
-    pub async fn try_post(&self, path: &str, bearer: &str, body: &Value) -> Result<Resp, reqwest::Error> {
+    pub(crate) async fn try_post(&self, path: &str, bearer: &str, body: &Value) -> Result<Resp, reqwest::Error> {
         self.try_send(reqwest::Method::POST, path, bearer, Some(body)).await
     }
 
-    pub async fn post(&self, path: &str, bearer: &str, body: &Value) -> Resp {
+    pub(crate) async fn post(&self, path: &str, bearer: &str, body: &Value) -> Resp {
         self.try_post(path, bearer, body).await.unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
-    pub async fn get(&self, path: &str, bearer: &str) -> Resp {
+    pub(crate) async fn get(&self, path: &str, bearer: &str) -> Resp {
         self.try_send(reqwest::Method::GET, path, bearer, None).await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// `POST /v1/spend` with the test scope.
-    pub async fn try_spend(&self, key: &str, amount: &str) -> Result<Resp, reqwest::Error> {
+    pub(crate) async fn try_spend(&self, key: &str, amount: &str) -> Result<Resp, reqwest::Error> {
         self.try_post("/v1/spend", key, &json!({"scope": SCOPE, "amount": amount})).await
     }
 
     /// Creates an agent (admin token → root agent; agent key → child of that agent); returns its key.
-    pub async fn create(&self, bearer: &str, body: Value) -> String {
+    pub(crate) async fn create(&self, bearer: &str, body: Value) -> String {
         let r = self.post("/v1/agents", bearer, &body).await;
         assert_eq!(r.status, 201, "create agent {body}: {}", r.body);
         let key = r.str("key").to_owned();
@@ -372,14 +372,14 @@ impl Api {
     }
 
     /// `GET /v1/agents/{h}` (admin).
-    pub async fn agent(&self, admin: &str, handle: &str) -> Value {
+    pub(crate) async fn agent(&self, admin: &str, handle: &str) -> Value {
         let r = self.get(&format!("/v1/agents/{handle}"), admin).await;
         assert_eq!(r.status, 200, "get agent {handle}: {}", r.body);
         r.body
     }
 
     /// The agent's whole audit trail, paged with `limit` and `after`.
-    pub async fn audit(&self, admin: &str, handle: &str) -> Vec<Value> {
+    pub(crate) async fn audit(&self, admin: &str, handle: &str) -> Vec<Value> {
         let mut out: Vec<Value> = Vec::new();
         let mut after = 0i64;
         for _ in 0..10_000 {
@@ -398,7 +398,7 @@ impl Api {
 
 /// Parses a decimal amount string ("12.50", "0.000150") into micro-units, independently of the
 /// code under test.
-pub fn micros(s: &str) -> i64 {
+pub(crate) fn micros(s: &str) -> i64 {
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
     assert!(
         !int.is_empty()
@@ -415,22 +415,22 @@ pub fn micros(s: &str) -> i64 {
 }
 
 /// An amount field of a JSON object, in micro-units.
-pub fn micros_of(v: &Value) -> i64 {
+pub(crate) fn micros_of(v: &Value) -> i64 {
     micros(v.as_str().unwrap_or_else(|| panic!("amount is not a string: {v}")))
 }
 
 /// Renders micro-units as a decimal string with six decimals.
-pub fn amount(m: i64) -> String {
+pub(crate) fn amount(m: i64) -> String {
     format!("{}.{:06}", m / 1_000_000, m % 1_000_000)
 }
 
 /// `usage.window_spent` etc. of an agent object, in micro-units.
-pub fn usage(agent: &Value, field: &str) -> i64 {
+pub(crate) fn usage(agent: &Value, field: &str) -> i64 {
     micros_of(&agent["usage"][field])
 }
 
 /// The `ref`s of allowed events with this action.
-pub fn refs(events: &[Value], action: &str) -> HashSet<String> {
+pub(crate) fn refs(events: &[Value], action: &str) -> HashSet<String> {
     events
         .iter()
         .filter(|e| e["action"] == action && e["outcome"] == "allowed")
@@ -439,7 +439,7 @@ pub fn refs(events: &[Value], action: &str) -> HashSet<String> {
 }
 
 /// Parses an RFC 3339 `at` into Unix nanoseconds.
-pub fn at_nanos(e: &Value) -> i128 {
+pub(crate) fn at_nanos(e: &Value) -> i128 {
     let s = e["at"].as_str().expect("at is a string");
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|err| panic!("bad RFC 3339 time {s:?}: {err}"))
@@ -447,10 +447,10 @@ pub fn at_nanos(e: &Value) -> i128 {
 }
 
 /// The body of a root agent for the race tests: breaker off (so denials never suspend it).
-pub fn root_agent(handle: &str, cap: &str, scopes: &[&str]) -> Value {
+pub(crate) fn root_agent(handle: &str, cap: &str, scopes: &[&str]) -> Value {
     json!({"handle": handle, "scopes": scopes, "spending_cap": cap, "breaker": {"denials": 0}})
 }
 
-pub fn path_str(p: &Path) -> String {
+pub(crate) fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
