@@ -304,25 +304,7 @@ impl UpstreamSpec {
                 "upstream name {name:?} must be 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit"
             ));
         }
-        let uri: Uri = self
-            .base_url
-            .parse()
-            .map_err(|_| format!("upstream {name:?}: base_url {:?} is not a URL", self.base_url))?;
-        let scheme = match uri.scheme_str() {
-            Some(s @ ("http" | "https")) => s.to_owned(),
-            _ => return Err(format!("upstream {name:?}: base_url must start with http:// or https://")),
-        };
-        let authority = match uri.authority() {
-            Some(a) if !a.as_str().contains('@') && !a.host().is_empty() => a.as_str().to_owned(),
-            _ => return Err(format!("upstream {name:?}: base_url needs a host (and no user info)")),
-        };
-        if uri.query().is_some() || self.base_url.contains('#') {
-            return Err(format!("upstream {name:?}: base_url may not have a query or a fragment"));
-        }
-        let base_path = uri.path().trim_end_matches('/').to_owned();
-        if super::path::check_segments(base_path.trim_start_matches('/'), false).is_err() {
-            return Err(format!("upstream {name:?}: base_url has a path with dot or encoded segments"));
-        }
+        let (scheme, authority, base_path) = self.base(name)?;
         let scope = Scope::parse(&self.scope).map_err(|e| format!("upstream {name:?}: scope: {e}"))?;
         let max_cost = Micros::parse_positive(&self.max_cost_per_request)
             .map_err(|e| format!("upstream {name:?}: max_cost_per_request {:?}: {e}", self.max_cost_per_request))?;
@@ -371,6 +353,31 @@ impl UpstreamSpec {
                 Some(list) => Some(list.iter().map(|r| RouteRule::parse(name, r)).collect::<Result<Vec<_>, _>>()?),
             },
         })
+    }
+
+    /// The base URL's scheme, authority and path: http or https, a host and no user info, no
+    /// query or fragment, no dot or encoded segments in the path.
+    fn base(&self, name: &str) -> Result<(String, String, String), String> {
+        let uri: Uri = self
+            .base_url
+            .parse()
+            .map_err(|_| format!("upstream {name:?}: base_url {:?} is not a URL", self.base_url))?;
+        let scheme = match uri.scheme_str() {
+            Some(s @ ("http" | "https")) => s.to_owned(),
+            _ => return Err(format!("upstream {name:?}: base_url must start with http:// or https://")),
+        };
+        let authority = match uri.authority() {
+            Some(a) if !a.as_str().contains('@') && !a.host().is_empty() => a.as_str().to_owned(),
+            _ => return Err(format!("upstream {name:?}: base_url needs a host (and no user info)")),
+        };
+        if uri.query().is_some() || self.base_url.contains('#') {
+            return Err(format!("upstream {name:?}: base_url may not have a query or a fragment"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        if super::path::check_segments(base_path.trim_start_matches('/'), false).is_err() {
+            return Err(format!("upstream {name:?}: base_url has a path with dot or encoded segments"));
+        }
+        Ok((scheme, authority, base_path))
     }
 }
 
