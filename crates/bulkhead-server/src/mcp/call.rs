@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bulkhead_core::{KeyHash, Micros};
@@ -17,10 +16,8 @@ use super::jsonrpc::{self, Kind, Message, RpcError};
 use super::stdio::StdioError;
 use super::{McpGateway, Server, Upstream, json_response, rpc_error, unauthorized};
 use crate::error::ApiError;
-use crate::gateway::body::Relay;
 use crate::gateway::lease::{Acquired, Leases};
 use crate::metrics::MCP_CALLS;
-use crate::upstream_http::drop_hop_by_hop;
 
 impl McpGateway {
     /// `tools/call` on a server with `leases = true` (the default): a slot of the key's lease
@@ -75,12 +72,7 @@ impl McpGateway {
                         let failed = resp.status().is_server_error() && !srv.cfg.charge_failures;
                         bill.finish(if failed { Micros::ZERO } else { price });
                         self.count(srv, tool, agent, if failed { "upstream_error" } else { "allowed" });
-                        let (mut rparts, rbody) = resp.into_parts();
-                        drop_hop_by_hop(&mut rparts.headers);
-                        let deadline = started + srv.cfg.max_duration;
-                        let relay =
-                            Relay::new(rbody, None, srv.cfg.read_timeout, deadline, srv.name.clone(), Some(conn));
-                        Ok(Response::from_parts(rparts, Body::new(relay)))
+                        Ok(super::forward::relay(srv, resp, conn, started))
                     }
                     Err((sent, e)) => {
                         bill.finish(if sent { price } else { Micros::ZERO });
@@ -131,12 +123,7 @@ impl McpGateway {
                         let failed = resp.status().is_server_error() && !srv.cfg.charge_failures;
                         bill.settle(!failed);
                         self.count(srv, tool, &agent, if failed { "upstream_error" } else { "allowed" });
-                        let (mut rparts, rbody) = resp.into_parts();
-                        drop_hop_by_hop(&mut rparts.headers);
-                        let deadline = started + srv.cfg.max_duration;
-                        let relay =
-                            Relay::new(rbody, None, srv.cfg.read_timeout, deadline, srv.name.clone(), Some(conn));
-                        Ok(Response::from_parts(rparts, Body::new(relay)))
+                        Ok(super::forward::relay(srv, resp, conn, started))
                     }
                     Err((sent, e)) => {
                         bill.settle(sent);

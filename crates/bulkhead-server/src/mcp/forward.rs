@@ -57,13 +57,7 @@ impl McpGateway {
         started: tokio::time::Instant,
     ) -> Result<Response, ApiError> {
         match self.send_http(srv, headers, method, body, &AtomicBool::new(false)).await {
-            Ok((resp, conn)) => {
-                let (mut rparts, rbody) = resp.into_parts();
-                drop_hop_by_hop(&mut rparts.headers);
-                let deadline = started + srv.cfg.max_duration;
-                let relay = Relay::new(rbody, None, srv.cfg.read_timeout, deadline, srv.name.clone(), Some(conn));
-                Ok(Response::from_parts(rparts, Body::new(relay)))
-            }
+            Ok((resp, conn)) => Ok(relay(srv, resp, conn, started)),
             Err((_, e)) => Err(e),
         }
     }
@@ -198,4 +192,20 @@ async fn read_tool_list(
                 )
             })?;
     Ok(whole.to_bytes())
+}
+
+/// The server's answer passed on as it comes: hop-by-hop headers dropped, the body relayed
+/// within the server's read timeout and the call's deadline (`max_duration` from `started`), the
+/// connection given back to the pool once the body ended.
+pub(super) fn relay(
+    srv: &Server,
+    resp: hyper::Response<hyper::body::Incoming>,
+    conn: crate::gateway::pool::Conn,
+    started: tokio::time::Instant,
+) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    drop_hop_by_hop(&mut parts.headers);
+    let deadline = started + srv.cfg.max_duration;
+    let relay = Relay::new(body, None, srv.cfg.read_timeout, deadline, srv.name.clone(), Some(conn));
+    Response::from_parts(parts, Body::new(relay))
 }
