@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use super::bill::Bill;
 use super::config::TokenPrices;
 use super::meter::Meter;
-use super::pool::Conn;
+use crate::upstream_http::pool::Conn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -32,7 +32,6 @@ pub mod config;
 pub mod lease;
 pub mod meter;
 pub mod path;
-pub mod pool;
 mod request;
 mod settle;
 
@@ -57,10 +56,10 @@ use self::config::Pricing;
 pub use self::config::{PricingSpec, Secret, Upstream, UpstreamSpec, check_upstreams};
 use self::lease::{Acquired, Leases};
 use self::meter::Meter;
-use self::pool::{Conn, Pool};
 pub use self::request::ask_for_stream_usage;
 use crate::error::ApiError;
 use crate::metrics::{GATEWAY_CALLS, RouteTimers};
+use crate::upstream_http::pool::{self, Conn, Pool};
 use crate::upstream_http::{connector_for, drop_hop_by_hop, host_header, too_large};
 
 /// The path prefix of proxied calls.

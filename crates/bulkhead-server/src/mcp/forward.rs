@@ -18,8 +18,8 @@ use super::jsonrpc::{self, Message};
 use super::{McpGateway, Server, Upstream, json_response};
 use crate::error::ApiError;
 use crate::gateway::body::Relay;
-use crate::gateway::pool::SendError;
 use crate::upstream_http::drop_hop_by_hop;
+use crate::upstream_http::pool::SendError;
 
 /// The most distinct tool names per server that get a metric label of their own besides the
 /// priced ones (names first seen in `tools/list` answers); others are counted as `_other`.
@@ -71,7 +71,7 @@ impl McpGateway {
         method: Method,
         body: Bytes,
         sending: &AtomicBool,
-    ) -> Result<(hyper::Response<hyper::body::Incoming>, crate::gateway::pool::Conn), (bool, ApiError)> {
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, crate::upstream_http::pool::Conn), (bool, ApiError)> {
         let Upstream::Http { pool, host, path } = &srv.upstream else {
             return Err((false, ApiError::new(500, "internal_error", "Not an HTTP server.")));
         };
@@ -200,7 +200,7 @@ async fn read_tool_list(
 pub(super) fn relay(
     srv: &Server,
     resp: hyper::Response<hyper::body::Incoming>,
-    conn: crate::gateway::pool::Conn,
+    conn: crate::upstream_http::pool::Conn,
     started: tokio::time::Instant,
 ) -> Response {
     let (mut parts, body) = resp.into_parts();

@@ -69,8 +69,8 @@ use self::session::{MCP_SESSION_ID, SessionSeal};
 use self::stdio::Stdio;
 use crate::error::ApiError;
 use crate::gateway::lease::Leases;
-use crate::gateway::pool::Pool;
 use crate::metrics::RouteTimers;
+use crate::upstream_http::pool::Pool;
 use crate::upstream_http::{connector_for, host_header, read_limited};
 
 /// The path prefix of MCP servers.

@@ -19,14 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::time::Instant;
 use tower::Service;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Idle connections kept per pool; more are closed when given back.
 const IDLE_MAX: usize = 256;
 /// An idle connection unused for this long is closed rather than reused.
 const IDLE_FOR: Duration = Duration::from_secs(60);
 
-pub struct Pool {
+pub(crate) struct Pool {
     connector: HttpsConnector<HttpConnector>,
     /// Where connections go (scheme and authority; the path is not used).
     target: Uri,
@@ -64,7 +64,7 @@ impl Drop for Conn {
 }
 
 impl Pool {
-    pub fn new(connector: HttpsConnector<HttpConnector>, target: Uri) -> Arc<Pool> {
+    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, target: Uri) -> Arc<Pool> {
         Arc::new(Pool { connector, target, idle: Mutex::new(VecDeque::new()) })
     }
 
@@ -106,7 +106,7 @@ impl Pool {
     ///
     /// `sending` is set once the request starts out on a connection: from then on the upstream
     /// may have received it, also when the caller stops waiting (its deadline) before this ends.
-    pub async fn send(
+    pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
         sending: &AtomicBool,
@@ -139,7 +139,7 @@ impl Pool {
 /// Why a call got no answer, split by what matters for its bill: whether it may have reached
 /// the upstream (contract §12: a call that left is paid for; one that never left is free).
 #[derive(Debug)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// No connection could be made, or the request was handed back unsent.
     NotSent(BoxError),
     /// The request was (at least partly) written: the upstream may have received it.
@@ -147,7 +147,7 @@ pub enum SendError {
 }
 
 impl SendError {
-    pub fn into_inner(self) -> BoxError {
+    pub(crate) fn into_inner(self) -> BoxError {
         match self {
             SendError::NotSent(e) | SendError::MaybeSent(e) => e,
         }

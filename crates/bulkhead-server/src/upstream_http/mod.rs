@@ -1,6 +1,9 @@
 //! HTTP to and from upstreams, shared by the agent gateway and the MCP gateway: the connector
 //! (TLS with the system's roots), the `Host` an upstream is called with, hop-by-hop headers
-//! dropped in both directions, and a request body read whole within a limit (413 past it).
+//! dropped in both directions, a request body read whole within a limit (413 past it), and
+//! [`pool`], a worker's idle connections to one upstream.
+
+pub(crate) mod pool;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
