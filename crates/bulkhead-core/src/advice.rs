@@ -186,7 +186,9 @@ impl Tally {
         self.events += 1;
         self.last_at = Some(self.last_at.map_or(e.at_ms, |t| t.max(e.at_ms)));
         let request = matches!(e.action, "spend" | "hold");
+        // An expiry names its hold's scope but is not a request: the hold was counted when made.
         if e.own
+            && e.action != "hold.expire"
             && let Some(scope) = e.scope
         {
             let r = self.requested.entry(scope.to_owned()).or_default();
@@ -581,6 +583,17 @@ mod tests {
         assert_eq!(s.proposed_cap, None);
         assert_eq!(s.proposed_per_tx_limit, None);
         assert_eq!(s.per_window, Percentiles { p50: Micros::ZERO, p99: Micros::ZERO, max: Micros::ZERO });
+    }
+
+    #[test]
+    fn a_hold_and_its_expiry_are_one_request() {
+        let g = grant(&["a:b"], "100.00", "100.00", 1_000);
+        let mut t = Tally::new(g.created_ms, g.window_ms);
+        t.observe(&ev(1_000, "hold", true, Some("a:b"), "2.00")).unwrap();
+        t.observe(&ev(1_500, "hold.expire", true, Some("a:b"), "2.00")).unwrap();
+        let a = t.finish(&g, 2_000);
+        let used: Vec<(&str, u64)> = a.scopes.used.iter().map(|u| (u.scope.as_str(), u.allowed)).collect();
+        assert_eq!(used, [("a:b", 1)]);
     }
 
     #[test]

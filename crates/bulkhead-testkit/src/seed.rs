@@ -3,7 +3,8 @@
 //! The ledger draws the ids it makes (spends, holds, alerts) from a generator seeded by
 //! `LedgerConfig::seed`. A test passes [`seed()`]: `BULKHEAD_TEST_SEED` when set, else a fresh
 //! random seed. Either way the seed is printed; the test harness shows what a failing test
-//! printed, so its output says how to run it again with the same ids.
+//! printed, so its output says how to run it again with the same ids (the same ids for commands
+//! sent one after another; concurrent ones may fall into other batches).
 
 /// The variable that fixes the seed of every test ledger.
 pub const SEED_VAR: &str = "BULKHEAD_TEST_SEED";

@@ -331,8 +331,8 @@ impl Gateways {
     }
 }
 
-/// The HTTP side: the acceptor and `--workers` workers, each with its own router, gateways and
-/// upstream connection pools.
+/// The HTTP side: the acceptor and `--workers` workers, each with a handle on the one router
+/// and its own gateways and upstream connection pools.
 struct Http {
     addr: std::net::SocketAddr,
     workers: usize,

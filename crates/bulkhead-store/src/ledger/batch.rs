@@ -454,17 +454,7 @@ impl Batch {
                 Ok(Reply::ok(Answer::Swept))
             }
             Command::AuditRefusedCall { key, server, tool, reason } => {
-                let Some(id) = self.agent_by_key(key).await? else {
-                    return Ok(Reply::deny(DenyReason::InvalidCredentials));
-                };
-                let row = self.row_mut(id)?;
-                row.denied_count += 1;
-                let handle = row.handle.clone();
-                let tool: String = tool.chars().take(super::command::TOOL_NAME_AUDITED_MAX).collect();
-                let e = self.event(&handle, "hold", "denied");
-                e.reason = Some(reason.clone());
-                e.detail = Some(serde_json::json!({"mcp_server": server, "tool": tool}).to_string());
-                Ok(Reply::ok(Answer::Audited))
+                self.audit_refused_call(key, server, tool, reason).await
             }
             Command::CreateAgent { caller, spec, key_hash } => self.create_agent(caller, spec, key_hash).await,
             Command::PatchAgent { handle, patch } => self.patch_agent(handle, patch).await,
@@ -485,5 +475,34 @@ impl Batch {
             | Command::Capture { .. }
             | Command::Release { .. } => self.money(cmd).await,
         }
+    }
+}
+
+impl Batch {
+    /// A call refused before any decision (see [`Command::AuditRefusedCall`]), checked as far
+    /// as a call can be without naming a scope: a key refused for good, or a suspended agent, is
+    /// answered so without a write (and from then on from memory, coalesced, like every such
+    /// refusal); otherwise one denied event, one more denial, and a step of the breaker, which a
+    /// loop of such calls trips like any loop of denials.
+    async fn audit_refused_call(&mut self, key: &KeyHash, server: &str, tool: &str, reason: &str) -> R<Reply> {
+        let Some(id) = self.agent_by_key(key).await? else {
+            return Ok(Reply::deny(DenyReason::InvalidCredentials));
+        };
+        if let Err(denied) = self.chain_credential(id)? {
+            return Ok(Reply::deny(denied));
+        }
+        if self.chain(id)?.iter().any(|a| self.row(*a).is_ok_and(|r| r.status == AgentStatus::Suspended)) {
+            return Ok(Reply::deny(DenyReason::AgentSuspended));
+        }
+        let tripped = self.count_denial(id, true)?;
+        let handle = self.row(id)?.handle.clone();
+        let tool: String = tool.chars().take(super::command::TOOL_NAME_AUDITED_MAX).collect();
+        let e = self.event(&handle, "hold", "denied");
+        e.reason = Some(reason.to_owned());
+        e.detail = Some(serde_json::json!({"mcp_server": server, "tool": tool}).to_string());
+        if tripped {
+            self.suspend(id, "runaway_loop_breaker")?;
+        }
+        Ok(Reply::ok(Answer::Audited))
     }
 }

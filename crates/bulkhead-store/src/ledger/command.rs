@@ -161,9 +161,9 @@ pub enum Command {
     RecordRefusals(Vec<super::Tally>),
     /// Audits a call the MCP gateway refused before the ledger could decide it, because no scope
     /// can name its tool (a name outside the scope alphabet): one denied event for the agent
-    /// naming the server and the tool (`reason` is the code the agent was answered with), and one
-    /// more denial in its count. Nothing is held or charged, and the breaker is not fed (the
-    /// call was malformed, not refused by a limit).
+    /// naming the server and the tool (`reason` is the code the agent was answered with), one
+    /// more denial in its count, and a step of its breaker. Nothing is held or charged. A key
+    /// refused for good or a suspended agent gets that refusal instead, and nothing is written.
     AuditRefusedCall {
         key: KeyHash,
         server: String,

@@ -93,8 +93,10 @@ pub struct LedgerConfig {
     pub alerts: AlertRules,
     pub limits: Limits,
     /// The seed of the generator the ledger draws its ids from (spends, holds, alerts); `None`:
-    /// a random one. Either way it is logged at start, so a run can be replayed with the same ids.
-    /// Secrets (keys, the audit key, session seals) never come from it.
+    /// a random one (logged at debug; a configured one at info). The same seed gives the same ids
+    /// to the same commands committed in the same batches (a sequential run: each batch draws from
+    /// a generator seeded by the ledger's). Secrets (keys, the audit key, session seals) never
+    /// come from it.
     pub seed: Option<u64>,
 }
 
@@ -135,8 +137,20 @@ impl Ledger {
         let (tx, rx) = mpsc::channel(cfg.batch_max * 4);
         let rules = Arc::new(cfg.alerts.clone());
         let epoch = Arc::new(AtomicU64::new(0));
-        let seed = cfg.seed.unwrap_or_else(rand::random);
-        tracing::info!(seed, "the ledger draws its ids from this seed (LedgerConfig::seed replays them)");
+        // A configured seed is said plainly; a random one only at debug: ids drawn from a seed in
+        // the log could be foreseen by whoever reads it (they are not credentials, but need not
+        // be guessable either).
+        let seed = match cfg.seed {
+            Some(seed) => {
+                tracing::info!(seed, "the ledger draws its ids from this seed (a sequential run replays them)");
+                seed
+            }
+            None => {
+                let seed = rand::random();
+                tracing::debug!(seed, "the ledger draws its ids from this seed");
+                seed
+            }
+        };
         let writer = Writer {
             rng: StdRng::seed_from_u64(seed),
             store: store.clone(),

@@ -168,6 +168,26 @@ impl Batch {
         Ok(reply)
     }
 
+    /// Counts a denial of agent `id` and, when `feeds_breaker` and the agent is active, steps its
+    /// breaker's denial window: whether the breaker tripped (the caller suspends the agent once
+    /// its event is written).
+    pub(super) fn count_denial(&mut self, id: i64, feeds_breaker: bool) -> R<bool> {
+        let (now, default_breaker) = (self.now, self.breaker);
+        let row = self.row_mut(id)?;
+        row.denied_count += 1;
+        if !feeds_breaker || row.status != AgentStatus::Active {
+            return Ok(false);
+        }
+        let b = row.breaker(default_breaker);
+        if b.denials == 0 {
+            return Ok(false);
+        }
+        let recent: Vec<i64> = row.breaker_recent.split(',').filter_map(|t| t.parse().ok()).collect();
+        let (recent, tripped) = denial_step(&recent, b.denials, b.window_ms, now);
+        row.breaker_recent = recent.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        Ok(tripped)
+    }
+
     /// Records a denial: counts it, feeds the breaker, writes the audit event.
     pub(super) fn deny(
         &mut self,
@@ -178,20 +198,9 @@ impl Batch {
         amount: Option<Micros>,
     ) -> R<Reply> {
         let now = self.now;
-        let default_breaker = self.breaker;
         let alerting = !self.rules.webhooks.is_empty();
+        let suspended = self.count_denial(id, reason.feeds_breaker())?;
         let row = self.row_mut(id)?;
-        row.denied_count += 1;
-        let mut suspended = false;
-        if reason.feeds_breaker() && row.status == AgentStatus::Active {
-            let b = row.breaker(default_breaker);
-            if b.denials > 0 {
-                let recent: Vec<i64> = row.breaker_recent.split(',').filter_map(|t| t.parse().ok()).collect();
-                let (recent, tripped) = denial_step(&recent, b.denials, b.window_ms, now);
-                suspended = tripped;
-                row.breaker_recent = recent.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-            }
-        }
         let handle = row.handle.clone();
         let window_index = row.member(now).counters.window_index;
         let cap_hit = matches!(reason, DenyReason::SpendingCap | DenyReason::LifetimeCap)

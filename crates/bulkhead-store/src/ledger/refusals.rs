@@ -66,6 +66,7 @@ fn suspension_applies(cmd: &Command) -> bool {
             | Command::MeteredHold { .. }
             | Command::Lease { .. }
             | Command::CreateAgent { .. }
+            | Command::AuditRefusedCall { .. }
     )
 }
 

@@ -199,7 +199,7 @@ class AuditEvent:
     reference: str | None = None
     #: What else the event records (e.g. `{"by": "gateway"}`, a shadow agent's
     #: `{"shadow": "would_deny"}`, a refused MCP call's `{"mcp_server": …, "tool": …}`).
-    detail: Mapping[str, Any] | None = None
+    detail: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> AuditEvent:
