@@ -14,6 +14,25 @@ use std::str::FromStr;
 use sqlx::ConnectOptions;
 use sqlx::any::AnyConnectOptions;
 
+/// The store a test runs on: the conformance suite and the server's tests run each of theirs on
+/// both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+impl Db {
+    /// Whether a test on this store runs here: `false` for PostgreSQL without
+    /// `BULKHEAD_TEST_DATABASE_URL` (the test returns; [`pg_admin_url`] said that it skipped).
+    pub fn available(self) -> bool {
+        match self {
+            Db::Sqlite => true,
+            Db::Postgres => pg_admin_url().is_some(),
+        }
+    }
+}
+
 /// The variable naming the PostgreSQL server the tests create their databases on.
 pub const DATABASE_URL_VAR: &str = "BULKHEAD_TEST_DATABASE_URL";
 

@@ -15,6 +15,6 @@ pub mod seed;
 pub mod upstream;
 
 pub use clock::{HOUR, MIN, SEC, T0, manual_clock};
-pub use db::{DATABASE_URL_VAR, PgDb, drop_pg, fresh_pg, fresh_pg_url, pg_admin_url, sqlite_url};
+pub use db::{DATABASE_URL_VAR, Db, PgDb, drop_pg, fresh_pg, fresh_pg_url, pg_admin_url, sqlite_url};
 pub use seed::{SEED_VAR, seed};
 pub use upstream::{mock_upstream_bin, start_mock_upstream};

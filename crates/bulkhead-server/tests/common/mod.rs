@@ -88,23 +88,7 @@ pub(crate) struct Srv {
     pub wire: Option<std::net::SocketAddr>,
 }
 
-/// The store a test server runs on.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Db {
-    Sqlite,
-    Postgres,
-}
-
-impl Db {
-    /// Whether a test on this store runs here: `false` for PostgreSQL without
-    /// `BULKHEAD_TEST_DATABASE_URL` (the test returns; the testkit said that it skipped).
-    pub(crate) fn available(self) -> bool {
-        match self {
-            Db::Sqlite => true,
-            Db::Postgres => bulkhead_testkit::pg_admin_url().is_some(),
-        }
-    }
-}
+pub(crate) use bulkhead_testkit::Db;
 
 impl Srv {
     /// A server on a SQLite file, its router driven in-process.

@@ -15,22 +15,7 @@ pub(crate) use bulkhead_testkit::{HOUR, MIN, SEC, T0};
 /// The scope every helper spends under.
 pub(crate) const PAY: &str = "payments:write";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Db {
-    Sqlite,
-    Postgres,
-}
-
-impl Db {
-    /// Whether a test on this store runs here: `false` for PostgreSQL without
-    /// `BULKHEAD_TEST_DATABASE_URL` (the test returns; the testkit said that it skipped).
-    pub(crate) fn available(self) -> bool {
-        match self {
-            Db::Sqlite => true,
-            Db::Postgres => bulkhead_testkit::pg_admin_url().is_some(),
-        }
-    }
-}
+pub(crate) use bulkhead_testkit::Db;
 
 pub(crate) fn m(s: &str) -> Micros {
     Micros::parse(s).unwrap_or_else(|e| panic!("bad amount {s:?}: {e}"))
